@@ -1,0 +1,1 @@
+"""The service: watching, claiming, scheduling, reporting (never imports torch at module level)."""

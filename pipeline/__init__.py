@@ -1,0 +1,1 @@
+"""The work: job schema, model loading, generation, metadata. Never imports diffusiond.daemon."""

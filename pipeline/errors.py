@@ -1,0 +1,114 @@
+"""Every error diffusiond raises on purpose, as one tree.
+
+    DiffusiondError
+    ├── JobRejected      the user's file is wrong: fix the file and drop it again
+    ├── JobFailed        the file was fine, running it failed (model, device, disk)
+    └── ConfigError      the daemon's config is wrong: fix it and restart/reload
+
+Machine codes (`Code`) are separate from the human text, so scripts can branch on
+`code` in an error report while people read `message` and `fix`. Foreign
+exceptions (torch, diffusers, PIL, YAML) are translated where they are called,
+with `raise ... from exc`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class Code(StrEnum):
+    """Why a job did not finish; written as `code:` in `<name>.error.yaml`."""
+
+    YAML_SYNTAX = "yaml_syntax"
+    """The job file is not valid YAML."""
+    NOT_A_JOB = "not_a_job"
+    """A YAML document is not a mapping of fields, or the file holds no job."""
+    INVALID_FIELD = "invalid_field"
+    """A field has a wrong name, type or value."""
+    OVER_LIMIT = "over_limit"
+    """A value or file is larger than the config's limits allow."""
+    MISSING_INPUT = "missing_input"
+    """An image the job needs is not in the inbox."""
+    PATH_ESCAPES = "path_escapes"
+    """An image path points outside the inbox."""
+    BAD_IMAGE = "bad_image"
+    """A file with an image extension is not a readable image."""
+    NO_JOB_FOR_IMAGE = "no_job_for_image"
+    """A bare image arrived with no YAML, no profile folder and no default sketch job."""
+    MODEL_FAILED = "model_failed"
+    """The model could not be loaded."""
+    GENERATION_FAILED = "generation_failed"
+    """The pipeline raised while generating."""
+    OUTPUT_FAILED = "output_failed"
+    """The outputs could not be written (disk full, permissions)."""
+    CONFIG = "config"
+    """The daemon's config is wrong."""
+
+
+class DiffusiondError(Exception):
+    """Base of the tree; `fix` says what the reader should do about it."""
+
+    code: Code = Code.CONFIG
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: Code | None = None,
+        fix: str = "",
+        path: str | None = None,
+        job_index: int | None = None,
+        field: str | None = None,
+        value: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.fix = fix
+        self.path = path
+        self.job_index = job_index
+        self.field = field
+        self.value = value
+
+    def __str__(self) -> str:
+        where = self.path or ""
+        if self.job_index is not None:
+            where += f" (job {self.job_index})"
+        if self.field:
+            where += f", field '{self.field}'"
+        text = f"{where}: {self.message}" if where else self.message
+        return f"{text}. Fix: {self.fix}" if self.fix else text
+
+    def report(self) -> dict[str, Any]:
+        """The fields of an error report, in the order a person reads them."""
+        out: dict[str, Any] = {"code": str(self.code), "error": self.message}
+        if self.path is not None:
+            out["file"] = self.path
+        if self.job_index is not None:
+            out["job"] = self.job_index
+        if self.field is not None:
+            out["field"] = self.field
+            out["value"] = self.value
+        if self.fix:
+            out["fix"] = self.fix
+        return out
+
+
+class JobRejected(DiffusiondError):
+    """The job file (or image) is wrong; running it again unchanged fails again."""
+
+    code = Code.INVALID_FIELD
+
+
+class JobFailed(DiffusiondError):
+    """The job was valid, but the model, device or disk failed while running it."""
+
+    code = Code.GENERATION_FAILED
+
+
+class ConfigError(DiffusiondError):
+    """The daemon's own config is wrong."""
+
+    code = Code.CONFIG

@@ -1,0 +1,372 @@
+"""The job file: its schema and its validation, complete before any model is touched.
+
+A job file is YAML with one job per document (`---` between them). Each document
+is merged over the config's defaults (`all`, then its task, then the hot folder's
+profile) and validated into a frozen pydantic model. Every error names the file,
+the job's position, the field, the bad value and what is allowed. No torch here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import posixpath
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import yaml
+from diffusiond.pipeline.catalog import ModelKind, tasks_for
+from diffusiond.pipeline.errors import Code, JobRejected
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+
+JOB_SUFFIXES = (".yaml", ".yml")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+TASKS = ("txt2img", "img2img", "upscale")
+SEED_MAX = 2**32 - 1
+FIX_FIELD = "correct the field in the job file and drop the file into the inbox again"
+
+
+def _parse_size(value: Any) -> Any:
+    """Accept `512x512`, `512` or `[512, 768]` (width first) as (width, height)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, str):
+        parts = value.lower().replace(" ", "").split("x")
+        if len(parts) == 1 and parts[0].isdigit():
+            return (int(parts[0]), int(parts[0]))
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            return (int(parts[0]), int(parts[1]))
+        raise ValueError("size must look like 512x768 (width x height)")
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return tuple(value)
+    return value
+
+
+def _check_size(value: tuple[int, int]) -> tuple[int, int]:
+    width, height = value
+    if width < 8 or height < 8 or width % 8 or height % 8:
+        raise ValueError(f"width and height must be multiples of 8 and at least 8, got {width}x{height}")
+    return value
+
+
+Size = Annotated[tuple[int, int], BeforeValidator(_parse_size)]
+
+
+class OutputSpec(BaseModel):
+    """How the images are encoded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int = Field(95, ge=1, le=100)
+
+
+class _JobFields(BaseModel):
+    """Fields every task shares."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str | None = None
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = Field(30, ge=1)
+    guidance: float = Field(7.5, ge=0, le=50)
+    scheduler: str | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    count: int = Field(1, ge=1)
+    output: OutputSpec = OutputSpec()
+
+
+class Txt2ImgJob(_JobFields):
+    """Text to image."""
+
+    task: Literal["txt2img"] = "txt2img"
+    size: Size = (512, 512)
+
+
+class Img2ImgJob(_JobFields):
+    """Image to image: `image` is redrawn; `strength` 1.0 ignores it almost entirely."""
+
+    task: Literal["img2img"]
+    image: str | None = None
+    strength: float = Field(0.75, gt=0, le=1)
+    size: Size | None = None
+
+
+class UpscaleJob(_JobFields):
+    """Upscale `image` by `scale`, with the x4 model (prompt-guided) or plain Lanczos."""
+
+    task: Literal["upscale"]
+    image: str | None = None
+    method: Literal["sd-x4", "lanczos"] = "sd-x4"
+    scale: float = Field(4, gt=1, le=8)
+    noise_level: int = Field(20, ge=0, le=350)
+    steps: int = Field(20, ge=1)
+    guidance: float = Field(9.0, ge=0, le=50)
+
+
+JobSpec = Annotated[Txt2ImgJob | Img2ImgJob | UpscaleJob, Field(discriminator="task")]
+_SPEC_ADAPTER: TypeAdapter[Txt2ImgJob | Img2ImgJob | UpscaleJob] = TypeAdapter(JobSpec)
+_TASK_MODELS: dict[str, type[_JobFields]] = {
+    "txt2img": Txt2ImgJob,
+    "img2img": Img2ImgJob,
+    "upscale": UpscaleJob,
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds from the config, so one job cannot take the machine for a day."""
+
+    max_pixels: int = 1024 * 1024 * 4
+    max_steps: int = 150
+    max_count: int = 16
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated job and where it came from."""
+
+    job_id: str
+    source: str
+    """The job file's path relative to the inbox, as the user dropped it."""
+    index: int
+    """1-based position of the job in its file."""
+    spec: Txt2ImgJob | Img2ImgJob | UpscaleJob
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What validation checks a job against, all taken from the config."""
+
+    models: Mapping[str, ModelKind]
+    defaults: Mapping[str, Mapping[str, Any]]
+    """Field defaults: key `all` for every task, then one key per task."""
+    limits: Limits = Limits()
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> Txt2ImgJob | Img2ImgJob | UpscaleJob:
+    """Rebuild a spec saved earlier with `spec.model_dump()` (claim records)."""
+    return _SPEC_ADAPTER.validate_python(dict(data))
+
+
+def parse_job_text(
+    text: str,
+    *,
+    path: str,
+    rules: Rules,
+    profile: Mapping[str, Any] | None = None,
+) -> list[Txt2ImgJob | Img2ImgJob | UpscaleJob]:
+    """Validate every job of a job file; the first wrong one rejects the whole file.
+
+    `path` is the job file relative to the inbox; image paths are resolved against
+    its folder and must stay inside the inbox. Seeds are not filled in here.
+    """
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise JobRejected(
+            f"not valid YAML{where}: {problem}",
+            code=Code.YAML_SYNTAX,
+            path=path,
+            fix="fix the YAML syntax (a YAML linter shows the spot) and drop the file again",
+        ) from exc
+    if not documents:
+        raise JobRejected(
+            "the file holds no job",
+            code=Code.NOT_A_JOB,
+            path=path,
+            fix="write at least one job, e.g. `task: txt2img` and `prompt: ...`",
+        )
+    return [
+        validate_job(doc, path=path, index=i, rules=rules, profile=profile) for i, doc in enumerate(documents, start=1)
+    ]
+
+
+def validate_job(
+    document: Any,
+    *,
+    path: str,
+    index: int,
+    rules: Rules,
+    profile: Mapping[str, Any] | None = None,
+) -> Txt2ImgJob | Img2ImgJob | UpscaleJob:
+    """Merge one document over the defaults and validate it completely."""
+    where = {"path": path, "job_index": index}
+    if not isinstance(document, dict):
+        raise JobRejected(
+            f"a job must be a mapping of fields, got {type(document).__name__} {document!r}",
+            code=Code.NOT_A_JOB,
+            fix="write each job as `field: value` lines, e.g. `prompt: a red fox`",
+            **where,
+        )
+    profile = dict(profile or {})
+    task = document.get("task", profile.get("task", rules.defaults.get("all", {}).get("task", "txt2img")))
+    if task not in TASKS:
+        raise JobRejected(
+            f"unknown task {task!r}; allowed: {', '.join(TASKS)}",
+            field="task",
+            value=task,
+            fix="set `task:` to txt2img, img2img or upscale",
+            **where,
+        )
+    model_cls = _TASK_MODELS[task]
+    # Config defaults only fill fields this task has; a field the user wrote is strict.
+    allowed = set(model_cls.model_fields)
+    merged: dict[str, Any] = {}
+    for layer in (rules.defaults.get("all", {}), rules.defaults.get(task, {}), profile):
+        merged.update({k: v for k, v in layer.items() if k in allowed})
+    merged.update(document)
+    merged["task"] = task
+    try:
+        spec = _SPEC_ADAPTER.validate_python(merged)
+    except ValidationError as exc:
+        raise _translate(exc, model_cls, where) from exc
+    _check_limits(spec, rules, where)
+    _check_model(spec, rules, where)
+    _check_image_path(spec, path, where)
+    return spec
+
+
+def _translate(exc: ValidationError, model_cls: type[BaseModel], where: dict[str, Any]) -> JobRejected:
+    """Turn pydantic's first error into one that names field, value and what is allowed."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"] if part not in TASKS]
+    field = ".".join(loc) or "task"
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        known = sorted(model_cls.model_fields)
+        guess = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+        task = model_cls.model_fields["task"].default or where.get("task", "")
+        return JobRejected(
+            f"unknown field '{field}'{hint}; fields a {task or 'job'} job accepts: {', '.join(known)}",
+            field=field,
+            value=value,
+            fix=f"rename or remove '{field}'",
+            **where,
+        )
+    message = error["msg"].removeprefix("Value error, ")
+    return JobRejected(
+        f"{message}, got {value!r}",
+        field=field,
+        value=value,
+        fix=FIX_FIELD,
+        **where,
+    )
+
+
+def _over(field: str, value: Any, limit: Any, where: dict[str, Any]) -> JobRejected:
+    return JobRejected(
+        f"{field} {value} is over the limit of {limit} set in the daemon's config",
+        code=Code.OVER_LIMIT,
+        field=field,
+        value=value,
+        fix=f"lower '{field}' to at most {limit}, or raise the limit in the config",
+        **where,
+    )
+
+
+def _check_limits(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob, rules: Rules, where: dict[str, Any]) -> None:
+    limits = rules.limits
+    if spec.steps > limits.max_steps:
+        raise _over("steps", spec.steps, limits.max_steps, where)
+    if spec.count > limits.max_count:
+        raise _over("count", spec.count, limits.max_count, where)
+    size = getattr(spec, "size", None)
+    if size is not None:
+        try:
+            _check_size(size)
+        except ValueError as exc:
+            raise JobRejected(str(exc), field="size", value=f"{size[0]}x{size[1]}", fix=FIX_FIELD, **where) from None
+        if size[0] * size[1] > limits.max_pixels:
+            raise _over(
+                "size",
+                f"{size[0]}x{size[1]} ({size[0] * size[1]} pixels)",
+                f"{limits.max_pixels} pixels",
+                where,
+            )
+    if isinstance(spec, UpscaleJob) and spec.method == "sd-x4" and spec.scale != 4:
+        raise JobRejected(
+            f"method sd-x4 always scales by 4, got scale {spec.scale:g}",
+            field="scale",
+            value=spec.scale,
+            fix="use `scale: 4` with sd-x4, or `method: lanczos` for other scales",
+            **where,
+        )
+
+
+def _check_model(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob, rules: Rules, where: dict[str, Any]) -> None:
+    if isinstance(spec, UpscaleJob) and spec.method == "lanczos":
+        return
+    fitting = sorted(n for n, kind in rules.models.items() if spec.task in tasks_for(kind))
+    if spec.model is None:
+        raise JobRejected(
+            f"no model given for task {spec.task} and the config sets no default",
+            field="model",
+            value=None,
+            fix=f"add `model:` with one of: {', '.join(fitting) or '(none configured)'}",
+            **where,
+        )
+    if spec.model not in rules.models:
+        raise JobRejected(
+            f"model '{spec.model}' is not in the config's models; known: {', '.join(sorted(rules.models)) or '(none)'}",
+            field="model",
+            value=spec.model,
+            fix="use a model name from the config, or add the model to `models:` in the config",
+            **where,
+        )
+    kind = rules.models[spec.model]
+    if kind is not ModelKind.UNKNOWN and spec.task not in tasks_for(kind):
+        raise JobRejected(
+            f"model '{spec.model}' is a {kind} model and cannot run {spec.task}; models that can: "
+            f"{', '.join(fitting) or '(none configured)'}",
+            field="model",
+            value=spec.model,
+            fix="pick a model that fits the task",
+            **where,
+        )
+
+
+def _check_image_path(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob, path: str, where: dict[str, Any]) -> None:
+    image = getattr(spec, "image", None)
+    if image is None:
+        return
+    if posixpath.isabs(image) or "\\" in image or inbox_relative(path, image) is None:
+        raise JobRejected(
+            f"image path {image!r} leaves the inbox",
+            code=Code.PATH_ESCAPES,
+            field="image",
+            value=image,
+            fix="put the image in the inbox and name it relative to the job file, e.g. `image: sketch.png`",
+            **where,
+        )
+    if not image.lower().endswith(IMAGE_SUFFIXES):
+        raise JobRejected(
+            f"image {image!r} is not a {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} file",
+            field="image",
+            value=image,
+            fix="convert the image to PNG, JPEG or WebP",
+            **where,
+        )
+
+
+def inbox_relative(job_path: str, image: str) -> str | None:
+    """The image's path relative to the inbox, or None when it would leave the inbox."""
+    joined = posixpath.normpath(posixpath.join(posixpath.dirname(job_path), image))
+    if joined == ".." or joined.startswith("../") or posixpath.isabs(joined):
+        return None
+    return joined
+
+
+def fill_seed(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob) -> Txt2ImgJob | Img2ImgJob | UpscaleJob:
+    """Pick a random seed when the job has none, so every run is recorded reproducibly."""
+    if spec.seed is not None:
+        return spec
+    return spec.model_copy(update={"seed": secrets.randbelow(SEED_MAX + 1)})
