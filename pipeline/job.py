@@ -20,6 +20,20 @@ from diffusiond.pipeline.catalog import ModelKind, tasks_for
 from diffusiond.pipeline.errors import Code, JobRejected
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
+# Kept in step with pipeline/schedulers.py (that module imports diffusers; this one must not).
+SCHEDULER_NAMES = (
+    "ddim",
+    "pndm",
+    "plms",
+    "lms",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_sde",
+    "unipc",
+)
 JOB_SUFFIXES = (".yaml", ".yml")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 TASKS = ("txt2img", "img2img", "upscale")
@@ -292,6 +306,31 @@ def _check_limits(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob, rules: Rules, wher
                 f"{limits.max_pixels} pixels",
                 where,
             )
+    if spec.scheduler is not None and spec.scheduler not in SCHEDULER_NAMES:
+        raise JobRejected(
+            f"unknown scheduler {spec.scheduler!r}; allowed: {', '.join(SCHEDULER_NAMES)}",
+            field="scheduler",
+            value=spec.scheduler,
+            fix="pick a scheduler from the list, or leave `scheduler:` out to use the model's own",
+            **where,
+        )
+    strength = getattr(spec, "strength", None)
+    if strength is not None and int(spec.steps * strength) < 1:
+        raise JobRejected(
+            f"strength {strength:g} with {spec.steps} steps leaves no denoising step (steps x strength < 1)",
+            field="strength",
+            value=strength,
+            fix="raise `strength` or `steps` so that steps x strength is at least 1",
+            **where,
+        )
+    if isinstance(spec, UpscaleJob) and spec.method == "lanczos" and spec.count != 1:
+        raise JobRejected(
+            f"lanczos upscaling is deterministic, so count must be 1, got {spec.count}",
+            field="count",
+            value=spec.count,
+            fix="remove `count:` or use `method: sd-x4` for several variations",
+            **where,
+        )
     if isinstance(spec, UpscaleJob) and spec.method == "sd-x4" and spec.scale != 4:
         raise JobRejected(
             f"method sd-x4 always scales by 4, got scale {spec.scale:g}",
@@ -370,3 +409,10 @@ def fill_seed(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob) -> Txt2ImgJob | Img2Im
     if spec.seed is not None:
         return spec
     return spec.model_copy(update={"seed": secrets.randbelow(SEED_MAX + 1)})
+
+
+def seeds_for(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob) -> list[int]:
+    """One seed per image: seed, seed+1, ... (AUTOMATIC1111's convention, so a seed is comparable)."""
+    if spec.seed is None:
+        raise ValueError("fill_seed() must run before seeds_for()")
+    return [(spec.seed + i) % (SEED_MAX + 1) for i in range(spec.count)]
