@@ -8,15 +8,10 @@ is built from the txt2img pipeline's components).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 from diffusers import (
@@ -24,8 +19,14 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
 )
+from diffusers.utils import logging as diffusers_logging
 from diffusiond.pipeline.catalog import ModelEntry, ModelKind, detect_kind
 from diffusiond.pipeline.errors import Code, ConfigError, JobFailed
+from transformers.utils import logging as transformers_logging
+
+# A daemon's log is read in the journal: no progress bars from loading.
+diffusers_logging.disable_progress_bar()
+transformers_logging.disable_progress_bar()
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -90,7 +91,7 @@ class ModelCache:
         if task == "img2img":
             base = self._pipelines.get((name, "txt2img")) or self._build(name, "txt2img")
             self._pipelines[(name, "txt2img")] = base
-            pipe = StableDiffusionImg2ImgPipeline(**base.pipe.components)
+            pipe = StableDiffusionImg2ImgPipeline(**base.pipe.components, requires_safety_checker=False)
             pipe.set_progress_bar_config(disable=True)
             return Loaded(name, pipe, base.scheduler_config)
         pipe = self._load(self.entries[name])
@@ -109,12 +110,12 @@ class ModelCache:
         try:
             if kind is ModelKind.UPSCALER_X4:
                 pipe = StableDiffusionUpscalePipeline.from_pretrained(
-                    entry.path, torch_dtype=self.dtype, local_files_only=True
+                    entry.path, dtype=self.dtype, local_files_only=True
                 )
             else:
                 pipe = StableDiffusionPipeline.from_pretrained(
                     entry.path,
-                    torch_dtype=self.dtype,
+                    dtype=self.dtype,
                     local_files_only=True,
                     safety_checker=None,
                     requires_safety_checker=False,

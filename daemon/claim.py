@@ -1,0 +1,217 @@
+"""Claiming: rename the files of an intent out of the inbox, then turn them into jobs.
+
+The rename of the first file (the job file, or the bare image) is the claim: it
+succeeds for exactly one daemon, whichever shares the folder. A claim folder
+`work/<instance>/<claim_id>/` holds `claim.json`, the claimed files under
+`inbox/` (same relative paths as in the inbox) and, once validated, `jobs.json`
+with the seeds fixed, so a job re-run after a crash makes the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from diffusiond.daemon.config import Config
+from diffusiond.daemon.fsutil import atomic_write
+from diffusiond.daemon.pairing import Intent, profile_of, resolve_image
+from diffusiond.pipeline.errors import Code, JobRejected
+from diffusiond.pipeline.inputs import open_image
+from diffusiond.pipeline.job import (
+    Img2ImgJob,
+    Job,
+    UpscaleJob,
+    fill_seed,
+    parse_job_text,
+    spec_from_dict,
+    validate_job,
+)
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim_id: str
+    folder: Path
+    source: str
+    files: tuple[str, ...]
+    bare_image: bool = False
+    problem: dict[str, Any] | None = None
+    claimed_at: float = 0.0
+
+    @property
+    def inputs(self) -> Path:
+        return self.folder / "inbox"
+
+    def present(self) -> list[str]:
+        """The claimed files that are really in the claim folder (a race may have lost some)."""
+        return [f for f in self.files if (self.inputs / f).is_file()]
+
+    def save(self) -> None:
+        record = asdict(self) | {"folder": None}
+        atomic_write(self.folder / "claim.json", json.dumps(record, indent=1).encode())
+
+    @classmethod
+    def load(cls, folder: Path) -> Claim:
+        record = json.loads((folder / "claim.json").read_text(encoding="utf-8"))
+        record["folder"] = folder
+        record["files"] = tuple(record["files"])
+        return cls(**record)
+
+
+def new_claim_id(source: str) -> str:
+    """`<stem>-<YYYYmmdd-HHMMSS>-<4 hex>`: readable, sortable, and unique across daemons."""
+    stem = Path(source).stem
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def claim(intent: Intent, *, inbox: Path, work: Path) -> Claim | None:
+    """Move the intent's files into a new claim folder; None if another daemon was first."""
+    folder = work / new_claim_id(intent.source)
+    (folder / "inbox").mkdir(parents=True)
+    found = Claim(
+        folder.name,
+        folder,
+        intent.source,
+        intent.files,
+        bare_image=intent.bare_image,
+        problem=intent.problem,
+        claimed_at=time.time(),
+    )
+    found.save()  # the intent first: a crash right after the rename still finds the record
+    for index, relative in enumerate(intent.files):
+        dest = found.inputs / relative
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if (inbox / relative).is_symlink():
+                raise FileNotFoundError(relative)  # never follow a link out of the inbox
+            os.rename(inbox / relative, dest)
+        except FileNotFoundError:
+            if index == 0:
+                shutil.rmtree(folder)
+                return None
+    return found
+
+
+def load_jobs(claim: Claim, config: Config) -> list[tuple[Job, str | None]]:
+    """The claim's jobs with their inbox-relative input image, validated and with seeds fixed.
+
+    Validates from the claimed copy (the one that will run), checks every input
+    image decodes and fits the limits, and saves `jobs.json`; a claim re-run
+    after a crash reads that file back instead.
+    """
+    saved = claim.folder / "jobs.json"
+    if saved.exists():
+        records = json.loads(saved.read_text(encoding="utf-8"))
+        return [(Job(r["job_id"], claim.source, r["index"], spec_from_dict(r["spec"])), r["image"]) for r in records]
+    if claim.problem is not None:
+        raise _rejection(claim.problem)
+    specs = _validate(claim, config)
+
+    def exists(relative: str) -> bool:
+        return (claim.inputs / relative).is_file()
+
+    jobs: list[tuple[Job, str | None]] = []
+    for index, spec in enumerate(specs, start=1):
+        image = resolve_image(spec, claim.source, exists)
+        if isinstance(spec, Img2ImgJob | UpscaleJob):
+            _precheck_image(claim, config, spec, index, image)
+        job_id = claim.claim_id if len(specs) == 1 else f"{claim.claim_id}-{index}"
+        jobs.append((Job(job_id, claim.source, index, fill_seed(spec)), image))
+    records = [
+        {"job_id": j.job_id, "index": j.index, "image": image, "spec": j.spec.model_dump(mode="json")}
+        for j, image in jobs
+    ]
+    atomic_write(saved, json.dumps(records, indent=1).encode())
+    return jobs
+
+
+def _validate(claim: Claim, config: Config) -> list[Any]:
+    """Parse the job file (or build the bare image's profile job) against the config."""
+    rules = config.rules()
+    profile_name = profile_of(claim.source)
+    if claim.bare_image:
+        template = config.profiles.get(profile_name) if profile_name else config.sketch_job
+        name = Path(claim.source).name
+        return [validate_job(dict(template or {}) | {"image": name}, path=claim.source, index=1, rules=rules)]
+    path = claim.inputs / claim.source
+    size = path.stat().st_size
+    if size > config.limits.max_file_bytes:
+        raise JobRejected(
+            f"job file is {size} bytes, over the limit of {config.limits.max_file_bytes}",
+            code=Code.OVER_LIMIT,
+            path=claim.source,
+            fix="split the file, or raise limits.max_file_bytes in the config",
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobRejected(
+            f"job file is not UTF-8 text ({exc.reason} at byte {exc.start})",
+            code=Code.YAML_SYNTAX,
+            path=claim.source,
+            fix="save the job file as UTF-8 text",
+        ) from exc
+    profile = config.profiles.get(profile_name) if profile_name else None
+    return parse_job_text(text, path=claim.source, rules=rules, profile=profile)
+
+
+def _precheck_image(claim: Claim, config: Config, spec: Img2ImgJob | UpscaleJob, index: int, image: str | None) -> None:
+    """The input exists, is a real image, and the result stays within the pixel limit."""
+    where = {"path": claim.source, "job_index": index, "field": "image"}
+    if image is None or not (claim.inputs / image).is_file():
+        raise JobRejected(
+            f"the input image {spec.image or image or '(same-stem image)'!r} is not in the inbox",
+            code=Code.MISSING_INPUT,
+            value=spec.image,
+            fix="drop the image into the inbox with its job file (same folder, same name as in `image:`)",
+            **where,
+        )
+    path = claim.inputs / image
+    if path.stat().st_size > config.limits.max_file_bytes:
+        raise JobRejected(
+            f"image is {path.stat().st_size} bytes, over the limit of {config.limits.max_file_bytes}",
+            code=Code.OVER_LIMIT,
+            value=image,
+            fix="shrink the image, or raise limits.max_file_bytes in the config",
+            **where,
+        )
+    try:
+        opened = open_image(path, label=image)
+    except JobRejected as exc:
+        exc.path, exc.job_index, exc.field, exc.value = (
+            claim.source if not claim.bare_image else image,
+            index,
+            "image",
+            image,
+        )
+        raise
+    scale = spec.scale if isinstance(spec, UpscaleJob) else 1
+    size = getattr(spec, "size", None) or opened.size
+    pixels = int(size[0] * scale) * int(size[1] * scale)
+    if pixels > config.limits.max_pixels:
+        raise JobRejected(
+            f"the result would be {int(size[0] * scale)}x{int(size[1] * scale)} ({pixels} pixels), over the limit of "
+            f"{config.limits.max_pixels}",
+            code=Code.OVER_LIMIT,
+            value=image,
+            fix="use a smaller input image or scale, or raise limits.max_pixels in the config",
+            **where,
+        )
+
+
+def _rejection(report: dict[str, Any]) -> JobRejected:
+    return JobRejected(
+        report["error"],
+        code=Code(report["code"]),
+        fix=report.get("fix", ""),
+        path=report.get("file"),
+        job_index=report.get("job"),
+        field=report.get("field"),
+        value=report.get("value"),
+    )

@@ -1,0 +1,211 @@
+"""`diffusiond` subcommands: run, submit, validate, init, make-test-model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from diffusiond.daemon.config import Config, load_config
+from diffusiond.daemon.fsutil import atomic_write
+from diffusiond.daemon.pairing import resolve_image
+from diffusiond.pipeline.errors import DiffusiondError
+from diffusiond.pipeline.job import IMAGE_SUFFIXES, parse_job_text
+
+from diffusiond import __version__
+
+INIT_CONFIG = """\
+# diffusiond config: every field is optional (see README.md, "The config").
+spool: .                      # inbox/ outbox/ archive/ failed/ work/ live here
+device: auto                  # auto | cpu | cuda | cuda:N | mps
+dtype: auto                   # auto = fp32 on CPU, fp16 on GPU
+models:
+  # sd15: /models/stable-diffusion-v1-5          # a diffusers folder
+  test: {test_model}/sd                         # `diffusiond make-test-model` (noise only)
+  test-x4: {test_model}/x4-upscaler
+defaults:
+  all: {{model: test, steps: 10, size: 64x64}}
+  upscale: {{model: test-x4}}
+profiles:
+  sketches: {{task: img2img, prompt: a watercolor painting, strength: 0.7}}
+watch: {{mode: auto, settle_s: 1.0, pair_wait_s: 5.0}}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diffusiond", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"diffusiond {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="watch the inbox and run jobs until stopped")
+    _config_args(run)
+    run.add_argument("--oneshot", action="store_true", help="run what is in the inbox now, then exit")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    submit = commands.add_parser("submit", help="drop a job file (and its images) into the inbox atomically")
+    _config_args(submit)
+    submit.add_argument("job", type=Path)
+    submit.add_argument("--wait", action="store_true", help="wait for the results and print their paths")
+    submit.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits (default 600)")
+
+    validate = commands.add_parser("validate", help="check job files against the config without running them")
+    _config_args(validate)
+    validate.add_argument("jobs", type=Path, nargs="+")
+
+    init = commands.add_parser("init", help="create the spool folders and a starter config")
+    init.add_argument("directory", type=Path)
+
+    make = commands.add_parser("make-test-model", help="write tiny random-weight test models (images are noise)")
+    make.add_argument("directory", type=Path)
+
+    args = parser.parse_args(argv)
+    try:
+        return {
+            "run": _run,
+            "submit": _submit,
+            "validate": _validate,
+            "init": _init,
+            "make-test-model": _make_test_model,
+        }[args.command](args)
+    except DiffusiondError as exc:
+        print(f"diffusiond: {exc}", file=sys.stderr)
+        return 2
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="config file (default /etc/diffusiond/config.yaml if present)")
+    parser.add_argument("--spool", type=Path, help="spool folder (overrides the config's `spool:`)")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, spool=args.spool)
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _load(args)
+    from diffusiond.daemon.service import Daemon  # imports torch: only for `run`
+
+    return Daemon(config, oneshot=args.oneshot).run()
+
+
+def _validate(args: argparse.Namespace) -> int:
+    config = _load(args)
+    failures = 0
+    for path in args.jobs:
+        try:
+            specs = parse_job_text(path.read_text(encoding="utf-8"), path=str(path), rules=config.rules())
+        except (DiffusiondError, OSError, UnicodeDecodeError) as exc:
+            print(f"{path}: INVALID: {exc}")
+            failures += 1
+            continue
+        print(f"{path}: ok, {len(specs)} job(s)")
+        for index, spec in enumerate(specs, start=1):
+            print(f"  {index}. {spec.task} model={spec.model} steps={spec.steps} count={spec.count}")
+            image = resolve_image(spec, path.name, lambda rel, base=path.parent: (base / rel).is_file())
+            if spec.task != "txt2img" and image is None:
+                print(f"     note: its image ({spec.image or 'same-stem image'}) is not next to the job file")
+    return 1 if failures else 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    config = _load(args)
+    job_path: Path = args.job
+    specs = parse_job_text(job_path.read_text(encoding="utf-8"), path=job_path.name, rules=config.rules())
+    inbox = config.inbox
+    stem = job_path.stem
+    if args.wait or any((inbox / f"{stem}{s}").exists() for s in (".yaml", ".yml", *IMAGE_SUFFIXES)):
+        stem = f"{stem}-{secrets.token_hex(3)}"  # a name of our own, so --wait finds our results only
+    # Images first, job file last: the daemon then finds the job complete.
+    for spec in specs:
+        image = resolve_image(spec, job_path.name, lambda rel: (job_path.parent / rel).is_file())
+        if image is None:
+            continue
+        source = job_path.parent / image
+        renamed = spec.image is None  # the same-stem sketch follows the job file's new stem
+        target = inbox / (f"{stem}{source.suffix}" if renamed else image)
+        if target.exists() and target.read_bytes() != source.read_bytes():
+            print(f"diffusiond: {target} already exists with other content; rename {image}", file=sys.stderr)
+            return 2
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, source.read_bytes())
+    dropped = inbox / f"{stem}{job_path.suffix}"
+    atomic_write(dropped, job_path.read_bytes())
+    print(f"submitted {dropped}")
+    if not args.wait:
+        return 0
+    return _wait(config, dropped.name, len(specs), args.timeout)
+
+
+def _wait(config: Config, name: str, jobs: int, timeout_s: float) -> int:
+    """Wait for all manifests of the dropped file, or its error report."""
+    stem = Path(name).stem
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        manifests = [m for m in _read_all(config.outbox.glob(f"{stem}-*.json"), json.loads) if m.get("source") == name]
+        reports = [
+            r
+            for r in _read_all(config.folder("failed").glob(f"{stem}*.error.yaml"), yaml.safe_load)
+            if name in r.get("inputs", [])
+        ]
+        if reports:
+            for manifest in manifests:
+                _print_outputs(config, manifest)
+            report = reports[0]
+            print(f"failed: {report.get('error')}\nfix: {report.get('fix', '')}", file=sys.stderr)
+            return 1
+        if len(manifests) >= jobs:
+            for manifest in sorted(manifests, key=lambda m: m["index"]):
+                _print_outputs(config, manifest)
+            return 0
+        time.sleep(0.2)
+    print(f"diffusiond: no result for {name} after {timeout_s:g} s (is the daemon running?)", file=sys.stderr)
+    return 3
+
+
+def _read_all(paths: Any, parse: Any) -> list[dict[str, Any]]:
+    out = []
+    for path in paths:
+        try:
+            out.append(parse(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+    return [item for item in out if isinstance(item, dict)]
+
+
+def _print_outputs(config: Config, manifest: dict[str, Any]) -> None:
+    for output in manifest["outputs"]:
+        print(config.outbox / output["file"])
+    print(config.outbox / f"{manifest['job_id']}.json")
+
+
+def _init(args: argparse.Namespace) -> int:
+    root: Path = args.directory
+    for name in ("inbox", "inbox/sketches", "outbox", "archive", "failed", "work", "models"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    config = root / "config.yaml"
+    if config.exists():
+        print(f"{config} exists; left as it is")
+    else:
+        config.write_text(INIT_CONFIG.format(test_model="models/test"), encoding="utf-8")
+        print(f"wrote {config}")
+    print(f"next: diffusiond make-test-model {root / 'models/test'} && diffusiond run --config {config}")
+    return 0
+
+
+def _make_test_model(args: argparse.Namespace) -> int:
+    from diffusiond.pipeline.testmodel import make_test_model  # imports torch
+
+    paths = make_test_model(args.directory)
+    print(f"test models (random weights: their images are noise):\n  {paths.sd}\n  {paths.upscaler}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

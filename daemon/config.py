@@ -1,0 +1,175 @@
+"""The daemon's config: every field has a default, so `diffusiond run --spool DIR` needs no file.
+
+Relative paths in a config file are taken relative to that file's folder.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from diffusiond.pipeline.catalog import ModelEntry, detect_kind
+from diffusiond.pipeline.errors import ConfigError, JobRejected
+from diffusiond.pipeline.job import TASKS, Limits, Rules, validate_job
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SYSTEM_CONFIG = Path("/etc/diffusiond/config.yaml")
+DEFAULT_SPOOL = Path("/var/lib/diffusiond/spool")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Folders(_Strict):
+    """Each folder defaults to `<spool>/<name>`; `work` must share a filesystem with `inbox` (claims are renames)."""
+
+    inbox: Path | None = None
+    outbox: Path | None = None
+    archive: Path | None = None
+    failed: Path | None = None
+    work: Path | None = None
+
+
+class Watch(_Strict):
+    """How the inbox is watched."""
+
+    mode: Literal["auto", "inotify", "poll"] = "auto"
+    """`poll` for network folders (SMB/NFS), where inotify sees no remote writes."""
+    settle_s: float = Field(1.0, ge=0)
+    """A file written in place must stay unchanged this long before it is read."""
+    pair_wait_s: float = Field(5.0, ge=0)
+    """How long a job file waits for its images, and a bare image for its job file."""
+    rescan_interval_s: float = Field(30.0, gt=0)
+    """Full rescans catch what events miss (events dropped under load, network folders)."""
+    poll_interval_s: float = Field(1.0, gt=0)
+
+
+class LimitsConfig(_Strict):
+    max_pixels: int = Field(2048 * 2048, gt=0)
+    max_steps: int = Field(150, gt=0)
+    max_count: int = Field(16, gt=0)
+    max_file_bytes: int = Field(50 * 1024 * 1024, gt=0)
+
+
+class Config(_Strict):
+    spool: Path = DEFAULT_SPOOL
+    folders: Folders = Folders()
+    instance: str = Field(default_factory=socket.gethostname)
+    """Names this daemon's work folder (`work/<instance>/`), so daemons can share a spool."""
+    device: str = "auto"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    models: dict[str, Path] = {}
+    defaults: dict[str, dict[str, Any]] = {}
+    """Field defaults for jobs: key `all`, then one key per task."""
+    profiles: dict[str, dict[str, Any]] = {}
+    """Hot folders: an image dropped in `inbox/<name>/` runs this job."""
+    sketch_job: dict[str, Any] | None = None
+    """The job for a bare image in the inbox root; None sends such images to failed/."""
+    limits: LimitsConfig = LimitsConfig()
+    watch: Watch = Watch()
+    on_success: Literal["archive", "delete"] = "archive"
+    prefetch: int = Field(2, ge=1)
+    """Jobs claimed ahead of the running one; small, so other daemons on the spool get work too."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("device must be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    @field_validator("defaults")
+    @classmethod
+    def _defaults_keys(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = set(value) - {"all", *TASKS}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}; use all, {', '.join(TASKS)}")
+        return value
+
+    def folder(self, name: str) -> Path:
+        return getattr(self.folders, name) or self.spool / name
+
+    @property
+    def inbox(self) -> Path:
+        return self.folder("inbox")
+
+    @property
+    def outbox(self) -> Path:
+        return self.folder("outbox")
+
+    @property
+    def work_dir(self) -> Path:
+        """This daemon's own work folder."""
+        return self.folder("work") / self.instance
+
+    def model_entries(self) -> dict[str, ModelEntry]:
+        return {name: ModelEntry(name, path, detect_kind(path)) for name, path in self.models.items()}
+
+    def rules(self) -> Rules:
+        kinds = {name: entry.kind for name, entry in self.model_entries().items()}
+        limits = Limits(self.limits.max_pixels, self.limits.max_steps, self.limits.max_count)
+        return Rules(models=kinds, defaults=self.defaults, limits=limits)
+
+    def check_jobs(self) -> None:
+        """Validate the profiles and sketch job now, so a bad one stops the start, not a user's job."""
+        rules = self.rules()
+        templates = {f"profiles.{n}": p for n, p in self.profiles.items()}
+        if self.sketch_job is not None:
+            templates["sketch_job"] = self.sketch_job
+        for label, template in templates.items():
+            try:
+                validate_job({"image": "sketch.png"} | dict(template), path=label, index=1, rules=rules)
+            except JobRejected as exc:
+                raise ConfigError(
+                    f"{label}: {exc.message}",
+                    field=f"{label}.{exc.field}" if exc.field else label,
+                    value=exc.value,
+                    fix=exc.fix,
+                ) from exc
+            if template.get("task", "txt2img") == "txt2img":
+                raise ConfigError(
+                    f"{label} must be an img2img or upscale job (it runs on a dropped image)",
+                    field=f"{label}.task",
+                    value=template.get("task"),
+                    fix="set `task: img2img` or `task: upscale`",
+                )
+
+
+def load_config(path: Path | None = None, *, spool: Path | None = None) -> Config:
+    """Read the config file (or none), apply `--spool`, and check it completely."""
+    data: dict[str, Any] = {}
+    if path is None and SYSTEM_CONFIG.exists():
+        path = SYSTEM_CONFIG
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}", path=str(path), fix="fix the file") from exc
+        if not isinstance(data, dict):
+            raise ConfigError("the config must be a mapping", path=str(path), fix="write `key: value` lines")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"])
+        raise ConfigError(
+            f"{error['msg']}, got {error.get('input')!r}",
+            path=str(path) if path else None,
+            field=field,
+            value=error.get("input"),
+            fix="correct the field (see examples/config.yaml for every field)",
+        ) from exc
+    base = path.parent if path is not None else Path.cwd()
+    config.spool = spool.absolute() if spool is not None else (base / config.spool).absolute()
+    for name in Folders.model_fields:
+        value = getattr(config.folders, name)
+        if value is not None:
+            setattr(config.folders, name, (base / value).absolute())
+    config.models = {name: (base / p).absolute() for name, p in config.models.items()}
+    config.check_jobs()
+    return config

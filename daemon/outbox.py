@@ -1,0 +1,105 @@
+"""Committing a job's results: every image atomically, then the manifest last.
+
+A tool downstream that waits for `<job_id>.json` never sees half a job; images
+are written under hidden temp names and renamed into place one by one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from diffusiond.daemon.fsutil import atomic_write
+from diffusiond.pipeline.errors import Code, JobFailed
+from diffusiond.pipeline.generate import Generated
+from diffusiond.pipeline.job import Job
+from diffusiond.pipeline.metadata import SUFFIXES, encode, infotext
+
+from diffusiond import __version__
+
+
+def output_name(job: Job, number: int) -> str:
+    return f"{job.job_id}-{number}{SUFFIXES[job.spec.output.format]}"
+
+
+def manifest_path(outbox: Path, job: Job) -> Path:
+    return outbox / f"{job.job_id}.json"
+
+
+def discard_partial(outbox: Path, job: Job) -> None:
+    """Remove what an interrupted run of this job left, so a re-run starts clean."""
+    for suffix in SUFFIXES.values():
+        for leftover in [*outbox.glob(f"{job.job_id}-*{suffix}"), *outbox.glob(f".{job.job_id}-*{suffix}.*.tmp")]:
+            leftover.unlink(missing_ok=True)
+
+
+def commit(
+    outbox: Path,
+    job: Job,
+    generated: Generated,
+    *,
+    context: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the images, then the manifest; returns the manifest.
+
+    `context` holds what the daemon knows and the pipeline does not: input image
+    and its hash, model path, device, claim time.
+    """
+    started = time.perf_counter()
+    spec = job.spec
+    record = {"job_id": job.job_id, "source": job.source, "index": job.index, "job": spec.model_dump(mode="json")}
+    outputs = []
+    try:
+        outbox.mkdir(parents=True, exist_ok=True)
+        for number, (image, seed) in enumerate(zip(generated.images, generated.seeds, strict=True), start=1):
+            parameters = infotext(spec, seed=seed, size=image.size, model_name=spec.model, sampler=generated.scheduler)
+            data = encode(image, spec.output, parameters=parameters, record=record | {"seed": seed})
+            path = outbox / output_name(job, number)
+            atomic_write(path, data)
+            outputs.append(
+                {
+                    "file": path.name,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "seed": seed,
+                    "width": image.width,
+                    "height": image.height,
+                }
+            )
+        manifest = {
+            "diffusiond": __version__,
+            **record,
+            "task": spec.task,
+            "seeds": generated.seeds,
+            "scheduler": generated.scheduler,
+            **context,
+            "timings": {
+                "load_s": round(generated.load_s, 4),
+                "generate_s": round(generated.generate_s, 4),
+                "write_s": round(time.perf_counter() - started, 4),
+            },
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": platform.node(),
+            "outputs": outputs,
+        }
+        atomic_write(manifest_path(outbox, job), json.dumps(manifest, indent=1, ensure_ascii=False).encode())
+    except OSError as exc:
+        raise JobFailed(
+            f"cannot write the results to {outbox}: {exc}",
+            code=Code.OUTPUT_FAILED,
+            path=job.source,
+            job_index=job.index,
+            fix="free disk space or fix the outbox's permissions; the job runs again when dropped again",
+        ) from exc
+    return manifest
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,159 @@
+"""Deciding what to claim: a job file with all its images, or a bare image with its profile.
+
+Pure bookkeeping over inbox-relative paths; nothing here moves a file. A job file
+waits up to `pair_wait_s` for the images it needs; a bare image waits as long for
+a job file of the same stem, then takes its hot folder's profile.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from diffusiond.pipeline.errors import Code, JobRejected
+from diffusiond.pipeline.job import (
+    IMAGE_SUFFIXES,
+    JOB_SUFFIXES,
+    Img2ImgJob,
+    Rules,
+    Txt2ImgJob,
+    UpscaleJob,
+    inbox_relative,
+    parse_job_text,
+)
+
+Spec = Txt2ImgJob | Img2ImgJob | UpscaleJob
+
+
+@dataclass(frozen=True)
+class Intent:
+    """Files to claim together; `source` is the job file, or the image for a bare image."""
+
+    source: str
+    files: tuple[str, ...]
+    bare_image: bool = False
+    problem: dict[str, Any] | None = None
+    """An error found before claiming (missing image, no job for an image): the claim goes to failed/."""
+
+
+def is_job_file(name: str) -> bool:
+    return name.lower().endswith(JOB_SUFFIXES)
+
+
+def profile_of(relative: str) -> str | None:
+    """The hot folder a path is in, or None for the inbox root."""
+    parts = PurePosixPath(relative).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def needs_image(spec: Spec) -> bool:
+    return isinstance(spec, Img2ImgJob | UpscaleJob)
+
+
+def resolve_image(spec: Spec, job_path: str, exists: Callable[[str], bool]) -> str | None:
+    """The inbox-relative image a job needs: its `image:`, else the job file's same-stem sketch."""
+    if not needs_image(spec):
+        return None
+    if spec.image is not None:
+        return inbox_relative(job_path, spec.image)
+    stem = posixpath.splitext(job_path)[0]
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (stem + suffix, stem + suffix.upper()):
+            if exists(candidate):
+                return candidate
+    return None
+
+
+@dataclass
+class Pairing:
+    """Remembers when each file became stable, and turns stable files into intents."""
+
+    rules: Rules
+    profiles: Mapping[str, Mapping[str, Any]]
+    has_sketch_job: bool
+    pair_wait_s: float
+    read_text: Callable[[str], str]
+    _stable_since: dict[str, float] = field(default_factory=dict)
+    _parsed: dict[str, tuple[object, list[Spec] | JobRejected]] = field(default_factory=dict)
+
+    def decide(
+        self, stable: Collection[str], present: Collection[str], now: float, stamp: Callable[[str], object]
+    ) -> list[Intent]:
+        """Intents for what can be claimed now. `present` is every candidate file, stable or not."""
+        for gone in set(self._stable_since) - set(stable):
+            self._stable_since.pop(gone, None)
+            self._parsed.pop(gone, None)
+        for path in stable:
+            self._stable_since.setdefault(path, now)
+        stable_set, present_set = set(stable), set(present)
+        intents: list[Intent] = []
+        reserved: set[str] = set()
+        for path in [p for p in stable if is_job_file(p)]:
+            specs = self._parse(path, stamp(path))
+            if isinstance(specs, JobRejected):
+                intents.append(Intent(path, (path,)))
+                continue
+            wanted = [resolve_image(s, path, present_set.__contains__) for s in specs]
+            missing = [
+                s.image or "(same-stem image)"
+                for s, w in zip(specs, wanted, strict=True)
+                if needs_image(s) and (w is None or w not in stable_set)
+            ]
+            images = tuple(dict.fromkeys(w for w in wanted if w is not None and w in stable_set))
+            reserved.update(w for w in wanted if w is not None)
+            if not missing:
+                intents.append(Intent(path, (path, *images)))
+            elif now - self._stable_since[path] >= self.pair_wait_s:
+                problem = JobRejected(
+                    f"the image {missing[0]!r} did not arrive within {self.pair_wait_s:g} s of the job file",
+                    code=Code.MISSING_INPUT,
+                    path=path,
+                    field="image",
+                    value=missing[0],
+                    fix="drop the image into the inbox before (or together with) its job file",
+                )
+                intents.append(Intent(path, (path, *images), problem=problem.report()))
+        claimed = {f for intent in intents for f in intent.files}
+        for path in [p for p in stable if not is_job_file(p)]:
+            if path in claimed or path in reserved or self._has_job_file(path, present_set):
+                continue
+            if now - self._stable_since[path] < self.pair_wait_s:
+                continue
+            intents.append(Intent(path, (path,), bare_image=True, problem=self._bare_problem(path)))
+        return intents
+
+    def _parse(self, path: str, stamp: object) -> list[Spec] | JobRejected:
+        cached = self._parsed.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            result: list[Spec] | JobRejected = parse_job_text(
+                self.read_text(path), path=path, rules=self.rules, profile=self.profiles.get(profile_of(path) or "")
+            )
+        except (JobRejected, OSError, UnicodeDecodeError) as exc:
+            result = exc if isinstance(exc, JobRejected) else JobRejected(str(exc), path=path)
+        self._parsed[path] = (stamp, result)
+        return result
+
+    @staticmethod
+    def _has_job_file(image: str, present: Collection[str]) -> bool:
+        stem = posixpath.splitext(image)[0]
+        return any(stem + s in present or stem + s.upper() in present for s in JOB_SUFFIXES)
+
+    def _bare_problem(self, image: str) -> dict[str, Any] | None:
+        profile = profile_of(image)
+        if profile is None and self.has_sketch_job:
+            return None
+        if profile is not None and profile in self.profiles:
+            return None
+        where = f"hot folder '{profile}' has no profile in the config" if profile else "no job file came with it"
+        fix = (
+            f"add a profile named '{profile}' to the config, or drop a job file with it"
+            if profile
+            else f"drop a job file of the same stem with it (e.g. {posixpath.splitext(image)[0]}.yaml), "
+            "put it in a profile folder, or set `sketch_job:` in the config"
+        )
+        return JobRejected(f"bare image and {where}", code=Code.NO_JOB_FOR_IMAGE, path=image, fix=fix).report()

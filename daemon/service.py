@@ -1,0 +1,159 @@
+"""The daemon's lifecycle on one screen: bootstrap, signals, loop, teardown.
+
+The main thread watches and claims; the worker thread generates. The first
+SIGTERM/SIGINT is a warm stop (stop claiming, put queued claims back in the
+inbox, let the running claim finish); a second one exits at once, and the
+running claim is picked up again from `work/` on the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+
+from diffusiond.daemon import lifecycle
+from diffusiond.daemon.claim import Claim, claim
+from diffusiond.daemon.config import Config
+from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
+from diffusiond.daemon.pairing import Pairing
+from diffusiond.daemon.worker import Worker
+from diffusiond.pipeline.errors import Code, JobRejected
+from diffusiond.pipeline.models import ModelCache, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+FOLDERS = ("inbox", "outbox", "archive", "failed", "work")
+
+
+class Daemon:
+    def __init__(self, config: Config, *, oneshot: bool = False) -> None:
+        self.config = config
+        self.oneshot = oneshot
+        self.stop = threading.Event()
+        """Set it (a signal, a test) for a warm stop."""
+        self.claims: queue.Queue[Claim | None] = queue.Queue()
+        self.ready = threading.Event()
+        """Set once the watcher runs and leftover claims are queued."""
+
+    def run(self) -> int:
+        """Serve until stopped (or, with `oneshot`, until the inbox is empty); returns the exit code."""
+        config = self.config
+        # 1. Bootstrap: folders, the warm model cache, the worker, claims left by a crash.
+        for name in FOLDERS:
+            config.folder(name).mkdir(parents=True, exist_ok=True)
+        config.work_dir.mkdir(parents=True, exist_ok=True)
+        device = resolve_device(config.device)
+        cache = ModelCache(config.model_entries(), device=device, dtype=resolve_dtype(config.dtype, device))
+        worker = Worker(config, cache, self.claims)
+        for leftover in lifecycle.leftover_claims(config):
+            log.info("resuming %s, claimed before the last stop", leftover.source)
+            self.claims.put(leftover)
+        watcher = InboxWatcher(config.inbox, mode=config.watch.mode, poll_interval_s=config.watch.poll_interval_s)
+        # 2. Signals (only the main thread may install them; tests run the daemon in a thread).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        worker.start()
+        watcher.start()
+        log.info(
+            "watching %s (device %s, %s mode), results in %s", config.inbox, device, config.watch.mode, config.outbox
+        )
+        self.ready.set()
+        try:
+            # 3. Loop: events → settle → pair → claim, while the worker has room.
+            self._loop(watcher, worker)
+        finally:
+            # 4. Teardown: no more claims, queued ones back to the inbox, the running one finishes.
+            watcher.stop()
+            self._release_queued()
+            self.claims.put(None)
+            worker.join()
+        log.info("stopped: %d claims finished, %d failed", worker.finished, worker.failed)
+        return 0
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.stop.is_set():
+            log.warning("second %s: stopping now; the running job resumes on the next start", signal.strsignal(signum))
+            os._exit(1)
+        log.info("%s: finishing the running job, then stopping", signal.strsignal(signum))
+        self.stop.set()
+
+    def _loop(self, watcher: InboxWatcher, worker: Worker) -> None:
+        config = self.config
+        tracker = SettleTracker(config.watch.settle_s)
+        pairing = Pairing(
+            rules=config.rules(),
+            profiles=config.profiles,
+            has_sketch_job=config.sketch_job is not None,
+            pair_wait_s=config.watch.pair_wait_s,
+            read_text=self._read_job_text,
+        )
+        next_scan = 0.0
+        while not self.stop.is_set():
+            wait_s = 0.05 if tracker.pending() else 0.5
+            for change in watcher.next_changes(timeout_s=wait_s):
+                relative = _relative(change.path, config.inbox)
+                if relative is not None and is_candidate(relative):
+                    tracker.touch(change.path, renamed=change.renamed)
+            now = time.monotonic()
+            if now >= next_scan:
+                # Events can be missed (overflowing inotify queues, network folders): rescan.
+                for path in watcher.scan():
+                    tracker.touch(path)
+                next_scan = now + config.watch.rescan_interval_s
+            if self.claims.qsize() < config.prefetch:
+                self._claim_ready(tracker, pairing, now)
+            if self.oneshot and not tracker.pending() and worker.idle:
+                return
+
+    def _claim_ready(self, tracker: SettleTracker, pairing: Pairing, now: float) -> None:
+        inbox = self.config.inbox
+        stable = [p.relative_to(inbox).as_posix() for p in tracker.stable(now)]
+        if not stable:
+            return
+        present = [p.relative_to(inbox).as_posix() for p in tracker.pending()]
+        for intent in pairing.decide(stable, present, now, stamp=lambda rel: _stamp(inbox / rel)):
+            if self.claims.qsize() >= self.config.prefetch:
+                return
+            claimed = claim(intent, inbox=inbox, work=self.config.work_dir)
+            for relative in intent.files:
+                tracker.forget(inbox / relative)
+            if claimed is not None:
+                log.info("claimed %s as %s", intent.source, claimed.claim_id)
+                self.claims.put(claimed)
+
+    def _read_job_text(self, relative: str) -> str:
+        path = self.config.inbox / relative
+        if path.stat().st_size > self.config.limits.max_file_bytes:
+            raise JobRejected("job file over the size limit", code=Code.OVER_LIMIT, path=relative)
+        return path.read_text(encoding="utf-8")
+
+    def _release_queued(self) -> None:
+        while True:
+            try:
+                queued = self.claims.get_nowait()
+            except queue.Empty:
+                return
+            if queued is not None:
+                lifecycle.release(queued, self.config)
+                log.info("put %s back in the inbox", queued.source)
+            self.claims.task_done()
+
+
+def _relative(path: Path, inbox: Path) -> Path | None:
+    try:
+        return path.relative_to(inbox)
+    except ValueError:
+        return None
+
+
+def _stamp(path: Path) -> object:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)

@@ -1,0 +1,371 @@
+"""Tiny random-weight models in the real on-disk layouts, for tests and demos without downloads.
+
+The daemon loads models only from local diffusers folders, so tests need folders that load
+exactly like real ones (`from_pretrained(..., local_files_only=True)`, safetensors weights)
+but are about 6 MB each and generate in well under a second on a CPU. The weights are
+random (seeded, so the files are byte-identical from run to run): the images are noise.
+
+Shapes follow the real models where the pipelines depend on them:
+
+- the SD VAE has 4 blocks, so it downsamples by 8 (a 512 px request is a 64 px latent,
+  not the 256 px latent a 2-block test VAE gives, which took over 10 minutes);
+- the x4 upscaler VAE has 3 blocks (latent = image / 4) and `scaling_factor` 0.08333, and
+  its UNet takes 7 channels (4 latent + 3 noised low-res image) and the noise level as a
+  class label;
+- the tokenizer pads to 77 tokens and the text encoder has 77 positions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+MARKER_NAME = "diffusiond_test_model.json"
+"""The file that marks a folder as a generated test model."""
+
+SEED = 20241124
+"""Seed of the random weights: a fixed seed makes the written files byte-identical."""
+
+_FORMAT_VERSION = 1
+"""Bump when the layout changes, so an old folder is rebuilt rather than reused."""
+
+_SD_DIR = "sd"
+_UPSCALER_DIR = "x4-upscaler"
+_BOS = "<|startoftext|>"
+_EOS = "<|endoftext|>"
+
+# Words the hand-written BPE merges spell whole, so common prompt words are single tokens
+# (as with the real CLIP vocabulary); anything else still tokenizes, byte by byte.
+_WORDS = " ".join(
+    (
+        "a an and at by in of on the to with photo painting portrait landscape cat dog house tree",
+        "mountain river sky sunset city street forest flower red blue green black white big small",
+        "old new beautiful detailed sharp blurry bad ugly low quality high best art style light dark",
+        "night day water sea cloud person woman man girl boy face eyes hair car boat road",
+    )
+).split()
+
+
+@dataclass(frozen=True)
+class TestModelPaths:
+    """Where `make_test_model` put the two models."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    sd: Path
+    """Diffusers folder in the StableDiffusionPipeline layout (txt2img and img2img)."""
+    upscaler: Path
+    """Diffusers folder in the StableDiffusionUpscalePipeline (x4) layout."""
+
+
+def is_test_model(path: Path | str) -> bool:
+    """Whether `path` is a folder written by `make_test_model` (random weights, noise images)."""
+    try:
+        marker = json.loads((Path(path) / MARKER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("test_model") is True
+
+
+def make_test_model(directory: Path, *, overwrite: bool = False) -> TestModelPaths:
+    """Write tiny random-weight models into `directory/sd` and `directory/x4-upscaler`.
+
+    A folder that already holds a test model of this format is kept as it is (the same
+    seed gives the same weights, so rebuilding would write the same bytes) unless
+    `overwrite` is set. A folder that exists but is not a test model is never deleted:
+    `FileExistsError`. Each model is written to a temporary folder and renamed into
+    place, so an interrupted run leaves no half-written model behind.
+    """
+    directory = Path(directory)
+    paths = TestModelPaths(sd=directory / _SD_DIR, upscaler=directory / _UPSCALER_DIR)
+    todo = [p for p in (paths.sd, paths.upscaler) if _needs_build(p, overwrite)]
+    if not todo:
+        return paths
+    directory.mkdir(parents=True, exist_ok=True)
+    components = _build_components()
+    builders = {paths.sd: _save_sd, paths.upscaler: _save_upscaler}
+    for target in todo:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=directory))
+        try:
+            with _no_progress_bars():
+                builders[target](components, staging)
+            _write_marker(staging, kind=target.name)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+    return paths
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence transformers' "Writing model shards" bar (it would clutter test and daemon logs)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _needs_build(target: Path, overwrite: bool) -> bool:
+    """False to reuse `target`; raises rather than touch a folder that is not ours."""
+    if not target.exists():
+        return True
+    if not is_test_model(target):
+        if target.is_dir() and not any(target.iterdir()):
+            return True
+        raise FileExistsError(f"{target} exists and is not a diffusiond test model; refusing to replace it")
+    if overwrite:
+        return True
+    marker = json.loads((target / MARKER_NAME).read_text(encoding="utf-8"))
+    return marker.get("format") != _FORMAT_VERSION
+
+
+def _write_marker(folder: Path, *, kind: str) -> None:
+    marker = {
+        "test_model": True,
+        "note": "random weights: images are noise; made by diffusiond.pipeline.testmodel for tests",
+        "kind": kind,
+        "format": _FORMAT_VERSION,
+        "seed": SEED,
+    }
+    (folder / MARKER_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# --- tokenizer -----------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """A CLIP-style vocabulary: bytes, bytes ending a word, merges spelling `_WORDS`, then BOS/EOS."""
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in _WORDS:
+        # Segment with the merges so far (BPE applies them by rank, so "cat" would stop at
+        # "c" + "at</w>" once "at" has a merge), then join the pieces left to right.
+        symbols = _apply_merges([*word[:-1], word[-1] + "</w>"], ranks)
+        while len(symbols) > 1:
+            ranks[(symbols[0], symbols[1])] = len(ranks)
+            tokens.append(symbols[0] + symbols[1])
+            symbols = [symbols[0] + symbols[1], *symbols[2:]]
+    tokens += [_BOS, _EOS]
+    return {token: i for i, token in enumerate(tokens)}, [f"{a} {b}" for a, b in ranks]
+
+
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly join the adjacent pair with the best rank."""
+    while len(symbols) > 1:
+        pairs = [(ranks[pair], i) for i, pair in enumerate(pairwise(symbols)) if pair in ranks]
+        if not pairs:
+            break
+        _, i = min(pairs)
+        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2 :]]
+    return symbols
+
+
+def _write_tokenizer_files(folder: Path, vocab: dict[str, int], merges: list[str]) -> None:
+    """The tokenizer files real SD folders ship; any transformers version reads them.
+
+    Written over what `save_pretrained` left (transformers 5 adds a `tokenizer.json`, which it
+    prefers, and records load-time flags such as `local_files_only` in the config).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        # Without an explicit 77, hand-made CLIP tokenizers get a huge default and tokenizing
+        # fails with "int too big to convert".
+        "model_max_length": 77,
+        "bos_token": _BOS,
+        "eos_token": _EOS,
+        "unk_token": _EOS,
+        "pad_token": _EOS,
+        "do_lower_case": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+def _build_components() -> dict[str, Any]:
+    """Every module of both models, made in a fixed order after one fixed seed."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = _vocab_and_merges()
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_tokenizer_files(Path(tmp), vocab, merges)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=32,
+                intermediate_size=37,
+                projection_dim=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                bos_token_id=vocab[_BOS],
+                eos_token_id=vocab[_EOS],
+                pad_token_id=vocab[_EOS],
+            )
+        )
+        sd_unet = UNet2DConditionModel(
+            sample_size=8,  # default size 8 * 8 = 64 px (SD 1.5: 64 -> 512 px)
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+        )
+        sd_vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=64,
+            scaling_factor=0.18215,
+        )
+        up_unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=7,  # 4 latent channels + the 3-channel noised low-res image
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            use_linear_projection=True,
+            only_cross_attention=(True, True, False),
+            num_class_embeds=1000,  # the noise level (<= max_noise_level 350) is the class label
+        )
+        up_vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(8, 16, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=128,
+            scaling_factor=0.08333,  # the real x4 upscaler's; the pipeline warns about any other
+        )
+    return {
+        "tokenizer": tokenizer,
+        "vocab": vocab,
+        "merges": merges,
+        "text_encoder": text_encoder,
+        "sd_unet": sd_unet,
+        "sd_vae": sd_vae,
+        "up_unet": up_unet,
+        "up_vae": up_vae,
+    }
+
+
+def _save_sd(c: dict[str, Any], folder: Path) -> None:
+    """SD 1.5 layout with the SD 1.5 scheduler config; no safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=c["sd_vae"],
+        text_encoder=c["text_encoder"],
+        tokenizer=c["tokenizer"],
+        unet=c["sd_unet"],
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    _write_tokenizer_files(folder / "tokenizer", c["vocab"], c["merges"])
+
+
+def _save_upscaler(c: dict[str, Any], folder: Path) -> None:
+    """x4 upscaler layout: v-prediction DDIM, DDPM for noising the low-res input, max noise 350."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    low_res_scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        variance_type="fixed_small",
+    )
+    pipe = StableDiffusionUpscalePipeline(
+        vae=c["up_vae"],
+        text_encoder=c["text_encoder"],
+        tokenizer=c["tokenizer"],
+        unet=c["up_unet"],
+        low_res_scheduler=low_res_scheduler,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
+        max_noise_level=350,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    _write_tokenizer_files(folder / "tokenizer", c["vocab"], c["merges"])
