@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from diffusiond.daemon.config import Config, load_config
-from diffusiond.daemon.fsutil import atomic_write
-from diffusiond.daemon.pairing import resolve_image
-from diffusiond.pipeline.errors import DiffusiondError
-from diffusiond.pipeline.job import IMAGE_SUFFIXES, parse_job_text
 
 from diffusiond import __version__
+from diffusiond.daemon.config import Config, load_config
+from diffusiond.daemon.fsutil import atomic_write
+from diffusiond.daemon.pairing import needs_image, resolve_image
+from diffusiond.pipeline.errors import DiffusiondError
+from diffusiond.pipeline.job import IMAGE_SUFFIXES, UpscaleJob, parse_job_text
 
 INIT_CONFIG = """\
 # diffusiond config: every field is optional (see README.md, "The config").
@@ -100,16 +100,23 @@ def _validate(args: argparse.Namespace) -> int:
     failures = 0
     for path in args.jobs:
         try:
-            specs = parse_job_text(path.read_text(encoding="utf-8"), path=str(path), rules=config.rules())
-        except (DiffusiondError, OSError, UnicodeDecodeError) as exc:
-            print(f"{path}: INVALID: {exc}")
+            # Validated as if dropped in the inbox root: image paths are relative to the job file.
+            specs = parse_job_text(path.read_text(encoding="utf-8"), path=path.name, rules=config.rules())
+        except DiffusiondError as exc:
+            exc.path = str(path)
+            print(f"INVALID {exc}")
+            failures += 1
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"INVALID {path}: {exc}")
             failures += 1
             continue
         print(f"{path}: ok, {len(specs)} job(s)")
         for index, spec in enumerate(specs, start=1):
-            print(f"  {index}. {spec.task} model={spec.model} steps={spec.steps} count={spec.count}")
+            how = f"method={spec.method}" if isinstance(spec, UpscaleJob) else f"model={spec.model}"
+            print(f"  {index}. {spec.task} {how} steps={spec.steps} count={spec.count} seed={spec.seed}")
             image = resolve_image(spec, path.name, lambda rel, base=path.parent: (base / rel).is_file())
-            if spec.task != "txt2img" and image is None:
+            if needs_image(spec) and (image is None or not (path.parent / image).is_file()):
                 print(f"     note: its image ({spec.image or 'same-stem image'}) is not next to the job file")
     return 1 if failures else 0
 

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from diffusiond.pipeline.catalog import ModelEntry, detect_kind
 from diffusiond.pipeline.errors import ConfigError, JobRejected
 from diffusiond.pipeline.job import TASKS, Limits, Rules, validate_job
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SYSTEM_CONFIG = Path("/etc/diffusiond/config.yaml")
 DEFAULT_SPOOL = Path("/var/lib/diffusiond/spool")

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusiond.pipeline.job import IMAGE_SUFFIXES, JOB_SUFFIXES
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
+
+from diffusiond.pipeline.job import IMAGE_SUFFIXES, JOB_SUFFIXES
 
 log = logging.getLogger(__name__)
 # watchdog logs "queue_events() called when the thread is inactive" at ERROR when its

@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffusiond import __version__
 from diffusiond.daemon.fsutil import atomic_write
 from diffusiond.pipeline.errors import Code, JobFailed
 from diffusiond.pipeline.generate import Generated
 from diffusiond.pipeline.job import Job
 from diffusiond.pipeline.metadata import SUFFIXES, encode, infotext
-
-from diffusiond import __version__
 
 
 def output_name(job: Job, number: int) -> str:

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 import yaml
-from diffusiond.daemon.fsutil import atomic_write, unique_path
-from diffusiond.pipeline.errors import DiffusiondError
 
 from diffusiond import __version__
+from diffusiond.daemon.fsutil import atomic_write, unique_path
+from diffusiond.pipeline.errors import DiffusiondError
 
 
 def write_report(

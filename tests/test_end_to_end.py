@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from diffusiond.pipeline.metadata import read_parameters
 from PIL import Image
 
+from diffusiond.pipeline.metadata import read_parameters
 from tests.conftest import Spool, wait_for
 
 
