@@ -1,0 +1,45 @@
+# The two commands of README.md: `make demo` (examples → images) and `make test`.
+# Both set up .venv first; setup reruns only when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel on this kind of machine; on a GPU box use e.g. `make TORCH=torch setup`.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+DEMO := demo
+
+.PHONY: setup demo serve test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Fresh spool in demo/, tiny test models, the example jobs in its inbox, one pass of the daemon.
+demo: setup
+	rm -rf $(DEMO)
+	$(BIN)/diffusiond make-test-model $(DEMO)/models/test
+	mkdir -p $(DEMO)/inbox
+	cp -R examples/inbox/. $(DEMO)/inbox/
+	$(BIN)/diffusiond run --config examples/config.yaml --oneshot
+	@echo
+	@echo "Results (the test model's weights are random: the images are noise):"
+	@ls -1 $(DEMO)/outbox | sed 's#^#  $(DEMO)/outbox/#'
+	@echo "Inputs archived in $(DEMO)/archive/, rejects with their reports in $(DEMO)/failed/."
+
+# The daemon on the demo spool until Ctrl-C; try `diffusiond submit ... --wait` beside it.
+serve: setup
+	test -d $(DEMO)/models/test || $(BIN)/diffusiond make-test-model $(DEMO)/models/test
+	$(BIN)/diffusiond run --config examples/config.yaml
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache
