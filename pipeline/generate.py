@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
 from diffusiond.pipeline.img2img import img2img
 from diffusiond.pipeline.inputs import open_image
@@ -13,7 +15,6 @@ from diffusiond.pipeline.job import Img2ImgJob, Job, Txt2ImgJob, UpscaleJob, see
 from diffusiond.pipeline.models import ModelCache
 from diffusiond.pipeline.txt2img import txt2img
 from diffusiond.pipeline.upscale import upscale_lanczos, upscale_x4
-from PIL import Image
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
+from PIL import Image
+
 from diffusiond.pipeline.inputs import fit_to_multiple_of_8
 from diffusiond.pipeline.job import Img2ImgJob, seeds_for
 from diffusiond.pipeline.models import Loaded
 from diffusiond.pipeline.schedulers import make_scheduler
-from PIL import Image
 
 
 def img2img(loaded: Loaded, spec: Img2ImgJob, image: Image.Image) -> list[Image.Image]:

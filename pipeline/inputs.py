@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusiond.pipeline.errors import Code, JobRejected
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from diffusiond.pipeline.errors import Code, JobRejected
 
 
 def open_image(path: Path, *, label: str) -> Image.Image:

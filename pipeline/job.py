@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+
 from diffusiond.pipeline.catalog import ModelKind, tasks_for
 from diffusiond.pipeline.errors import Code, JobRejected
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 # Kept in step with pipeline/schedulers.py (that module imports diffusers; this one must not).
 SCHEDULER_NAMES = (

@@ -13,10 +13,10 @@ from typing import Any
 
 import piexif
 import piexif.helper
-from diffusiond.pipeline.job import Img2ImgJob, OutputSpec, Txt2ImgJob, UpscaleJob
 from PIL import Image, PngImagePlugin
 
 from diffusiond import __version__
+from diffusiond.pipeline.job import Img2ImgJob, OutputSpec, Txt2ImgJob, UpscaleJob
 
 SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 

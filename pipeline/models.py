@@ -20,9 +20,10 @@ from diffusers import (
     StableDiffusionUpscalePipeline,
 )
 from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
 from diffusiond.pipeline.catalog import ModelEntry, ModelKind, detect_kind
 from diffusiond.pipeline.errors import Code, ConfigError, JobFailed
-from transformers.utils import logging as transformers_logging
 
 # A daemon's log is read in the journal: no progress bars from loading.
 diffusers_logging.disable_progress_bar()

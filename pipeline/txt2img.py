@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from PIL import Image
+
 from diffusiond.pipeline.job import Txt2ImgJob, seeds_for
 from diffusiond.pipeline.models import Loaded
 from diffusiond.pipeline.schedulers import make_scheduler
-from PIL import Image
 
 
 def txt2img(loaded: Loaded, spec: Txt2ImgJob) -> list[Image.Image]:
