@@ -71,10 +71,16 @@ def leftover_claims(config: Config) -> list[Claim]:
         return claims
     for folder in sorted(config.work_dir.iterdir()):
         try:
-            claims.append(Claim.load(folder))
+            found = Claim.load(folder)
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("claim folder %s has no readable claim.json; its files go back to the inbox", folder)
             _return_orphans(folder, config)
+            continue
+        if found.source not in found.present():
+            # Stopped between writing the record and the claiming rename: nothing was claimed.
+            _return_orphans(folder, config)
+            continue
+        claims.append(found)
     return sorted(claims, key=lambda c: c.claimed_at)
 
 

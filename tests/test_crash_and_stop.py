@@ -108,3 +108,23 @@ def test_polling_mode_sees_files_too(spool: Spool, test_models) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
     assert os.listdir(spool.inbox) == []
+
+
+def test_crash_between_claim_record_and_rename_runs_the_job_once(spool: Spool) -> None:
+    """The states a kill can leave inside `claim()`, made by hand, then a real restart."""
+    work = spool.root / "work" / "test"
+    # 1. Record written, rename not done: the file is still in the inbox.
+    spool.drop("kept.yaml", "prompt: still in the inbox\n")
+    recorded = work / "kept-20260101-000000-abcd"
+    (recorded / "inbox").mkdir(parents=True)
+    record = {"claim_id": recorded.name, "folder": None, "source": "kept.yaml", "files": ["kept.yaml"]}
+    (recorded / "claim.json").write_text(json.dumps(record | {"bare_image": False, "problem": None, "claimed_at": 1.0}))
+    # 2. Files moved but no readable record: they go back to the inbox.
+    orphan = work / "orphan-20260101-000000-abcd"
+    (orphan / "inbox").mkdir(parents=True)
+    (orphan / "inbox" / "orphan.yaml").write_text("prompt: back to the inbox\n")
+    restarted = start_daemon_process(spool.config_path, "--oneshot")
+    assert restarted.wait(120) == 0, stop(restarted)
+    assert sorted(m["source"] for m in spool.manifests()) == ["kept.yaml", "orphan.yaml"]
+    assert spool.reports() == []
+    assert list(work.iterdir()) == []
