@@ -59,6 +59,10 @@ def resolve_image(spec: Spec, job_path: str, exists: Callable[[str], bool]) -> s
         return None
     if spec.image is not None:
         return inbox_relative(job_path, spec.image)
+    return _same_stem_image(job_path, exists)
+
+
+def _same_stem_image(job_path: str, exists: Callable[[str], bool]) -> str | None:
     stem = posixpath.splitext(job_path)[0]
     for suffix in IMAGE_SUFFIXES:
         for candidate in (stem + suffix, stem + suffix.upper()):
@@ -102,6 +106,8 @@ class Pairing:
                 for s, w in zip(specs, wanted, strict=True)
                 if needs_image(s) and (w is None or w not in stable_set)
             ]
+            # The same-stem sketch always travels with its job file, used or not, so it is archived with it.
+            wanted.append(_same_stem_image(path, stable_set.__contains__))
             images = tuple(dict.fromkeys(w for w in wanted if w is not None and w in stable_set))
             reserved.update(w for w in wanted if w is not None)
             if not missing:

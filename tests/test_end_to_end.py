@@ -197,3 +197,13 @@ def test_same_name_dropped_twice_keeps_both_results_and_both_inputs(spool: Spool
     manifests = done(spool, 2)
     assert sorted(m["job"]["prompt"] for m in manifests) == ["first", "second"]
     wait_for(lambda: (spool.archive / "again-2.yaml").exists(), what="second archived beside the first")
+
+
+def test_same_stem_image_travels_with_a_job_that_does_not_use_it(spool: Spool, daemon) -> None:
+    spool.drop("poster.png", sketch_png())
+    spool.drop("poster.yaml", "prompt: text only\n")
+    [manifest] = done(spool, 1)
+    assert manifest["input_image"] is None
+    wait_for(lambda: sorted(p.name for p in spool.archive.iterdir()) == ["poster.png", "poster.yaml"], what="archive")
+    time.sleep(1.5)  # past pair_wait_s: the image was not left behind as a bare image
+    assert spool.reports() == []
