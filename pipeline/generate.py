@@ -51,6 +51,13 @@ def generate(cache: ModelCache, job: Job, image_path: Path | None) -> Generated:
     except DiffusiondError as exc:
         exc.path, exc.job_index = exc.path or job.source, exc.job_index or job.index
         raise
+    except ImportError as exc:  # e.g. a scheduler's optional package (scipy, torchsde) is missing
+        raise JobFailed(
+            f"{spec.task} needs a package that is not installed: {exc}",
+            code=Code.GENERATION_FAILED,
+            fix="install the missing package into the daemon's environment, or pick another scheduler",
+            **where,
+        ) from exc
     except (RuntimeError, ValueError, TypeError, OSError) as exc:
         raise JobFailed(
             f"{spec.task} failed in the pipeline: {type(exc).__name__}: {exc}",

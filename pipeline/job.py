@@ -55,7 +55,7 @@ def _parse_size(value: Any) -> Any:
         raise ValueError("size must look like 512x768 (width x height)")
     if isinstance(value, list | tuple) and len(value) == 2:
         return tuple(value)
-    return value
+    raise ValueError("size must look like 512x768 (width x height), 512, or [512, 768]")
 
 
 def _check_size(value: tuple[int, int]) -> tuple[int, int]:
@@ -242,26 +242,29 @@ def validate_job(
     try:
         spec = _SPEC_ADAPTER.validate_python(merged)
     except ValidationError as exc:
-        raise _translate(exc, model_cls, where) from exc
+        raise _translate(exc, task, where) from exc
     _check_limits(spec, rules, where)
     _check_model(spec, rules, where)
     _check_image_path(spec, path, where)
     return spec
 
 
-def _translate(exc: ValidationError, model_cls: type[BaseModel], where: dict[str, Any]) -> JobRejected:
+def _translate(exc: ValidationError, task: str, where: dict[str, Any]) -> JobRejected:
     """Turn pydantic's first error into one that names field, value and what is allowed."""
     error = exc.errors()[0]
-    loc = [str(part) for part in error["loc"] if part not in TASKS]
+    loc = [str(part) for part in error["loc"]]
+    if loc and loc[0] == task:  # the discriminated union puts the task tag first
+        loc = loc[1:]
     field = ".".join(loc) or "task"
     value = error.get("input")
     if error["type"] == "extra_forbidden":
-        known = sorted(model_cls.model_fields)
+        section = _section_model(_TASK_MODELS[task], loc[:-1])
+        known = sorted(section.model_fields)
         guess = difflib.get_close_matches(loc[-1], known, n=1)
         hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-        task = model_cls.model_fields["task"].default or where.get("task", "")
+        where_in = f"'{'.'.join(loc[:-1])}' of a {task} job" if len(loc) > 1 else f"a {task} job"
         return JobRejected(
-            f"unknown field '{field}'{hint}; fields a {task or 'job'} job accepts: {', '.join(known)}",
+            f"unknown field '{field}'{hint}; fields {where_in} accepts: {', '.join(known)}",
             field=field,
             value=value,
             fix=f"rename or remove '{field}'",
@@ -275,6 +278,16 @@ def _translate(exc: ValidationError, model_cls: type[BaseModel], where: dict[str
         fix=FIX_FIELD,
         **where,
     )
+
+
+def _section_model(model: type[BaseModel], path: list[str]) -> type[BaseModel]:
+    """The pydantic model of a nested section such as `output`, for listing its fields."""
+    for part in path:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return model
 
 
 def _over(field: str, value: Any, limit: Any, where: dict[str, Any]) -> JobRejected:

@@ -1,0 +1,343 @@
+"""Watching the inbox: which files count, when a file is finished, and what gets claimed together."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from diffusiond.daemon.inbox import SettleTracker, is_candidate
+from diffusiond.daemon.pairing import Intent, Pairing
+from diffusiond.pipeline.catalog import ModelKind
+from diffusiond.pipeline.job import Rules
+
+# --- is_candidate ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "job.yaml",
+        "job.yml",
+        "sketch.png",
+        "photo.jpg",
+        "photo.jpeg",
+        "pic.webp",
+        "JOB.YAML",
+        "Job.Yml",
+        "SKETCH.PNG",
+        "photo.JpEg",
+        "pic.WEBP",
+        "sketches/cat.png",
+        "sketches/cat.yaml",
+        "Hot Folder/IMG_0001.JPG",
+    ],
+)
+def test_job_files_and_images_in_the_root_and_one_hot_folder_are_candidates(name: str) -> None:
+    assert is_candidate(Path(name))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        ".job.yaml",  # dotfile (rsync's temp names, AppleDouble)
+        "._sketch.png",
+        "sketches/.cat.png",
+        "job.yaml.part",
+        "sketch.png.part",
+        "job.yaml.tmp",
+        "sketch.png.crdownload",
+        "~syncthing~x.tmp",
+        "~syncthing~sketch.png.tmp",
+        ".syncthing.x.tmp",
+        ".syncthing.sketch.png.tmp",
+        ".DS_Store",
+        "Thumbs.db",
+        "sketches/Thumbs.db",
+        "notes.txt",
+        "job.json",
+        "a/b/c.png",  # two folders deep: a user's own subfolder
+        "a/b/c.yaml",
+        ".hidden/cat.png",  # in a dot-folder
+        ".stversions/job.yaml",
+    ],
+)
+def test_temporary_hidden_foreign_and_deep_files_are_not_candidates(name: str) -> None:
+    assert not is_candidate(Path(name))
+
+
+# --- SettleTracker -----------------------------------------------------------------------------
+
+SETTLE_S = 5.0
+
+
+def write(path: Path, data: bytes = b"prompt: a\n") -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def move_mtime(path: Path, seconds: float) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + int(seconds * 1e9)))
+
+
+def test_a_renamed_file_is_stable_at_once(tmp_path: Path) -> None:
+    path = write(tmp_path / "job.yaml")
+    tracker = SettleTracker(SETTLE_S)
+    tracker.touch(path, renamed=True, now=100.0)
+    assert tracker.stable(now=100.0) == [path]
+
+
+def test_a_file_written_in_place_is_stable_only_after_settle_time(tmp_path: Path) -> None:
+    path = write(tmp_path / "scan.png")
+    tracker = SettleTracker(SETTLE_S)
+    tracker.touch(path, now=100.0)
+    assert tracker.stable(now=100.0) == []
+    assert tracker.stable(now=104.0) == []
+    assert tracker.pending() == [path]
+    assert tracker.stable(now=105.5) == [path]
+
+
+def test_a_change_seen_by_stable_restarts_the_clock(tmp_path: Path) -> None:
+    path = write(tmp_path / "scan.png")
+    tracker = SettleTracker(SETTLE_S)
+    tracker.touch(path, now=100.0)
+    with path.open("ab") as f:
+        f.write(b"more bytes")
+    move_mtime(path, 1)
+    assert tracker.stable(now=103.0) == []  # sees the change: quiet since 103 now
+    assert tracker.stable(now=106.0) == []  # would have been stable without the change
+    assert tracker.stable(now=107.9) == []
+    assert tracker.stable(now=108.0) == [path]
+
+
+def test_a_change_seen_by_touch_restarts_the_clock(tmp_path: Path) -> None:
+    path = write(tmp_path / "job.yaml")
+    tracker = SettleTracker(SETTLE_S)
+    tracker.touch(path, now=100.0)
+    with path.open("ab") as f:
+        f.write(b"steps: 4\n")
+    move_mtime(path, 1)
+    tracker.touch(path, now=104.0)
+    assert tracker.stable(now=106.0) == []
+    assert tracker.stable(now=109.0) == [path]
+
+
+def test_a_same_size_rewrite_with_a_new_mtime_restarts_the_clock(tmp_path: Path) -> None:
+    path = write(tmp_path / "job.yaml", b"steps: 4\n")
+    tracker = SettleTracker(SETTLE_S)
+    tracker.touch(path, renamed=True, now=100.0)
+    write(path, b"steps: 8\n")
+    move_mtime(path, 2)
+    assert tracker.stable(now=101.0) == []
+    assert tracker.stable(now=105.0) == []
+    assert tracker.stable(now=106.0) == [path]
+
+
+def test_an_event_without_a_change_does_not_restart_the_clock(tmp_path: Path) -> None:
+    path = write(tmp_path / "scan.png")
+    tracker = SettleTracker(SETTLE_S)
+    tracker.touch(path, now=100.0)
+    tracker.touch(path, now=104.0)  # e.g. a close event, same size and mtime
+    assert tracker.stable(now=105.5) == [path]
+
+
+def test_a_file_found_by_scan_counts_as_quiet_since_its_mtime(tmp_path: Path) -> None:
+    old = write(tmp_path / "old.yaml")
+    move_mtime(old, -60)
+    recent = write(tmp_path / "recent.yaml")
+    move_mtime(recent, -2)
+    tracker = SettleTracker(SETTLE_S)
+    tracker.touch(old, now=100.0)
+    tracker.touch(recent, now=100.0)
+    assert tracker.stable(now=100.0) == [old]  # left from before a restart: no delay
+    assert tracker.stable(now=102.0) == [old]
+    assert tracker.stable(now=103.5) == [old, recent]  # oldest first
+
+
+def test_a_deleted_file_disappears_from_pending(tmp_path: Path) -> None:
+    kept = write(tmp_path / "kept.yaml")
+    gone = write(tmp_path / "gone.yaml")
+    tracker = SettleTracker(SETTLE_S)
+    tracker.touch(kept, renamed=True, now=100.0)
+    tracker.touch(gone, renamed=True, now=100.0)
+    gone.unlink()
+    assert tracker.stable(now=100.0) == [kept]
+    assert tracker.pending() == [kept]
+
+
+def test_touching_a_deleted_file_forgets_it(tmp_path: Path) -> None:
+    path = write(tmp_path / "job.yaml")
+    tracker = SettleTracker(SETTLE_S)
+    tracker.touch(path, now=100.0)
+    path.unlink()
+    tracker.touch(path, now=101.0)  # the delete event
+    assert tracker.pending() == []
+
+
+def test_forget_drops_a_claimed_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "job.yaml")
+    tracker = SettleTracker(SETTLE_S)
+    tracker.touch(path, renamed=True, now=100.0)
+    tracker.forget(path)
+    assert tracker.pending() == []
+    assert tracker.stable(now=200.0) == []
+
+
+def test_the_real_clock_is_used_without_now(tmp_path: Path) -> None:
+    path = write(tmp_path / "job.yaml")
+    tracker = SettleTracker(0.05)
+    tracker.touch(path, renamed=True)
+    assert tracker.stable() == [path]
+
+
+# --- Pairing -----------------------------------------------------------------------------------
+
+PAIR_WAIT_S = 2.0
+RULES = Rules(models={"test": ModelKind.SD}, defaults={"all": {"model": "test", "size": "64x64", "steps": 4}})
+PROFILES = {"sketches": {"task": "img2img", "prompt": "a watercolor", "strength": 0.75}}
+
+
+class Inbox:
+    """A real inbox folder and a Pairing reading from it."""
+
+    def __init__(self, root: Path, *, has_sketch_job: bool = False) -> None:
+        self.root = root
+        self.pairing = Pairing(
+            rules=RULES,
+            profiles=PROFILES,
+            has_sketch_job=has_sketch_job,
+            pair_wait_s=PAIR_WAIT_S,
+            read_text=lambda rel: (root / rel).read_text(encoding="utf-8"),
+        )
+
+    def drop(self, relative: str, data: str | bytes = b"\x89PNG not decoded here") -> str:
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        return relative
+
+    def decide(self, stable: list[str], now: float, present: list[str] | None = None) -> list[Intent]:
+        present = stable if present is None else present
+        return self.pairing.decide(stable, present, now, stamp=lambda rel: (self.root / rel).stat().st_mtime_ns)
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Inbox:
+    return Inbox(tmp_path)
+
+
+def test_a_job_file_waits_for_its_image_then_fails_with_missing_input(inbox: Inbox) -> None:
+    job = inbox.drop("hamster.yaml", "task: img2img\nprompt: a hamster\n")
+    assert inbox.decide([job], now=10.0) == []
+    assert inbox.decide([job], now=10.0 + PAIR_WAIT_S - 0.1) == []
+    [intent] = inbox.decide([job], now=10.0 + PAIR_WAIT_S)
+    assert intent.source == job and intent.files == (job,)
+    assert not intent.bare_image
+    assert intent.problem is not None
+    assert intent.problem["code"] == "missing_input"
+    assert intent.problem["file"] == job
+    assert intent.problem["field"] == "image"
+    assert intent.problem["fix"]
+
+
+def test_a_named_image_that_never_comes_is_named_in_the_problem(inbox: Inbox) -> None:
+    job = inbox.drop("hamster.yaml", "task: img2img\nimage: bird.png\n")
+    assert inbox.decide([job], now=0.0) == []
+    [intent] = inbox.decide([job], now=PAIR_WAIT_S)
+    assert intent.problem is not None and intent.problem["value"] == "bird.png"
+    assert "bird.png" in intent.problem["error"]
+
+
+def test_job_file_and_image_stable_together_are_one_intent(inbox: Inbox) -> None:
+    job = inbox.drop("hamster.yaml", "task: img2img\nprompt: a hamster\n")
+    image = inbox.drop("hamster.png")
+    assert inbox.decide([job, image], now=0.0) == [Intent(job, (job, image))]
+    # Still one intent later: the image is the job's input, never a bare image of its own.
+    assert inbox.decide([image, job], now=PAIR_WAIT_S * 3) == [Intent(job, (job, image))]
+
+
+def test_a_job_file_waits_while_its_image_is_still_being_written(inbox: Inbox) -> None:
+    job = inbox.drop("hamster.yaml", "task: img2img\nprompt: a hamster\n")
+    image = inbox.drop("hamster.png")
+    assert inbox.decide([job], now=0.0, present=[job, image]) == []
+    assert inbox.decide([job, image], now=1.0) == [Intent(job, (job, image))]
+
+
+def test_an_image_arriving_first_waits_for_its_job_file(inbox: Inbox) -> None:
+    image = inbox.drop("hamster.png")
+    assert inbox.decide([image], now=0.0) == []
+    job = inbox.drop("hamster.yaml", "task: img2img\nprompt: a hamster\n")
+    # The job file is there but still settling: the image is not taken as bare.
+    assert inbox.decide([image], now=PAIR_WAIT_S + 1, present=[image, job]) == []
+    assert inbox.decide([image, job], now=PAIR_WAIT_S + 2) == [Intent(job, (job, image))]
+
+
+def test_a_bare_image_in_a_profile_folder_takes_the_profile_after_the_wait(inbox: Inbox) -> None:
+    image = inbox.drop("sketches/cat.png")
+    assert inbox.decide([image], now=0.0) == []
+    assert inbox.decide([image], now=PAIR_WAIT_S - 0.1) == []
+    assert inbox.decide([image], now=PAIR_WAIT_S) == [Intent(image, (image,), bare_image=True, problem=None)]
+
+
+def test_a_bare_image_at_the_root_without_a_sketch_job_has_no_job(inbox: Inbox) -> None:
+    image = inbox.drop("cat.png")
+    assert inbox.decide([image], now=0.0) == []
+    [intent] = inbox.decide([image], now=PAIR_WAIT_S)
+    assert intent.source == image and intent.files == (image,) and intent.bare_image
+    assert intent.problem is not None
+    assert intent.problem["code"] == "no_job_for_image"
+    assert intent.problem["file"] == image
+    assert "cat.yaml" in intent.problem["fix"]
+
+
+def test_a_bare_image_at_the_root_with_a_sketch_job_has_no_problem(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path, has_sketch_job=True)
+    image = inbox.drop("cat.png")
+    assert inbox.decide([image], now=0.0) == []
+    assert inbox.decide([image], now=PAIR_WAIT_S) == [Intent(image, (image,), bare_image=True)]
+
+
+def test_a_bare_image_in_a_folder_without_a_profile_names_the_folder(inbox: Inbox) -> None:
+    image = inbox.drop("misc/cat.png")
+    assert inbox.decide([image], now=0.0) == []
+    [intent] = inbox.decide([image], now=PAIR_WAIT_S)
+    assert intent.problem is not None and intent.problem["code"] == "no_job_for_image"
+    assert "misc" in intent.problem["error"] and "misc" in intent.problem["fix"]
+
+
+def test_an_image_named_by_another_job_file_is_not_claimed_as_bare(inbox: Inbox) -> None:
+    job = inbox.drop("hamster.yaml", "task: img2img\nimage: bird.png\nprompt: a bird\n")
+    image = inbox.drop("bird.png")
+    later = PAIR_WAIT_S * 3
+    assert inbox.decide([job, image], now=0.0) == [Intent(job, (job, image))]
+    assert inbox.decide([image, job], now=later) == [Intent(job, (job, image))]
+
+
+def test_a_txt2img_job_file_is_claimed_at_once(inbox: Inbox) -> None:
+    job = inbox.drop("fox.yaml", "prompt: a fox\n")
+    assert inbox.decide([job], now=0.0) == [Intent(job, (job,))]
+
+
+def test_a_job_file_in_a_profile_folder_takes_the_profile_and_its_sketch(inbox: Inbox) -> None:
+    job = inbox.drop("sketches/cat.yaml", "prompt: a cat\n")  # the profile makes it img2img
+    image = inbox.drop("sketches/cat.png")
+    assert inbox.decide([job], now=0.0, present=[job, image]) == []
+    assert inbox.decide([job, image], now=0.0) == [Intent(job, (job, image))]
+
+
+@pytest.mark.parametrize("text", ["prompt: [unclosed\n", "steps: 0\n", "- a list\n", "upscale: 2\n"])
+def test_a_wrong_job_file_is_claimed_at_once_so_it_reaches_failed(inbox: Inbox, text: str) -> None:
+    job = inbox.drop("bad.yaml", text)
+    assert inbox.decide([job], now=0.0) == [Intent(job, (job,))]
+
+
+def test_an_edited_job_file_is_parsed_again(inbox: Inbox) -> None:
+    job = inbox.drop("hamster.yaml", "task: img2img\nprompt: a hamster\n")
+    assert inbox.decide([job], now=0.0) == []
+    inbox.drop("hamster.yaml", "prompt: now txt2img, needs no image\n")
+    path = inbox.root / job
+    os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns + 1_000_000_000))
+    assert inbox.decide([job], now=0.5) == [Intent(job, (job,))]
