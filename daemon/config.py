@@ -5,6 +5,7 @@ Relative paths in a config file are taken relative to that file's folder.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from pathlib import Path
@@ -166,11 +167,17 @@ def load_config(path: Path | None = None, *, spool: Path | None = None) -> Confi
             fix="correct the field (see examples/config.yaml for every field)",
         ) from exc
     base = path.parent if path is not None else Path.cwd()
-    config.spool = spool.absolute() if spool is not None else (base / config.spool).absolute()
+    config.spool = _clean(spool if spool is not None else base / config.spool)
     for name in Folders.model_fields:
         value = getattr(config.folders, name)
         if value is not None:
-            setattr(config.folders, name, (base / value).absolute())
-    config.models = {name: (base / p).absolute() for name, p in config.models.items()}
+            setattr(config.folders, name, _clean(base / value))
+    config.models = {name: _clean(base / p) for name, p in config.models.items()}
     config.check_jobs()
     return config
+
+
+def _clean(path: Path) -> Path:
+    """Absolute and without `..` (normpath, not resolve: a symlinked share keeps the name it was given)."""
+    return Path(os.path.normpath(path.absolute()))
+

@@ -31,9 +31,11 @@ def manifest_path(outbox: Path, job: Job) -> Path:
 
 def discard_partial(outbox: Path, job: Job) -> None:
     """Remove what an interrupted run of this job left, so a re-run starts clean."""
+    leftovers = list(outbox.glob(f".{job.job_id}.json.*.tmp"))
     for suffix in SUFFIXES.values():
-        for leftover in [*outbox.glob(f"{job.job_id}-*{suffix}"), *outbox.glob(f".{job.job_id}-*{suffix}.*.tmp")]:
-            leftover.unlink(missing_ok=True)
+        leftovers += [*outbox.glob(f"{job.job_id}-*{suffix}"), *outbox.glob(f".{job.job_id}-*{suffix}.*.tmp")]
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
 
 
 def commit(
