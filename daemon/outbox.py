@@ -6,6 +6,7 @@ are written under hidden temp names and renamed into place one by one.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import platform
@@ -31,11 +32,12 @@ def manifest_path(outbox: Path, job: Job) -> Path:
 
 def discard_partial(outbox: Path, job: Job) -> None:
     """Remove what an interrupted run of this job left, so a re-run starts clean."""
-    leftovers = list(outbox.glob(f".{job.job_id}.json.*.tmp"))
-    for suffix in SUFFIXES.values():
-        leftovers += [*outbox.glob(f"{job.job_id}-*{suffix}"), *outbox.glob(f".{job.job_id}-*{suffix}.*.tmp")]
-    for leftover in leftovers:
-        leftover.unlink(missing_ok=True)
+    names = [f"{job.job_id}.json", *(output_name(job, n) for n in range(1, job.spec.count + 1))]
+    for name in names[1:]:
+        (outbox / name).unlink(missing_ok=True)
+    for name in names:  # atomic_write's temp files: `.<name>.<pid>.tmp`
+        for leftover in outbox.glob(f".{glob.escape(name)}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def commit(

@@ -128,3 +128,30 @@ def test_crash_between_claim_record_and_rename_runs_the_job_once(spool: Spool) -
     assert sorted(m["source"] for m in spool.manifests()) == ["kept.yaml", "orphan.yaml"]
     assert spool.reports() == []
     assert list(work.iterdir()) == []
+
+
+def test_a_rerun_clears_what_the_interrupted_run_left_and_nothing_else(spool: Spool) -> None:
+    """Leftovers of a killed write (a renamed image, temp files), made by hand, then a real restart."""
+    from diffusiond.daemon.claim import Claim
+
+    spool.drop("left.yaml", "prompt: interrupted\nseed: 4\ncount: 2\n")
+    process = start_daemon_process(spool.config_path, "--oneshot")
+    assert process.wait(120) == 0, stop(process)
+    [manifest] = spool.manifests()
+    # Make it look as if the daemon died while writing: claim folder back, manifest gone.
+    work = spool.root / "work" / "test" / manifest["job_id"]
+    (work / "inbox").mkdir(parents=True)
+    os.rename(spool.archive / "left.yaml", work / "inbox" / "left.yaml")
+    Claim(manifest["job_id"], work, "left.yaml", ("left.yaml",), claimed_at=1.0).save()
+    (spool.outbox / f"{manifest['job_id']}.json").unlink()
+    (spool.outbox / f".{manifest['job_id']}.json.999.tmp").write_text("{half")
+    (spool.outbox / f".{manifest['job_id']}-2.png.999.tmp").write_bytes(b"half")
+    unrelated = spool.outbox / f"{manifest['job_id']}-x-1.png"
+    unrelated.write_bytes(b"another job's output")
+    restarted = start_daemon_process(spool.config_path, "--oneshot")
+    assert restarted.wait(120) == 0, stop(restarted)
+    [again] = spool.manifests()
+    assert again["job_id"] == manifest["job_id"] and again["seeds"] == [4, 5]
+    assert [o["sha256"] for o in again["outputs"]] == [o["sha256"] for o in manifest["outputs"]]
+    assert not [p for p in spool.outbox.iterdir() if p.name.startswith(".")]
+    assert unrelated.read_bytes() == b"another job's output"
