@@ -1,7 +1,8 @@
 """What the config's model names point at, read from disk without importing torch.
 
 The job validator needs to know whether `model: x4` is an upscaler before any
-model is loaded, so a wrong pairing is rejected at validation time, not on the GPU.
+model is loaded, so a wrong pairing is rejected at validation time, not on the
+GPU. The family also decides the pipeline class: the user never names one.
 """
 
 from __future__ import annotations
@@ -11,24 +12,33 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
 
 class ModelKind(StrEnum):
-    """Which pipelines a model can drive."""
+    """A model family: which pipelines it drives and how it was trained."""
 
-    SD = "sd"
-    """A Stable Diffusion model: txt2img and img2img."""
+    SD1 = "sd1"
+    """Stable Diffusion 1.x (CLIP ViT-L text encoder, 512 px): txt2img, img2img."""
+    SD2 = "sd2"
+    """Stable Diffusion 2.x (OpenCLIP ViT-H, epsilon 512 px or v-prediction 768 px): txt2img, img2img."""
+    SDXL = "sdxl"
+    """Stable Diffusion XL (two text encoders, 1024 px): txt2img, img2img."""
     UPSCALER_X4 = "upscaler_x4"
     """The prompt-guided x4 upscaler (`stabilityai/stable-diffusion-x4-upscaler` layout)."""
+    DEPTH2IMG = "depth2img"
+    """SD 2 depth-to-image (`stabilityai/stable-diffusion-2-depth`): depth2img."""
     UNKNOWN = "unknown"
-    """A path that is missing or not a diffusers folder; loading it will say why."""
+    """Not known before loading (a `.ckpt`, a missing path); loading says what it is or why not."""
 
 
-# model_index.json `_class_name` → kind. Any Stable Diffusion pipeline class names
-# the same weights layout, so img2img/inpaint exports load as txt2img models too.
-_CLASS_KINDS = {
-    "StableDiffusionPipeline": ModelKind.SD,
-    "StableDiffusionImg2ImgPipeline": ModelKind.SD,
-    "StableDiffusionUpscalePipeline": ModelKind.UPSCALER_X4,
+TASKS_BY_KIND: dict[ModelKind, tuple[str, ...]] = {
+    ModelKind.SD1: ("txt2img", "img2img"),
+    ModelKind.SD2: ("txt2img", "img2img"),
+    ModelKind.SDXL: ("txt2img", "img2img"),
+    ModelKind.UPSCALER_X4: ("upscale",),
+    ModelKind.DEPTH2IMG: ("depth2img",),
+    ModelKind.UNKNOWN: (),
 }
 
 
@@ -39,22 +49,48 @@ class ModelEntry:
     name: str
     path: Path
     kind: ModelKind
+    config: Path | None = None
+    """For a single file: a diffusers folder with the configs and tokenizers (weights not needed)."""
+    prediction: str | None = None
+    """`epsilon` or `v_prediction`, when the user says so (single SD 2 files cannot tell)."""
+
+    @property
+    def single_file(self) -> bool:
+        return self.path.suffix.lower() in SINGLE_FILE_SUFFIXES
 
 
 def detect_kind(path: Path) -> ModelKind:
-    """Read the kind from a diffusers folder's model_index.json."""
-    index = path / "model_index.json"
+    """The family of a diffusers folder, from its model_index.json and component configs."""
     try:
-        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+        class_name = _read_json(path / "model_index.json").get("_class_name", "")
     except (OSError, ValueError):
         return ModelKind.UNKNOWN
-    return _CLASS_KINDS.get(class_name, ModelKind.UNKNOWN)
+    if class_name.startswith("StableDiffusionXL"):
+        return ModelKind.SDXL
+    if class_name == "StableDiffusionUpscalePipeline":
+        return ModelKind.UPSCALER_X4
+    if class_name == "StableDiffusionDepth2ImgPipeline":
+        return ModelKind.DEPTH2IMG
+    if class_name.startswith("StableDiffusion"):
+        return ModelKind.SD2 if _is_sd2(path) else ModelKind.SD1
+    return ModelKind.UNKNOWN
+
+
+def _is_sd2(path: Path) -> bool:
+    """SD 2 uses OpenCLIP (gelu, not quick_gelu) and linear projections in its transformer blocks."""
+    try:
+        text = _read_json(path / "text_encoder" / "config.json")
+        unet = _read_json(path / "unet" / "config.json")
+    except (OSError, ValueError):
+        return False
+    return text.get("hidden_act") == "gelu" or bool(unet.get("use_linear_projection"))
+
+
+def _read_json(path: Path) -> dict:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
 
 
 def tasks_for(kind: ModelKind) -> tuple[str, ...]:
     """The job tasks a model of this kind can run."""
-    if kind is ModelKind.SD:
-        return ("txt2img", "img2img")
-    if kind is ModelKind.UPSCALER_X4:
-        return ("upscale",)
-    return ()
+    return TASKS_BY_KIND[kind]

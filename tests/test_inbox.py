@@ -196,7 +196,7 @@ def test_the_real_clock_is_used_without_now(tmp_path: Path) -> None:
 # --- Pairing -----------------------------------------------------------------------------------
 
 PAIR_WAIT_S = 2.0
-RULES = Rules(models={"test": ModelKind.SD}, defaults={"all": {"model": "test", "size": "64x64", "steps": 4}})
+RULES = Rules(models={"test": ModelKind.SD1}, defaults={"all": {"model": "test", "size": "64x64", "steps": 4}})
 PROFILES = {"sketches": {"task": "img2img", "prompt": "a watercolor", "strength": 0.75}}
 
 

@@ -24,7 +24,7 @@ from diffusiond.pipeline.job import (
     validate_job,
 )
 
-MODELS = {"test": ModelKind.SD, "x4": ModelKind.UPSCALER_X4}
+MODELS = {"test": ModelKind.SD1, "x4": ModelKind.UPSCALER_X4}
 RULES = Rules(
     models=MODELS,
     defaults={"all": {"model": "test", "size": "64x64", "steps": 4}, "upscale": {"model": "x4"}},

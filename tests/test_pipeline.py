@@ -26,7 +26,7 @@ from diffusiond.pipeline.testmodel import TestModelPaths, is_test_model, make_te
 @pytest.fixture(scope="module")
 def cache(test_models: TestModelPaths) -> ModelCache:
     entries = {
-        "test": ModelEntry("test", test_models.sd, ModelKind.SD),
+        "test": ModelEntry("test", test_models.sd, ModelKind.SD1),
         "test-x4": ModelEntry("test-x4", test_models.upscaler, ModelKind.UPSCALER_X4),
     }
     return ModelCache(entries, device="cpu", dtype=torch.float32)
@@ -177,7 +177,7 @@ def test_a_model_that_is_not_a_diffusers_folder_fails_with_model_failed(
         shutil.copytree(test_models.sd, path)
         for weights in (path / "unet").glob("*.safetensors"):
             weights.unlink()
-    broken = ModelCache({"test": ModelEntry("test", path, ModelKind.SD)}, device="cpu", dtype=torch.float32)
+    broken = ModelCache({"test": ModelEntry("test", path, ModelKind.SD1)}, device="cpu", dtype=torch.float32)
     with pytest.raises(JobFailed) as info:
         generate(broken, txt2img_job(), None)
     error = info.value
