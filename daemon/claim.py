@@ -24,10 +24,11 @@ from diffusiond.daemon.pairing import Intent, profile_of, resolve_image
 from diffusiond.pipeline.errors import Code, JobRejected
 from diffusiond.pipeline.inputs import open_image
 from diffusiond.pipeline.job import (
-    Img2ImgJob,
     Job,
+    Spec,
     UpscaleJob,
     fill_seed,
+    needs_image,
     parse_job_text,
     spec_from_dict,
     validate_job,
@@ -119,7 +120,7 @@ def load_jobs(claim: Claim, config: Config) -> list[tuple[Job, str | None]]:
     jobs: list[tuple[Job, str | None]] = []
     for index, spec in enumerate(specs, start=1):
         image = resolve_image(spec, claim.source, exists)
-        if isinstance(spec, Img2ImgJob | UpscaleJob):
+        if needs_image(spec):
             _precheck_image(claim, config, spec, index, image)
         job_id = claim.claim_id if len(specs) == 1 else f"{claim.claim_id}-{index}"
         jobs.append((Job(job_id, claim.source, index, fill_seed(spec)), image))
@@ -161,7 +162,7 @@ def _validate(claim: Claim, config: Config) -> list[Any]:
     return parse_job_text(text, path=claim.source, rules=rules, profile=profile)
 
 
-def _precheck_image(claim: Claim, config: Config, spec: Img2ImgJob | UpscaleJob, index: int, image: str | None) -> None:
+def _precheck_image(claim: Claim, config: Config, spec: Spec, index: int, image: str | None) -> None:
     """The input exists, is a real image, and the result stays within the pixel limit."""
     where = {"path": claim.source, "job_index": index, "field": "image"}
     if image is None or not (claim.inputs / image).is_file():

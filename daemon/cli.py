@@ -16,9 +16,9 @@ import yaml
 from diffusiond import __version__
 from diffusiond.daemon.config import Config, load_config
 from diffusiond.daemon.fsutil import atomic_write
-from diffusiond.daemon.pairing import needs_image, resolve_image
+from diffusiond.daemon.pairing import resolve_image
 from diffusiond.pipeline.errors import DiffusiondError
-from diffusiond.pipeline.job import IMAGE_SUFFIXES, UpscaleJob, parse_job_text
+from diffusiond.pipeline.job import IMAGE_SUFFIXES, UpscaleJob, needs_image, parse_job_text
 
 INIT_CONFIG = """\
 # diffusiond config: every field is optional (see README.md, "The config").

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from diffusiond.pipeline.catalog import ModelEntry, detect_kind
+from diffusiond.pipeline.catalog import ModelEntry, kind_of_path, native_size
 from diffusiond.pipeline.errors import ConfigError, JobRejected
 from diffusiond.pipeline.job import TASKS, Limits, Rules, validate_job
 
@@ -51,6 +51,18 @@ class Watch(_Strict):
     poll_interval_s: float = Field(1.0, gt=0)
 
 
+class ModelSpec(_Strict):
+    """A `models:` entry written as a mapping; a bare path is `{path: ...}`."""
+
+    path: Path
+    config: Path | None = None
+    """For a single .safetensors/.ckpt: a diffusers folder with its configs and tokenizer(s)."""
+    prediction: Literal["epsilon", "v_prediction"] | None = None
+    """Say `v_prediction` for an SD 2.x 768-v single file (its weights cannot tell)."""
+    defaults: dict[str, Any] = {}
+    """Job field defaults for this model, over the task defaults (e.g. SD 2's habitual negative prompt)."""
+
+
 class LimitsConfig(_Strict):
     max_pixels: int = Field(2048 * 2048, gt=0)
     max_steps: int = Field(150, gt=0)
@@ -65,7 +77,17 @@ class Config(_Strict):
     """Names this daemon's work folder (`work/<instance>/`), so daemons can share a spool."""
     device: str = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    models: dict[str, Path] = {}
+    memory: Literal["auto", "normal", "low", "minimal"] = "auto"
+    """`auto`: start at normal, step down one level when a job runs out of memory, remember per model."""
+    models: dict[str, ModelSpec] = {}
+    max_loaded_models: int = Field(2, ge=1)
+    """Models kept warm at once; the least recently used is unloaded to make room."""
+    preload: list[str] = []
+    """Models loaded before the daemon reports ready."""
+    batch_size: int = Field(1, ge=1)
+    """Images per pipeline call when jobs can share one (same model, task, size, steps, ...)."""
+    state_dir: Path | None = None
+    """Local state (model hash cache); default `<spool>/.state`. Keep it off network shares."""
     defaults: dict[str, dict[str, Any]] = {}
     """Field defaults for jobs: key `all`, then one key per task."""
     profiles: dict[str, dict[str, Any]] = {}
@@ -93,6 +115,21 @@ class Config(_Strict):
             raise ValueError(f"unknown keys {sorted(unknown)}; use all, {', '.join(TASKS)}")
         return value
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_paths(cls, value: Any) -> Any:
+        """`name: path` is short for `name: {path: path}`."""
+        if isinstance(value, dict):
+            return {k: {"path": v} if isinstance(v, str | Path) else v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _preload_known(self) -> Config:
+        unknown = [name for name in self.preload if name not in self.models]
+        if unknown:
+            raise ValueError(f"preload names models that are not in `models:`: {', '.join(unknown)}")
+        return self
+
     def folder(self, name: str) -> Path:
         return getattr(self.folders, name) or self.spool / name
 
@@ -109,13 +146,26 @@ class Config(_Strict):
         """This daemon's own work folder."""
         return self.folder("work") / self.instance
 
+    @property
+    def state(self) -> Path:
+        return self.state_dir or self.spool / ".state"
+
     def model_entries(self) -> dict[str, ModelEntry]:
-        return {name: ModelEntry(name, path, detect_kind(path)) for name, path in self.models.items()}
+        return {
+            name: ModelEntry(name, spec.path, kind_of_path(spec.path), spec.config, spec.prediction)
+            for name, spec in self.models.items()
+        }
 
     def rules(self) -> Rules:
-        kinds = {name: entry.kind for name, entry in self.model_entries().items()}
-        limits = Limits(self.limits.max_pixels, self.limits.max_steps, self.limits.max_count)
-        return Rules(models=kinds, defaults=self.defaults, limits=limits)
+        entries = self.model_entries()
+        sizes = {name: native_size(e.path, e.kind, e.prediction) for name, e in entries.items()}
+        return Rules(
+            models={name: entry.kind for name, entry in entries.items()},
+            defaults=self.defaults,
+            limits=Limits(self.limits.max_pixels, self.limits.max_steps, self.limits.max_count),
+            model_defaults={name: spec.defaults for name, spec in self.models.items() if spec.defaults},
+            native_sizes={name: size for name, size in sizes.items() if size},
+        )
 
     def check_jobs(self) -> None:
         """Validate the profiles and sketch job now, so a bad one stops the start, not a user's job."""
@@ -172,7 +222,11 @@ def load_config(path: Path | None = None, *, spool: Path | None = None) -> Confi
         value = getattr(config.folders, name)
         if value is not None:
             setattr(config.folders, name, _clean(base / value))
-    config.models = {name: _clean(base / p) for name, p in config.models.items()}
+    for spec in config.models.values():
+        spec.path = _clean(base / spec.path)
+        spec.config = _clean(base / spec.config) if spec.config else None
+    if config.state_dir is not None:
+        config.state_dir = _clean(base / config.state_dir)
     config.check_jobs()
     return config
 
@@ -180,4 +234,3 @@ def load_config(path: Path | None = None, *, spool: Path | None = None) -> Confi
 def _clean(path: Path) -> Path:
     """Absolute and without `..` (normpath, not resolve: a symlinked share keeps the name it was given)."""
     return Path(os.path.normpath(path.absolute()))
-

@@ -59,7 +59,14 @@ def commit(
     try:
         outbox.mkdir(parents=True, exist_ok=True)
         for number, (image, seed) in enumerate(zip(generated.images, generated.seeds, strict=True), start=1):
-            parameters = infotext(spec, seed=seed, size=image.size, model_name=spec.model, sampler=generated.scheduler)
+            parameters = infotext(
+                spec,
+                seed=seed,
+                size=image.size,
+                model_name=spec.model,
+                sampler=generated.scheduler,
+                model_hash=generated.model_hash,
+            )
             data = encode(image, spec.output, parameters=parameters, record=record | {"seed": seed})
             path = outbox / output_name(job, number)
             atomic_write(path, data)

@@ -17,15 +17,12 @@ from diffusiond.pipeline.errors import Code, JobRejected
 from diffusiond.pipeline.job import (
     IMAGE_SUFFIXES,
     JOB_SUFFIXES,
-    Img2ImgJob,
     Rules,
-    Txt2ImgJob,
-    UpscaleJob,
+    Spec,
     inbox_relative,
+    needs_image,
     parse_job_text,
 )
-
-Spec = Txt2ImgJob | Img2ImgJob | UpscaleJob
 
 
 @dataclass(frozen=True)
@@ -47,10 +44,6 @@ def profile_of(relative: str) -> str | None:
     """The hot folder a path is in, or None for the inbox root."""
     parts = PurePosixPath(relative).parts
     return parts[0] if len(parts) > 1 else None
-
-
-def needs_image(spec: Spec) -> bool:
-    return isinstance(spec, Img2ImgJob | UpscaleJob)
 
 
 def resolve_image(spec: Spec, job_path: str, exists: Callable[[str], bool]) -> str | None:

@@ -47,7 +47,15 @@ class Daemon:
             config.folder(name).mkdir(parents=True, exist_ok=True)
         config.work_dir.mkdir(parents=True, exist_ok=True)
         device = resolve_device(config.device)
-        cache = ModelCache(config.model_entries(), device=device, dtype=resolve_dtype(config.dtype, device))
+        cache = ModelCache(
+            config.model_entries(),
+            device=device,
+            dtype=resolve_dtype(config.dtype, device),
+            memory=config.memory,
+            max_loaded=config.max_loaded_models,
+            state_dir=config.state,
+        )
+        cache.preload(config.preload)  # before ready: the first job finds its model warm
         worker = Worker(config, cache, self.claims)
         for leftover in lifecycle.leftover_claims(config):
             log.info("resuming %s, claimed before the last stop", leftover.source)

@@ -1,7 +1,8 @@
-"""Running claims, one at a time, in a thread that keeps the models warm.
+"""Running claims in a thread that keeps the models warm.
 
-`run_claim` is the whole life of a claimed job file after the claim, as numbered
-stages; `Worker` is the thread that feeds it from the queue.
+`run_claims` is the life of claimed job files after the claim, as numbered
+stages; `Worker` is the thread that feeds it from the queue, taking several
+claims at once when batching is on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from diffusiond.daemon import lifecycle
 from diffusiond.daemon.claim import Claim, load_jobs
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.outbox import commit, discard_partial, sha256_file
+from diffusiond.daemon.scheduler import Pending, plan_batches
+from diffusiond.pipeline.batch import Cancelled, StepHook
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
 from diffusiond.pipeline.generate import generate
 from diffusiond.pipeline.models import ModelCache
@@ -23,83 +26,178 @@ from diffusiond.pipeline.models import ModelCache
 log = logging.getLogger(__name__)
 
 
-def run_claim(claim: Claim, config: Config, cache: ModelCache) -> bool:
-    """Pre-check, run every job not yet done, then archive or fail; True if all jobs finished."""
-    # 1. Pre-check: validate the claimed copy and its images; nothing runs if any job is wrong.
-    try:
-        jobs = load_jobs(claim, config)
-    except DiffusiondError as exc:
-        report = lifecycle.fail(claim, config, exc)
-        log.warning("rejected %s: %s (report: %s)", claim.source, exc, report)
-        return False
-    # 2. Run each job; a claim re-run after a crash skips the jobs whose manifest is written.
-    errors: list[DiffusiondError] = []
-    for job, image in jobs:
-        if lifecycle.is_done(claim, job.job_id):
-            continue
-        discard_partial(config.outbox, job)
-        started = time.perf_counter()
+def run_claims(
+    claims: list[Claim],
+    config: Config,
+    cache: ModelCache,
+    *,
+    cancel: threading.Event | None = None,
+    on_step: StepHook | None = None,
+) -> list[bool]:
+    """Pre-check, run every job not yet done (batched), then archive or fail each claim.
+
+    Returns, per claim, whether all its jobs finished. Raises `Cancelled` when
+    `cancel` is set during a step: the claims then stay in `work/` as they are.
+    """
+    # 1. Pre-check each claim: validate the claimed copy and its images; a wrong one goes to failed/ now.
+    ready: list[Claim] = []
+    pending: list[Pending] = []
+    totals: dict[str, int] = {}
+    for claim in claims:
         try:
-            generated = generate(cache, job, claim.inputs / image if image else None)
-            context: dict[str, Any] = {
-                "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(claim.claimed_at)),
-                "input_image": {"file": image, "sha256": sha256_file(claim.inputs / image)} if image else None,
-                "model": {"name": job.spec.model, "path": str(cache.entries[job.spec.model].path)}
-                if job.spec.model in cache.entries
-                else None,
-                "device": cache.device,
-                "dtype": str(cache.dtype).removeprefix("torch."),
-            }
+            jobs = load_jobs(claim, config)
+        except DiffusiondError as exc:
+            report = lifecycle.fail(claim, config, exc)
+            log.warning("rejected %s: %s (report: %s)", claim.source, exc, report)
+            continue
+        ready.append(claim)
+        totals[claim.claim_id] = len(jobs)
+        # A claim re-run after a crash skips the jobs whose manifest is written.
+        pending += [
+            Pending(claim, job, claim.inputs / image if image else None)
+            for job, image in jobs
+            if not lifecycle.is_done(claim, job.job_id)
+        ]
+    # 2. Plan: jobs that can share a pipeline call go together, in arrival order.
+    errors: dict[str, list[DiffusiondError]] = {claim.claim_id: [] for claim in ready}
+    for batch in plan_batches(pending, config.batch_size):
+        # 3. Run the batch, then commit each job: images first, manifest last.
+        for item, error in _run_batch(batch, config, cache, cancel, on_step):
+            if error is not None:
+                errors[item.claim.claim_id].append(error)
+    # 4. End each claim: inputs to archive/ when every job finished, else to failed/ with the report.
+    outcomes = []
+    for claim in ready:
+        failed = errors[claim.claim_id]
+        if failed:
+            report = lifecycle.fail(claim, config, failed[0])
+            log.warning(
+                "failed %s: %d of %d jobs failed (report: %s)",
+                claim.source,
+                len(failed),
+                totals[claim.claim_id],
+                report,
+            )
+        else:
+            lifecycle.archive(claim, config)
+        outcomes.append(not failed)
+    return outcomes
+
+
+def _run_batch(
+    batch: list[Pending],
+    config: Config,
+    cache: ModelCache,
+    cancel: threading.Event | None,
+    on_step: StepHook | None,
+) -> list[tuple[Pending, DiffusiondError | None]]:
+    started = time.perf_counter()
+    for item in batch:
+        discard_partial(config.outbox, item.job)
+    try:
+        results = generate(cache, [(p.job, p.image) for p in batch], cancel=cancel, on_step=on_step)
+    except DiffusiondError as exc:
+        log.error("job %s failed: %s", ", ".join(p.job.job_id for p in batch), exc)
+        return [(item, exc) for item in batch]
+    outcomes: list[tuple[Pending, DiffusiondError | None]] = []
+    for item, generated in zip(batch, results, strict=True):
+        job, claim = item.job, item.claim
+        context: dict[str, Any] = {
+            "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(claim.claimed_at)),
+            "input_image": {"file": item.image.relative_to(claim.inputs).as_posix(), "sha256": sha256_file(item.image)}
+            if item.image
+            else None,
+            "model": _model_record(cache, job.spec.model, generated.model_hash),
+            "device": cache.device,
+            "dtype": str(cache.dtype).removeprefix("torch."),
+            "memory": generated.memory,
+            "batch_size": generated.batch_size,
+        }
+        try:
             manifest = commit(config.outbox, job, generated, context=context)
         except DiffusiondError as exc:
-            log.error("job %s failed: %s", job.job_id, exc)
-            errors.append(exc)
+            outcomes.append((item, exc))
             continue
         lifecycle.mark_done(claim, job.job_id)
+        outcomes.append((item, None))
         files = ", ".join(o["file"] for o in manifest["outputs"])
         log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, time.perf_counter() - started, files)
-    # 3. End: inputs to archive/ when every job finished, else to failed/ with the report.
-    if errors:
-        report = lifecycle.fail(claim, config, errors[0])
-        log.warning("failed %s: %d of %d jobs failed (report: %s)", claim.source, len(errors), len(jobs), report)
-        return False
-    lifecycle.archive(claim, config)
-    return True
+    return outcomes
+
+
+def _model_record(cache: ModelCache, name: str | None, digest: str | None) -> dict[str, Any] | None:
+    entry = cache.entries.get(name) if name else None
+    return {"name": name, "path": str(entry.path), "hash": digest} if entry else None
 
 
 class Worker(threading.Thread):
-    """Takes claims from the queue until it gets None; the current claim always finishes."""
+    """Takes claims from the queue until it gets None; the claims it holds always finish."""
 
     def __init__(self, config: Config, cache: ModelCache, claims: queue.Queue[Claim | None]) -> None:
         super().__init__(name="diffusiond-worker", daemon=True)
         self.config = config
         self.cache = cache
         self.claims = claims
-        self.current: Claim | None = None
+        self.cancel = threading.Event()
+        """Set to stop the running batch at its next step boundary (its claims stay in work/)."""
+        self.current: list[Claim] = []
+        self.progress: tuple[int, int] | None = None
+        """(step, steps) of the running pipeline call."""
+        self.last_progress_s = time.monotonic()
         self.finished = 0
         self.failed = 0
 
     def run(self) -> None:
-        while (claim := self.claims.get()) is not None:
-            self.current = claim
-            try:
-                ok = run_claim(claim, self.config, self.cache)
-            except Exception as exc:  # a bug must not stop the daemon; the claim still gets a report
-                log.exception("internal error on %s", claim.source)
-                ok = False
-                error = JobFailed(
-                    f"internal error: {type(exc).__name__}: {exc}",
-                    code=Code.GENERATION_FAILED,
-                    path=claim.source,
-                    fix="this is a diffusiond bug: please report it with the daemon's log",
-                )
+        stopping = False
+        while not stopping:
+            first = self.claims.get()
+            if first is None:
+                return
+            taken = [first]
+            while len(taken) < self.config.batch_size:  # more claims only when they could share a call
+                try:
+                    more = self.claims.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    self.claims.task_done()
+                    break
+                taken.append(more)
+            self._run(taken)
+
+    def _run(self, claims: list[Claim]) -> None:
+        self.current = claims
+        try:
+            outcomes = run_claims(claims, self.config, self.cache, cancel=self.cancel, on_step=self._on_step)
+        except Cancelled:
+            log.info("cancelled %s; it resumes on the next start", ", ".join(c.source for c in claims))
+            outcomes = []
+        except Exception as exc:  # a bug must not stop the daemon; each claim still gets a report
+            log.exception("internal error on %s", ", ".join(c.source for c in claims))
+            outcomes = [False] * len(claims)
+            for claim in claims:
                 if claim.folder.exists():
-                    lifecycle.fail(claim, self.config, error)
-            self.finished += ok
-            self.failed += not ok
-            self.current = None
+                    lifecycle.fail(claim, self.config, _internal_error(claim, exc))
+        self.finished += sum(outcomes)
+        self.failed += len(outcomes) - sum(outcomes)
+        self.current, self.progress = [], None
+        for _ in claims:
             self.claims.task_done()
+
+    def _on_step(self, step: int, steps: int) -> None:
+        self.progress = (step, steps)
+        self.last_progress_s = time.monotonic()
 
     @property
     def idle(self) -> bool:
-        return self.current is None and self.claims.unfinished_tasks == 0
+        return not self.current and self.claims.unfinished_tasks == 0
+
+
+def _internal_error(claim: Claim, exc: Exception) -> JobFailed:
+    return JobFailed(
+        f"internal error: {type(exc).__name__}: {exc}",
+        code=Code.GENERATION_FAILED,
+        path=claim.source,
+        fix="this is a diffusiond bug: please report it with the daemon's log",
+    )

@@ -12,7 +12,7 @@ import difflib
 import posixpath
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -37,7 +37,9 @@ SCHEDULER_NAMES = (
 )
 JOB_SUFFIXES = (".yaml", ".yml")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-TASKS = ("txt2img", "img2img", "upscale")
+TASKS = ("txt2img", "img2img", "upscale", "depth2img")
+INPUT_TASKS = ("img2img", "upscale", "depth2img")
+"""Tasks that run on an input image."""
 SEED_MAX = 2**32 - 1
 FIX_FIELD = "correct the field in the job file and drop the file into the inbox again"
 
@@ -119,12 +121,23 @@ class UpscaleJob(_JobFields):
     guidance: float = Field(9.0, ge=0, le=50)
 
 
-JobSpec = Annotated[Txt2ImgJob | Img2ImgJob | UpscaleJob, Field(discriminator="task")]
-_SPEC_ADAPTER: TypeAdapter[Txt2ImgJob | Img2ImgJob | UpscaleJob] = TypeAdapter(JobSpec)
+class Depth2ImgJob(_JobFields):
+    """Image to image that keeps the input's depth (SD 2 depth model): the shapes stay, the look changes."""
+
+    task: Literal["depth2img"]
+    image: str | None = None
+    strength: float = Field(0.8, gt=0, le=1)
+    size: Size | None = None
+
+
+Spec = Txt2ImgJob | Img2ImgJob | UpscaleJob | Depth2ImgJob
+JobSpec = Annotated[Spec, Field(discriminator="task")]
+_SPEC_ADAPTER: TypeAdapter[Spec] = TypeAdapter(JobSpec)
 _TASK_MODELS: dict[str, type[_JobFields]] = {
     "txt2img": Txt2ImgJob,
     "img2img": Img2ImgJob,
     "upscale": UpscaleJob,
+    "depth2img": Depth2ImgJob,
 }
 
 
@@ -146,7 +159,7 @@ class Job:
     """The job file's path relative to the inbox, as the user dropped it."""
     index: int
     """1-based position of the job in its file."""
-    spec: Txt2ImgJob | Img2ImgJob | UpscaleJob
+    spec: Spec
 
     @property
     def task(self) -> str:
@@ -161,9 +174,13 @@ class Rules:
     defaults: Mapping[str, Mapping[str, Any]]
     """Field defaults: key `all` for every task, then one key per task."""
     limits: Limits = Limits()
+    model_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Per model, over the task defaults (e.g. an SD 2 model's habitual negative prompt)."""
+    native_sizes: Mapping[str, int] = field(default_factory=dict)
+    """Per model, the side in pixels it was trained at: txt2img's size when the job gives none."""
 
 
-def spec_from_dict(data: Mapping[str, Any]) -> Txt2ImgJob | Img2ImgJob | UpscaleJob:
+def spec_from_dict(data: Mapping[str, Any]) -> Spec:
     """Rebuild a spec saved earlier with `spec.model_dump()` (claim records)."""
     return _SPEC_ADAPTER.validate_python(dict(data))
 
@@ -174,7 +191,7 @@ def parse_job_text(
     path: str,
     rules: Rules,
     profile: Mapping[str, Any] | None = None,
-) -> list[Txt2ImgJob | Img2ImgJob | UpscaleJob]:
+) -> list[Spec]:
     """Validate every job of a job file; the first wrong one rejects the whole file.
 
     `path` is the job file relative to the inbox; image paths are resolved against
@@ -211,7 +228,7 @@ def validate_job(
     index: int,
     rules: Rules,
     profile: Mapping[str, Any] | None = None,
-) -> Txt2ImgJob | Img2ImgJob | UpscaleJob:
+) -> Spec:
     """Merge one document over the defaults and validate it completely."""
     where = {"path": path, "job_index": index}
     if not isinstance(document, dict):
@@ -232,13 +249,17 @@ def validate_job(
             **where,
         )
     model_cls = _TASK_MODELS[task]
+    task_defaults = {**rules.defaults.get("all", {}), **rules.defaults.get(task, {})}
+    model = document.get("model", profile.get("model", task_defaults.get("model")))
     # Config defaults only fill fields this task has; a field the user wrote is strict.
     allowed = set(model_cls.model_fields)
     merged: dict[str, Any] = {}
-    for layer in (rules.defaults.get("all", {}), rules.defaults.get(task, {}), profile):
+    for layer in (task_defaults, rules.model_defaults.get(model, {}) if isinstance(model, str) else {}, profile):
         merged.update({k: v for k, v in layer.items() if k in allowed})
     merged.update(document)
     merged["task"] = task
+    if task == "txt2img" and "size" not in merged and isinstance(model, str) and model in rules.native_sizes:
+        merged["size"] = rules.native_sizes[model]
     try:
         spec = _SPEC_ADAPTER.validate_python(merged)
     except ValidationError as exc:
@@ -301,7 +322,7 @@ def _over(field: str, value: Any, limit: Any, where: dict[str, Any]) -> JobRejec
     )
 
 
-def _check_limits(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob, rules: Rules, where: dict[str, Any]) -> None:
+def _check_limits(spec: Spec, rules: Rules, where: dict[str, Any]) -> None:
     limits = rules.limits
     if spec.steps > limits.max_steps:
         raise _over("steps", spec.steps, limits.max_steps, where)
@@ -355,7 +376,7 @@ def _check_limits(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob, rules: Rules, wher
         )
 
 
-def _check_model(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob, rules: Rules, where: dict[str, Any]) -> None:
+def _check_model(spec: Spec, rules: Rules, where: dict[str, Any]) -> None:
     if isinstance(spec, UpscaleJob) and spec.method == "lanczos":
         return
     fitting = sorted(n for n, kind in rules.models.items() if spec.task in tasks_for(kind))
@@ -387,7 +408,7 @@ def _check_model(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob, rules: Rules, where
         )
 
 
-def _check_image_path(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob, path: str, where: dict[str, Any]) -> None:
+def _check_image_path(spec: Spec, path: str, where: dict[str, Any]) -> None:
     image = getattr(spec, "image", None)
     if image is None:
         return
@@ -418,15 +439,40 @@ def inbox_relative(job_path: str, image: str) -> str | None:
     return joined
 
 
-def fill_seed(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob) -> Txt2ImgJob | Img2ImgJob | UpscaleJob:
+def fill_seed(spec: Spec) -> Spec:
     """Pick a random seed when the job has none, so every run is recorded reproducibly."""
     if spec.seed is not None:
         return spec
     return spec.model_copy(update={"seed": secrets.randbelow(SEED_MAX + 1)})
 
 
-def seeds_for(spec: Txt2ImgJob | Img2ImgJob | UpscaleJob) -> list[int]:
+def seeds_for(spec: Spec) -> list[int]:
     """One seed per image: seed, seed+1, ... (AUTOMATIC1111's convention, so a seed is comparable)."""
     if spec.seed is None:
         raise ValueError("fill_seed() must run before seeds_for()")
     return [(spec.seed + i) % (SEED_MAX + 1) for i in range(spec.count)]
+
+
+def needs_image(spec: Spec) -> bool:
+    return spec.task in INPUT_TASKS
+
+
+def batch_key(spec: Spec, image_size: tuple[int, int] | None) -> tuple[Any, ...] | None:
+    """Jobs with equal keys can share one pipeline call; None means the job runs alone.
+
+    Everything the pipeline takes as one value for the whole batch is in the key;
+    prompts, negative prompts, seeds and input images are per image.
+    """
+    if isinstance(spec, UpscaleJob) and spec.method == "lanczos":
+        return None
+    size = getattr(spec, "size", None) or image_size
+    return (
+        spec.task,
+        spec.model,
+        size,
+        spec.steps,
+        spec.guidance,
+        spec.scheduler,
+        getattr(spec, "strength", None),
+        getattr(spec, "noise_level", None),
+    )

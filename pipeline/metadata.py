@@ -16,7 +16,7 @@ import piexif.helper
 from PIL import Image, PngImagePlugin
 
 from diffusiond import __version__
-from diffusiond.pipeline.job import Img2ImgJob, OutputSpec, Txt2ImgJob, UpscaleJob
+from diffusiond.pipeline.job import Depth2ImgJob, Img2ImgJob, OutputSpec, Spec, UpscaleJob
 
 SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 
@@ -29,12 +29,13 @@ def _quote(value: str) -> str:
 
 
 def infotext(
-    spec: Txt2ImgJob | Img2ImgJob | UpscaleJob,
+    spec: Spec,
     *,
     seed: int,
     size: tuple[int, int],
     model_name: str | None,
     sampler: str,
+    model_hash: str | None = None,
 ) -> str:
     """The AUTOMATIC1111 `parameters` text: prompt, negative prompt, then `Key: value` pairs."""
     lines = [spec.prompt]
@@ -47,9 +48,11 @@ def infotext(
         ("Seed", seed),
         ("Size", f"{size[0]}x{size[1]}"),
     ]
+    if model_hash:
+        pairs.append(("Model hash", model_hash))
     if model_name:
         pairs.append(("Model", model_name))
-    if isinstance(spec, Img2ImgJob):
+    if isinstance(spec, Img2ImgJob | Depth2ImgJob):
         pairs.append(("Denoising strength", f"{spec.strength:g}"))
     if isinstance(spec, UpscaleJob):
         pairs.append(("Upscaler", spec.method))

@@ -1,35 +1,71 @@
-"""Loading models once and keeping them warm: device, dtype, pipeline per task.
+"""Loading models once and keeping them warm: family, device, dtype, memory level, LRU.
 
 Pipelines are loaded offline only (`local_files_only=True`, `HF_HUB_OFFLINE=1`),
 from the paths the config names; a job can only reach a model by its config name.
-txt2img and img2img of one model share one set of weights (the img2img pipeline
-is built from the txt2img pipeline's components).
+The pipeline class comes from the model's family, never from the user. All tasks
+of one model share one set of weights: the img2img pipeline is built from the
+txt2img pipeline's components. Idle models are evicted least recently used first.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import (
+    StableDiffusionDepth2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
 )
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from diffusiond.pipeline.catalog import ModelEntry, ModelKind, detect_kind
 from diffusiond.pipeline.errors import Code, ConfigError, JobFailed
+from diffusiond.pipeline.hashing import model_hash
+
+log = logging.getLogger(__name__)
 
 # A daemon's log is read in the journal: no progress bars from loading.
 diffusers_logging.disable_progress_bar()
 transformers_logging.disable_progress_bar()
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (family, task) → pipeline class. The first task listed per family is the one its
+# weights are loaded with; the others are built from its components.
+PIPELINES: dict[tuple[ModelKind, str], type] = {
+    (ModelKind.SD1, "txt2img"): StableDiffusionPipeline,
+    (ModelKind.SD1, "img2img"): StableDiffusionImg2ImgPipeline,
+    (ModelKind.SD2, "txt2img"): StableDiffusionPipeline,
+    (ModelKind.SD2, "img2img"): StableDiffusionImg2ImgPipeline,
+    (ModelKind.SDXL, "txt2img"): StableDiffusionXLPipeline,
+    (ModelKind.SDXL, "img2img"): StableDiffusionXLImg2ImgPipeline,
+    (ModelKind.UPSCALER_X4, "upscale"): StableDiffusionUpscalePipeline,
+    (ModelKind.DEPTH2IMG, "depth2img"): StableDiffusionDepth2ImgPipeline,
+}
+
+
+class Memory(IntEnum):
+    """How hard a pipeline saves memory; `auto` starts at NORMAL and steps down on out-of-memory."""
+
+    NORMAL = 0
+    """Everything on the device: fastest."""
+    LOW = 1
+    """Attention slicing, VAE slicing and tiling, and (on a GPU) model CPU offload."""
+    MINIMAL = 2
+    """LOW plus sequential CPU offload (on a GPU): slowest, smallest."""
 
 
 def resolve_device(setting: str) -> str:
@@ -57,6 +93,13 @@ def resolve_dtype(setting: str, device: str) -> torch.dtype:
     return _DTYPES[setting]
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; MPS and some allocators a RuntimeError that says so."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
 @dataclass(frozen=True)
 class Loaded:
     """A warm pipeline and what a job needs to know about it."""
@@ -65,70 +108,201 @@ class Loaded:
     pipe: Any
     scheduler_config: Any
     """The model's own scheduler config: each job's scheduler is rebuilt from it."""
+    kind: ModelKind = ModelKind.SD1
+    hash: str | None = None
+
+
+@dataclass
+class _Model:
+    kind: ModelKind
+    hash: str | None
+    scheduler_config: Any
+    level: Memory
+    pipes: dict[str, Any] = field(default_factory=dict)
 
 
 class ModelCache:
-    """Pipelines by (model name, task), loaded on first use and kept for the next job."""
+    """Pipelines by (model name, task): loaded on first use, kept warm, evicted least recently used."""
 
-    def __init__(self, entries: Mapping[str, ModelEntry], *, device: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        entries: Mapping[str, ModelEntry],
+        *,
+        device: str,
+        dtype: torch.dtype,
+        memory: str = "normal",
+        max_loaded: int = 2,
+        state_dir: Path | None = None,
+    ) -> None:
         self.entries = dict(entries)
         self.device = device
         self.dtype = dtype
-        self._pipelines: dict[tuple[str, str], Loaded] = {}
-        self._lock = threading.Lock()
+        self.memory = memory
+        self.max_loaded = max_loaded
+        self.state_dir = state_dir
+        self._models: OrderedDict[str, _Model] = OrderedDict()
+        self._levels: dict[str, Memory] = {}
+        """The memory level that worked for each model, kept across evictions."""
+        self._lock = threading.RLock()
 
     def pipeline(self, name: str, task: str) -> Loaded:
         """The warm pipeline for this model and task; loads the model the first time."""
         with self._lock:
-            key = (name, task)
-            if key not in self._pipelines:
-                self._pipelines[key] = self._build(name, task)
-            return self._pipelines[key]
+            model = self._models.get(name) or self._load(name)
+            self._models.move_to_end(name)
+            if task not in model.pipes:
+                model.pipes[task] = self._derive(name, model, task)
+            return Loaded(name, model.pipes[task], model.scheduler_config, model.kind, model.hash)
+
+    def preload(self, names: Iterable[str]) -> None:
+        for name in names:
+            with self._lock:
+                if name not in self._models:
+                    self._load(name)
 
     def loaded(self) -> list[str]:
-        return sorted({name for name, _ in self._pipelines})
+        return list(self._models)
 
-    def _build(self, name: str, task: str) -> Loaded:
-        if task == "img2img":
-            base = self._pipelines.get((name, "txt2img")) or self._build(name, "txt2img")
-            self._pipelines[(name, "txt2img")] = base
-            pipe = StableDiffusionImg2ImgPipeline(**base.pipe.components, requires_safety_checker=False)
-            pipe.set_progress_bar_config(disable=True)
-            return Loaded(name, pipe, base.scheduler_config)
-        pipe = self._load(self.entries[name])
-        return Loaded(name, pipe, pipe.scheduler.config)
+    def level(self, name: str) -> Memory:
+        return self._levels.get(name, self._start_level())
 
-    def _load(self, entry: ModelEntry) -> Any:
+    def lower_memory(self, name: str) -> bool:
+        """After an out-of-memory error: one level down, remembered for this model. False at the bottom."""
+        with self._lock:
+            current = self.level(name)
+            if self.memory != "auto" or current is Memory.MINIMAL:
+                return False
+            self._levels[name] = Memory(current + 1)
+            log.warning(
+                "model %s ran out of memory; retrying at memory level %s", name, self._levels[name].name.lower()
+            )
+            self.evict(name)
+            _free_device_memory()
+            return True
+
+    def evict(self, name: str) -> None:
+        with self._lock:
+            if self._models.pop(name, None) is not None:
+                log.info("unloaded model %s", name)
+                _free_device_memory()
+
+    def _start_level(self) -> Memory:
+        return Memory.NORMAL if self.memory == "auto" else Memory[self.memory.upper()]
+
+    def _load(self, name: str) -> _Model:
+        entry = self.entries[name]
+        while len(self._models) >= self.max_loaded:
+            self.evict(next(iter(self._models)))
+        kind = self._kind(entry)
+        base_task = next(task for (k, task) in PIPELINES if k is kind)
+        try:
+            pipe = self._from_disk(entry, kind, PIPELINES[(kind, base_task)])
+            digest = model_hash(entry, self.state_dir)
+        except JobFailed:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise JobFailed(
+                f"model '{name}' could not be loaded from {entry.path}: {type(exc).__name__}: {exc}",
+                code=Code.MODEL_FAILED,
+                field="model",
+                value=name,
+                fix="check that the path holds a complete model of a supported family (SD 1.x, 2.x, XL, x4 upscaler, "
+                "2-depth) and that `config:` names its configs for a single file",
+            ) from exc
+        scheduler_config = dict(pipe.scheduler.config)
+        if entry.prediction:
+            scheduler_config["prediction_type"] = entry.prediction
+        level = self.level(name)
+        self._place(pipe, level)
+        model = _Model(kind, digest, scheduler_config, level, {base_task: pipe})
+        self._models[name] = model
+        log.info("loaded model %s (%s, %s, memory %s, hash %s)", name, kind, self.dtype, level.name.lower(), digest)
+        return model
+
+    def _kind(self, entry: ModelEntry) -> ModelKind:
+        if entry.single_file:
+            if not entry.path.is_file():
+                raise _missing(entry)
+            if entry.kind is not ModelKind.UNKNOWN:
+                return entry.kind
+            from diffusiond.pipeline.checkpoint import kind_of_file
+
+            return kind_of_file(entry.path)
         kind = detect_kind(entry.path)
         if kind is ModelKind.UNKNOWN:
+            if not entry.path.exists():
+                raise _missing(entry)
             raise JobFailed(
-                f"model '{entry.name}' at {entry.path} is not a diffusers model folder (no usable model_index.json)",
+                f"model '{entry.name}' at {entry.path} is not a diffusers model folder of a known family "
+                "(no usable model_index.json)",
                 code=Code.MODEL_FAILED,
                 field="model",
                 value=entry.name,
-                fix="point the config's `models:` entry at a diffusers folder (with model_index.json)",
+                fix="point the config's `models:` entry at a diffusers folder (with model_index.json) "
+                "or a single .safetensors/.ckpt file",
             )
-        try:
-            if kind is ModelKind.UPSCALER_X4:
-                pipe = StableDiffusionUpscalePipeline.from_pretrained(
-                    entry.path, dtype=self.dtype, local_files_only=True
-                )
-            else:
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    entry.path,
-                    dtype=self.dtype,
-                    local_files_only=True,
-                    safety_checker=None,
-                    requires_safety_checker=False,
-                )
-        except (OSError, ValueError, RuntimeError) as exc:
+        return kind
+
+    def _from_disk(self, entry: ModelEntry, kind: ModelKind, cls: type) -> Any:
+        if entry.single_file:
+            from diffusiond.pipeline.checkpoint import load_single_file
+
+            return load_single_file(entry, kind, dtype=self.dtype)
+        extra: dict[str, Any] = {}
+        if kind in (ModelKind.SD1, ModelKind.SD2):
+            extra = {"safety_checker": None, "requires_safety_checker": False}
+        return cls.from_pretrained(entry.path, dtype=self.dtype, local_files_only=True, **extra)
+
+    def _derive(self, name: str, model: _Model, task: str) -> Any:
+        """Another task's pipeline over the same weights (no copy)."""
+        cls = PIPELINES.get((model.kind, task))
+        if cls is None:
             raise JobFailed(
-                f"model '{entry.name}' could not be loaded from {entry.path}: {exc}",
+                f"model '{name}' ({model.kind}) cannot run {task}",
                 code=Code.MODEL_FAILED,
                 field="model",
-                value=entry.name,
-                fix="check that the folder holds a complete diffusers model (all components and weights)",
-            ) from exc
-        pipe.to(self.device)
+                value=name,
+                fix="pick a model of a family that runs this task",
+            )
+        base = next(iter(model.pipes.values()))
+        extra: dict[str, Any] = {}
+        if cls is StableDiffusionImg2ImgPipeline:
+            extra = {"requires_safety_checker": False}
+        elif cls is StableDiffusionXLImg2ImgPipeline:
+            extra = {"force_zeros_for_empty_prompt": base.config.get("force_zeros_for_empty_prompt", True)}
+        pipe = cls(**base.components, **extra)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def _place(self, pipe: Any, level: Memory) -> None:
+        """Move to the device with the memory savings of `level`."""
+        pipe.set_progress_bar_config(disable=True)
+        on_gpu = self.device.startswith(("cuda", "mps"))
+        gpu_id = int(self.device.split(":")[1]) if ":" in self.device else None
+        if level >= Memory.LOW:
+            pipe.enable_attention_slicing()
+            if getattr(pipe, "vae", None) is not None:
+                pipe.vae.enable_slicing()
+                pipe.vae.enable_tiling()
+        if on_gpu and level is Memory.MINIMAL:
+            pipe.enable_sequential_cpu_offload(gpu_id=gpu_id, device=self.device.split(":")[0])
+        elif on_gpu and level is Memory.LOW:
+            pipe.enable_model_cpu_offload(gpu_id=gpu_id, device=self.device.split(":")[0])
+        else:
+            pipe.to(self.device)
+
+
+def _missing(entry: ModelEntry) -> JobFailed:
+    return JobFailed(
+        f"model '{entry.name}': {entry.path} does not exist",
+        code=Code.MODEL_FAILED,
+        field="model",
+        value=entry.name,
+        fix="fix the path in the config's `models:` (paths are relative to the config file)",
+    )
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

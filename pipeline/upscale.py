@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+
 from PIL import Image
 
-from diffusiond.pipeline.job import UpscaleJob, seeds_for
+from diffusiond.pipeline.batch import Batch
+from diffusiond.pipeline.job import UpscaleJob
 from diffusiond.pipeline.models import Loaded
 from diffusiond.pipeline.schedulers import make_scheduler
 
@@ -16,22 +18,24 @@ def upscale_lanczos(spec: UpscaleJob, image: Image.Image) -> list[Image.Image]:
     return [image.resize(size, Image.Resampling.LANCZOS)]
 
 
-def upscale_x4(loaded: Loaded, spec: UpscaleJob, image: Image.Image) -> list[Image.Image]:
-    """Four times the input's width and height, guided by the prompt."""
-    # 1. A fresh scheduler for this job.
+def upscale_x4(loaded: Loaded, batch: Batch, callback: Callable[..., dict]) -> list[Image.Image]:
+    """Four times each input's width and height, guided by the prompt, in one call."""
+    spec = batch.first
+    # 1. A fresh scheduler for this call.
     pipe = loaded.pipe
     pipe.scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)
-    # 2. One CPU generator per image.
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds_for(spec)]
-    # 3. Noise the low-res input to `noise_level`, denoise at 4x and decode.
+    # 2. Noise each low-res input to `noise_level`, denoise at 4x and decode.
     result = pipe(
-        prompt=[spec.prompt] * spec.count,
-        negative_prompt=[spec.negative_prompt] * spec.count,
-        image=[image] * spec.count,
+        prompt=batch.prompts(),
+        negative_prompt=batch.negative_prompts(),
+        image=batch.images(),
         num_inference_steps=spec.steps,
         guidance_scale=spec.guidance,
         noise_level=spec.noise_level,
-        generator=generators,
+        generator=batch.generators(),
+        # This pipeline still has the older per-step hook: (step, timestep, latents).
+        callback=lambda step, timestep, latents: callback(pipe, step, timestep, {}),
+        callback_steps=1,
         output_type="pil",
     )
     return list(result.images)

@@ -39,6 +39,7 @@ def write_config(root: Path, models: TestModelPaths, **overrides: Any) -> Path:
     data: dict[str, Any] = {
         "spool": str(root),
         "instance": "test",
+        "state_dir": str(root / "state"),
         "models": {"test": str(models.sd), "test-x4": str(models.upscaler)},
         "defaults": {"all": {"model": "test", "size": "64x64", "steps": 4}, "upscale": {"model": "test-x4"}},
         "profiles": {"sketches": {"task": "img2img", "prompt": "a watercolor", "strength": 0.75}},

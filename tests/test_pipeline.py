@@ -15,12 +15,18 @@ from PIL import Image
 from diffusiond import __version__
 from diffusiond.pipeline.catalog import ModelEntry, ModelKind
 from diffusiond.pipeline.errors import ConfigError, JobFailed
-from diffusiond.pipeline.generate import generate
+from diffusiond.pipeline.generate import Generated, generate
 from diffusiond.pipeline.job import SCHEDULER_NAMES, Img2ImgJob, Job, OutputSpec, Txt2ImgJob, UpscaleJob
 from diffusiond.pipeline.metadata import encode, infotext, read_parameters
 from diffusiond.pipeline.models import ModelCache, resolve_dtype
 from diffusiond.pipeline.schedulers import SCHEDULERS
 from diffusiond.pipeline.testmodel import TestModelPaths, is_test_model, make_test_model
+
+
+def run_one(cache: ModelCache, job: Job, image: Path | None) -> Generated:
+    """One job alone, as the daemon runs it when nothing else can share its call."""
+    [generated] = generate(cache, [(job, image)])
+    return generated
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +65,20 @@ def test_the_validator_knows_exactly_the_schedulers_the_pipeline_has() -> None:
 
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_every_scheduler_name_makes_an_image(cache: ModelCache, name: str) -> None:
-    generated = generate(cache, txt2img_job(scheduler=name), None)
+    generated = run_one(cache, txt2img_job(scheduler=name), None)
     assert [image.size for image in generated.images] == [(64, 64)]
     assert generated.seeds == [1]
     assert generated.scheduler == name
 
 
 def test_without_a_scheduler_the_models_own_is_used(cache: ModelCache) -> None:
-    generated = generate(cache, txt2img_job(), None)
+    generated = run_one(cache, txt2img_job(), None)
     assert generated.scheduler == "PNDMScheduler"  # what the test model was saved with
 
 
 def test_the_scheduler_name_changes_the_sampler(cache: ModelCache) -> None:
     ddim, euler, pndm, plms = (
-        pixels(generate(cache, txt2img_job(scheduler=name), None).images[0])
+        pixels(run_one(cache, txt2img_job(scheduler=name), None).images[0])
         for name in ("ddim", "euler", "pndm", "plms")
     )
     assert np.abs(ddim - euler).mean() > 1
@@ -80,17 +86,17 @@ def test_the_scheduler_name_changes_the_sampler(cache: ModelCache) -> None:
 
 
 def test_the_same_seed_gives_the_same_pixels_and_another_seed_others(cache: ModelCache) -> None:
-    first = pixels(generate(cache, txt2img_job(seed=7, scheduler="euler_a"), None).images[0])
-    again = pixels(generate(cache, txt2img_job(seed=7, scheduler="euler_a"), None).images[0])
-    other = pixels(generate(cache, txt2img_job(seed=8, scheduler="euler_a"), None).images[0])
+    first = pixels(run_one(cache, txt2img_job(seed=7, scheduler="euler_a"), None).images[0])
+    again = pixels(run_one(cache, txt2img_job(seed=7, scheduler="euler_a"), None).images[0])
+    other = pixels(run_one(cache, txt2img_job(seed=8, scheduler="euler_a"), None).images[0])
     assert np.array_equal(first, again)
     assert np.abs(first - other).mean() > 5
 
 
 def test_each_image_of_a_batch_is_reproduced_by_its_own_seed(cache: ModelCache) -> None:
-    generated = generate(cache, txt2img_job(seed=40, count=2), None)
+    generated = run_one(cache, txt2img_job(seed=40, count=2), None)
     assert generated.seeds == [40, 41]
-    alone = pixels(generate(cache, txt2img_job(seed=41), None).images[0])
+    alone = pixels(run_one(cache, txt2img_job(seed=41), None).images[0])
     # Batched and single runs differ only by float rounding: a level here and there.
     difference = np.abs(pixels(generated.images[1]) - alone)
     assert difference.max() <= 3 and difference.mean() < 0.05
@@ -98,7 +104,7 @@ def test_each_image_of_a_batch_is_reproduced_by_its_own_seed(cache: ModelCache) 
 
 
 def test_the_size_is_width_by_height(cache: ModelCache) -> None:
-    [image] = generate(cache, txt2img_job(size=(64, 32)), None).images
+    [image] = run_one(cache, txt2img_job(size=(64, 32)), None).images
     assert image.size == (64, 32)
 
 
@@ -112,18 +118,18 @@ def test_img2img_reuses_the_txt2img_weights(cache: ModelCache) -> None:
     assert img.pipe.unet is txt.pipe.unet
     assert img.pipe.vae is txt.pipe.vae
     assert img.pipe.text_encoder is txt.pipe.text_encoder
-    assert cache.pipeline("test", "txt2img") is txt  # kept warm, not loaded again
+    assert cache.pipeline("test", "txt2img").pipe is txt.pipe  # kept warm, not loaded again
 
 
 def test_img2img_redraws_the_sketch_cropped_to_multiples_of_8(cache: ModelCache, sketch: Path) -> None:
     spec = Img2ImgJob(task="img2img", model="test", image="sketch.png", steps=2, strength=0.5, seed=3)
-    generated = generate(cache, Job("job-1", "sketch.yaml", 1, spec), sketch)
+    generated = run_one(cache, Job("job-1", "sketch.yaml", 1, spec), sketch)
     assert [image.size for image in generated.images] == [(56, 40)]
 
 
 def test_img2img_at_the_jobs_size(cache: ModelCache, sketch: Path) -> None:
     spec = Img2ImgJob(task="img2img", model="test", image="sketch.png", steps=2, strength=0.5, seed=3, size=(32, 32))
-    generated = generate(cache, Job("job-1", "sketch.yaml", 1, spec), sketch)
+    generated = run_one(cache, Job("job-1", "sketch.yaml", 1, spec), sketch)
     assert [image.size for image in generated.images] == [(32, 32)]
 
 
@@ -131,7 +137,7 @@ def test_sd_x4_upscale_makes_four_times_the_size(cache: ModelCache, tmp_path: Pa
     small = tmp_path / "small.png"
     Image.new("RGB", (16, 12), (30, 120, 200)).save(small)
     spec = UpscaleJob(task="upscale", model="test-x4", image="small.png", steps=2, seed=5)
-    generated = generate(cache, Job("job-1", "up.yaml", 1, spec), small)
+    generated = run_one(cache, Job("job-1", "up.yaml", 1, spec), small)
     assert [image.size for image in generated.images] == [(64, 48)]
     assert generated.seeds == [5]
 
@@ -139,7 +145,7 @@ def test_sd_x4_upscale_makes_four_times_the_size(cache: ModelCache, tmp_path: Pa
 def test_lanczos_upscale_loads_no_model(test_models: TestModelPaths, sketch: Path) -> None:
     empty = ModelCache({}, device="cpu", dtype=torch.float32)
     spec = UpscaleJob(task="upscale", model="test-x4", method="lanczos", scale=2, image="sketch.png")
-    generated = generate(empty, Job("job-1", "up.yaml", 1, spec), sketch)
+    generated = run_one(empty, Job("job-1", "up.yaml", 1, spec), sketch)
     assert [image.size for image in generated.images] == [(120, 88)]
     assert empty.loaded() == []
 
@@ -179,7 +185,7 @@ def test_a_model_that_is_not_a_diffusers_folder_fails_with_model_failed(
             weights.unlink()
     broken = ModelCache({"test": ModelEntry("test", path, ModelKind.SD1)}, device="cpu", dtype=torch.float32)
     with pytest.raises(JobFailed) as info:
-        generate(broken, txt2img_job(), None)
+        run_one(broken, txt2img_job(), None)
     error = info.value
     assert error.code == "model_failed"
     assert str(path) in error.message
