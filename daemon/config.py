@@ -86,6 +86,8 @@ class Config(_Strict):
     """Models loaded before the daemon reports ready."""
     batch_size: int = Field(1, ge=1)
     """Images per pipeline call when jobs can share one (same model, task, size, steps, ...)."""
+    batch_wait_s: float = Field(0.0, ge=0)
+    """With batch_size > 1: how long the worker waits for more claims before starting a call."""
     state_dir: Path | None = None
     """Local state (model hash cache); default `<spool>/.state`. Keep it off network shares."""
     defaults: dict[str, dict[str, Any]] = {}

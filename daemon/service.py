@@ -37,7 +37,10 @@ class Daemon:
         """Set it (a signal, a test) for a warm stop."""
         self.claims: queue.Queue[Claim | None] = queue.Queue()
         self.ready = threading.Event()
-        """Set once the watcher runs and leftover claims are queued."""
+        """Set once the watcher runs, preloaded models are loaded and leftover claims are queued."""
+        self.cache: ModelCache | None = None
+        # Enough claims queued ahead to fill a batch.
+        self._prefetch = max(config.prefetch, config.batch_size)
 
     def run(self) -> int:
         """Serve until stopped (or, with `oneshot`, until the inbox is empty); returns the exit code."""
@@ -56,6 +59,7 @@ class Daemon:
             state_dir=config.state,
         )
         cache.preload(config.preload)  # before ready: the first job finds its model warm
+        self.cache = cache
         worker = Worker(config, cache, self.claims)
         for leftover in lifecycle.leftover_claims(config):
             log.info("resuming %s, claimed before the last stop", leftover.source)
@@ -113,7 +117,7 @@ class Daemon:
                 for path in watcher.scan():
                     tracker.touch(path)
                 next_scan = now + config.watch.rescan_interval_s
-            if self.claims.qsize() < config.prefetch:
+            if self.claims.qsize() < self._prefetch:
                 self._claim_ready(tracker, pairing, now)
             if self.oneshot and not tracker.pending() and worker.idle:
                 return
@@ -125,7 +129,7 @@ class Daemon:
             return
         present = [p.relative_to(inbox).as_posix() for p in tracker.pending()]
         for intent in pairing.decide(stable, present, now, stamp=lambda rel: _stamp(inbox / rel)):
-            if self.claims.qsize() >= self.config.prefetch:
+            if self.claims.qsize() >= self._prefetch:
                 return
             claimed = claim(intent, inbox=inbox, work=self.config.work_dir)
             for relative in intent.files:

@@ -154,9 +154,10 @@ class Worker(threading.Thread):
             if first is None:
                 return
             taken = [first]
+            deadline = time.monotonic() + self.config.batch_wait_s
             while len(taken) < self.config.batch_size:  # more claims only when they could share a call
                 try:
-                    more = self.claims.get_nowait()
+                    more = self.claims.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if more is None:

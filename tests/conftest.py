@@ -7,6 +7,7 @@ as a real subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -121,17 +122,26 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = 
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-@pytest.fixture
-def daemon(spool: Spool) -> Iterator[Daemon]:
-    """A real daemon on `spool`, running in a thread until the test ends."""
+@contextlib.contextmanager
+def start_daemon_thread(spool: Spool) -> Iterator[Daemon]:
+    """A real daemon on `spool` (its config as written now), running in a thread."""
     instance = Daemon(spool.config)
     thread = threading.Thread(target=instance.run, name="daemon-under-test", daemon=True)
     thread.start()
     assert instance.ready.wait(30), "daemon did not start"
-    yield instance
-    instance.stop.set()
-    thread.join(30)
-    assert not thread.is_alive(), "daemon did not stop"
+    try:
+        yield instance
+    finally:
+        instance.stop.set()
+        thread.join(30)
+        assert not thread.is_alive(), "daemon did not stop"
+
+
+@pytest.fixture
+def daemon(spool: Spool) -> Iterator[Daemon]:
+    """A real daemon on `spool`, running in a thread until the test ends."""
+    with start_daemon_thread(spool) as instance:
+        yield instance
 
 
 def start_daemon_process(config_path: Path, *extra: str) -> subprocess.Popen[str]:
