@@ -380,3 +380,34 @@ def test_spec_round_trips_through_json(text: str) -> None:
     again = spec_from_dict(spec.model_dump(mode="json"))
     assert again == spec
     assert type(again) is type(spec)
+
+
+def test_model_defaults_sit_between_task_defaults_and_the_job() -> None:
+    rules = Rules(
+        models={"sd21": ModelKind.SD2, "test": ModelKind.SD1},
+        defaults={"all": {"model": "sd21", "negative_prompt": "from all"}},
+        model_defaults={"sd21": {"negative_prompt": "lowres, bad anatomy", "steps": 25}},
+    )
+    [spec] = parse_job_text("prompt: x\n", path="j.yaml", rules=rules)
+    assert (spec.negative_prompt, spec.steps) == ("lowres, bad anatomy", 25)
+    [spec] = parse_job_text("prompt: x\nsteps: 9\n", path="j.yaml", rules=rules)
+    assert spec.steps == 9
+    [spec] = parse_job_text("prompt: x\nmodel: test\n", path="j.yaml", rules=rules)
+    assert spec.negative_prompt == "from all", "another model's defaults do not apply"
+
+
+def test_txt2img_size_defaults_to_the_models_native_size() -> None:
+    rules = Rules(models={"v": ModelKind.SD2, "xl": ModelKind.SDXL}, defaults={}, native_sizes={"v": 768, "xl": 1024})
+    [spec] = parse_job_text("prompt: x\nmodel: v\n", path="j.yaml", rules=rules)
+    assert spec.size == (768, 768)
+    [spec] = parse_job_text("prompt: x\nmodel: xl\nsize: 832x1216\n", path="j.yaml", rules=rules)
+    assert spec.size == (832, 1216)
+
+
+def test_depth2img_needs_a_depth_model() -> None:
+    rules = Rules(models={"depth": ModelKind.DEPTH2IMG, "test": ModelKind.SD1}, defaults={})
+    [spec] = parse_job_text("task: depth2img\nmodel: depth\nimage: a.png\nprompt: x\n", path="j.yaml", rules=rules)
+    assert spec.strength == 0.8
+    with pytest.raises(JobRejected) as caught:
+        parse_job_text("task: depth2img\nmodel: test\nimage: a.png\n", path="j.yaml", rules=rules)
+    assert caught.value.field == "model" and "depth" in caught.value.message
