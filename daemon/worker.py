@@ -20,7 +20,7 @@ from diffusiond.daemon.outbox import commit, discard_partial, sha256_file
 from diffusiond.daemon.scheduler import Pending, plan_batches
 from diffusiond.pipeline.batch import Cancelled, StepHook
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
-from diffusiond.pipeline.generate import generate
+from diffusiond.pipeline.generate import Generated, generate
 from diffusiond.pipeline.models import ModelCache
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,8 @@ def _run_batch(
             "input_image": {"file": item.image.relative_to(claim.inputs).as_posix(), "sha256": sha256_file(item.image)}
             if item.image
             else None,
-            "model": _model_record(cache, job.spec.model, generated.model_hash),
+            "model": _model_record(cache, job.spec.model, generated),
+            "prediction": generated.prediction,
             "device": cache.device,
             "dtype": str(cache.dtype).removeprefix("torch."),
             "memory": generated.memory,
@@ -125,9 +126,17 @@ def _run_batch(
     return outcomes
 
 
-def _model_record(cache: ModelCache, name: str | None, digest: str | None) -> dict[str, Any] | None:
+def _model_record(cache: ModelCache, name: str | None, generated: Generated) -> dict[str, Any] | None:
     entry = cache.entries.get(name) if name else None
-    return {"name": name, "path": str(entry.path), "hash": digest} if entry else None
+    if entry is None:
+        return None
+    return {
+        "name": name,
+        "path": str(entry.path),
+        "hash": generated.model_hash,
+        "family": generated.family,
+        "pipeline": generated.pipeline,
+    }
 
 
 class Worker(threading.Thread):

@@ -49,6 +49,11 @@ class Generated:
     """The memory level the images were made at (lower after an out-of-memory retry)."""
     batch_size: int = 1
     """How many jobs shared the pipeline call."""
+    family: str | None = None
+    pipeline: str | None = None
+    """The diffusers pipeline class that made the images."""
+    prediction: str | None = None
+    """The scheduler's prediction type (`epsilon`, `v_prediction`)."""
 
 
 def generate(
@@ -89,7 +94,17 @@ def generate(
     level = cache.level(spec.model).name.lower()
     return [
         Generated(
-            part, seeds_for(job_spec), scheduler, loaded_at - started, done - loaded_at, loaded.hash, level, len(jobs)
+            part,
+            seeds_for(job_spec),
+            scheduler,
+            load_s=loaded_at - started,
+            generate_s=done - loaded_at,
+            model_hash=loaded.hash,
+            memory=level,
+            batch_size=len(jobs),
+            family=str(loaded.kind),
+            pipeline=type(loaded.pipe).__name__,
+            prediction=loaded.scheduler_config.get("prediction_type"),
         )
         for job_spec, part in zip(batch.specs, batch.split(images), strict=True)
     ]

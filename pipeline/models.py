@@ -251,6 +251,10 @@ class ModelCache:
         extra: dict[str, Any] = {}
         if kind in (ModelKind.SD1, ModelKind.SD2):
             extra = {"safety_checker": None, "requires_safety_checker": False}
+        elif kind is ModelKind.SDXL:
+            extra = {"add_watermarker": False}  # diffusiond applies its own, configurable watermark
+        elif kind is ModelKind.DEPTH2IMG:
+            _map_removed_transformers_classes()
         return cls.from_pretrained(entry.path, dtype=self.dtype, local_files_only=True, **extra)
 
     def _derive(self, name: str, model: _Model, task: str) -> Any:
@@ -269,7 +273,10 @@ class ModelCache:
         if cls is StableDiffusionImg2ImgPipeline:
             extra = {"requires_safety_checker": False}
         elif cls is StableDiffusionXLImg2ImgPipeline:
-            extra = {"force_zeros_for_empty_prompt": base.config.get("force_zeros_for_empty_prompt", True)}
+            extra = {
+                "force_zeros_for_empty_prompt": base.config.get("force_zeros_for_empty_prompt", True),
+                "add_watermarker": False,
+            }
         pipe = cls(**base.components, **extra)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -300,6 +307,21 @@ def _missing(entry: ModelEntry) -> JobFailed:
         value=entry.name,
         fix="fix the path in the config's `models:` (paths are relative to the config file)",
     )
+
+
+def _map_removed_transformers_classes() -> None:
+    """stable-diffusion-2-depth's model_index.json names DPTFeatureExtractor, gone in transformers 5.
+
+    diffusers already remaps CLIPFeatureExtractor the same way; without this the real
+    depth model cannot load on current transformers.
+    """
+    try:
+        from diffusers.utils import deprecation_utils
+
+        remap = deprecation_utils._TRANSFORMERS_CLASS_REMAPPING
+    except (ImportError, AttributeError):
+        return
+    remap.setdefault("DPTFeatureExtractor", {"new_class": "DPTImageProcessor", "transformers_version": (">=", "5.0.0")})
 
 
 def _free_device_memory() -> None:

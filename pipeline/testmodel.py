@@ -13,6 +13,19 @@ Shapes follow the real models where the pipelines depend on them:
   its UNet takes 7 channels (4 latent + 3 noised low-res image) and the noise level as a
   class label;
 - the tokenizer pads to 77 tokens and the text encoder has 77 positions.
+
+`make_family_models` adds the other families the daemon drives, told apart by
+`catalog.detect_kind` exactly as real folders are:
+
+- `sd2-v`: SD 2.1 768-v layout, an OpenCLIP-like text encoder (`gelu`), a UNet with linear
+  projections and per-block head counts, a tokenizer padding with "!", v-prediction DDIM;
+- `sdxl`: SDXL base layout, CLIP + OpenCLIP-with-projection text encoders whose penultimate
+  states the UNet reads side by side, `text_time` added conditioning (pooled text + 6 size and
+  crop numbers), Euler, `force_zeros_for_empty_prompt`; it also drives the img2img pipeline;
+- `depth2img`: SD 2 depth layout, a 5-channel UNet (latent + depth), a tiny DPT depth
+  estimator and its image processor (the PIL one: transformers 5 wants torchvision otherwise).
+
+Their default size is 64 px (`sample_size` 8), not the real 768/1024/512 px.
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
@@ -38,8 +51,13 @@ _FORMAT_VERSION = 1
 
 _SD_DIR = "sd"
 _UPSCALER_DIR = "x4-upscaler"
+_SD2_V_DIR = "sd2-v"
+_SDXL_DIR = "sdxl"
+_DEPTH2IMG_DIR = "depth2img"
 _BOS = "<|startoftext|>"
 _EOS = "<|endoftext|>"
+_OPENCLIP_PAD = "!"
+"""OpenCLIP tokenizers (SD 2.x, SDXL's `tokenizer_2`) pad with "!" (id 0), not with the end token."""
 
 # Words the hand-written BPE merges spell whole, so common prompt words are single tokens
 # (as with the real CLIP vocabulary); anything else still tokenizes, byte by byte.
@@ -65,8 +83,20 @@ class TestModelPaths:
     """Diffusers folder in the StableDiffusionUpscalePipeline (x4) layout."""
 
 
+@dataclass(frozen=True)
+class FamilyModelPaths:
+    """Where `make_family_models` put the SD 2.x, SDXL and depth-to-image models."""
+
+    sd2_v: Path
+    """StableDiffusionPipeline folder in the SD 2.1 (768-v) layout: OpenCLIP-like text encoder, v-prediction."""
+    sdxl: Path
+    """StableDiffusionXLPipeline folder (two text encoders); also drives StableDiffusionXLImg2ImgPipeline."""
+    depth2img: Path
+    """StableDiffusionDepth2ImgPipeline folder (5-channel UNet, DPT depth estimator)."""
+
+
 def is_test_model(path: Path | str) -> bool:
-    """Whether `path` is a folder written by `make_test_model` (random weights, noise images)."""
+    """Whether `path` is a folder written by `make_test_model` or `make_family_models` (random weights)."""
     try:
         marker = json.loads((Path(path) / MARKER_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -85,12 +115,37 @@ def make_test_model(directory: Path, *, overwrite: bool = False) -> TestModelPat
     """
     directory = Path(directory)
     paths = TestModelPaths(sd=directory / _SD_DIR, upscaler=directory / _UPSCALER_DIR)
-    todo = [p for p in (paths.sd, paths.upscaler) if _needs_build(p, overwrite)]
+    _write_models(directory, {paths.sd: _save_sd, paths.upscaler: _save_upscaler}, _build_components, overwrite)
+    return paths
+
+
+def make_family_models(directory: Path, *, overwrite: bool = False) -> FamilyModelPaths:
+    """Write tiny random-weight SD 2.x (v), SDXL and SD 2 depth models into `directory`.
+
+    Folders `sd2-v`, `sdxl` and `depth2img`, kept, replaced and written exactly as
+    `make_test_model` does (same marker file, same refusal to touch foreign folders).
+    """
+    directory = Path(directory)
+    paths = FamilyModelPaths(
+        sd2_v=directory / _SD2_V_DIR, sdxl=directory / _SDXL_DIR, depth2img=directory / _DEPTH2IMG_DIR
+    )
+    builders = {paths.sd2_v: _save_sd2_v, paths.sdxl: _save_sdxl, paths.depth2img: _save_depth2img}
+    _write_models(directory, builders, _build_family_components, overwrite)
+    return paths
+
+
+def _write_models(
+    directory: Path,
+    builders: dict[Path, Callable[[dict[str, Any], Path], None]],
+    build_components: Callable[[], dict[str, Any]],
+    overwrite: bool,
+) -> None:
+    """Build the modules once, then save each model that needs it to a temporary folder and rename it into place."""
+    todo = [target for target in builders if _needs_build(target, overwrite)]
     if not todo:
-        return paths
+        return
     directory.mkdir(parents=True, exist_ok=True)
-    components = _build_components()
-    builders = {paths.sd: _save_sd, paths.upscaler: _save_upscaler}
+    components = build_components()
     for target in todo:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=directory))
         try:
@@ -103,7 +158,6 @@ def make_test_model(directory: Path, *, overwrite: bool = False) -> TestModelPat
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
-    return paths
 
 
 @contextmanager
@@ -190,7 +244,7 @@ def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list
     return symbols
 
 
-def _write_tokenizer_files(folder: Path, vocab: dict[str, int], merges: list[str]) -> None:
+def _write_tokenizer_files(folder: Path, vocab: dict[str, int], merges: list[str], *, pad_token: str = _EOS) -> None:
     """The tokenizer files real SD folders ship; any transformers version reads them.
 
     Written over what `save_pretrained` left (transformers 5 adds a `tokenizer.json`, which it
@@ -207,7 +261,7 @@ def _write_tokenizer_files(folder: Path, vocab: dict[str, int], merges: list[str
         "bos_token": _BOS,
         "eos_token": _EOS,
         "unk_token": _EOS,
-        "pad_token": _EOS,
+        "pad_token": pad_token,
         "do_lower_case": True,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -369,3 +423,226 @@ def _save_upscaler(c: dict[str, Any], folder: Path) -> None:
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     _write_tokenizer_files(folder / "tokenizer", c["vocab"], c["merges"])
+
+
+# --- SD 2.x, SDXL and depth-to-image -------------------------------------------------------
+
+
+def _tokenizer(vocab: dict[str, int], merges: list[str], *, pad_token: str) -> Any:
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_tokenizer_files(Path(tmp), vocab, merges, pad_token=pad_token)
+        return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+
+
+def _text_config(vocab: dict[str, int], *, hidden: int, act: str, pad_token: str) -> Any:
+    """A 2-layer CLIP text config; `act` "quick_gelu" is OpenAI CLIP (SD 1, SDXL's first), "gelu" OpenCLIP."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=37,
+        projection_dim=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=act,
+        layer_norm_eps=1e-5,
+        bos_token_id=vocab[_BOS],
+        eos_token_id=vocab[_EOS],
+        pad_token_id=vocab[pad_token],
+    )
+
+
+def _vae(*, scaling_factor: float, **extra: Any) -> Any:
+    """The SD / SDXL VAE layout: 4 blocks, so latents are 1/8 of the image."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        **extra,
+    )
+
+
+def _sd2_unet(*, in_channels: int, upcast_attention: bool) -> Any:
+    """SD 2.x UNet layout: 4 blocks (3 with attention), linear projections, heads per block (SD 2: 5/10/20/20)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,  # 64 px by default (SD 2.1 768-v: 96 -> 768 px; SD 2 depth: 64 -> 512 px)
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(16, 32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4, 8, 8),
+        use_linear_projection=True,
+        upcast_attention=upcast_attention,
+        norm_num_groups=8,
+    )
+
+
+def _build_family_components() -> dict[str, Any]:
+    """Every module of the SD 2.x, SDXL and depth models, made in a fixed order after one fixed seed."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, DPTConfig, DPTForDepthEstimation
+
+    vocab, merges = _vocab_and_merges()
+    c: dict[str, Any] = {
+        "vocab": vocab,
+        "merges": merges,
+        "clip_tokenizer": _tokenizer(vocab, merges, pad_token=_EOS),
+        "openclip_tokenizer": _tokenizer(vocab, merges, pad_token=_OPENCLIP_PAD),
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        # SD 2.x: OpenCLIP ViT-H text encoder (gelu), the SD VAE; sd2-v and depth share both, as the real ones do.
+        c["sd2_text_encoder"] = CLIPTextModel(_text_config(vocab, hidden=32, act="gelu", pad_token=_OPENCLIP_PAD))
+        c["sd2_vae"] = _vae(scaling_factor=0.18215)
+        c["sd2_unet"] = _sd2_unet(in_channels=4, upcast_attention=True)  # 2.1 sets upcast_attention
+        c["depth_unet"] = _sd2_unet(in_channels=5, upcast_attention=False)  # 4 latent channels + depth
+        c["depth_estimator"] = DPTForDepthEstimation(
+            DPTConfig(
+                image_size=32,
+                patch_size=8,
+                num_channels=3,
+                hidden_size=32,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                intermediate_size=37,
+                backbone_out_indices=(0, 1, 2, 3),
+                neck_hidden_sizes=(8, 16, 32, 32),
+                fusion_hidden_size=16,
+                use_auxiliary_head=False,
+            )
+        )
+        # SDXL: CLIP ViT-L (quick_gelu) + OpenCLIP bigG with projection (gelu). The UNet attends to both
+        # encoders' penultimate hidden states side by side (32 + 48 = 80; real 768 + 1280 = 2048) and
+        # conditions on the pooled projection plus 6 size/crop numbers (6 * 8 + 48 = 96; real 6 * 256 + 1280).
+        c["sdxl_text_encoder"] = CLIPTextModel(_text_config(vocab, hidden=32, act="quick_gelu", pad_token=_EOS))
+        c["sdxl_text_encoder_2"] = CLIPTextModelWithProjection(
+            _text_config(vocab, hidden=48, act="gelu", pad_token=_OPENCLIP_PAD)
+        )
+        c["sdxl_unet"] = UNet2DConditionModel(
+            sample_size=8,  # 64 px by default (real: 128 -> 1024 px)
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(16, 32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4, 8),
+            transformer_layers_per_block=(1, 2, 2),  # real: 1, 2, 10
+            use_linear_projection=True,
+            cross_attention_dim=32 + 48,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 48,
+            norm_num_groups=8,
+        )
+        c["sdxl_vae"] = _vae(scaling_factor=0.13025, force_upcast=True)
+    return c
+
+
+def _save_with_tokenizers(pipe: Any, folder: Path, c: dict[str, Any], pads: dict[str, str]) -> None:
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for name, pad_token in pads.items():
+        _write_tokenizer_files(folder / name, c["vocab"], c["merges"], pad_token=pad_token)
+
+
+def _save_sd2_v(c: dict[str, Any], folder: Path) -> None:
+    """SD 2.1 (768-v) layout: v-prediction DDIM, as stabilityai/stable-diffusion-2-1 ships; no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=c["sd2_vae"],
+        text_encoder=c["sd2_text_encoder"],
+        tokenizer=c["openclip_tokenizer"],
+        unet=c["sd2_unet"],
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    _save_with_tokenizers(pipe, folder, c, {"tokenizer": _OPENCLIP_PAD})
+
+
+def _save_sdxl(c: dict[str, Any], folder: Path) -> None:
+    """SDXL base layout: Euler, `force_zeros_for_empty_prompt`, no image encoder (IP-Adapter) parts."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        interpolation_type="linear",
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+        use_karras_sigmas=False,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=c["sdxl_vae"],
+        text_encoder=c["sdxl_text_encoder"],
+        text_encoder_2=c["sdxl_text_encoder_2"],
+        tokenizer=c["clip_tokenizer"],
+        tokenizer_2=c["openclip_tokenizer"],
+        unet=c["sdxl_unet"],
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,  # not saved; only skips building an encoder here
+    )
+    _save_with_tokenizers(pipe, folder, c, {"tokenizer": _EOS, "tokenizer_2": _OPENCLIP_PAD})
+
+
+def _save_depth2img(c: dict[str, Any], folder: Path) -> None:
+    """SD 2 depth layout: PNDM (epsilon), 5-channel UNet, DPT depth estimator and its image processor."""
+    from diffusers import PNDMScheduler, StableDiffusionDepth2ImgPipeline
+    from transformers import DPTImageProcessorPil
+
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    feature_extractor = DPTImageProcessorPil(size={"height": 32, "width": 32})
+    pipe = StableDiffusionDepth2ImgPipeline(
+        vae=c["sd2_vae"],
+        text_encoder=c["sd2_text_encoder"],
+        tokenizer=c["openclip_tokenizer"],
+        unet=c["depth_unet"],
+        scheduler=scheduler,
+        depth_estimator=c["depth_estimator"],
+        feature_extractor=feature_extractor,
+    )
+    _save_with_tokenizers(pipe, folder, c, {"tokenizer": _OPENCLIP_PAD})

@@ -35,19 +35,19 @@ def test_models(tmp_path_factory: pytest.TempPathFactory) -> TestModelPaths:
     return make_test_model(tmp_path_factory.mktemp("models"))
 
 
-def write_config(root: Path, models: TestModelPaths, **overrides: Any) -> Path:
+def write_config(root: Path, test_models: TestModelPaths, **overrides: Any) -> Path:
     """A config for a spool under `root`: tiny models, 64 px, few steps, fast settle."""
     data: dict[str, Any] = {
         "spool": str(root),
         "instance": "test",
         "state_dir": str(root / "state"),
-        "models": {"test": str(models.sd), "test-x4": str(models.upscaler)},
+        "models": {"test": str(test_models.sd), "test-x4": str(test_models.upscaler)},
         "defaults": {"all": {"model": "test", "size": "64x64", "steps": 4}, "upscale": {"model": "test-x4"}},
         "profiles": {"sketches": {"task": "img2img", "prompt": "a watercolor", "strength": 0.75}},
         "watch": dict(FAST_WATCH),
     }
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
+        if isinstance(value, dict) and isinstance(data.get(key), dict) and key != "models":
             data[key] = data[key] | value
         else:
             data[key] = value
