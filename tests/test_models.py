@@ -173,3 +173,10 @@ def test_compatible_jobs_dropped_together_share_a_call(spool: Spool, test_models
         manifests = wait_for(lambda: len(spool.manifests()) == 4 and spool.manifests(), what="4 manifests")
     sizes = {m["source"]: m["batch_size"] for m in manifests}
     assert sizes == {"same-0.yaml": 3, "same-1.yaml": 3, "same-2.yaml": 3, "other.yaml": 1}
+
+
+def test_bf16_on_the_cpu_is_an_explicit_choice_that_works(test_models: TestModelPaths) -> None:
+    cache = ModelCache(entries(test_models), device="cpu", dtype=torch.bfloat16)
+    [generated] = generate(cache, [(job(), None)])
+    assert generated.images[0].size == (64, 64)
+    assert cache.pipeline("test", "txt2img").pipe.unet.dtype is torch.bfloat16
