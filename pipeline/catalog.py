@@ -8,8 +8,6 @@ GPU. The family also decides the pipeline class: the user never names one.
 from __future__ import annotations
 
 import json
-import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -98,41 +96,19 @@ def tasks_for(kind: ModelKind) -> tuple[str, ...]:
     return TASKS_BY_KIND[kind]
 
 
-# Keys that only one family's original (LDM) checkpoints have.
-_KEY_MARKERS: tuple[tuple[str, ModelKind], ...] = (
-    ("conditioner.embedders.", ModelKind.SDXL),
-    ("cond_stage_model.model.", ModelKind.SD2),  # OpenCLIP ViT-H
-    ("cond_stage_model.transformer.", ModelKind.SD1),  # OpenAI CLIP ViT-L
-)
 _FAMILY_SIZES = {ModelKind.SD1: 512, ModelKind.SD2: 512, ModelKind.SDXL: 1024, ModelKind.DEPTH2IMG: 512}
-
-
-def kind_of_keys(keys: Iterable[str]) -> ModelKind:
-    """The family of an original-layout checkpoint, from its tensor names alone."""
-    keys = list(keys)
-    for marker, kind in _KEY_MARKERS:
-        if any(key.startswith(marker) for key in keys):
-            return kind
-    return ModelKind.UNKNOWN
-
-
-def safetensors_keys(path: Path) -> list[str]:
-    """Tensor names from a .safetensors header (8-byte length, then JSON): no tensor is read, no torch."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        if length > 100_000_000:
-            raise ValueError(f"{path} has a {length}-byte header: not a safetensors file")
-        header = json.loads(handle.read(length))
-    return [key for key in header if key != "__metadata__"]
 
 
 def kind_of_path(path: Path) -> ModelKind:
     """A diffusers folder's or a .safetensors file's family; `.ckpt` (a pickle) is only known when loaded."""
     if path.suffix.lower() == ".safetensors":
+        from diffusiond.pipeline.checkpoint import kind_of_file  # reads the header only; no torch
+        from diffusiond.pipeline.errors import DiffusiondError
+
         try:
-            return kind_of_keys(safetensors_keys(path))
-        except (OSError, ValueError, struct.error):
-            return ModelKind.UNKNOWN
+            return kind_of_file(path)
+        except DiffusiondError:
+            return ModelKind.UNKNOWN  # loading it says why
     if path.suffix.lower() == ".ckpt":
         return ModelKind.UNKNOWN
     return detect_kind(path)

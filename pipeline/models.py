@@ -247,7 +247,9 @@ class ModelCache:
         if entry.single_file:
             from diffusiond.pipeline.checkpoint import load_single_file
 
-            return load_single_file(entry, kind, dtype=self.dtype)
+            # Shipped configs are assembled under the state dir (local disk), not ~/.cache.
+            cache_dir = self.state_dir / "configs" if self.state_dir else None
+            return load_single_file(entry, kind, dtype=self.dtype, cache_dir=cache_dir)
         extra: dict[str, Any] = {}
         if kind in (ModelKind.SD1, ModelKind.SD2):
             extra = {"safety_checker": None, "requires_safety_checker": False}
