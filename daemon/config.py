@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from diffusiond.pipeline.catalog import ModelEntry, kind_of_path, native_size
 from diffusiond.pipeline.errors import ConfigError, JobRejected
-from diffusiond.pipeline.job import TASKS, Limits, Rules, validate_job
+from diffusiond.pipeline.job import TASKS, InvisibleWatermark, Limits, Rules, VisibleWatermark, validate_job
 
 SYSTEM_CONFIG = Path("/etc/diffusiond/config.yaml")
 DEFAULT_SPOOL = Path("/var/lib/diffusiond/spool")
@@ -63,6 +63,33 @@ class ModelSpec(_Strict):
     """Job field defaults for this model, over the task defaults (e.g. SD 2's habitual negative prompt)."""
 
 
+class WatermarkConfig(_Strict):
+    """The marks every image gets unless a job turns one off (`watermark: {visible: false}`)."""
+
+    invisible: InvisibleWatermark | None = InvisibleWatermark(text="diffusiond", method="dwtDctSvd")
+    """None: no invisible mark. dwtDctSvd survives JPEG quality 75 (see README); dwtDct is SD's own."""
+    visible: VisibleWatermark | None = None
+    logo: Path | None = None
+    """A logo image (PNG with alpha) drawn instead of the visible text; only the config can name a file."""
+    required: bool = False
+    """Refuse jobs that turn the invisible mark off, and fail images too small to carry it."""
+
+
+class MetadataConfig(_Strict):
+    """What each image carries about how it was made; each part can be turned off."""
+
+    parameters: bool = True
+    """AUTOMATIC1111 infotext (PNG `parameters`, EXIF UserComment)."""
+    record: bool = True
+    """The job and manifest entry as JSON inside the image."""
+    xmp: bool = True
+    """XMP with the IPTC digital source type, description and creator tool."""
+    exif: bool = True
+    """EXIF Software and ImageDescription (JPEG, WebP)."""
+    sidecar: Literal["none", "txt", "json"] = "none"
+    """Also write the infotext (`.txt`) or the record (`.json`) beside each image."""
+
+
 class LimitsConfig(_Strict):
     max_pixels: int = Field(2048 * 2048, gt=0)
     max_steps: int = Field(150, gt=0)
@@ -97,6 +124,8 @@ class Config(_Strict):
     sketch_job: dict[str, Any] | None = None
     """The job for a bare image in the inbox root; None sends such images to failed/."""
     limits: LimitsConfig = LimitsConfig()
+    watermark: WatermarkConfig = WatermarkConfig()
+    metadata: MetadataConfig = MetadataConfig()
     watch: Watch = Watch()
     on_success: Literal["archive", "delete"] = "archive"
     prefetch: int = Field(2, ge=1)
@@ -124,6 +153,12 @@ class Config(_Strict):
         if isinstance(value, dict):
             return {k: {"path": v} if isinstance(v, str | Path) else v for k, v in value.items()}
         return value
+
+    @model_validator(mode="after")
+    def _required_mark_exists(self) -> Config:
+        if self.watermark.required and self.watermark.invisible is None:
+            raise ValueError("watermark.required is true but watermark.invisible is off")
+        return self
 
     @model_validator(mode="after")
     def _preload_known(self) -> Config:
@@ -167,6 +202,7 @@ class Config(_Strict):
             limits=Limits(self.limits.max_pixels, self.limits.max_steps, self.limits.max_count),
             model_defaults={name: spec.defaults for name, spec in self.models.items() if spec.defaults},
             native_sizes={name: size for name, size in sizes.items() if size},
+            watermark_required=self.watermark.required,
         )
 
     def check_jobs(self) -> None:
@@ -227,6 +263,8 @@ def load_config(path: Path | None = None, *, spool: Path | None = None) -> Confi
     for spec in config.models.values():
         spec.path = _clean(base / spec.path)
         spec.config = _clean(base / spec.config) if spec.config else None
+    if config.watermark.logo is not None:
+        config.watermark.logo = _clean(base / config.watermark.logo)
     if config.state_dir is not None:
         config.state_dir = _clean(base / config.state_dir)
     config.check_jobs()

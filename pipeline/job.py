@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import posixpath
 import secrets
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -78,6 +79,38 @@ class OutputSpec(BaseModel):
     quality: int = Field(95, ge=1, le=100)
 
 
+WATERMARK_METHODS = ("dwtDct", "dwtDctSvd", "rivaGan")
+POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
+
+
+class InvisibleWatermark(BaseModel):
+    """A payload hidden in the pixels (invisible-watermark); `method` None = the config's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    text: str = Field("diffusiond", min_length=1)
+    method: Literal["dwtDct", "dwtDctSvd", "rivaGan"] | None = None
+
+
+class VisibleWatermark(BaseModel):
+    """A text label drawn on the image (a logo can only come from the config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    text: str = Field("AI generated", min_length=1)
+    position: Literal["top-left", "top-right", "bottom-left", "bottom-right", "center"] = "bottom-right"
+    size: float = Field(0.05, gt=0, le=0.5)
+    """Text height as a fraction of the image's shorter side."""
+    margin: float = Field(0.02, ge=0, le=0.25)
+    opacity: float = Field(0.6, ge=0, le=1)
+
+
+class WatermarkSpec(BaseModel):
+    """`false` turns a mark off for this job; omitted = the config's choice."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    invisible: InvisibleWatermark | Literal[False] | None = None
+    visible: VisibleWatermark | Literal[False] | None = None
+
+
 class _JobFields(BaseModel):
     """Fields every task shares."""
 
@@ -91,6 +124,7 @@ class _JobFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     count: int = Field(1, ge=1)
     output: OutputSpec = OutputSpec()
+    watermark: WatermarkSpec = WatermarkSpec()
 
 
 class Txt2ImgJob(_JobFields):
@@ -178,6 +212,8 @@ class Rules:
     """Per model, over the task defaults (e.g. an SD 2 model's habitual negative prompt)."""
     native_sizes: Mapping[str, int] = field(default_factory=dict)
     """Per model, the side in pixels it was trained at: txt2img's size when the job gives none."""
+    watermark_required: bool = False
+    """The config demands the invisible watermark: a job may not turn it off."""
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> Spec:
@@ -265,6 +301,14 @@ def validate_job(
     except ValidationError as exc:
         raise _translate(exc, task, where) from exc
     _check_limits(spec, rules, where)
+    if rules.watermark_required and spec.watermark.invisible is False:
+        raise JobRejected(
+            "this daemon's config requires the invisible watermark; a job cannot turn it off",
+            field="watermark.invisible",
+            value=False,
+            fix="remove `invisible: false` from the job's watermark",
+            **where,
+        )
     _check_model(spec, rules, where)
     _check_image_path(spec, path, where)
     return spec
@@ -276,6 +320,8 @@ def _translate(exc: ValidationError, task: str, where: dict[str, Any]) -> JobRej
     loc = [str(part) for part in error["loc"]]
     if loc and loc[0] == task:  # the discriminated union puts the task tag first
         loc = loc[1:]
+    # Unions name their members in loc ("VisibleWatermark", "literal[False]"): not fields the user wrote.
+    loc = [part for part in loc if not (part[:1].isupper() or part.startswith(("literal[", "function-")))]
     field = ".".join(loc) or "task"
     value = error.get("input")
     if error["type"] == "extra_forbidden":
@@ -304,10 +350,14 @@ def _translate(exc: ValidationError, task: str, where: dict[str, Any]) -> JobRej
 def _section_model(model: type[BaseModel], path: list[str]) -> type[BaseModel]:
     """The pydantic model of a nested section such as `output`, for listing its fields."""
     for part in path:
-        annotation = model.model_fields[part].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        field_info = model.model_fields.get(part)
+        annotation = field_info.annotation if field_info else None
+        # `X | Literal[False] | None`: the model member of the union is the section.
+        members = [a for a in (annotation, *typing.get_args(annotation)) if isinstance(a, type)]
+        nested = [a for a in members if issubclass(a, BaseModel)]
+        if not nested:
             break
-        model = annotation
+        model = nested[0]
     return model
 
 
