@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     make = commands.add_parser("make-test-model", help="write tiny random-weight test models (images are noise)")
     make.add_argument("directory", type=Path)
 
+    inspect_cmd = commands.add_parser(
+        "inspect",
+        help="print an image's metadata and invisible watermark; exit 0 only if every file has our watermark",
+    )
+    inspect_cmd.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    inspect_cmd.add_argument("--json", action="store_true", help="print a JSON list, one object per file")
+
     args = parser.parse_args(argv)
     try:
         return {
@@ -72,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             "validate": _validate,
             "init": _init,
             "make-test-model": _make_test_model,
+            "inspect": _inspect,
         }[args.command](args)
     except DiffusiondError as exc:
         print(f"diffusiond: {exc}", file=sys.stderr)
@@ -212,6 +220,31 @@ def _make_test_model(args: argparse.Namespace) -> int:
     paths = make_test_model(args.directory)
     print(f"test models (random weights: their images are noise):\n  {paths.sd}\n  {paths.upscaler}")
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Exit 0: a diffusiond watermark in every file; 1: not in some; 2: a file could not be read."""
+    from diffusiond.pipeline.inspect import UnreadableImage, format_report, inspect_image, watermark_found
+
+    reports: list[dict[str, Any]] = []
+    unreadable = False
+    for path in args.files:
+        try:
+            report = inspect_image(path)
+        except UnreadableImage as exc:
+            unreadable = True
+            reports.append({"file": str(path), "error": str(exc)})
+            if not args.json:
+                print(f"diffusiond: {exc}", file=sys.stderr)
+            continue
+        reports.append(report)
+        if not args.json:
+            print(format_report(report))
+    if args.json:
+        print(json.dumps(reports, indent=1, ensure_ascii=False))
+    if unreadable:
+        return 2
+    return 0 if all(watermark_found(report) for report in reports) else 1
 
 
 if __name__ == "__main__":

@@ -105,11 +105,3 @@ def commit(
             fix="free disk space or fix the outbox's permissions; the job runs again when dropped again",
         ) from exc
     return manifest
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

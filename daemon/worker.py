@@ -16,11 +16,12 @@ from typing import Any
 from diffusiond.daemon import lifecycle
 from diffusiond.daemon.claim import Claim, load_jobs
 from diffusiond.daemon.config import Config
-from diffusiond.daemon.outbox import commit, discard_partial, sha256_file
+from diffusiond.daemon.outbox import commit, discard_partial
 from diffusiond.daemon.scheduler import Pending, plan_batches
 from diffusiond.pipeline.batch import Cancelled, StepHook
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
 from diffusiond.pipeline.generate import Generated, generate
+from diffusiond.pipeline.hashing import file_sha256
 from diffusiond.pipeline.models import ModelCache
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def _run_batch(
         job, claim = item.job, item.claim
         context: dict[str, Any] = {
             "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(claim.claimed_at)),
-            "input_image": {"file": item.image.relative_to(claim.inputs).as_posix(), "sha256": sha256_file(item.image)}
+            "input_image": {"file": item.image.relative_to(claim.inputs).as_posix(), "sha256": file_sha256(item.image)}
             if item.image
             else None,
             "model": _model_record(cache, job.spec.model, generated),

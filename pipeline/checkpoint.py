@@ -433,7 +433,7 @@ def _digest(source: Path) -> str:
 # --- the CLIP tokenizer ----------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP's byte-level alphabet: each of the 256 bytes maps to a printable character."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -463,7 +463,7 @@ def clip_merges() -> tuple[str, ...]:
 
 def clip_vocab() -> dict[str, int]:
     """CLIP's vocabulary as its SimpleTokenizer builds it: bytes, bytes + `</w>`, one per merge, BOS, EOS."""
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [symbol + "</w>" for symbol in alphabet]
     tokens += [merge.replace(" ", "") for merge in clip_merges()]
     tokens += [BOS, EOS]

@@ -40,6 +40,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from diffusiond.pipeline.checkpoint import bytes_to_unicode
+
 MARKER_NAME = "diffusiond_test_model.json"
 """The file that marks a folder as a generated test model."""
 
@@ -202,23 +204,9 @@ def _write_marker(folder: Path, *, kind: str) -> None:
 # --- tokenizer -----------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
 def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """A CLIP-style vocabulary: bytes, bytes ending a word, merges spelling `_WORDS`, then BOS/EOS."""
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet]
     ranks: dict[tuple[str, str], int] = {}
     for word in _WORDS:

@@ -208,7 +208,7 @@ def test_infotext_layout_without_a_negative_prompt() -> None:
     text = infotext(spec, seed=42, size=(64, 96), model_name="test", sampler="euler_a")
     assert text.splitlines() == [
         "a hamster painting",
-        "Steps: 2, Sampler: euler_a, CFG scale: 7.5, Seed: 42, Size: 64x96, Model: test, "
+        "Steps: 2, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7.5, Seed: 42, Size: 64x96, Model: test, "
         f"Version: diffusiond {__version__}",
     ]
 
@@ -229,14 +229,14 @@ def test_infotext_values_with_separators_are_quoted_so_readers_split_them_right(
     params = a1111_params(line)
     assert params["Model"] == 'my, "best": model'
     assert params["Denoising strength"] == "0.5"
-    assert params["Seed"] == "9" and params["Sampler"] == "euler" and params["Size"] == "64x64"
+    assert params["Seed"] == "9" and params["Sampler"] == "Euler" and params["Size"] == "64x64"
 
 
 def test_infotext_of_an_upscale_names_the_method_and_no_model_when_none() -> None:
     spec = UpscaleJob(task="upscale", method="lanczos", scale=2, image="a.png")
     line = infotext(spec, seed=0, size=(128, 128), model_name=None, sampler="none").splitlines()[-1]
     params = a1111_params(line)
-    assert params["Upscaler"] == "lanczos"
+    assert params["Postprocess upscaler"] == "Lanczos"
     assert "Model" not in params
 
 

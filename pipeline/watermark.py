@@ -1,0 +1,490 @@
+"""Visible and invisible watermarks, as pure image -> image functions (PIL in, PIL out).
+
+Invisible marks use the invisible-watermark package (`imwatermark`), imported lazily
+because it imports torch and OpenCV. Three methods:
+
+- `dwtDctSvd` (the default): survives JPEG down to quality 75 at 512 px (measured with
+  `bench/watermark_robustness.py`; the table is in the README).
+- `dwtDct`: the method the Stable Diffusion reference scripts use, kept for compatibility
+  (same algorithm, same strength). It is fragile: on detailed images it often does not
+  decode even from the unchanged image, and it does not survive JPEG 95.
+- `rivaGan`: a neural mark, offered only where `onnxruntime` is installed. It carries only
+  32 bits, so it holds a fingerprint of the payload instead of its text (see below).
+
+The payload is framed so that a reader who does not know it can still find it, and so
+that an unmarked image decodes as None rather than as garbage. For the DWT methods the
+mark is `FRAME_BITS` = 96 bits:
+
+    payload, UTF-8, zero-padded to PAYLOAD_MAX_BYTES (10) | 16-bit check (keyed CRC-32)
+
+The payload comes first and in the clear, so a plain `imwatermark.WatermarkDecoder
+("bytes", 96)` reads it too (dwtDctSvd with `scales=[0, 48, 0]`, dwtDct with the
+defaults). A decoded frame counts only when its check matches and its text is printable
+with nothing but zero bytes after it. Payloads longer than 10 bytes are refused, not
+truncated: the manifest must record what is really in the image.
+
+96 bits and the dwtDctSvd strength 48 (the library's default is 36) come from the
+measurement: at 512 px the default strength carries 32 bits through JPEG 75 but not 64
+or 96; strength 48 carries 96 bits through JPEG 75 for 0.3 dB less... 1.3 dB less PSNR,
+all of it in the chroma (U) channel.
+
+rivaGan's model works on 256 x 256 frames (at 512 px it misses up to a fifth of the bits
+even from the unchanged image), so the mark is made on a 256 x 256 copy and the
+difference is scaled back up to the image's size; decoding scales the image down to
+256 x 256 first, which also makes the mark survive resizing. It is embedded in two
+passes (one pass left several bits wrong on detailed images). Its 32 bits hold a keyed
+CRC-32 of the payload: `decode_invisible` names a payload only when the image matches
+one of the payloads it was asked about (at most 2 bits off).
+
+Images under `MIN_SIDE_PX` (256) on either side are not marked: `embed_invisible`
+returns them unchanged with `embedded=False` and the reason. `too_small_reason` gives the
+same answer before any generation runs, so a job that demands a mark can be refused early.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from functools import cache
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+from PIL import Image, ImageColor, ImageDraw, ImageFont
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "DEFAULT_PAYLOAD",
+    "FRAME_BITS",
+    "METHODS",
+    "MIN_SIDE_PX",
+    "PAYLOAD_MAX_BYTES",
+    "POSITIONS",
+    "InvisibleMark",
+    "MarkResult",
+    "Method",
+    "Position",
+    "VisibleMark",
+    "apply_visible",
+    "available_methods",
+    "decode_invisible",
+    "embed_invisible",
+    "frame_bits",
+    "read_frame",
+    "too_small_reason",
+    "verify_invisible",
+]
+
+Method = Literal["dwtDct", "dwtDctSvd", "rivaGan"]
+Position = Literal["top-left", "top-right", "bottom-left", "bottom-right", "center"]
+METHODS: tuple[Method, ...] = get_args(Method)
+POSITIONS: tuple[Position, ...] = get_args(Position)
+
+DEFAULT_METHOD: Method = "dwtDctSvd"
+DEFAULT_PAYLOAD = "diffusiond"
+MIN_SIDE_PX = 256
+"""imwatermark refuses images under 256 x 256 pixels; we ask it of each side."""
+PAYLOAD_MAX_BYTES = 10
+FRAME_BITS = 96
+_CHECK_BITS = FRAME_BITS - 8 * PAYLOAD_MAX_BYTES
+_CHECK_KEY = b"diffusiond-mark-v1"
+"""Keys the check, so another tool's 96-bit mark does not pass as ours; v2 can coexist."""
+
+_DWT_SCALES: dict[str, list[int]] = {
+    # imwatermark's `scales` per YUV channel. dwtDct: the library default, as the SD
+    # reference scripts use it. dwtDctSvd: U channel only, stronger than the default 36
+    # so that 96 bits survive JPEG 75 (module docstring).
+    "dwtDct": [0, 36, 36],
+    "dwtDctSvd": [0, 48, 0],
+}
+_RIVAGAN_SIDE_PX = 256
+_RIVAGAN_BITS = 32
+_RIVAGAN_PASSES = 2
+_RIVAGAN_MAX_BIT_ERRORS = 2
+"""A random 32-bit word lands within 2 bits of a given fingerprint with p = 1.2e-7."""
+
+
+# --- invisible marks: options and result -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InvisibleMark:
+    """What to embed: `payload` text (at most 10 UTF-8 bytes, printable) and the method."""
+
+    payload: str = DEFAULT_PAYLOAD
+    method: Method = DEFAULT_METHOD
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"watermark method should be one of {', '.join(METHODS)} but is {self.method!r}")
+        if self.method == "rivaGan" and not _have_onnxruntime():
+            raise ValueError("watermark method 'rivaGan' needs onnxruntime, which is not installed "
+                             "(pip install onnxruntime), or choose dwtDctSvd")
+        _check_payload(self.payload)
+
+
+@dataclass(frozen=True)
+class MarkResult:
+    """What happened to one image; goes into the manifest as `to_dict()`."""
+
+    method: str
+    payload: str
+    embedded: bool
+    verified: bool
+    reason: str | None = None
+    """Why the mark is missing or did not verify; None when all went well."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def available_methods() -> tuple[Method, ...]:
+    """The methods this installation can embed and decode (rivaGan needs onnxruntime)."""
+    return METHODS if _have_onnxruntime() else tuple(m for m in METHODS if m != "rivaGan")
+
+
+def too_small_reason(width_px: int, height_px: int) -> str | None:
+    """Why an image of this size cannot carry an invisible mark, or None if it can.
+
+    Cheap and pure, so a job that demands a mark can be refused before generating.
+    """
+    if min(width_px, height_px) < MIN_SIDE_PX:
+        return (f"image is {width_px}x{height_px} px; an invisible watermark needs at least "
+                f"{MIN_SIDE_PX} px on each side")
+    return None
+
+
+# --- the frame -----------------------------------------------------------------------------
+
+
+def frame_bits(payload: str) -> list[int]:
+    """The 96 bits the DWT methods embed: padded payload, then a keyed 16-bit check."""
+    _check_payload(payload)
+    data = payload.encode("utf-8").ljust(PAYLOAD_MAX_BYTES, b"\0")
+    check = _check_value(data).to_bytes(_CHECK_BITS // 8, "big")
+    return [int(b) for b in np.unpackbits(np.frombuffer(data + check, dtype=np.uint8))]
+
+
+def read_frame(bits: Iterable[int]) -> str | None:
+    """The payload a 96-bit frame holds, or None when it is not a valid frame (noise)."""
+    bit_array = np.asarray(list(bits), dtype=np.uint8)
+    if bit_array.size != FRAME_BITS:
+        return None
+    raw = np.packbits(bit_array).tobytes()
+    data, check = raw[:PAYLOAD_MAX_BYTES], raw[PAYLOAD_MAX_BYTES:]
+    if int.from_bytes(check, "big") != _check_value(data):
+        return None
+    text_bytes = data.rstrip(b"\0")
+    if not text_bytes or b"\0" in text_bytes:
+        return None
+    try:
+        text = text_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() else None
+
+
+def _check_value(data: bytes) -> int:
+    return zlib.crc32(_CHECK_KEY + data) & ((1 << _CHECK_BITS) - 1)
+
+
+def _fingerprint_bits(payload: str) -> np.ndarray:
+    """rivaGan's 32 bits: a keyed CRC-32 of the payload (32 bits cannot hold the text)."""
+    value = zlib.crc32(_CHECK_KEY + b"/rivaGan/" + payload.encode("utf-8"))
+    return np.unpackbits(np.frombuffer(value.to_bytes(4, "big"), dtype=np.uint8))
+
+
+def _check_payload(payload: str) -> None:
+    if not isinstance(payload, str) or not payload:
+        raise ValueError(f"watermark payload should be non-empty text but is {payload!r}")
+    size = len(payload.encode("utf-8"))
+    if size > PAYLOAD_MAX_BYTES:
+        raise ValueError(f"watermark payload {payload!r} is {size} bytes in UTF-8; the invisible mark "
+                         f"carries at most {PAYLOAD_MAX_BYTES}")
+    if not payload.isprintable():
+        raise ValueError(f"watermark payload {payload!r} has control characters; use printable text")
+
+
+# --- invisible marks: embed, decode, verify -------------------------------------------------
+
+
+def embed_invisible(image: Image.Image, mark: InvisibleMark) -> tuple[Image.Image, MarkResult]:
+    """Embed `mark`, then decode it again to check it holds.
+
+    Returns RGB (RGBA when the input has alpha; the alpha is kept as it was). An image
+    under the minimum size comes back unchanged with `embedded=False` and the reason.
+    Verification is of the returned pixels: a lossy save (JPEG, WebP) can still lose the
+    mark, so check the saved file with `verify_invisible` when that matters.
+    """
+    # 1. Check the size
+    reason = too_small_reason(*image.size)
+    if reason is not None:
+        return image, MarkResult(mark.method, mark.payload, embedded=False, verified=False, reason=reason)
+
+    # 2. Embed into the colour channels
+    rgb, alpha = _split_alpha(image)
+    if mark.method == "rivaGan":
+        marked_rgb = _embed_rivagan(np.asarray(rgb), _fingerprint_bits(mark.payload))
+    else:
+        marked_rgb = _embed_dwt(np.asarray(rgb), mark.method, frame_bits(mark.payload))
+    marked = Image.fromarray(marked_rgb, "RGB")
+    if alpha is not None:
+        marked.putalpha(alpha)
+
+    # 3. Decode it again
+    verified = verify_invisible(marked, mark)
+    reason = None if verified else (
+        f"the {mark.method} mark did not decode right after embedding (this image's detail defeats it"
+        + ("; dwtDctSvd is the robust method)" if mark.method == "dwtDct" else ")"))
+    return marked, MarkResult(mark.method, mark.payload, embedded=True, verified=verified, reason=reason)
+
+
+def verify_invisible(image: Image.Image, mark: InvisibleMark) -> bool:
+    """Whether `image` carries `mark` (its method and payload)."""
+    if too_small_reason(*image.size) is not None:
+        return False
+    rgb = np.asarray(image.convert("RGB"))
+    if mark.method == "rivaGan":
+        return _rivagan_matches(_decode_rivagan(rgb), mark.payload)
+    return read_frame(_decode_dwt(rgb, mark.method)) == mark.payload
+
+
+def decode_invisible(
+    image: Image.Image, known_payloads: Iterable[str] = (DEFAULT_PAYLOAD,)
+) -> dict[str, str | None]:
+    """Each available method -> the payload it finds in `image`, or None.
+
+    The DWT methods read the payload from the image itself. rivaGan carries only a
+    fingerprint, so it can only name one of `known_payloads` (say, the configured one).
+    """
+    found: dict[str, str | None] = dict.fromkeys(available_methods())
+    if too_small_reason(*image.size) is not None:
+        return found
+    rgb = np.asarray(image.convert("RGB"))
+    for method in found:
+        if method == "rivaGan":
+            bits = _decode_rivagan(rgb)
+            found[method] = next((p for p in known_payloads if _rivagan_matches(bits, p)), None)
+        else:
+            found[method] = read_frame(_decode_dwt(rgb, method))
+    return found
+
+
+def _embed_dwt(rgb: np.ndarray, method: str, bits: list[int]) -> np.ndarray:
+    from imwatermark import WatermarkEncoder
+
+    encoder = WatermarkEncoder()
+    encoder.set_watermark("bits", bits)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    return np.ascontiguousarray(encoder.encode(bgr, method, scales=_DWT_SCALES[method])[..., ::-1])
+
+
+def _decode_dwt(rgb: np.ndarray, method: str) -> list[int]:
+    from imwatermark import WatermarkDecoder
+
+    decoder = WatermarkDecoder("bits", FRAME_BITS)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    return [int(b) for b in decoder.decode(bgr, method, scales=_DWT_SCALES[method])]
+
+
+def _embed_rivagan(rgb: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """Mark a 256 x 256 copy, then add the difference, scaled up, to the full image."""
+    import cv2
+    from imwatermark.rivaGan import RivaWatermark
+
+    _load_rivagan()
+    side = _RIVAGAN_SIDE_PX
+    small = cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA)
+    encoder = RivaWatermark(watermarks=[int(b) for b in bits], wmLen=_RIVAGAN_BITS)
+    marked = np.ascontiguousarray(small[..., ::-1])  # the model was trained on BGR frames
+    for _ in range(_RIVAGAN_PASSES):
+        marked = encoder.encode(marked)
+    difference = marked[..., ::-1].astype(np.float32) - small.astype(np.float32)
+    height, width = rgb.shape[:2]
+    difference = cv2.resize(difference, (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.clip(rgb.astype(np.float32) + difference, 0, 255).round().astype(np.uint8)
+
+
+def _decode_rivagan(rgb: np.ndarray) -> np.ndarray:
+    """The 32 decoded bits. The model outputs logits: threshold at 0 (imwatermark uses 0.52)."""
+    import cv2
+    from imwatermark.rivaGan import RivaWatermark
+
+    _load_rivagan()
+    small = cv2.resize(rgb, (_RIVAGAN_SIDE_PX, _RIVAGAN_SIDE_PX), interpolation=cv2.INTER_AREA)
+    frame = small[..., ::-1].astype(np.float32)[None] / 127.5 - 1.0  # (1, H, W, C) BGR in [-1, 1]
+    frame = frame.transpose(3, 0, 1, 2)[None]  # (N=1, C, L=1, H, W)
+    logits = RivaWatermark.decoder.run(None, {"frame": frame})[0][0]
+    return (logits > 0).astype(np.uint8)
+
+
+def _rivagan_matches(bits: np.ndarray, payload: str) -> bool:
+    return int(np.sum(bits != _fingerprint_bits(payload))) <= _RIVAGAN_MAX_BIT_ERRORS
+
+
+@cache
+def _load_rivagan() -> None:
+    from imwatermark.rivaGan import RivaWatermark
+
+    RivaWatermark.loadModel()
+
+
+@cache
+def _have_onnxruntime() -> bool:
+    return find_spec("onnxruntime") is not None
+
+
+def _split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return rgba.convert("RGB"), rgba.getchannel("A")
+    return image.convert("RGB"), None
+
+
+# --- visible marks -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VisibleMark:
+    """A text label or a logo drawn on the image.
+
+    `size` is a fraction of the image's shorter side: the text's height, or the logo's
+    width. `margin` is a fraction of the shorter side too. `opacity` 0 draws nothing.
+    """
+
+    text: str | None = None
+    logo: Path | None = None
+    position: Position = "bottom-right"
+    size: float = 0.05
+    margin: float = 0.02
+    opacity: float = 0.8
+    color: str = "white"
+    outline_color: str | None = "black"
+    """Draws a thin outline around the text so it reads on light and dark images alike."""
+    font: Path | None = None
+    """A TrueType/OpenType file; None = Pillow's built-in scalable font (Latin only)."""
+
+    def __post_init__(self) -> None:
+        if (self.text is None) == (self.logo is None):
+            raise ValueError("a visible watermark needs either `text` or `logo`, not both and not neither")
+        if self.text is not None and not self.text.strip():
+            raise ValueError(f"visible watermark `text` should be non-empty but is {self.text!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"visible watermark `position` should be one of {', '.join(POSITIONS)} "
+                             f"but is {self.position!r}")
+        if not 0 < self.size <= 1:
+            raise ValueError(f"visible watermark `size` should be in (0, 1] (a fraction of the shorter side) "
+                             f"but is {self.size}")
+        if not 0 <= self.margin < 0.5:
+            raise ValueError(f"visible watermark `margin` should be in [0, 0.5) but is {self.margin}")
+        if not 0 <= self.opacity <= 1:
+            raise ValueError(f"visible watermark `opacity` should be in [0, 1] but is {self.opacity}")
+        for name in ("color", "outline_color"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    ImageColor.getrgb(value)
+                except ValueError:
+                    raise ValueError(f"visible watermark `{name}` should be a colour name or #rrggbb "
+                                     f"but is {value!r}") from None
+        for name in ("logo", "font"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"visible watermark `{name}` {str(path)!r} is not a file")
+        if self.logo is not None:
+            _load_logo(Path(self.logo))  # fail now, not on the first job
+
+
+def apply_visible(image: Image.Image, mark: VisibleMark) -> Image.Image:
+    """Draw `mark` on a copy of `image`; RGB out (RGBA when the input has alpha).
+
+    Apply it before the invisible mark, so that the invisible one is made on (and verified
+    against) the final pixels. Text too wide for the image is drawn smaller to fit.
+    """
+    rgb, alpha = _split_alpha(image)
+    base = rgb.convert("RGBA")
+    if mark.opacity > 0:
+        layer = _text_layer(base.size, mark) if mark.text is not None else _logo_layer(base.size, mark)
+        layer.putalpha(layer.getchannel("A").point(lambda a: round(a * mark.opacity)))
+        base = Image.alpha_composite(base, layer)
+    out = base.convert("RGB")
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out
+
+
+def _text_layer(size_px: tuple[int, int], mark: VisibleMark) -> Image.Image:
+    assert mark.text is not None
+    width, height = size_px
+    short_side = min(width, height)
+    margin_px = round(mark.margin * short_side)
+    font_px = max(6, round(mark.size * short_side))
+    font, stroke_px, box = _fit_text(mark, font_px, width - 2 * margin_px)
+    left, top, right, bottom = box
+    x, y = _place((right - left, bottom - top), size_px, mark.position, margin_px)
+    layer = Image.new("RGBA", size_px, (0, 0, 0, 0))
+    ImageDraw.Draw(layer).text(
+        (x - left, y - top), mark.text, font=font, fill=ImageColor.getrgb(mark.color),
+        stroke_width=stroke_px, stroke_fill=ImageColor.getrgb(mark.outline_color) if stroke_px else None,
+    )
+    return layer
+
+
+def _fit_text(
+    mark: VisibleMark, font_px: int, max_width_px: int
+) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, int, tuple[int, int, int, int]]:
+    """The font, outline width and text box; shrunk once if the text is wider than allowed."""
+    assert mark.text is not None
+    for _ in range(2):
+        font = _font(mark.font, font_px)
+        stroke_px = max(1, round(font_px / 16)) if mark.outline_color else 0
+        box = tuple(int(v) for v in font.getbbox(mark.text, stroke_width=stroke_px))
+        text_width = box[2] - box[0]
+        if text_width <= max_width_px or font_px <= 6:
+            break
+        font_px = max(6, int(font_px * max_width_px / text_width))
+    return font, stroke_px, box  # type: ignore[return-value]
+
+
+def _font(path: Path | None, size_px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    if path is not None:
+        return ImageFont.truetype(str(path), size_px)
+    return ImageFont.load_default(size=size_px)  # scalable (FreeType) since Pillow 10.1
+
+
+def _logo_layer(size_px: tuple[int, int], mark: VisibleMark) -> Image.Image:
+    assert mark.logo is not None
+    width, height = size_px
+    short_side = min(width, height)
+    margin_px = round(mark.margin * short_side)
+    logo = _load_logo(Path(mark.logo))
+    logo_w = max(1, round(mark.size * short_side))
+    logo_h = max(1, round(logo_w * logo.height / logo.width))
+    fit = min(1.0, (width - 2 * margin_px) / logo_w, (height - 2 * margin_px) / logo_h)
+    logo_w, logo_h = max(1, int(logo_w * fit)), max(1, int(logo_h * fit))
+    logo = logo.resize((logo_w, logo_h), Image.Resampling.LANCZOS)
+    layer = Image.new("RGBA", size_px, (0, 0, 0, 0))
+    layer.paste(logo, _place((logo_w, logo_h), size_px, mark.position, margin_px))
+    return layer
+
+
+def _load_logo(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as logo:
+            return logo.convert("RGBA")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"visible watermark `logo` {str(path)!r} is not a readable image: {exc}") from exc
+
+
+def _place(box_px: tuple[int, int], size_px: tuple[int, int], position: Position, margin_px: int) -> tuple[int, int]:
+    """Top-left corner of a box of `box_px` at `position`, `margin_px` from the edges."""
+    box_w, box_h = box_px
+    width, height = size_px
+    x = {"left": margin_px, "right": width - margin_px - box_w, "center": (width - box_w) // 2}
+    y = {"top": margin_px, "bottom": height - margin_px - box_h, "center": (height - box_h) // 2}
+    if position == "center":
+        return x["center"], y["center"]
+    vertical, horizontal = position.split("-")
+    return x[horizontal], y[vertical]
