@@ -95,6 +95,8 @@ class SettleTracker:
             return
         old = self._seen.get(path)
         if old is not None and (old.size, old.mtime_ns) == (st.st_size, st.st_mtime_ns):
+            if renamed:  # a scan may have seen it first: the rename still says it is complete
+                old.quiet_since = min(old.quiet_since, now - self.settle_s)
             return
         if renamed:
             quiet_since = now - self.settle_s

@@ -99,13 +99,17 @@ class Pairing:
                 for s, w in zip(specs, wanted, strict=True)
                 if needs_image(s) and (w is None or w not in stable_set)
             ]
-            # The same-stem sketch always travels with its job file, used or not, so it is archived with it.
-            wanted.append(_same_stem_image(path, stable_set.__contains__))
+            # The same-stem sketch always travels with its job file, used or not, so it is archived with it;
+            # one that is still being written is waited for like a needed image.
+            same_stem = _same_stem_image(path, present_set.__contains__)
+            unsettled_sketch = same_stem is not None and same_stem not in stable_set
+            wanted.append(same_stem)
             images = tuple(dict.fromkeys(w for w in wanted if w is not None and w in stable_set))
             reserved.update(w for w in wanted if w is not None)
-            if not missing:
+            waited_out = now - self._stable_since[path] >= self.pair_wait_s
+            if not missing and (not unsettled_sketch or waited_out):
                 intents.append(Intent(path, (path, *images)))
-            elif now - self._stable_since[path] >= self.pair_wait_s:
+            elif missing and waited_out:
                 problem = JobRejected(
                     f"the image {missing[0]!r} did not arrive within {self.pair_wait_s:g} s of the job file",
                     code=Code.MISSING_INPUT,

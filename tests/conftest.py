@@ -27,7 +27,7 @@ from diffusiond.daemon.config import Config, load_config
 from diffusiond.daemon.service import Daemon
 from diffusiond.pipeline.testmodel import TestModelPaths, make_test_model
 
-FAST_WATCH = {"settle_s": 0.3, "pair_wait_s": 1.0, "rescan_interval_s": 2.0, "poll_interval_s": 0.2}
+FAST_WATCH = {"settle_s": 0.3, "pair_wait_s": 2.0, "rescan_interval_s": 2.0, "poll_interval_s": 0.2}
 
 
 @pytest.fixture(scope="session")

@@ -125,7 +125,7 @@ def test_temp_and_os_files_are_left_alone(spool: Spool, daemon) -> None:
         (spool.inbox / name).write_text("prompt: never run\n")
     spool.drop("real.yaml", "prompt: run me\n")
     done(spool, 1)
-    time.sleep(1.5)  # past settle and pair wait: nothing else may have been claimed
+    time.sleep(2.5)  # past settle and pair wait: nothing else may have been claimed
     assert sorted(p.name for p in spool.inbox.iterdir() if p.is_file()) == sorted(ignored)
     assert len(spool.manifests()) == 1 and spool.reports() == []
 
@@ -205,5 +205,5 @@ def test_same_stem_image_travels_with_a_job_that_does_not_use_it(spool: Spool, d
     [manifest] = done(spool, 1)
     assert manifest["input_image"] is None
     wait_for(lambda: sorted(p.name for p in spool.archive.iterdir()) == ["poster.png", "poster.yaml"], what="archive")
-    time.sleep(1.5)  # past pair_wait_s: the image was not left behind as a bare image
+    time.sleep(2.5)  # past pair_wait_s: the image was not left behind as a bare image
     assert spool.reports() == []

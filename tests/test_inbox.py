@@ -341,3 +341,26 @@ def test_an_edited_job_file_is_parsed_again(inbox: Inbox) -> None:
     path = inbox.root / job
     os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns + 1_000_000_000))
     assert inbox.decide([job], now=0.5) == [Intent(job, (job,))]
+
+
+def test_a_rename_event_after_a_scan_still_makes_the_file_stable_at_once(tmp_path: Path) -> None:
+    """The startup scan can see a dropped file before its rename event is read."""
+    path = write(tmp_path / "poster.png")
+    tracker = SettleTracker(SETTLE_S)
+    tracker.touch(path, now=100.0)  # the scan: the mtime is fresh, so not quiet yet
+    assert tracker.stable(now=100.0) == []
+    tracker.touch(path, renamed=True, now=100.0)  # then the rename event for the same file
+    assert tracker.stable(now=100.0) == [path]
+
+
+def test_a_txt2img_job_file_waits_for_its_unsettled_sketch_then_goes_without_it(inbox: Inbox) -> None:
+    job = inbox.drop("poster.yaml", "prompt: text only\n")
+    image = inbox.drop("poster.png")
+    assert inbox.decide([job], now=0.0, present=[job, image]) == [], "the sketch is still being written"
+    assert inbox.decide([job, image], now=0.5) == [Intent(job, (job, image))]
+    # A sketch that never settles does not hold a job that does not need it for ever.
+    other = inbox.drop("other.yaml", "prompt: text only\n")
+    stuck = inbox.drop("other.png")
+    assert inbox.decide([other], now=10.0, present=[other, stuck]) == []
+    [intent] = inbox.decide([other], now=10.0 + PAIR_WAIT_S, present=[other, stuck])
+    assert intent == Intent(other, (other,))
