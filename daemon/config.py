@@ -16,7 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from diffusiond.pipeline.catalog import ModelEntry, kind_of_path, native_size
 from diffusiond.pipeline.errors import ConfigError, JobRejected
-from diffusiond.pipeline.job import TASKS, InvisibleWatermark, Limits, Rules, VisibleWatermark, validate_job
+from diffusiond.pipeline.job import (
+    TASKS,
+    InvisibleWatermark,
+    Limits,
+    Rules,
+    VisibleWatermark,
+    WatermarkSpec,
+    validate_job,
+)
+from diffusiond.pipeline.provenance import Marks, marks_for
 
 SYSTEM_CONFIG = Path("/etc/diffusiond/config.yaml")
 DEFAULT_SPOOL = Path("/var/lib/diffusiond/spool")
@@ -160,6 +169,16 @@ class Config(_Strict):
             raise ValueError("watermark.required is true but watermark.invisible is off")
         return self
 
+    def marks(self, job: WatermarkSpec) -> Marks:
+        """The marks a job's images get: the config's, with the job's `watermark:` laid over them."""
+        return marks_for(
+            job,
+            invisible=self.watermark.invisible,
+            visible=self.watermark.visible,
+            logo=self.watermark.logo,
+            required=self.watermark.required,
+        )
+
     @model_validator(mode="after")
     def _preload_known(self) -> Config:
         unknown = [name for name in self.preload if name not in self.models]
@@ -265,6 +284,14 @@ def load_config(path: Path | None = None, *, spool: Path | None = None) -> Confi
         spec.config = _clean(base / spec.config) if spec.config else None
     if config.watermark.logo is not None:
         config.watermark.logo = _clean(base / config.watermark.logo)
+        if not config.watermark.logo.is_file():
+            raise ConfigError(
+                f"watermark.logo {config.watermark.logo} is not a file",
+                path=str(path) if path else None,
+                field="watermark.logo",
+                value=str(config.watermark.logo),
+                fix="point watermark.logo at a PNG (with alpha) that exists",
+            )
     if config.state_dir is not None:
         config.state_dir = _clean(base / config.state_dir)
     config.check_jobs()

@@ -16,10 +16,11 @@ from typing import Any
 
 from diffusiond import __version__
 from diffusiond.daemon.fsutil import atomic_write
-from diffusiond.pipeline.errors import Code, JobFailed
+from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
 from diffusiond.pipeline.generate import Generated
 from diffusiond.pipeline.job import Job
-from diffusiond.pipeline.metadata import SUFFIXES, encode, infotext
+from diffusiond.pipeline.metadata import SUFFIXES, MetadataOptions, infotext, sidecar_files
+from diffusiond.pipeline.provenance import Marks, stamp
 
 
 def output_name(job: Job, number: int) -> str:
@@ -32,7 +33,9 @@ def manifest_path(outbox: Path, job: Job) -> Path:
 
 def discard_partial(outbox: Path, job: Job) -> None:
     """Remove what an interrupted run of this job left, so a re-run starts clean."""
-    names = [f"{job.job_id}.json", *(output_name(job, n) for n in range(1, job.spec.count + 1))]
+    images = [output_name(job, n) for n in range(1, job.spec.count + 1)]
+    sidecars = [f"{Path(name).stem}{suffix}" for name in images for suffix in (".txt", ".json")]
+    names = [f"{job.job_id}.json", *images, *sidecars]
     for name in names[1:]:
         (outbox / name).unlink(missing_ok=True)
     for name in names:  # atomic_write's temp files: `.<name>.<pid>.tmp`
@@ -46,8 +49,10 @@ def commit(
     generated: Generated,
     *,
     context: dict[str, Any],
+    marks: Marks,
+    options: MetadataOptions,
 ) -> dict[str, Any]:
-    """Write the images, then the manifest; returns the manifest.
+    """Stamp and write the images (and sidecars), then the manifest; returns the manifest.
 
     `context` holds what the daemon knows and the pipeline does not: input image
     and its hash, model path, device, claim time.
@@ -55,9 +60,10 @@ def commit(
     started = time.perf_counter()
     spec = job.spec
     record = {"job_id": job.job_id, "source": job.source, "index": job.index, "job": spec.model_dump(mode="json")}
+    # 1. Stamp every image in memory first: a failure here leaves nothing in the outbox.
+    files: list[tuple[str, bytes]] = []
     outputs = []
     try:
-        outbox.mkdir(parents=True, exist_ok=True)
         for number, (image, seed) in enumerate(zip(generated.images, generated.seeds, strict=True), start=1):
             parameters = infotext(
                 spec,
@@ -67,36 +73,50 @@ def commit(
                 sampler=generated.scheduler,
                 model_hash=generated.model_hash,
             )
-            data = encode(image, spec.output, parameters=parameters, record=record | {"seed": seed})
-            path = outbox / output_name(job, number)
-            atomic_write(path, data)
+            image_record = record | {"seed": seed}
+            stamped = stamp(
+                image, spec.output, marks, parameters=parameters, record=image_record, spec=spec, options=options
+            )
+            name = output_name(job, number)
+            files.append((name, stamped.data))
+            files += sidecar_files(name, parameters=parameters, record=image_record, options=options)
             outputs.append(
                 {
-                    "file": path.name,
-                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "file": name,
+                    "sha256": hashlib.sha256(stamped.data).hexdigest(),
                     "seed": seed,
                     "width": image.width,
                     "height": image.height,
+                    "watermark": stamped.watermark,
                 }
             )
-        manifest = {
-            "diffusiond": __version__,
-            **record,
-            "task": spec.task,
-            "seeds": generated.seeds,
-            "scheduler": generated.scheduler,
-            **context,
-            "timings": {
-                "load_s": round(generated.load_s, 4),
-                "generate_s": round(generated.generate_s, 4),
-                "write_s": round(time.perf_counter() - started, 4),
-            },
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "host": platform.node(),
-            "outputs": outputs,
-        }
+    except DiffusiondError as exc:
+        exc.path, exc.job_index = exc.path or job.source, exc.job_index or job.index
+        raise
+    manifest = {
+        "diffusiond": __version__,
+        **record,
+        "task": spec.task,
+        "seeds": generated.seeds,
+        "scheduler": generated.scheduler,
+        **context,
+        "timings": {
+            "load_s": round(generated.load_s, 4),
+            "generate_s": round(generated.generate_s, 4),
+            "stamp_s": round(time.perf_counter() - started, 4),
+        },
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        "outputs": outputs,
+    }
+    # 2. Write each file atomically, then the manifest last.
+    try:
+        outbox.mkdir(parents=True, exist_ok=True)
+        for name, data in files:
+            atomic_write(outbox / name, data)
         atomic_write(manifest_path(outbox, job), json.dumps(manifest, indent=1, ensure_ascii=False).encode())
     except OSError as exc:
+        discard_partial(outbox, job)
         raise JobFailed(
             f"cannot write the results to {outbox}: {exc}",
             code=Code.OUTPUT_FAILED,

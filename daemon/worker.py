@@ -22,6 +22,7 @@ from diffusiond.pipeline.batch import Cancelled, StepHook
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
 from diffusiond.pipeline.generate import Generated, generate
 from diffusiond.pipeline.hashing import file_sha256
+from diffusiond.pipeline.metadata import MetadataOptions
 from diffusiond.pipeline.models import ModelCache
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,14 @@ def _run_batch(
             "batch_size": generated.batch_size,
         }
         try:
-            manifest = commit(config.outbox, job, generated, context=context)
+            manifest = commit(
+                config.outbox,
+                job,
+                generated,
+                context=context,
+                marks=config.marks(job.spec.watermark),
+                options=MetadataOptions(**config.metadata.model_dump()),
+            )
         except DiffusiondError as exc:
             outcomes.append((item, exc))
             continue

@@ -40,6 +40,8 @@ class Code(StrEnum):
     """The model could not be loaded."""
     GENERATION_FAILED = "generation_failed"
     """The pipeline raised while generating."""
+    WATERMARK_FAILED = "watermark_failed"
+    """The config requires the invisible watermark and this image could not carry it."""
     OUTPUT_FAILED = "output_failed"
     """The outputs could not be written (disk full, permissions)."""
     CONFIG = "config"
@@ -73,11 +75,9 @@ class DiffusiondError(Exception):
         self.value = value
 
     def __str__(self) -> str:
-        where = self.path or ""
-        if self.job_index is not None:
-            where += f" (job {self.job_index})"
+        where = " ".join(part for part in (self.path, f"(job {self.job_index})" if self.job_index else None) if part)
         if self.field:
-            where += f", field '{self.field}'"
+            where = f"{where}, field '{self.field}'" if where else f"field '{self.field}'"
         text = f"{where}: {self.message}" if where else self.message
         return f"{text}. Fix: {self.fix}" if self.fix else text
 

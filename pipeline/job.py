@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from diffusiond.pipeline.catalog import ModelKind, tasks_for
 from diffusiond.pipeline.errors import Code, JobRejected
@@ -80,6 +80,9 @@ class OutputSpec(BaseModel):
 
 
 WATERMARK_METHODS = ("dwtDct", "dwtDctSvd", "rivaGan")
+WATERMARK_PAYLOAD_MAX_BYTES = 10
+WATERMARK_MIN_SIDE_PX = 256
+"""Kept equal to pipeline/watermark.py's PAYLOAD_MAX_BYTES and MIN_SIDE_PX (a test checks it)."""
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
 
 
@@ -89,6 +92,17 @@ class InvisibleWatermark(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     text: str = Field("diffusiond", min_length=1)
     method: Literal["dwtDct", "dwtDctSvd", "rivaGan"] | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _fits(cls, value: str) -> str:
+        size = len(value.encode("utf-8"))
+        if size > WATERMARK_PAYLOAD_MAX_BYTES or not value.isprintable():
+            raise ValueError(
+                f"the invisible watermark carries at most {WATERMARK_PAYLOAD_MAX_BYTES} bytes of printable text "
+                f"(UTF-8); this is {size} bytes"
+            )
+        return value
 
 
 class VisibleWatermark(BaseModel):
@@ -301,6 +315,16 @@ def validate_job(
     except ValidationError as exc:
         raise _translate(exc, task, where) from exc
     _check_limits(spec, rules, where)
+    size = getattr(spec, "size", None)
+    if rules.watermark_required and size is not None and min(size) < WATERMARK_MIN_SIDE_PX:
+        raise JobRejected(
+            f"this daemon's config requires the invisible watermark, which needs at least {WATERMARK_MIN_SIDE_PX} px "
+            f"on each side; {size[0]}x{size[1]} is too small",
+            field="size",
+            value=f"{size[0]}x{size[1]}",
+            fix=f"make the image at least {WATERMARK_MIN_SIDE_PX}x{WATERMARK_MIN_SIDE_PX}",
+            **where,
+        )
     if rules.watermark_required and spec.watermark.invisible is False:
         raise JobRejected(
             "this daemon's config requires the invisible watermark; a job cannot turn it off",

@@ -47,7 +47,7 @@ def write_config(root: Path, test_models: TestModelPaths, **overrides: Any) -> P
         "watch": dict(FAST_WATCH),
     }
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict) and key != "models":
+        if isinstance(value, dict) and value and isinstance(data.get(key), dict) and key != "models":
             data[key] = data[key] | value
         else:
             data[key] = value

@@ -1,0 +1,113 @@
+"""Stamping one image with how it was made: visible mark, invisible mark, metadata, checked in the file.
+
+The order matters: the visible label is drawn first so the invisible mark is
+embedded over it and both hold; metadata goes in last, when the pixels are final;
+then the written bytes are decoded again, because a lossy format (JPEG, WebP) can
+lose a mark that held in memory.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from diffusiond.pipeline.errors import Code, JobFailed
+from diffusiond.pipeline.job import InvisibleWatermark, OutputSpec, Spec, VisibleWatermark, WatermarkSpec
+from diffusiond.pipeline.metadata import MetadataOptions, encode
+from diffusiond.pipeline.watermark import InvisibleMark, VisibleMark, apply_visible, embed_invisible, verify_invisible
+
+
+@dataclass(frozen=True)
+class Marks:
+    """The marks one job's images get, after the job's `watermark:` is laid over the config's."""
+
+    visible: VisibleMark | None
+    invisible: InvisibleMark | None
+    required: bool = False
+
+
+def marks_for(
+    job: WatermarkSpec,
+    *,
+    invisible: InvisibleWatermark | None,
+    visible: VisibleWatermark | None,
+    logo: Path | None = None,
+    required: bool = False,
+) -> Marks:
+    """The config's marks, with the job's own where it gives them (`false` turns one off)."""
+    chosen_invisible = invisible if job.invisible is None else (job.invisible or None)
+    chosen_visible = visible if job.visible is None else (job.visible or None)
+    if job.visible is None and visible is None and logo is not None:
+        chosen_visible = VisibleWatermark()  # a configured logo with default placement
+    invisible_mark = None
+    if chosen_invisible is not None:
+        method = chosen_invisible.method or (invisible.method if invisible else None) or "dwtDctSvd"
+        invisible_mark = InvisibleMark(payload=chosen_invisible.text, method=method)
+    visible_mark = None
+    if chosen_visible is not None:
+        use_logo = logo is not None and job.visible is None
+        visible_mark = VisibleMark(
+            text=None if use_logo else chosen_visible.text,
+            logo=logo if use_logo else None,
+            position=chosen_visible.position,
+            size=chosen_visible.size,
+            margin=chosen_visible.margin,
+            opacity=chosen_visible.opacity,
+        )
+    return Marks(visible_mark, invisible_mark, required)
+
+
+@dataclass(frozen=True)
+class Stamped:
+    data: bytes
+    """The image file's bytes."""
+    watermark: dict[str, Any]
+    """For the manifest: the visible mark drawn, and the invisible mark's method, payload and check."""
+
+
+def stamp(
+    image: Image.Image,
+    output: OutputSpec,
+    marks: Marks,
+    *,
+    parameters: str,
+    record: Mapping[str, Any],
+    spec: Spec,
+    options: MetadataOptions,
+) -> Stamped:
+    # 1. The visible mark, so the invisible one is embedded over it.
+    visible = None
+    if marks.visible is not None:
+        image = apply_visible(image, marks.visible)
+        label = {"text": marks.visible.text} if marks.visible.text else {"logo": str(marks.visible.logo)}
+        visible = label | {"position": marks.visible.position, "opacity": marks.visible.opacity}
+    # 2. The invisible mark, decoded again at once.
+    invisible = None
+    if marks.invisible is not None:
+        image, result = embed_invisible(image, marks.invisible)
+        invisible = result.to_dict()
+    # 3. Metadata, into the final pixels.
+    watermark = {"visible": visible, "invisible": invisible}
+    data = encode(
+        image, output, parameters=parameters, record=dict(record) | {"watermark": watermark}, spec=spec, options=options
+    )
+    # 4. The mark checked in the file as written (JPEG and WebP are lossy).
+    if invisible is not None and invisible["embedded"]:
+        with Image.open(io.BytesIO(data)) as written:
+            invisible["verified"] = verify_invisible(written, marks.invisible)
+        if not invisible["verified"]:
+            invisible["reason"] = invisible["reason"] or f"the mark did not survive encoding as {output.format}"
+    if marks.required and not (invisible and invisible["verified"]):
+        why = invisible["reason"] if invisible else "no invisible mark was chosen"
+        raise JobFailed(
+            f"the config requires an invisible watermark and this image does not carry one: {why}",
+            code=Code.WATERMARK_FAILED,
+            fix="make images of at least 256 px on each side, use png or a higher quality, "
+            "or set watermark.required: false in the config",
+        )
+    return Stamped(data, watermark)

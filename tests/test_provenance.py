@@ -1,0 +1,112 @@
+"""Provenance on the daemon's real outputs: what other tools read, and marks that survive re-saving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import Spool, start_daemon_thread, wait_for, write_config
+
+TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+
+
+def run_jobs(spool: Spool, jobs: dict[str, str], count: int) -> list[dict]:
+    for name, text in jobs.items():
+        spool.drop(name, text)
+    with start_daemon_thread(spool):
+        return wait_for(lambda: len(spool.manifests()) >= count and spool.manifests(), timeout_s=90, what="manifests")
+
+
+def test_invisible_mark_verifies_and_survives_jpeg_75_per_inspect(spool: Spool, tmp_path: Path) -> None:
+    [manifest] = run_jobs(spool, {"big.yaml": "prompt: a marked image\nsize: 512x512\nsteps: 2\nseed: 5\n"}, 1)
+    mark = manifest["outputs"][0]["watermark"]["invisible"]
+    assert mark == {"method": "dwtDctSvd", "payload": "diffusiond", "embedded": True, "verified": True, "reason": None}
+    resaved = tmp_path / "resaved.jpg"
+    Image.open(spool.outbox / manifest["outputs"][0]["file"]).convert("RGB").save(resaved, quality=75)
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusiond.daemon.cli", "inspect", "--json", str(resaved)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "diffusiond" in json.dumps(json.loads(result.stdout))
+
+
+def test_small_images_are_recorded_as_not_marked_with_the_reason(spool: Spool) -> None:
+    [manifest] = run_jobs(spool, {"small.yaml": "prompt: too small for a mark\n"}, 1)
+    mark = manifest["outputs"][0]["watermark"]["invisible"]
+    assert mark["embedded"] is False and mark["verified"] is False
+    assert "at least 256 px" in mark["reason"]
+
+
+def test_a_required_mark_fails_an_image_too_small_to_carry_it(spool: Spool, test_models) -> None:
+    write_config(spool.root, test_models, watermark={"required": True}, profiles={})
+    spool.drop("small.yaml", "prompt: too small\n")  # refused before it runs: its size is known
+    spool.drop("up.yaml", "task: upscale\nmethod: lanczos\nscale: 2\nimage: up.png\n")  # known only after
+    Image.new("RGB", (64, 64), (90, 120, 30)).save(spool.inbox / ".up.png.part", format="PNG")
+    (spool.inbox / ".up.png.part").rename(spool.inbox / "up.png")
+    with start_daemon_thread(spool):
+        reports = wait_for(lambda: len(spool.reports()) == 2 and spool.reports(), what="two error reports")
+    by_file = {r["file"]: r for r in reports}
+    assert by_file["small.yaml"]["code"] == "invalid_field" and by_file["small.yaml"]["field"] == "size"
+    assert by_file["up.yaml"]["code"] == "watermark_failed" and "256" in by_file["up.yaml"]["fix"]
+    assert spool.visible_outputs() == [], "a failed job leaves no image behind"
+
+
+def test_the_visible_label_lands_in_its_corner(spool: Spool) -> None:
+    plain = "prompt: same\nseed: 8\nsize: 256x256\nsteps: 2\nwatermark: {invisible: false}\n"
+    labelled = plain.replace("{invisible: false}", "{invisible: false, visible: {text: AI, position: top-left}}")
+    manifests = run_jobs(spool, {"plain.yaml": plain, "labelled.yaml": labelled}, 2)
+    by_source = {m["source"]: m for m in manifests}
+    images = {
+        k: np.asarray(Image.open(spool.outbox / m["outputs"][0]["file"]), dtype=int) for k, m in by_source.items()
+    }
+    changed = np.abs(images["plain.yaml"] - images["labelled.yaml"]).sum(axis=2) > 0
+    assert changed[:64, :128].any(), "the label is in the top-left corner"
+    assert not changed[128:, 128:].any(), "and nowhere near the opposite corner"
+    assert by_source["labelled.yaml"]["outputs"][0]["watermark"]["visible"]["text"] == "AI"
+
+
+def test_prompt_readers_and_exiftool_read_the_daemons_files(spool: Spool) -> None:
+    from sd_parsers import ParserManager
+
+    jobs = {
+        "png.yaml": "prompt: a red fox\nnegative_prompt: blurry\nseed: 11\nsteps: 3\nscheduler: euler_a\n",
+        "jpg.yaml": "prompt: a blue fox\nseed: 12\nsteps: 3\noutput: {format: jpeg}\n",
+    }
+    manifests = {m["source"]: m for m in run_jobs(spool, jobs, 2)}
+    png = spool.outbox / manifests["png.yaml"]["outputs"][0]["file"]
+    info = ParserManager().parse(Image.open(png))
+    assert info.full_prompt == "a red fox" and info.full_negative_prompt == "blurry"
+    sampler = next(iter(info.samplers))
+    assert sampler.name == "Euler a" and sampler.parameters["seed"] == "11" and sampler.parameters["steps"] == "3"
+    if shutil.which("exiftool") is None:
+        pytest.skip("exiftool is not installed (apt-get install libimage-exiftool-perl); .ci/run installs it")
+    for manifest in manifests.values():
+        path = spool.outbox / manifest["outputs"][0]["file"]
+        tags = json.loads(subprocess.run(["exiftool", "-j", "-a", str(path)], capture_output=True, text=True).stdout)[0]
+        assert tags["DigitalSourceType"] == TRAINED
+        assert tags["CreatorTool"].startswith("diffusiond")
+
+
+def test_image_bytes_differ_only_by_what_was_asked(spool: Spool, test_models) -> None:
+    """Turning the metadata parts off leaves a plain image that carries none of them."""
+    write_config(spool.root, test_models, metadata={"parameters": False, "record": False, "xmp": False, "exif": False})
+    [manifest] = run_jobs(spool, {"bare.yaml": "prompt: nothing embedded\n"}, 1)
+    with Image.open(spool.outbox / manifest["outputs"][0]["file"]) as image:
+        assert not {"parameters", "diffusiond", "XML:com.adobe.xmp"} & set(image.info)
+
+
+def test_the_schema_knows_the_marks_limits() -> None:
+    from diffusiond.pipeline import job, watermark
+
+    assert job.WATERMARK_PAYLOAD_MAX_BYTES == watermark.PAYLOAD_MAX_BYTES
+    assert job.WATERMARK_MIN_SIDE_PX == watermark.MIN_SIDE_PX
