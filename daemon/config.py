@@ -9,7 +9,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,7 +25,11 @@ from diffusiond.pipeline.job import (
     WatermarkSpec,
     validate_job,
 )
+from diffusiond.pipeline.metadata import MetadataOptions
 from diffusiond.pipeline.provenance import Marks, marks_for
+
+if TYPE_CHECKING:
+    from diffusiond.pipeline.c2pa_sign import C2paConfig
 
 SYSTEM_CONFIG = Path("/etc/diffusiond/config.yaml")
 DEFAULT_SPOOL = Path("/var/lib/diffusiond/spool")
@@ -97,6 +101,20 @@ class MetadataConfig(_Strict):
     """EXIF Software and ImageDescription (JPEG, WebP)."""
     sidecar: Literal["none", "txt", "json"] = "none"
     """Also write the infotext (`.txt`) or the record (`.json`) beside each image."""
+    c2pa: C2paSettings | None = None
+    """Content credentials signed after all other metadata is written (so the signature covers it)."""
+
+
+class C2paSettings(_Strict):
+    """Sign each image with C2PA content credentials (needs the `c2pa` extra)."""
+
+    cert_chain: Path
+    """PEM: the signing certificate first, then its intermediates."""
+    private_key: Path
+    """PEM (PKCS#8) key of the signing certificate."""
+    algorithm: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = "es256"
+    tsa_url: str | None = None
+    """A time-stamping authority; none by default (diffusiond makes no network calls of its own)."""
 
 
 class LimitsConfig(_Strict):
@@ -168,6 +186,18 @@ class Config(_Strict):
         if self.watermark.required and self.watermark.invisible is None:
             raise ValueError("watermark.required is true but watermark.invisible is off")
         return self
+
+    def metadata_options(self) -> MetadataOptions:
+        return MetadataOptions(**self.metadata.model_dump(exclude={"c2pa"}))
+
+    def c2pa(self) -> C2paConfig | None:
+        """The signer settings, or None when images are not signed."""
+        settings = self.metadata.c2pa
+        if settings is None:
+            return None
+        from diffusiond.pipeline.c2pa_sign import C2paConfig
+
+        return C2paConfig(settings.cert_chain, settings.private_key, settings.algorithm, settings.tsa_url)
 
     def marks(self, job: WatermarkSpec) -> Marks:
         """The marks a job's images get: the config's, with the job's `watermark:` laid over them."""
@@ -282,6 +312,21 @@ def load_config(path: Path | None = None, *, spool: Path | None = None) -> Confi
     for spec in config.models.values():
         spec.path = _clean(base / spec.path)
         spec.config = _clean(base / spec.config) if spec.config else None
+    if config.metadata.c2pa is not None:
+        settings = config.metadata.c2pa
+        settings.cert_chain, settings.private_key = (
+            _clean(base / settings.cert_chain),
+            _clean(base / settings.private_key),
+        )
+        for name in ("cert_chain", "private_key"):
+            if not getattr(settings, name).is_file():
+                raise ConfigError(
+                    f"metadata.c2pa.{name} {getattr(settings, name)} is not a file",
+                    path=str(path) if path else None,
+                    field=f"metadata.c2pa.{name}",
+                    value=str(getattr(settings, name)),
+                    fix="point it at the PEM file, or remove metadata.c2pa to write images unsigned",
+                )
     if config.watermark.logo is not None:
         config.watermark.logo = _clean(base / config.watermark.logo)
         if not config.watermark.logo.is_file():

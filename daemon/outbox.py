@@ -12,7 +12,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffusiond import __version__
 from diffusiond.daemon.fsutil import atomic_write
@@ -21,6 +21,9 @@ from diffusiond.pipeline.generate import Generated
 from diffusiond.pipeline.job import Job
 from diffusiond.pipeline.metadata import SUFFIXES, MetadataOptions, infotext, sidecar_files
 from diffusiond.pipeline.provenance import Marks, stamp
+
+if TYPE_CHECKING:
+    from diffusiond.pipeline.c2pa_sign import C2paConfig
 
 
 def output_name(job: Job, number: int) -> str:
@@ -51,6 +54,7 @@ def commit(
     context: dict[str, Any],
     marks: Marks,
     options: MetadataOptions,
+    c2pa: C2paConfig | None = None,
 ) -> dict[str, Any]:
     """Stamp and write the images (and sidecars), then the manifest; returns the manifest.
 
@@ -75,7 +79,14 @@ def commit(
             )
             image_record = record | {"seed": seed}
             stamped = stamp(
-                image, spec.output, marks, parameters=parameters, record=image_record, spec=spec, options=options
+                image,
+                spec.output,
+                marks,
+                parameters=parameters,
+                record=image_record,
+                spec=spec,
+                options=options,
+                c2pa=c2pa,
             )
             name = output_name(job, number)
             files.append((name, stamped.data))

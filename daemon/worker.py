@@ -22,7 +22,6 @@ from diffusiond.pipeline.batch import Cancelled, StepHook
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
 from diffusiond.pipeline.generate import Generated, generate
 from diffusiond.pipeline.hashing import file_sha256
-from diffusiond.pipeline.metadata import MetadataOptions
 from diffusiond.pipeline.models import ModelCache
 
 log = logging.getLogger(__name__)
@@ -123,7 +122,8 @@ def _run_batch(
                 generated,
                 context=context,
                 marks=config.marks(job.spec.watermark),
-                options=MetadataOptions(**config.metadata.model_dump()),
+                options=config.metadata_options(),
+                c2pa=config.c2pa(),
             )
         except DiffusiondError as exc:
             outcomes.append((item, exc))

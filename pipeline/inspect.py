@@ -82,7 +82,36 @@ def _inspect(path: Path, image: Image.Image) -> dict[str, Any]:
 
     # 5. The invisible watermark.
     report["watermark"] = _decode_watermark(image)
+
+    # 6. C2PA content credentials, where c2pa-python is installed.
+    report["c2pa"] = _guarded(problems, "C2PA", lambda: _c2pa(path, image.format))
     return report
+
+
+def _c2pa(path: Path, image_format: str | None) -> dict[str, Any] | None:
+    """The active C2PA manifest's state and first action, or None (none there, or c2pa not installed)."""
+    from diffusiond.pipeline import c2pa_sign
+
+    fmt = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}.get(image_format or "")
+    if fmt is None or not c2pa_sign.available():
+        return None
+    manifest = c2pa_sign.read_manifest(path.read_bytes(), fmt)
+    if manifest is None:
+        return None
+    actions = [
+        action
+        for assertion in manifest.get("assertions", [])
+        if str(assertion.get("label", "")).startswith("c2pa.actions")
+        for action in assertion.get("data", {}).get("actions", [])
+    ]
+    return {
+        "state": manifest.get("validation_state"),
+        "failures": [
+            item.get("code") if isinstance(item, dict) else item for item in manifest.get("validation_status", [])
+        ],
+        "action": actions[0].get("action") if actions else None,
+        "digital_source_type": actions[0].get("digitalSourceType") if actions else None,
+    }
 
 
 def _guarded(problems: list[str], what: str, read: Any) -> Any:
@@ -161,6 +190,10 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  EXIF {key.replace('_', ' ')}: {first}")
     for problem in report["problems"]:
         lines.append(f"  unreadable part: {problem}")
+    if report.get("c2pa"):
+        c2pa = report["c2pa"]
+        failures = ", ".join(c2pa["failures"]) or "none"
+        lines.append(f"  C2PA: {c2pa['state']} ({c2pa['action']}; failed checks: {failures})")
     mark = report["watermark"]
     if mark["status"] in ("unavailable", "error"):
         lines.append(f"  watermark: {mark['status']} ({mark['detail']})")

@@ -12,14 +12,17 @@ import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from diffusiond.pipeline.errors import Code, JobFailed
 from diffusiond.pipeline.job import InvisibleWatermark, OutputSpec, Spec, VisibleWatermark, WatermarkSpec
-from diffusiond.pipeline.metadata import MetadataOptions, encode
+from diffusiond.pipeline.metadata import MetadataOptions, digital_source_type, encode
 from diffusiond.pipeline.watermark import InvisibleMark, VisibleMark, apply_visible, embed_invisible, verify_invisible
+
+if TYPE_CHECKING:
+    from diffusiond.pipeline.c2pa_sign import C2paConfig
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ def stamp(
     record: Mapping[str, Any],
     spec: Spec,
     options: MetadataOptions,
+    c2pa: C2paConfig | None = None,
 ) -> Stamped:
     # 1. The visible mark, so the invisible one is embedded over it.
     visible = None
@@ -102,6 +106,25 @@ def stamp(
             invisible["verified"] = verify_invisible(written, marks.invisible)
         if not invisible["verified"]:
             invisible["reason"] = invisible["reason"] or f"the mark did not survive encoding as {output.format}"
+    # 5. Content credentials last: the signature covers the pixels and every metadata chunk above.
+    if c2pa is not None:
+        from diffusiond.pipeline.c2pa_sign import sign
+
+        try:
+            data = sign(
+                data,
+                output.format,
+                config=c2pa,
+                title=str(record.get("job_id", "diffusiond image")),
+                source_type=digital_source_type(spec.task, getattr(spec, "method", None)),
+                composite=spec.task != "txt2img",
+            )
+        except ValueError as exc:
+            raise JobFailed(
+                f"C2PA signing failed: {exc}",
+                code=Code.OUTPUT_FAILED,
+                fix="check metadata.c2pa's certificate chain and key (see README, Provenance)",
+            ) from exc
     if marks.required and not (invisible and invisible["verified"]):
         why = invisible["reason"] if invisible else "no invisible mark was chosen"
         raise JobFailed(

@@ -110,3 +110,24 @@ def test_the_schema_knows_the_marks_limits() -> None:
 
     assert job.WATERMARK_PAYLOAD_MAX_BYTES == watermark.PAYLOAD_MAX_BYTES
     assert job.WATERMARK_MIN_SIDE_PX == watermark.MIN_SIDE_PX
+
+
+def test_c2pa_signed_outputs_carry_a_valid_created_action(spool: Spool, test_models, tmp_path: Path) -> None:
+    pytest.importorskip("c2pa", reason="c2pa-python is not installed (the optional `c2pa` extra)")
+    from tests.test_c2pa import make_chain
+
+    chain, key = make_chain(tmp_path / "c2pa")
+    write_config(spool.root, test_models, metadata={"c2pa": {"cert_chain": str(chain), "private_key": str(key)}})
+    [manifest] = run_jobs(spool, {"signed.yaml": "prompt: signed\nseed: 3\n"}, 1)
+    path = spool.outbox / manifest["outputs"][0]["file"]
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusiond.daemon.cli", "inspect", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    [report] = json.loads(result.stdout)
+    assert report["c2pa"]["state"] == "Valid" and report["c2pa"]["failures"] == ["signingCredential.untrusted"]
+    assert report["c2pa"]["action"] == "c2pa.created"
+    assert report["c2pa"]["digital_source_type"] == TRAINED
+    assert report["parsed"]["settings"]["Seed"] == "3", "metadata written before signing is still there"
