@@ -92,8 +92,8 @@ def _key_pem(key: Any) -> bytes:
     )
 
 
-def make_chain(folder: Path) -> tuple[Path, Path]:
-    """A throwaway chain: (chain.pem with leaf then root, signer.key)."""
+def make_chain(folder: Path) -> tuple[Path, Path, bytes]:
+    """A throwaway chain: chain.pem (leaf, then root), signer.key, and the root's PEM for a trust list."""
     folder.mkdir(parents=True, exist_ok=True)
     root_key = ec.generate_private_key(ec.SECP256R1())
     root = _certificate("diffusiond test root", root_key, _name("diffusiond test root"), root_key, ca=True)
@@ -101,20 +101,14 @@ def make_chain(folder: Path) -> tuple[Path, Path]:
     leaf = _certificate("diffusiond test signer", leaf_key, root.subject, root_key, ca=False)
     (folder / "chain.pem").write_bytes(_pem(leaf) + _pem(root))
     (folder / "signer.key").write_bytes(_key_pem(leaf_key))
-    return folder / "chain.pem", folder / "signer.key"
+    return folder / "chain.pem", folder / "signer.key", _pem(root)
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[C2paConfig, bytes]:
     """A signer config (leaf + root in the chain file) and the root's PEM, for a trust list."""
-    folder = tmp_path_factory.mktemp("c2pa")
-    root_key = ec.generate_private_key(ec.SECP256R1())
-    root = _certificate("diffusiond test root", root_key, _name("diffusiond test root"), root_key, ca=True)
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf = _certificate("diffusiond test signer", leaf_key, root.subject, root_key, ca=False)
-    (folder / "chain.pem").write_bytes(_pem(leaf) + _pem(root))
-    (folder / "signer.key").write_bytes(_key_pem(leaf_key))
-    return C2paConfig(cert_chain=folder / "chain.pem", private_key=folder / "signer.key"), _pem(root)
+    cert_chain, key, root = make_chain(tmp_path_factory.mktemp("c2pa"))
+    return C2paConfig(cert_chain=cert_chain, private_key=key), root
 
 
 def _image() -> Image.Image:

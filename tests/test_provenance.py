@@ -116,7 +116,7 @@ def test_c2pa_signed_outputs_carry_a_valid_created_action(spool: Spool, test_mod
     pytest.importorskip("c2pa", reason="c2pa-python is not installed (the optional `c2pa` extra)")
     from tests.test_c2pa import make_chain
 
-    chain, key = make_chain(tmp_path / "c2pa")
+    chain, key, _root = make_chain(tmp_path / "c2pa")
     write_config(spool.root, test_models, metadata={"c2pa": {"cert_chain": str(chain), "private_key": str(key)}})
     [manifest] = run_jobs(spool, {"signed.yaml": "prompt: signed\nseed: 3\n"}, 1)
     path = spool.outbox / manifest["outputs"][0]["file"]
