@@ -1,4 +1,4 @@
-"""`diffusiond` subcommands: run, submit, validate, init, make-test-model."""
+"""`diffusiond` subcommands: run, submit, validate, inspect, init, make-test-model."""
 
 from __future__ import annotations
 

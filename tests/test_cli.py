@@ -29,7 +29,7 @@ def cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess
 
 
 def test_help_for_every_command() -> None:
-    for command in ([], ["run"], ["submit"], ["validate"], ["init"], ["make-test-model"]):
+    for command in ([], ["run"], ["submit"], ["validate"], ["inspect"], ["init"], ["make-test-model"]):
         result = cli(*command, "--help")
         assert result.returncode == 0 and "usage: diffusiond" in result.stdout
 
