@@ -131,3 +131,11 @@ def test_c2pa_signed_outputs_carry_a_valid_created_action(spool: Spool, test_mod
     assert report["c2pa"]["action"] == "c2pa.created"
     assert report["c2pa"]["digital_source_type"] == TRAINED
     assert report["parsed"]["settings"]["Seed"] == "3", "metadata written before signing is still there"
+
+
+def test_a_mark_lost_by_lossy_encoding_is_reported_not_claimed(spool: Spool) -> None:
+    job = "prompt: crushed\nsize: 512x512\nsteps: 2\nseed: 5\noutput: {format: jpeg, quality: 20}\n"
+    [manifest] = run_jobs(spool, {"crushed.yaml": job}, 1)
+    mark = manifest["outputs"][0]["watermark"]["invisible"]
+    assert mark["embedded"] is True and mark["verified"] is False
+    assert "did not survive encoding as jpeg" in mark["reason"]
