@@ -21,6 +21,7 @@ from diffusiond.daemon.claim import Claim, claim
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
 from diffusiond.daemon.pairing import Pairing
+from diffusiond.daemon.systemd import Notifier
 from diffusiond.daemon.worker import Worker
 from diffusiond.pipeline.errors import Code, JobRejected
 from diffusiond.pipeline.models import ModelCache, resolve_device, resolve_dtype
@@ -39,6 +40,7 @@ class Daemon:
         self.ready = threading.Event()
         """Set once the watcher runs, preloaded models are loaded and leftover claims are queued."""
         self.cache: ModelCache | None = None
+        self.notifier = Notifier()
         # Enough claims queued ahead to fill a batch.
         self._prefetch = max(config.prefetch, config.batch_size)
 
@@ -75,17 +77,29 @@ class Daemon:
             "watching %s (device %s, %s mode), results in %s", config.inbox, device, config.watch.mode, config.outbox
         )
         self.ready.set()
+        self.notifier.ready(self._status(worker))
         try:
             # 3. Loop: events → settle → pair → claim, while the worker has room.
             self._loop(watcher, worker)
         finally:
             # 4. Teardown: no more claims, queued ones back to the inbox, the running one finishes.
+            self.notifier.stopping("stopping: finishing the running job, putting queued ones back")
             watcher.stop()
             self._release_queued()
             self.claims.put(None)
             worker.join()
         log.info("stopped: %d claims finished, %d failed", worker.finished, worker.failed)
+        self.notifier.close()
         return 0
+
+    def _status(self, worker: Worker) -> str:
+        """One line for `systemctl status`: what runs, how far, how much waits."""
+        queued = self.claims.qsize()
+        running = [claim.source for claim in worker.current]
+        if not running:
+            return f"idle, watching {self.config.inbox}" + (f"; {queued} queued" if queued else "")
+        step = f" (step {worker.progress[0]} of {worker.progress[1]})" if worker.progress else ""
+        return f"running {', '.join(running)}{step}; {queued} queued; {worker.finished} done, {worker.failed} failed"
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.stop.is_set():
@@ -105,6 +119,7 @@ class Daemon:
             read_text=self._read_job_text,
         )
         next_scan = 0.0
+        last_status, last_status_s = "", 0.0
         while not self.stop.is_set():
             wait_s = 0.05 if tracker.pending() else 0.5
             for change in watcher.next_changes(timeout_s=wait_s):
@@ -119,6 +134,10 @@ class Daemon:
                 next_scan = now + config.watch.rescan_interval_s
             if self.claims.qsize() < self._prefetch:
                 self._claim_ready(tracker, pairing, now)
+            status = self._status(worker)
+            if status != last_status and now - last_status_s >= 0.5:
+                self.notifier.status(status)
+                last_status, last_status_s = status, now
             if self.oneshot and not tracker.pending() and worker.idle:
                 return
 
