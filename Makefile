@@ -43,3 +43,14 @@ lint: setup
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache
+
+# A system service under /opt/diffusiond (README.md, "Running as a service"); run as root.
+# e.g. `sudo make install INSTALL_ARGS="--gpus 0,1"`; the CUDA torch from PyPI unless INSTALL_TORCH says otherwise.
+INSTALL_TORCH ?= torch
+INSTALL_ARGS ?=
+.PHONY: install uninstall
+install:
+	TORCH="$(INSTALL_TORCH)" systemd/install.sh $(INSTALL_ARGS)
+
+uninstall:
+	systemd/install.sh --uninstall $(INSTALL_ARGS)

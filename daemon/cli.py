@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="watch the inbox and run jobs until stopped")
     _config_args(run)
     run.add_argument("--oneshot", action="store_true", help="run what is in the inbox now, then exit")
+    run.add_argument("--device", help="override the config's device (e.g. cuda:1, for one instance per GPU)")
+    run.add_argument("--instance", help="override the config's instance name (names work/<instance>/)")
+    run.add_argument("--state-dir", type=Path, help="override the config's state_dir")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     submit = commands.add_parser("submit", help="drop a job file (and its images) into the inbox atomically")
@@ -71,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     inspect_cmd.add_argument("files", type=Path, nargs="+", metavar="FILE")
     inspect_cmd.add_argument("--json", action="store_true", help="print a JSON list, one object per file")
 
+    status = commands.add_parser(
+        "status", help="what the daemon is doing; exit 0 running, 1 not running (or gone), 2 no status file"
+    )
+    _config_args(status)
+    status.add_argument("--state-dir", type=Path, help="the state_dir the daemon was run with (`run --state-dir`)")
+    status.add_argument("--json", action="store_true", help="print status.json as it is")
+
     args = parser.parse_args(argv)
     try:
         return {
@@ -80,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             "init": _init,
             "make-test-model": _make_test_model,
             "inspect": _inspect,
+            "status": _status,
         }[args.command](args)
     except DiffusiondError as exc:
         print(f"diffusiond: {exc}", file=sys.stderr)
@@ -97,10 +108,19 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = _load(args)
+    overrides = {
+        "device": args.device,
+        "instance": args.instance,
+        "state_dir": str(args.state_dir.absolute()) if args.state_dir else None,
+    }
+
+    def load() -> Config:
+        return load_config(args.config, spool=args.spool, overrides=overrides)
+
+    config = load()
     from diffusiond.daemon.service import Daemon  # imports torch: only for `run`
 
-    return Daemon(config, oneshot=args.oneshot).run()
+    return Daemon(config, oneshot=args.oneshot, reload_config=load).run()
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -245,6 +265,25 @@ def _inspect(args: argparse.Namespace) -> int:
     if unreadable:
         return 2
     return 0 if all(watermark_found(report) for report in reports) else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    """Exit 0: the daemon runs; 1: it stopped, or its pid is gone; 2: no status file for this config."""
+    from diffusiond.daemon.status import STATUS_FILE, format_status, is_running
+
+    path = (args.state_dir.absolute() if args.state_dir else _load(args).state) / STATUS_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+        status = json.loads(text)
+    except FileNotFoundError:
+        print(f"diffusiond: no status at {path}; is the daemon running with this config (or --spool)?", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"diffusiond: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    running = is_running(status)
+    print(text.rstrip("\n") if args.json else format_status(status, running=running))
+    return 0 if running else 1
 
 
 if __name__ == "__main__":

@@ -155,6 +155,8 @@ class Config(_Strict):
     metadata: MetadataConfig = MetadataConfig()
     watch: Watch = Watch()
     on_success: Literal["archive", "delete"] = "archive"
+    job_stall_s: float = Field(600.0, gt=0)
+    """A running job that finishes no step for this long counts as hung: systemd watchdog pings stop."""
     prefetch: int = Field(2, ge=1)
     """Jobs claimed ahead of the running one; small, so other daemons on the spool get work too."""
 
@@ -279,8 +281,10 @@ class Config(_Strict):
                 )
 
 
-def load_config(path: Path | None = None, *, spool: Path | None = None) -> Config:
-    """Read the config file (or none), apply `--spool`, and check it completely."""
+def load_config(
+    path: Path | None = None, *, spool: Path | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Read the config file (or none), apply `--spool` and other command-line `overrides`, check it completely."""
     data: dict[str, Any] = {}
     if path is None and SYSTEM_CONFIG.exists():
         path = SYSTEM_CONFIG
@@ -291,6 +295,7 @@ def load_config(path: Path | None = None, *, spool: Path | None = None) -> Confi
             raise ConfigError(f"cannot read config {path}: {exc}", path=str(path), fix="fix the file") from exc
         if not isinstance(data, dict):
             raise ConfigError("the config must be a mapping", path=str(path), fix="write `key: value` lines")
+    data |= {key: value for key, value in (overrides or {}).items() if value is not None}
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:

@@ -14,6 +14,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from diffusiond.daemon import lifecycle
@@ -23,17 +24,26 @@ from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
 from diffusiond.daemon.pairing import Pairing
 from diffusiond.daemon.systemd import Notifier
 from diffusiond.daemon.worker import Worker
-from diffusiond.pipeline.errors import Code, JobRejected
+from diffusiond.pipeline.errors import Code, ConfigError, DiffusiondError, JobRejected
 from diffusiond.pipeline.models import ModelCache, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 FOLDERS = ("inbox", "outbox", "archive", "failed", "work")
+EXTEND_TIMEOUT_USEC = 300_000_000
+"""Asked for before each preloaded model: loading a large model from a slow disk takes minutes."""
+NEARLY_DONE = 0.8
+"""On SIGTERM a job this far through its steps is finished rather than interrupted."""
 
 
 class Daemon:
-    def __init__(self, config: Config, *, oneshot: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, oneshot: bool = False, reload_config: Callable[[], Config] | None = None
+    ) -> None:
         self.config = config
         self.oneshot = oneshot
+        self.reload_config = reload_config
+        """Reads the config again on SIGHUP (the same file and command-line overrides)."""
+        self.reload_requested = threading.Event()
         self.stop = threading.Event()
         """Set it (a signal, a test) for a warm stop."""
         self.claims: queue.Queue[Claim | None] = queue.Queue()
@@ -41,6 +51,7 @@ class Daemon:
         """Set once the watcher runs, preloaded models are loaded and leftover claims are queued."""
         self.cache: ModelCache | None = None
         self.notifier = Notifier()
+        self._worker: Worker | None = None
         # Enough claims queued ahead to fill a batch.
         self._prefetch = max(config.prefetch, config.batch_size)
 
@@ -60,9 +71,12 @@ class Daemon:
             max_loaded=config.max_loaded_models,
             state_dir=config.state,
         )
-        cache.preload(config.preload)  # before ready: the first job finds its model warm
+        for name in config.preload:  # before ready: the first job finds its model warm
+            self.notifier.send(extend_timeout_usec=EXTEND_TIMEOUT_USEC, status=f"loading model {name}")
+            cache.preload([name])
         self.cache = cache
         worker = Worker(config, cache, self.claims)
+        self._worker = worker
         for leftover in lifecycle.leftover_claims(config):
             log.info("resuming %s, claimed before the last stop", leftover.source)
             self.claims.put(leftover)
@@ -71,6 +85,7 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload_requested.set())
         worker.start()
         watcher.start()
         log.info(
@@ -92,6 +107,31 @@ class Daemon:
         self.notifier.close()
         return 0
 
+    def _reload(self, worker: Worker) -> bool:
+        """SIGHUP: read the config again; queued and running jobs go on. A wrong config is refused."""
+        self.notifier.send(reloading=1, monotonic_usec=time.monotonic_ns() // 1000, status="reloading the config")
+        try:
+            if self.reload_config is None:
+                raise ConfigError("this daemon was started without a config to reload", fix="restart it instead")
+            new = self.reload_config()
+            moved = [n for n in (*FOLDERS, "instance") if _place(new, n) != _place(self.config, n)]
+            if moved:
+                raise ConfigError(
+                    f"{', '.join(moved)} changed; moving folders needs a restart",
+                    fix="restart the service (systemctl restart) to use the new folders",
+                )
+        except DiffusiondError as exc:
+            log.error("config reload refused, keeping the running config: %s", exc)
+            self.notifier.ready(f"config reload refused: {exc.message}; {self._status(worker)}")
+            return False
+        self.config = worker.config = new
+        self._prefetch = max(new.prefetch, new.batch_size)
+        if self.cache is not None:
+            self.cache.update(new.model_entries(), memory=new.memory, max_loaded=new.max_loaded_models)
+        log.info("config reloaded")
+        self.notifier.ready(self._status(worker))
+        return True
+
     def _status(self, worker: Worker) -> str:
         """One line for `systemctl status`: what runs, how far, how much waits."""
         queued = self.claims.qsize()
@@ -105,23 +145,41 @@ class Daemon:
         if self.stop.is_set():
             log.warning("second %s: stopping now; the running job resumes on the next start", signal.strsignal(signum))
             os._exit(1)
-        log.info("%s: finishing the running job, then stopping", signal.strsignal(signum))
         self.stop.set()
+        progress = self._worker.progress if self._worker is not None else None
+        if progress is not None and progress[0] >= NEARLY_DONE * progress[1]:
+            log.info("%s: the running job is nearly done; finishing it, then stopping", signal.strsignal(signum))
+        else:
+            log.info("%s: stopping the running job at its next step, then stopping", signal.strsignal(signum))
+            if self._worker is not None:
+                self._worker.cancel.set()
 
-    def _loop(self, watcher: InboxWatcher, worker: Worker) -> None:
+    def _pairing(self) -> Pairing:
         config = self.config
-        tracker = SettleTracker(config.watch.settle_s)
-        pairing = Pairing(
+        return Pairing(
             rules=config.rules(),
             profiles=config.profiles,
             has_sketch_job=config.sketch_job is not None,
             pair_wait_s=config.watch.pair_wait_s,
             read_text=self._read_job_text,
         )
-        next_scan = 0.0
+
+    def _loop(self, watcher: InboxWatcher, worker: Worker) -> None:
+        tracker = SettleTracker(self.config.watch.settle_s)
+        pairing = self._pairing()
+        next_scan = next_ping = 0.0
         last_status, last_status_s = "", 0.0
+        watchdog_s = _watchdog_interval_s()
         while not self.stop.is_set():
+            config = self.config
             wait_s = 0.05 if tracker.pending() else 0.5
+            if watchdog_s:
+                wait_s = min(wait_s, watchdog_s / 4)
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                if self._reload(worker):
+                    config, pairing = self.config, self._pairing()
+                    tracker.settle_s = config.watch.settle_s
             for change in watcher.next_changes(timeout_s=wait_s):
                 relative = _relative(change.path, config.inbox)
                 if relative is not None and is_candidate(relative):
@@ -134,6 +192,14 @@ class Daemon:
                 next_scan = now + config.watch.rescan_interval_s
             if self.claims.qsize() < self._prefetch:
                 self._claim_ready(tracker, pairing, now)
+            if watchdog_s and now >= next_ping:
+                # Ping only while the service really works: a hung job or a dead watcher stops the pings.
+                problem = _health_problem(config, watcher, worker, now)
+                if problem is None:
+                    self.notifier.send(watchdog=1)
+                else:
+                    log.error("not sending the watchdog ping: %s", problem)
+                next_ping = now + watchdog_s / 2
             status = self._status(worker)
             if status != last_status and now - last_status_s >= 0.5:
                 self.notifier.status(status)
@@ -188,3 +254,30 @@ def _stamp(path: Path) -> object:
     except OSError:
         return None
     return (st.st_size, st.st_mtime_ns)
+
+
+def _place(config: Config, name: str) -> object:
+    return config.instance if name == "instance" else config.folder(name)
+
+
+def _watchdog_interval_s() -> float:
+    """systemd's WatchdogSec, when it is meant for this process (0 = no watchdog)."""
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return 0.0
+    return int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 1e6
+
+
+def _health_problem(config: Config, watcher: InboxWatcher, worker: Worker, now: float) -> str | None:
+    """Why the service is not healthy, or None: the watchdog's liveness test."""
+    if not watcher.alive():
+        return "the inbox watcher thread has stopped"
+    if not worker.is_alive():
+        return "the worker thread has stopped"
+    if worker.current and now - worker.last_progress_s > config.job_stall_s:
+        return f"the running job made no progress for {now - worker.last_progress_s:.0f} s (job_stall_s)"
+    try:
+        os.stat(config.inbox)
+    except OSError as exc:
+        return f"the inbox is not reachable: {exc}"
+    return None

@@ -31,7 +31,8 @@ class Notifier:
         """One message; keys are upper-cased (`ready=1` sends `READY=1`)."""
         if not self.address:
             return
-        message = "\n".join(f"{key.upper()}={value}" for key, value in fields.items())
+        # One line per field: a newline inside a value (an error text) would start a bogus field.
+        message = "\n".join(f"{key.upper()}={' '.join(str(value).split())}" for key, value in fields.items())
         try:
             if self._socket is None:
                 self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)

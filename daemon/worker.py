@@ -187,11 +187,19 @@ class Worker(threading.Thread):
 
     def _run(self, claims: list[Claim]) -> None:
         self.current = claims
+        self.last_progress_s = time.monotonic()
         try:
             outcomes = run_claims(claims, self.config, self.cache, cancel=self.cancel, on_step=self._on_step)
         except Cancelled:
-            log.info("cancelled %s; it resumes on the next start", ", ".join(c.source for c in claims))
             outcomes = []
+            for claim in claims:
+                if not claim.folder.exists():
+                    continue  # it ended before the cancel
+                if lifecycle.done_jobs(claim):
+                    log.info("stopped %s mid-way; its remaining jobs run on the next start", claim.source)
+                else:
+                    lifecycle.release(claim, self.config)
+                    log.info("stopped %s at a step boundary; it is back in the inbox", claim.source)
         except Exception as exc:  # a bug must not stop the daemon; each claim still gets a report
             log.exception("internal error on %s", ", ".join(c.source for c in claims))
             outcomes = [False] * len(claims)

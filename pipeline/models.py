@@ -145,6 +145,15 @@ class ModelCache:
         """The memory level that worked for each model, kept across evictions."""
         self._lock = threading.RLock()
 
+    def update(self, entries: Mapping[str, ModelEntry], *, memory: str, max_loaded: int) -> None:
+        """A reloaded config: models whose entry changed or went away are unloaded, the rest stay warm."""
+        with self._lock:
+            for name in list(self._models):
+                if entries.get(name) != self.entries.get(name):
+                    self.evict(name)
+                    self._levels.pop(name, None)
+            self.entries, self.memory, self.max_loaded = dict(entries), memory, max_loaded
+
     def pipeline(self, name: str, task: str) -> Loaded:
         """The warm pipeline for this model and task; loads the model the first time."""
         with self._lock:

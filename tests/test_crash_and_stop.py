@@ -77,22 +77,25 @@ def test_kill_9_before_any_output_reruns_with_the_recorded_seed(spool: Spool) ->
     assert manifest["seeds"] == [jobs[0]["spec"]["seed"]]
 
 
-def test_sigterm_finishes_the_running_job_and_puts_queued_ones_back(spool: Spool) -> None:
-    spool.drop("slow.yaml", "prompt: slow\nsize: 256x256\nsteps: 40\nseed: 9\n")
+def test_sigterm_stops_the_running_job_at_a_step_and_puts_everything_back(spool: Spool) -> None:
+    spool.drop("slow.yaml", "prompt: slow\nsize: 256x256\nsteps: 60\nseed: 9\n")
     spool.drop("queued.yaml", "prompt: waits its turn\nseed: 10\n")
     process = start_daemon_process(spool.config_path)
     try:
         wait_for(lambda: len(list((spool.root / "work" / "test").glob("*"))) == 2, what="both claimed")
+        wait_for(lambda: list((spool.root / "work" / "test").glob("*/jobs.json")), what="the slow job started")
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
     finally:
         output = stop(process)
-    assert [m["source"] for m in spool.manifests()] == ["slow.yaml"], output
-    assert (spool.inbox / "queued.yaml").exists(), "the queued job is back in the inbox"
+    assert "stopping the running job at its next step" in output
+    assert spool.manifests() == [], "the slow job stopped between steps: nothing was written"
+    assert sorted(p.name for p in spool.inbox.iterdir()) == ["queued.yaml", "slow.yaml"], "both back in the inbox"
     assert list((spool.root / "work" / "test").iterdir()) == []
     restarted = start_daemon_process(spool.config_path, "--oneshot")
-    assert restarted.wait(120) == 0, stop(restarted)
+    assert restarted.wait(180) == 0, stop(restarted)
     assert sorted(m["source"] for m in spool.manifests()) == ["queued.yaml", "slow.yaml"]
+    assert next(m for m in spool.manifests() if m["source"] == "slow.yaml")["seeds"] == [9]
 
 
 def test_polling_mode_sees_files_too(spool: Spool, test_models) -> None:

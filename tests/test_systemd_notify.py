@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -83,3 +84,76 @@ def test_an_abstract_socket_address_and_no_manager_at_all() -> None:
     quiet = Notifier("")
     quiet.ready("nobody listens")  # outside systemd: nothing is sent, nothing fails
     assert not quiet.enabled
+
+
+def start(spool: Spool, sock: socket.socket, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "diffusiond.daemon.cli", "run", "--config", str(spool.config_path)],
+        env=os.environ | {"NOTIFY_SOCKET": sock.getsockname(), "PYTHONUNBUFFERED": "1"} | env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_sighup_reloads_the_config_and_refuses_a_broken_one(
+    spool: Spool, notify_socket: socket.socket, test_models
+) -> None:
+    from tests.conftest import wait_for, write_config
+
+    process = start(spool, notify_socket)
+    try:
+        messages_until(notify_socket, "READY")
+        write_config(spool.root, test_models, defaults={"all": {"model": "test", "size": "32x32", "steps": 2}})
+        process.send_signal(signal.SIGHUP)
+        reloading = messages_until(notify_socket, "RELOADING")[-1]
+        assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
+        assert messages_until(notify_socket, "READY")[-1]["READY"] == "1"
+        spool.drop("after-reload.yaml", "prompt: new defaults\n")
+        [manifest] = wait_for(spool.manifests, what="a manifest")
+        assert manifest["job"]["size"] == [32, 32] and manifest["job"]["steps"] == 2, "the new config took effect"
+
+        spool.config_path.write_text("device: [not, valid\n")
+        process.send_signal(signal.SIGHUP)
+        messages_until(notify_socket, "RELOADING")
+        ready = messages_until(notify_socket, "READY")[-1]
+        assert ready["STATUS"].startswith("config reload refused")
+        spool.drop("still-old.yaml", "prompt: the old config still runs\n")
+        manifests = wait_for(lambda: len(spool.manifests()) == 2 and spool.manifests(), what="a second manifest")
+        assert all(m["job"]["size"] == [32, 32] for m in manifests)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        process.kill()
+        output = process.stdout.read()
+    assert "config reload refused, keeping the running config" in output
+
+
+def test_watchdog_pings_while_healthy_and_stop_while_a_job_makes_no_progress(
+    spool: Spool, notify_socket: socket.socket, test_models
+) -> None:
+    """A job counts as hung when no step ends for job_stall_s: here 0.1 s, against steps of about a second."""
+    from tests.conftest import write_config
+
+    write_config(spool.root, test_models, job_stall_s=0.1)
+    process = start(spool, notify_socket, WATCHDOG_USEC="200000")
+    try:
+        messages_until(notify_socket, "READY")
+        pings = [time.monotonic() for _ in range(6) if messages_until(notify_socket, "WATCHDOG")]
+        healthy_gap = max(b - a for a, b in itertools.pairwise(pings))
+        assert healthy_gap < 0.2, f"pings come within WATCHDOG_USEC while idle, worst gap {healthy_gap:.2f} s"
+        spool.drop("slow.yaml", "prompt: slow steps\nsize: 1024x1024\nsteps: 2\nwatermark: {invisible: false}\n")
+        pings, deadline = [], time.monotonic() + 60
+        while time.monotonic() < deadline and not list(spool.outbox.glob("*.json")):
+            try:
+                if b"WATCHDOG=1" in notify_socket.recv(4096):
+                    pings.append(time.monotonic())
+            except TimeoutError:
+                continue
+        assert list(spool.outbox.glob("*.json")), "the job finished"
+        stalled_gap = max(b - a for a, b in itertools.pairwise(pings))
+        assert stalled_gap > 3 * healthy_gap and stalled_gap > 0.5, f"no pings while no step ended: {stalled_gap:.2f} s"
+        assert messages_until(notify_socket, "WATCHDOG", timeout_s=5), "pings resume once the job is done"
+    finally:
+        process.kill()
+        process.wait(10)

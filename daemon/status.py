@@ -1,0 +1,299 @@
+"""What the daemon is doing, for people and scripts: `<state>/status.json` and `<state>/events.jsonl`.
+
+- `status.json` is the whole picture (state, queue, running job with its step, last results and
+  failures, counters), replaced atomically, so a reader never sees half of it. Progress rewrites it
+  at most every `write_interval_s`; every other change rewrites it at once.
+- `events.jsonl` is append-only, one JSON object a line (`{"time": ..., "event": "done", ...}`), for
+  tools that tail it. Progress lines: at most one per `progress_interval_s` per job, plus the last
+  step. Over `events_max_bytes` the file moves to `events.jsonl.1` (replacing the older one), so
+  `tail -F` follows it and the disk holds at most two files' worth.
+
+Writing status never stops a job: a failed write is logged once and the daemon goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from diffusiond.daemon.fsutil import atomic_write
+
+__all__ = ["EVENTS_FILE", "STATES", "STATUS_FILE", "StatusBoard", "format_status", "is_running", "timestamp"]
+
+STATUS_FILE = "status.json"
+EVENTS_FILE = "events.jsonl"
+STATES = ("starting", "ready", "reloading", "stopping", "stopped")
+_TEXT_MAX = 1_000  # an error's text in status and events; the full one is in its report
+
+log = logging.getLogger(__name__)
+
+
+def timestamp() -> str:
+    """Local time with its UTC offset, to the millisecond (ISO 8601)."""
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot), or None where /proc cannot tell.
+
+    Recorded next to the pid, so `diffusiond status` can tell our daemon from a process that got
+    its pid after it died.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # field 22; the command name before ")" may hold spaces
+
+
+class StatusBoard:
+    """Thread-safe: the service loop and the worker thread both report here."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        keep: int = 10,
+        write_interval_s: float = 0.5,
+        progress_interval_s: float = 1.0,
+        events_max_bytes: int = 8 * 1024 * 1024,
+    ) -> None:
+        self.status_path = state_dir / STATUS_FILE
+        self.events_path = state_dir / EVENTS_FILE
+        self.write_interval_s = write_interval_s
+        self.progress_interval_s = progress_interval_s
+        self.events_max_bytes = events_max_bytes
+        self._lock = threading.Lock()
+        self._last_write = float("-inf")
+        self._last_progress_event: dict[str, float] = {}
+        self._warned = False
+        pid = os.getpid()
+        self._status: dict[str, Any] = {
+            "pid": pid,
+            "pid_start": process_start(pid),
+            "state": "starting",
+            "since": timestamp(),
+            "updated": None,
+            "queue": 0,
+            "current": None,
+            "running": [],
+            "last_results": deque(maxlen=keep),
+            "last_failures": deque(maxlen=keep),
+            "counters": {"claimed": 0, "started": 0, "done": 0, "failed": 0, "images": 0},
+        }
+        state_dir.mkdir(parents=True, exist_ok=True)
+
+    # The daemon's lifecycle and queue (service loop).
+
+    def state(self, text: str) -> None:
+        """One of `STATES`."""
+        if text not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)}, got {text!r}")
+        with self._lock:
+            self._status.update(state=text, since=timestamp())
+            self._event("state", state=text)
+            self._write()
+
+    def queue(self, length: int) -> None:
+        """Claims waiting for the worker; call as often as you like, only changes are recorded."""
+        with self._lock:
+            if length == self._status["queue"]:
+                return
+            self._status["queue"] = length
+            self._event("queue", length=length)
+            self._write()
+
+    def claimed(self, claim_id: str, source: str) -> None:
+        with self._lock:
+            self._status["counters"]["claimed"] += 1
+            self._event("claimed", claim_id=claim_id, source=source)
+            self._write()
+
+    # A job's run (worker thread).
+
+    def started(self, job_id: str, source: str, task: str, model: str | None, steps: int) -> None:
+        job = {"job_id": job_id, "source": source, "task": task, "model": model, "step": 0, "steps": steps}
+        with self._lock:
+            job["started_at"] = timestamp()
+            running = [j for j in self._status["running"] if j["job_id"] != job_id]
+            self._status["running"] = [*running, job]
+            self._status["current"] = job
+            self._status["counters"]["started"] += 1
+            self._event("started", **{k: v for k, v in job.items() if k not in ("step", "started_at")})
+            self._write()
+
+    def progress(self, job_id: str, step: int, steps: int) -> None:
+        """Call on every step: the board decides what to write."""
+        with self._lock:
+            for job in self._status["running"]:
+                if job["job_id"] == job_id:
+                    job.update(step=step, steps=steps)
+            now = time.monotonic()
+            last = step >= steps
+            if last or now - self._last_progress_event.get(job_id, float("-inf")) >= self.progress_interval_s:
+                self._last_progress_event[job_id] = now
+                self._event("progress", job_id=job_id, step=step, steps=steps)
+            if last or now - self._last_write >= self.write_interval_s:
+                self._write()
+
+    def done(self, job_id: str, source: str, outputs: list[str], seconds: float) -> None:
+        result = {"job_id": job_id, "source": source, "outputs": list(outputs), "seconds": round(seconds, 3)}
+        with self._lock:
+            self._finish(job_id=job_id)
+            counters = self._status["counters"]
+            counters["done"] += 1
+            counters["images"] += len(outputs)
+            self._status["last_results"].append({"time": timestamp(), **result})
+            self._event("done", **result)
+            self._write()
+
+    def failed(self, source: str, code: str, error: str, report_path: str | None, job_id: str | None = None) -> None:
+        """A claim rejected or a job failed; `job_id` when a job had started (else its source ends it)."""
+        failure = {"job_id": job_id, "source": source, "code": code, "error": error[:_TEXT_MAX], "report": report_path}
+        with self._lock:
+            self._finish(job_id=job_id, source=source)
+            self._status["counters"]["failed"] += 1
+            self._status["last_failures"].append({"time": timestamp(), **failure})
+            self._event("failed", **failure)
+            self._write()
+
+    def flush(self) -> None:
+        """Write status.json now (e.g. before exit, after throttled progress)."""
+        with self._lock:
+            self._write()
+
+    def snapshot(self) -> dict[str, Any]:
+        """What status.json holds, as plain JSON types."""
+        with self._lock:
+            return json.loads(self._render())
+
+    # Inside the lock.
+
+    def _finish(self, *, job_id: str | None, source: str | None = None) -> None:
+        def ended(job: dict[str, Any]) -> bool:
+            return job["job_id"] == job_id if job_id is not None else job["source"] == source
+
+        for job in filter(ended, self._status["running"]):
+            self._last_progress_event.pop(job["job_id"], None)
+        self._status["running"] = [j for j in self._status["running"] if not ended(j)]
+        self._status["current"] = self._status["running"][-1] if self._status["running"] else None
+        self._last_progress_event.pop(job_id or "", None)
+
+    def _render(self) -> str:
+        return json.dumps(self._status, indent=1, ensure_ascii=False, default=list) + "\n"
+
+    def _write(self) -> None:
+        self._status["updated"] = timestamp()
+        self._last_write = time.monotonic()
+        self._guard(lambda: atomic_write(self.status_path, self._render().encode()))
+
+    def _event(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"time": timestamp(), "event": event, **fields}, ensure_ascii=False) + "\n"
+        self._guard(lambda: self._append(line.encode()))
+
+    def _append(self, data: bytes) -> None:
+        path = self.events_path
+        if path.exists() and path.stat().st_size + len(data) > self.events_max_bytes:
+            os.replace(path, path.with_name(path.name + ".1"))
+        # One write() on an O_APPEND file: a reader sees whole lines, in order.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def _guard(self, write: Any) -> None:
+        try:
+            write()
+        except OSError as exc:
+            if not self._warned:  # once: a full disk would otherwise log on every step
+                self._warned = True
+                log.warning(
+                    "cannot write status in %s: %s; jobs go on, but `diffusiond status` is stale until the "
+                    "state dir is writable again (free space, or set `state_dir:` in the config)",
+                    self.status_path.parent,
+                    exc,
+                )
+
+
+# Reading it back (`diffusiond status`).
+
+
+def is_running(status: dict[str, Any]) -> bool:
+    """The pid in `status` is alive, is the same process that wrote it, and has not reported "stopped"."""
+    pid = status.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or status.get("state") == "stopped":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user (the daemon's own account)
+        pass
+    recorded, now = status.get("pid_start"), process_start(pid)
+    return recorded is None or now is None or recorded == now
+
+
+def format_status(status: dict[str, Any], *, running: bool) -> str:
+    """A few lines for a person: state, running job, queue, counters, last results and failures."""
+    pid, state = status.get("pid"), status.get("state", "?")
+    if running:
+        lines = [f"diffusiond: {state} since {_clock(status.get('since'))} (pid {pid})"]
+    elif state == "stopped":
+        lines = [f"diffusiond: stopped at {_clock(status.get('since'))} (was pid {pid})"]
+    else:
+        lines = [
+            f"diffusiond: not running: pid {pid} is gone, but its last status ({_clock(status.get('updated'))}) "
+            f"says {state!r}; it did not stop cleanly (see `journalctl -u diffusiond`)"
+        ]
+    for job in status.get("running") or []:
+        step = f"step {job.get('step', 0)} of {job.get('steps', '?')}"
+        lines.append(
+            f"  running  {job.get('job_id')} ({job.get('task')}, model {job.get('model')}) from {job.get('source')}: "
+            f"{step}, started {_clock(job.get('started_at'))}"
+        )
+    counters = status.get("counters", {})
+    lines.append(
+        f"  queue    {status.get('queue', 0)} claimed, waiting; so far {counters.get('done', 0)} done "
+        f"({counters.get('images', 0)} images), {counters.get('failed', 0)} failed"
+    )
+    results = status.get("last_results") or []
+    if results:
+        lines.append("last results:")
+    for result in reversed(results):
+        outputs = result.get("outputs") or []
+        more = f" (+{len(outputs) - 1} more)" if len(outputs) > 1 else ""
+        first = outputs[0] if outputs else "no images"
+        lines.append(
+            f"  {_clock(result.get('time'))}  {result.get('job_id')} from {result.get('source')} "
+            f"in {result.get('seconds', 0):.1f} s: {first}{more}"
+        )
+    failures = status.get("last_failures") or []
+    if failures:
+        lines.append("failures:")
+    for failure in reversed(failures):
+        report = f"\n      report: {failure['report']}" if failure.get("report") else ""
+        lines.append(
+            f"  {_clock(failure.get('time'))}  {failure.get('source')} [{failure.get('code')}]: "
+            f"{failure.get('error')}{report}"
+        )
+    return "\n".join(lines)
+
+
+def _clock(iso: str | None) -> str:
+    """`HH:MM:SS` today, the date as well otherwise."""
+    if not iso:
+        return "?"
+    try:
+        when = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    today = datetime.now().astimezone().date() == when.date()
+    return when.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M:%S")

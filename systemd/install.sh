@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# Install diffusiond as a system service (see README.md, "Running as a service"), or remove it.
+#
+#   sudo systemd/install.sh                     # venv in /opt/diffusiond, diffusiond.service
+#   sudo systemd/install.sh --gpus 0,1          # one daemon per GPU: diffusiond@0, diffusiond@1
+#   sudo systemd/install.sh --uninstall         # units, venv and snippets go; config, spool, user stay
+#
+# It installs this checkout into a venv (PREFIX/venv, torch from $TORCH or --torch), creates the
+# user and group diffusiond (sysusers.d) and the folders (tmpfiles.d), writes
+# /etc/diffusiond/config.yaml if there is none, installs the units into /etc/systemd/system and,
+# where systemd runs, enables and starts them. Running it again updates everything but the config.
+#
+# --root DIR installs the files under DIR instead of / (staging, tests): nothing is started there,
+# and --no-venv leaves the venv out. --dry-run prints the commands instead of running them.
+set -euo pipefail
+
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+UNITS_SRC="$SRC/systemd"
+DEFAULT_PREFIX=/opt/diffusiond
+DEFAULT_SPOOL=/var/lib/diffusiond/spool
+PREFIX=$DEFAULT_PREFIX
+SPOOL=$DEFAULT_SPOOL
+ROOT=""
+GPUS=""
+TORCH=${TORCH:-torch}
+PYTHON=${PYTHON:-python3}
+UNINSTALL=0
+DRY_RUN=0
+VENV=1
+
+usage() {
+    cat <<EOF
+usage: $0 [--prefix DIR] [--spool DIR] [--gpus LIST|all] [--torch SPEC] [--root DIR] [--no-venv] [--dry-run]
+       $0 --uninstall [--prefix DIR] [--root DIR] [--dry-run]
+  --prefix DIR   where the venv goes (DIR/venv; default $DEFAULT_PREFIX)
+  --spool DIR    the shared spool (default $DEFAULT_SPOOL)
+  --gpus LIST    one daemon per GPU: diffusiond@N for each N in LIST (0,1,...) or every /dev/nvidiaN
+                 for 'all'; default: the single diffusiond.service
+  --torch SPEC   the torch requirement pip installs first (default \$TORCH or 'torch')
+  --root DIR     install under DIR instead of / (nothing is enabled or started)
+  --no-venv      leave out the venv (it exists already, or a staging root)
+  --dry-run      print the commands, change nothing
+  --uninstall    stop and remove the units, the venv and the snippets; keep config, spool, state, user
+EOF
+}
+
+while [ $# -gt 0 ]; do
+    case $1 in
+        --prefix) PREFIX=${2:?--prefix needs a directory}; shift 2 ;;
+        --spool) SPOOL=${2:?--spool needs a directory}; shift 2 ;;
+        --gpus) GPUS=${2:?--gpus needs a list}; shift 2 ;;
+        --torch) TORCH=${2:?--torch needs a requirement}; shift 2 ;;
+        --root) ROOT=${2:?--root needs a directory}; shift 2 ;;
+        --no-venv) VENV=0; shift ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        --uninstall) UNINSTALL=1; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+case $PREFIX$SPOOL in *'#'*) echo "paths with '#' are not supported" >&2; exit 2 ;; esac
+case $PREFIX in /*) ;; *) echo "--prefix must be absolute" >&2; exit 2 ;; esac
+case $SPOOL in /*) ;; *) echo "--spool must be absolute" >&2; exit 2 ;; esac
+if [ -n "$ROOT" ]; then
+    ROOT=$(cd "$ROOT" && pwd)
+fi
+if [ -z "$ROOT" ] && [ "$DRY_RUN" = 0 ] && [ "$(id -u)" != 0 ]; then
+    echo "run as root (or with --root DIR / --dry-run)" >&2
+    exit 1
+fi
+
+UNIT_DIR=$ROOT/etc/systemd/system
+SYSTEMD_RUNNING=0
+if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
+    SYSTEMD_RUNNING=1
+fi
+
+run() {
+    if [ "$DRY_RUN" = 1 ]; then
+        printf '+'
+        printf ' %q' "$@"
+        printf '\n'
+    else
+        "$@"
+    fi
+}
+
+# The file $1 with the shipped paths replaced by this install's, written to $2 (mode 0644).
+install_edited() {
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "+ install $1 -> $2 (venv $PREFIX/venv, spool $SPOOL)"
+        return
+    fi
+    local tmp
+    tmp=$(mktemp)
+    sed -e "s#$DEFAULT_PREFIX/venv#$PREFIX/venv#g" -e "s#$DEFAULT_SPOOL#$SPOOL#g" "$1" >"$tmp"
+    install -D -m 0644 "$tmp" "$2"
+    rm -f "$tmp"
+}
+
+units_to_enable() {
+    if [ -z "$GPUS" ]; then
+        echo diffusiond.service
+        return
+    fi
+    local list=$GPUS node
+    if [ "$GPUS" = all ]; then
+        list=""
+        for node in /dev/nvidia[0-9]*; do
+            [ -e "$node" ] && list="$list ${node#/dev/nvidia}"
+        done
+        if [ -z "$list" ]; then
+            echo "--gpus all: no /dev/nvidiaN here" >&2
+            return 1
+        fi
+    fi
+    local n
+    for n in ${list//,/ }; do
+        case $n in *[!0-9]*) echo "--gpus: '$n' is not a GPU index" >&2; return 1 ;; esac
+        echo "diffusiond@$n.service"
+    done
+}
+
+write_config() {
+    local config=$ROOT/etc/diffusiond/config.yaml
+    if [ -e "$config" ]; then
+        echo "$config exists; left as it is (its spool: must be $SPOOL)"
+        return
+    fi
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "+ write $config (spool: $SPOOL)"
+        return
+    fi
+    install -d -m 0755 "$ROOT/etc/diffusiond"
+    cat >"$config" <<EOF
+# diffusiond config, written by systemd/install.sh: every field is optional (README.md, "The config").
+# After an edit: systemctl reload diffusiond (or diffusiond@N for each instance).
+spool: $SPOOL              # inbox/ outbox/ archive/ failed/ work/, shared by group diffusiond
+device: auto               # diffusiond@N.service overrides it (--device cuda:0, GPU N only)
+dtype: auto                # fp16 on GPU
+models: {}
+  # Models under /var/lib/diffusiond/models or /opt (the service cannot read /home), e.g.
+  # sd15: /var/lib/diffusiond/models/stable-diffusion-v1-5
+preload: []                # models loaded before the service reports ready
+watch: {mode: auto}        # poll for a spool on SMB/NFS
+EOF
+    chmod 0644 "$config"
+    echo "wrote $config: add your models"
+}
+
+do_install() {
+    local units
+    units=$(units_to_enable | xargs)
+
+    # 1. The venv, from this checkout.
+    if [ "$VENV" = 1 ]; then
+        run "$PYTHON" -m venv "$ROOT$PREFIX/venv"
+        run "$ROOT$PREFIX/venv/bin/pip" install -q --disable-pip-version-check "$TORCH"
+        run "$ROOT$PREFIX/venv/bin/pip" install -q --disable-pip-version-check --upgrade "$SRC"
+    fi
+
+    # 2. The user and group, then the folders.
+    install_edited "$UNITS_SRC/diffusiond.sysusers" "$ROOT/etc/sysusers.d/diffusiond.conf"
+    install_edited "$UNITS_SRC/diffusiond.tmpfiles" "$ROOT/etc/tmpfiles.d/diffusiond.conf"
+    if [ -n "$ROOT" ]; then
+        run systemd-sysusers --root="$ROOT" diffusiond.conf
+        run systemd-tmpfiles --root="$ROOT" --create diffusiond.conf
+    else
+        run systemd-sysusers diffusiond.conf
+        # A spool on a root-squashed NFS share cannot be chowned from here: say so, go on.
+        run systemd-tmpfiles --create diffusiond.conf ||
+            echo "warning: systemd-tmpfiles could not set up every folder (a network spool?): check $SPOOL" >&2
+    fi
+
+    # 3. The config, unless there is one.
+    write_config
+
+    # 4. The units.
+    install_edited "$UNITS_SRC/diffusiond.service" "$UNIT_DIR/diffusiond.service"
+    install_edited "$UNITS_SRC/diffusiond@.service" "$UNIT_DIR/diffusiond@.service"
+    # shellcheck disable=SC2086 # $units is a list of unit names
+    if [ "$SYSTEMD_RUNNING" = 1 ]; then
+        run systemctl daemon-reload
+        run systemctl enable --now $units
+        echo "enabled and started: $units; logs: journalctl -u 'diffusiond*' -f"
+    else
+        echo "systemd is not running here; on the target system run:"
+        echo "  systemctl daemon-reload && systemctl enable --now $units"
+    fi
+    echo "submitters join the group: usermod -aG diffusiond USER"
+}
+
+do_uninstall() {
+    local units="" link
+    for link in "$UNIT_DIR"/multi-user.target.wants/diffusiond.service \
+        "$UNIT_DIR"/multi-user.target.wants/diffusiond@*.service; do
+        [ -e "$link" ] || [ -L "$link" ] && units="$units ${link##*/}"
+    done
+    if [ "$SYSTEMD_RUNNING" = 1 ]; then
+        # shellcheck disable=SC2086 # a list of unit names
+        [ -n "$units" ] && run systemctl disable --now $units
+        run systemctl stop 'diffusiond.service' 'diffusiond@*.service' || true
+    elif [ -n "$units" ]; then
+        # shellcheck disable=SC2086 # a list of unit names
+        run systemctl --root="${ROOT:-/}" disable $units
+    fi
+    run rm -f "$UNIT_DIR/diffusiond.service" "$UNIT_DIR/diffusiond@.service"
+    run rm -rf "$UNIT_DIR/diffusiond.service.d" "$UNIT_DIR/diffusiond@.service.d"
+    [ "$SYSTEMD_RUNNING" = 1 ] && run systemctl daemon-reload
+    run rm -f "$ROOT/etc/sysusers.d/diffusiond.conf" "$ROOT/etc/tmpfiles.d/diffusiond.conf"
+    run rm -rf "$ROOT$PREFIX/venv"
+    [ -d "$ROOT$PREFIX" ] && run rmdir --ignore-fail-on-non-empty "$ROOT$PREFIX"
+    cat <<EOF
+removed the units, the venv and the sysusers/tmpfiles snippets. Kept, to remove by hand:
+  the config       rm -r $ROOT/etc/diffusiond
+  spool and state  rm -r $ROOT/var/lib/diffusiond $ROOT/var/cache/diffusiond   (results are in the spool's outbox/)
+  user and group   userdel diffusiond; groupdel diffusiond
+EOF
+}
+
+if [ "$UNINSTALL" = 1 ]; then
+    do_uninstall
+else
+    do_install
+fi

@@ -1,0 +1,154 @@
+"""status.json (atomic, throttled), events.jsonl (ordered, bounded) and `diffusiond status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from diffusiond.daemon.status import EVENTS_FILE, STATUS_FILE, StatusBoard, is_running
+
+
+def _events(state: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (state / EVENTS_FILE).read_text().splitlines()]
+
+
+def _status(state: Path) -> dict[str, Any]:
+    return json.loads((state / STATUS_FILE).read_text())
+
+
+def test_a_reader_never_sees_a_partial_status_file(tmp_path: Path) -> None:
+    board = StatusBoard(tmp_path, write_interval_s=0)  # every step rewrites status.json
+    board.started("hamster-1", "hamster.yaml", "txt2img", "sd15", steps=300)
+    seen: list[int] = []
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(_status(tmp_path)["current"]["step"])
+            except Exception as exc:
+                errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for step in range(1, 301):
+        board.progress("hamster-1", step, 300)
+    stop.set()
+    reader.join()
+    assert not errors
+    assert len(seen) > 10 and seen == sorted(seen)
+    assert _status(tmp_path)["current"]["step"] == 300
+
+
+def test_events_parse_in_order_and_status_tells_the_whole_story(tmp_path: Path) -> None:
+    board = StatusBoard(tmp_path, keep=3)
+    board.state("ready")
+    board.queue(2)
+    board.queue(2)  # unchanged: not recorded
+    board.claimed("c1", "hamster.yaml")
+    board.started("hamster-1", "hamster.yaml", "txt2img", "sd15", steps=2)
+    board.progress("hamster-1", 1, 2)
+    board.progress("hamster-1", 2, 2)
+    board.done("hamster-1", "hamster.yaml", ["outbox/hamster-1-0.png", "outbox/hamster-1-1.png"], seconds=1.5)
+    board.failed("bad.yaml", "job_rejected", "steps: 0 is below 1", "failed/bad.error.yaml")
+    for n in range(5):
+        board.done(f"x-{n}", "x.yaml", [f"outbox/x-{n}.png"], seconds=0.1)
+    board.state("stopped")
+
+    events = _events(tmp_path)
+    names = [e["event"] for e in events]
+    assert names == ["state", "queue", "claimed", "started", "progress", "progress", "done", "failed"] + [
+        "done"
+    ] * 5 + ["state"]
+    assert [e["time"] for e in events] == sorted(e["time"] for e in events)
+    assert events[3] == events[3] | {"job_id": "hamster-1", "task": "txt2img", "model": "sd15", "steps": 2}
+
+    status = _status(tmp_path)
+    assert (status["pid"], status["state"], status["queue"], status["current"]) == (os.getpid(), "stopped", 2, None)
+    assert status["counters"] == {"claimed": 1, "started": 1, "done": 6, "failed": 1, "images": 7}
+    assert [r["job_id"] for r in status["last_results"]] == ["x-2", "x-3", "x-4"]  # keep=3
+    assert status["last_failures"][0]["report"] == "failed/bad.error.yaml"
+
+
+def test_progress_lines_are_throttled_but_the_last_step_is_written(tmp_path: Path) -> None:
+    board = StatusBoard(tmp_path, progress_interval_s=60, write_interval_s=60)
+    board.started("big-1", "big.yaml", "txt2img", "sd15", steps=1000)
+    for step in range(1, 1001):
+        board.progress("big-1", step, 1000)
+    progress = [e for e in _events(tmp_path) if e["event"] == "progress"]
+    assert [e["step"] for e in progress] == [1, 1000]
+    assert _status(tmp_path)["current"]["step"] == 1000
+
+
+def test_events_file_is_rotated_when_over_its_size(tmp_path: Path) -> None:
+    board = StatusBoard(tmp_path, events_max_bytes=2_000)
+    for n in range(100):
+        board.claimed(f"c{n}", f"job-{n}.yaml")
+    assert (tmp_path / EVENTS_FILE).stat().st_size <= 2_000
+    older = [json.loads(line) for line in (tmp_path / f"{EVENTS_FILE}.1").read_text().splitlines()]
+    newer = _events(tmp_path)
+    assert newer[-1]["claim_id"] == "c99"
+    assert int(older[-1]["claim_id"][1:]) + 1 == int(newer[0]["claim_id"][1:])  # nothing lost between the two
+
+
+def test_a_reused_pid_is_not_our_daemon(tmp_path: Path) -> None:
+    status = StatusBoard(tmp_path).snapshot()
+    assert is_running(status)
+    if status["pid_start"] is not None:  # /proc tells start times apart
+        assert not is_running(status | {"pid_start": "1"})
+
+
+def _cli(spool: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "diffusiond.daemon.cli", "status", "--spool", str(spool), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_status_command_shows_the_running_job_and_exits_by_liveness(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    board = StatusBoard(spool / ".state")  # the default state dir; this test process plays the daemon
+    board.state("ready")
+    board.started("hamster-1", "hamster.yaml", "txt2img", "sd15", steps=30)
+    board.progress("hamster-1", 12, 30)
+    board.flush()
+    board.failed("bad.yaml", "job_rejected", "steps: 0 is below 1", str(spool / "failed/bad.error.yaml"))
+
+    live = _cli(spool)
+    assert live.returncode == 0, live.stderr
+    assert "ready since" in live.stdout and f"pid {os.getpid()}" in live.stdout
+    assert "hamster-1 (txt2img, model sd15) from hamster.yaml: step 12 of 30" in live.stdout
+    assert "bad.error.yaml" in live.stdout
+    as_json = _cli(spool, "--json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["current"]["step"] == 12
+
+    path = spool / ".state" / STATUS_FILE
+    path.write_text(json.dumps(_status(spool / ".state") | {"pid": _dead_pid()}))  # as if killed -9
+    dead = _cli(spool)
+    assert dead.returncode == 1, dead.stdout + dead.stderr
+    assert "not running" in dead.stdout and "did not stop cleanly" in dead.stdout
+
+    board.state("stopped")
+    stopped = _cli(spool)
+    assert stopped.returncode == 1 and "stopped at" in stopped.stdout
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has finished (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_status_command_without_a_status_file(tmp_path: Path) -> None:
+    missing = _cli(tmp_path)
+    assert missing.returncode == 2
+    assert "is the daemon running with this config" in missing.stderr
