@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import secrets
 import sys
 import time
@@ -16,6 +15,7 @@ import yaml
 from diffusiond import __version__
 from diffusiond.daemon.config import Config, load_config
 from diffusiond.daemon.fsutil import atomic_write
+from diffusiond.daemon.journal import setup_logging
 from diffusiond.daemon.pairing import resolve_image
 from diffusiond.pipeline.errors import DiffusiondError
 from diffusiond.pipeline.job import IMAGE_SUFFIXES, UpscaleJob, needs_image, parse_job_text
@@ -107,7 +107,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)  # the journal under systemd (with job fields), stderr otherwise
     overrides = {
         "device": args.device,
         "instance": args.instance,

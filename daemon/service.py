@@ -21,7 +21,9 @@ from diffusiond.daemon import lifecycle
 from diffusiond.daemon.claim import Claim, claim
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
+from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.pairing import Pairing
+from diffusiond.daemon.status import StatusBoard
 from diffusiond.daemon.systemd import Notifier
 from diffusiond.daemon.worker import Worker
 from diffusiond.pipeline.errors import Code, ConfigError, DiffusiondError, JobRejected
@@ -51,6 +53,8 @@ class Daemon:
         """Set once the watcher runs, preloaded models are loaded and leftover claims are queued."""
         self.cache: ModelCache | None = None
         self.notifier = Notifier()
+        self.board = StatusBoard(config.state)
+        """status.json and events.jsonl in the state dir, for `diffusiond status` and other tools."""
         self._worker: Worker | None = None
         # Enough claims queued ahead to fill a batch.
         self._prefetch = max(config.prefetch, config.batch_size)
@@ -62,6 +66,7 @@ class Daemon:
         for name in FOLDERS:
             config.folder(name).mkdir(parents=True, exist_ok=True)
         config.work_dir.mkdir(parents=True, exist_ok=True)
+        self.board.state("starting")
         device = resolve_device(config.device)
         cache = ModelCache(
             config.model_entries(),
@@ -75,7 +80,7 @@ class Daemon:
             self.notifier.send(extend_timeout_usec=EXTEND_TIMEOUT_USEC, status=f"loading model {name}")
             cache.preload([name])
         self.cache = cache
-        worker = Worker(config, cache, self.claims)
+        worker = Worker(config, cache, self.claims, self.board)
         self._worker = worker
         for leftover in lifecycle.leftover_claims(config):
             log.info("resuming %s, claimed before the last stop", leftover.source)
@@ -93,23 +98,28 @@ class Daemon:
         )
         self.ready.set()
         self.notifier.ready(self._status(worker))
+        self.board.state("ready")
         try:
             # 3. Loop: events → settle → pair → claim, while the worker has room.
             self._loop(watcher, worker)
         finally:
             # 4. Teardown: no more claims, queued ones back to the inbox, the running one finishes.
             self.notifier.stopping("stopping: finishing the running job, putting queued ones back")
+            self.board.state("stopping")
             watcher.stop()
             self._release_queued()
             self.claims.put(None)
             worker.join()
         log.info("stopped: %d claims finished, %d failed", worker.finished, worker.failed)
         self.notifier.close()
+        self.board.state("stopped")
+        self.board.flush()
         return 0
 
     def _reload(self, worker: Worker) -> bool:
         """SIGHUP: read the config again; queued and running jobs go on. A wrong config is refused."""
         self.notifier.send(reloading=1, monotonic_usec=time.monotonic_ns() // 1000, status="reloading the config")
+        self.board.state("reloading")
         try:
             if self.reload_config is None:
                 raise ConfigError("this daemon was started without a config to reload", fix="restart it instead")
@@ -123,6 +133,7 @@ class Daemon:
         except DiffusiondError as exc:
             log.error("config reload refused, keeping the running config: %s", exc)
             self.notifier.ready(f"config reload refused: {exc.message}; {self._status(worker)}")
+            self.board.state("ready")
             return False
         self.config = worker.config = new
         self._prefetch = max(new.prefetch, new.batch_size)
@@ -130,6 +141,7 @@ class Daemon:
             self.cache.update(new.model_entries(), memory=new.memory, max_loaded=new.max_loaded_models)
         log.info("config reloaded")
         self.notifier.ready(self._status(worker))
+        self.board.state("ready")
         return True
 
     def _status(self, worker: Worker) -> str:
@@ -200,6 +212,7 @@ class Daemon:
                 else:
                     log.error("not sending the watchdog ping: %s", problem)
                 next_ping = now + watchdog_s / 2
+            self.board.queue(self.claims.qsize())
             status = self._status(worker)
             if status != last_status and now - last_status_s >= 0.5:
                 self.notifier.status(status)
@@ -220,7 +233,8 @@ class Daemon:
             for relative in intent.files:
                 tracker.forget(inbox / relative)
             if claimed is not None:
-                log.info("claimed %s as %s", intent.source, claimed.claim_id)
+                log.info("claimed %s as %s", intent.source, claimed.claim_id, extra=job_fields(job_file=intent.source))
+                self.board.claimed(claimed.claim_id, intent.source)
                 self.claims.put(claimed)
 
     def _read_job_text(self, relative: str) -> str:

@@ -16,8 +16,10 @@ from typing import Any
 from diffusiond.daemon import lifecycle
 from diffusiond.daemon.claim import Claim, load_jobs
 from diffusiond.daemon.config import Config
+from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.outbox import commit, discard_partial
 from diffusiond.daemon.scheduler import Pending, plan_batches
+from diffusiond.daemon.status import StatusBoard
 from diffusiond.pipeline.batch import Cancelled, StepHook
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
 from diffusiond.pipeline.generate import Generated, generate
@@ -34,6 +36,7 @@ def run_claims(
     *,
     cancel: threading.Event | None = None,
     on_step: StepHook | None = None,
+    board: StatusBoard | None = None,
 ) -> list[bool]:
     """Pre-check, run every job not yet done (batched), then archive or fail each claim.
 
@@ -49,7 +52,11 @@ def run_claims(
             jobs = load_jobs(claim, config)
         except DiffusiondError as exc:
             report = lifecycle.fail(claim, config, exc)
-            log.warning("rejected %s: %s (report: %s)", claim.source, exc, report)
+            log.warning(
+                "rejected %s: %s (report: %s)", claim.source, exc, report, extra=job_fields(job_file=claim.source)
+            )
+            if board is not None:
+                board.failed(claim.source, str(exc.code), str(exc), str(report))
             continue
         ready.append(claim)
         totals[claim.claim_id] = len(jobs)
@@ -63,7 +70,7 @@ def run_claims(
     errors: dict[str, list[DiffusiondError]] = {claim.claim_id: [] for claim in ready}
     for batch in plan_batches(pending, config.batch_size):
         # 3. Run the batch, then commit each job: images first, manifest last.
-        for item, error in _run_batch(batch, config, cache, cancel, on_step):
+        for item, error in _run_batch(batch, config, cache, cancel, on_step, board):
             if error is not None:
                 errors[item.claim.claim_id].append(error)
     # 4. End each claim: inputs to archive/ when every job finished, else to failed/ with the report.
@@ -72,6 +79,8 @@ def run_claims(
         failed = errors[claim.claim_id]
         if failed:
             report = lifecycle.fail(claim, config, failed[0])
+            if board is not None:
+                board.failed(claim.source, str(failed[0].code), str(failed[0]), str(report))
             log.warning(
                 "failed %s: %d of %d jobs failed (report: %s)",
                 claim.source,
@@ -91,14 +100,26 @@ def _run_batch(
     cache: ModelCache,
     cancel: threading.Event | None,
     on_step: StepHook | None,
+    board: StatusBoard | None,
 ) -> list[tuple[Pending, DiffusiondError | None]]:
     started = time.perf_counter()
     for item in batch:
         discard_partial(config.outbox, item.job)
+        if board is not None:
+            board.started(item.job.job_id, item.claim.source, item.job.task, item.job.spec.model, item.job.spec.steps)
+
+    def step(done: int, total: int) -> None:
+        if on_step is not None:
+            on_step(done, total)
+        if board is not None:
+            for item in batch:
+                board.progress(item.job.job_id, done, total)
+
     try:
-        results = generate(cache, [(p.job, p.image) for p in batch], cancel=cancel, on_step=on_step)
+        results = generate(cache, [(p.job, p.image) for p in batch], cancel=cancel, on_step=step)
     except DiffusiondError as exc:
-        log.error("job %s failed: %s", ", ".join(p.job.job_id for p in batch), exc)
+        for item in batch:
+            log.error("job %s failed: %s", item.job.job_id, exc, extra=_fields(item))
         return [(item, exc) for item in batch]
     outcomes: list[tuple[Pending, DiffusiondError | None]] = []
     for item, generated in zip(batch, results, strict=True):
@@ -131,8 +152,16 @@ def _run_batch(
         lifecycle.mark_done(claim, job.job_id)
         outcomes.append((item, None))
         files = ", ".join(o["file"] for o in manifest["outputs"])
-        log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, time.perf_counter() - started, files)
+        seconds = time.perf_counter() - started
+        log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, seconds, files, extra=_fields(item))
+        if board is not None:
+            board.done(job.job_id, claim.source, [o["file"] for o in manifest["outputs"]], seconds)
     return outcomes
+
+
+def _fields(item: Pending) -> dict[str, str]:
+    """Journal fields for a job's log lines (`journalctl JOB_ID=...`)."""
+    return job_fields(job_id=item.job.job_id, job_file=item.claim.source, task=item.job.task, model=item.job.spec.model)
 
 
 def _model_record(cache: ModelCache, name: str | None, generated: Generated) -> dict[str, Any] | None:
@@ -151,11 +180,18 @@ def _model_record(cache: ModelCache, name: str | None, generated: Generated) -> 
 class Worker(threading.Thread):
     """Takes claims from the queue until it gets None; the claims it holds always finish."""
 
-    def __init__(self, config: Config, cache: ModelCache, claims: queue.Queue[Claim | None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        cache: ModelCache,
+        claims: queue.Queue[Claim | None],
+        board: StatusBoard | None = None,
+    ) -> None:
         super().__init__(name="diffusiond-worker", daemon=True)
         self.config = config
         self.cache = cache
         self.claims = claims
+        self.board = board
         self.cancel = threading.Event()
         """Set to stop the running batch at its next step boundary (its claims stay in work/)."""
         self.current: list[Claim] = []
@@ -189,7 +225,9 @@ class Worker(threading.Thread):
         self.current = claims
         self.last_progress_s = time.monotonic()
         try:
-            outcomes = run_claims(claims, self.config, self.cache, cancel=self.cancel, on_step=self._on_step)
+            outcomes = run_claims(
+                claims, self.config, self.cache, cancel=self.cancel, on_step=self._on_step, board=self.board
+            )
         except Cancelled:
             outcomes = []
             for claim in claims:

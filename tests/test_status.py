@@ -152,3 +152,27 @@ def test_status_command_without_a_status_file(tmp_path: Path) -> None:
     missing = _cli(tmp_path)
     assert missing.returncode == 2
     assert "is the daemon running with this config" in missing.stderr
+
+
+def test_a_running_daemon_keeps_status_and_events_current(spool) -> None:
+    """Through a real daemon: status.json says ready and counts the job; events.jsonl tells its life."""
+    import json as _json
+
+    from tests.conftest import start_daemon_thread, wait_for
+
+    state = spool.root / "state"
+    with start_daemon_thread(spool):
+        spool.drop("told.yaml", "prompt: tell me\nseed: 4\nsteps: 3\n")
+        wait_for(spool.manifests, what="a manifest")
+        status = wait_for(
+            lambda: (state / "status.json").exists()
+            and (s := _json.loads((state / "status.json").read_text()))["counters"].get("done")
+            and s,
+            what="status.json counting the job",
+        )
+        assert status["state"] == "ready"
+    events = [_json.loads(line)["event"] for line in (state / "events.jsonl").read_text().splitlines()]
+    lifecycle = [e for e in events if e in ("claimed", "started", "progress", "done")]
+    assert lifecycle[0] == "claimed" and lifecycle[1] == "started" and lifecycle[-1] == "done"
+    assert "progress" in lifecycle
+    assert events[-1] == "state" or "stopped" in (state / "events.jsonl").read_text()
