@@ -141,7 +141,7 @@ class DaemonProc:
         self.inbox = root / "inbox"
         self.outbox = root / "outbox"
         self.events = Events(root / "state" / "events.jsonl")
-        self.log = open(root / "daemon.log", "w")
+        self.log = open(root / "daemon.log", "w")  # noqa: SIM115 (the daemon writes to it until stop())
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [PY, "-m", "diffusiond.daemon.cli", "run", "--config", str(self.config)],
@@ -237,7 +237,9 @@ def direct_times(models: Any, n: int) -> tuple[list[float], float]:
     from diffusiond.pipeline.models import ModelCache
 
     t0 = time.monotonic()
-    cache = ModelCache({"test": ModelEntry("test", models.sd, kind_of_path(models.sd))}, device="cpu", dtype=torch.float32)
+    cache = ModelCache(
+        {"test": ModelEntry("test", models.sd, kind_of_path(models.sd))}, device="cpu", dtype=torch.float32
+    )
     cache.preload(["test"])
 
     def job(i: int) -> Job:
@@ -298,8 +300,10 @@ def main() -> int:
     models = make_test_model(tmp / "models")
     print(f"diffusiond bench, {datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"machine: {machine()}")
-    print(f"jobs: txt2img, test model, {SIZE}x{SIZE}, {STEPS} steps; N={n}, reaction drops per case={m}; "
-          f"settle_s={SETTLE_S}, poll_interval_s={POLL_INTERVAL_S}")
+    print(
+        f"jobs: txt2img, test model, {SIZE}x{SIZE}, {STEPS} steps; N={n}, reaction drops per case={m}; "
+        f"settle_s={SETTLE_S}, poll_interval_s={POLL_INTERVAL_S}"
+    )
     print()
 
     # --- direct, in this process (no daemon running)
@@ -336,8 +340,10 @@ def main() -> int:
     print("|---|---|---|---|")
     print(f"| direct generate() | {sum(direct):.2f} | {median(direct) * 1e3:.0f} | {p95(direct) * 1e3:.0f} |")
     print(f"| daemon | {sum(daemon_tot):.2f} | {median(daemon_tot) * 1e3:.0f} | {p95(daemon_tot) * 1e3:.0f} |")
-    print(f"daemon/direct = {ratio:.2f} ({(ratio - 1) * 100:+.0f} %); median per-job overhead "
-          f"{median(per_job_over) * 1e3:.0f} ms; goal <= 5 %: {'MET' if ratio <= 1.05 else 'NOT MET'}")
+    print(
+        f"daemon/direct = {ratio:.2f} ({(ratio - 1) * 100:+.0f} %); median per-job overhead "
+        f"{median(per_job_over) * 1e3:.0f} ms; goal <= 5 %: {'MET' if ratio <= 1.05 else 'NOT MET'}"
+    )
     # where it goes (from events.jsonl and the manifests)
     phases = {
         "drop -> claimed (event)": [r["claimed"] for r in runs if "claimed" in r],
@@ -358,15 +364,23 @@ def main() -> int:
         ("inotify", "rename", [r["claimed"] for r in runs if "claimed" in r]),
         ("inotify", f"in place (settle_s {SETTLE_S})", [r["claimed"] for r in inplace_inotify if "claimed" in r]),
         (f"poll {POLL_INTERVAL_S} s", "rename", [r["claimed"] for r in rename_poll if "claimed" in r]),
-        (f"poll {POLL_INTERVAL_S} s", f"in place (settle_s {SETTLE_S})", [r["claimed"] for r in inplace_poll if "claimed" in r]),
+        (
+            f"poll {POLL_INTERVAL_S} s",
+            f"in place (settle_s {SETTLE_S})",
+            [r["claimed"] for r in inplace_poll if "claimed" in r],
+        ),
     ]
     for watch, arrival, xs in cases:
-        print(f"| {watch} | {arrival} | {len(xs)} | {median(xs) * 1e3:.0f} | {p95(xs) * 1e3:.0f} | "
-              f"{(max(xs) if xs else float('nan')) * 1e3:.0f} |")
+        print(
+            f"| {watch} | {arrival} | {len(xs)} | {median(xs) * 1e3:.0f} | {p95(xs) * 1e3:.0f} | "
+            f"{(max(xs) if xs else float('nan')) * 1e3:.0f} |"
+        )
     ino = cases[0][2]
-    print(f"in place minus settle_s (inotify): median {(median(cases[1][2]) - SETTLE_S) * 1e3:.0f} ms; "
-          f"goal < 100 ms after a rename with inotify: {'MET' if p95(ino) < 0.1 else 'NOT MET'} "
-          f"(median {median(ino) * 1e3:.0f} ms, p95 {p95(ino) * 1e3:.0f} ms)")
+    print(
+        f"in place minus settle_s (inotify): median {(median(cases[1][2]) - SETTLE_S) * 1e3:.0f} ms; "
+        f"goal < 100 ms after a rename with inotify: {'MET' if p95(ino) < 0.1 else 'NOT MET'} "
+        f"(median {median(ino) * 1e3:.0f} ms, p95 {p95(ino) * 1e3:.0f} ms)"
+    )
     print()
 
     print("3. Warm vs cold: N one-shot processes (import diffusers, load, generate, save) vs the warm daemon")
@@ -374,8 +388,10 @@ def main() -> int:
     print("|---|---|---|")
     print(f"| cold one-shot python -c | {sum(cold):.1f} | {median(cold):.2f} |")
     print(f"| warm daemon | {sum(daemon_tot):.1f} | {median(daemon_tot):.2f} |")
-    print(f"cold/warm = {sum(cold) / sum(daemon_tot):.1f}x; daemon startup to ready (not in the warm total) "
-          f"{startup_a:.1f} s; direct model load + warm-up {direct_load:.1f} s")
+    print(
+        f"cold/warm = {sum(cold) / sum(daemon_tot):.1f}x; daemon startup to ready (not in the warm total) "
+        f"{startup_a:.1f} s; direct model load + warm-up {direct_load:.1f} s"
+    )
     print()
     print(f"bench wall time {time.monotonic() - t_start:.0f} s; spool and logs in {tmp}")
     return 0
