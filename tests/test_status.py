@@ -165,9 +165,11 @@ def test_a_running_daemon_keeps_status_and_events_current(spool) -> None:
         spool.drop("told.yaml", "prompt: tell me\nseed: 4\nsteps: 3\n")
         wait_for(spool.manifests, what="a manifest")
         status = wait_for(
-            lambda: (state / "status.json").exists()
-            and (s := _json.loads((state / "status.json").read_text()))["counters"].get("done")
-            and s,
+            lambda: (
+                (state / "status.json").exists()
+                and (s := _json.loads((state / "status.json").read_text()))["counters"].get("done")
+                and s
+            ),
             what="status.json counting the job",
         )
         assert status["state"] == "ready"
