@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from diffusiond.pipeline.catalog import ModelEntry, kind_of_path, native_size
 from diffusiond.pipeline.errors import ConfigError, JobRejected
@@ -160,6 +160,8 @@ class Config(_Strict):
     prefetch: int = Field(2, ge=1)
     """Jobs claimed ahead of the running one; small, so other daemons on the spool get work too."""
 
+    _rules: Rules | None = PrivateAttr(None)
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
@@ -245,6 +247,16 @@ class Config(_Strict):
         }
 
     def rules(self) -> Rules:
+        """What jobs are validated against; read from the model folders once per loaded config.
+
+        Every claim is validated, so this must not re-read each model's configs and
+        headers each time; a reload builds a new Config and so reads them again.
+        """
+        if self._rules is None:
+            self._rules = self._build_rules()
+        return self._rules
+
+    def _build_rules(self) -> Rules:
         entries = self.model_entries()
         sizes = {name: native_size(e.path, e.kind, e.prediction) for name, e in entries.items()}
         return Rules(
