@@ -1,0 +1,212 @@
+"""What the bench sections share: statistics, the machine line, a daemon subprocess on a temp spool."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+STEPS = 4
+SIZE = 64
+SETTLE_S = 0.3
+POLL_INTERVAL_S = 0.2
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def p95(xs: list[float]) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(0.95 * (len(s) - 1)))]
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return (
+        f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"device {device}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
+
+
+def write_config(root: Path, models: Any, extra: dict[str, Any] | None = None, **watch: Any) -> Path:
+    """The same knobs as tests/conftest.py's write_config: tiny model, 64 px, 4 steps, small settle.
+
+    `extra` replaces top-level config keys (`models`, `defaults`, `batch_size`, ...).
+    """
+    data: dict[str, Any] = {
+        "spool": str(root),
+        "instance": "bench",
+        "state_dir": str(root / "state"),
+        "models": {"test": str(models.sd)},
+        "defaults": {"all": {"model": "test", "size": f"{SIZE}x{SIZE}", "steps": STEPS}},
+        "preload": ["test"],
+        "watch": {
+            "settle_s": SETTLE_S,
+            "pair_wait_s": 2.0,
+            "rescan_interval_s": 2.0,
+            "poll_interval_s": POLL_INTERVAL_S,
+        }
+        | watch,
+    } | (extra or {})
+    (root / "inbox").mkdir(parents=True, exist_ok=True)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def job_text(i: int) -> str:
+    return f"prompt: a hamster number {i}\nseed: {1000 + i}\n"
+
+
+def parse_ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+class Events:
+    """Reads `<state>/events.jsonl` incrementally."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pos = 0
+        self.items: list[dict[str, Any]] = []
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n")
+        if end < 0:
+            return
+        self.pos += end + 1
+        for line in data[: end + 1].splitlines():
+            if line.strip():
+                self.items.append(json.loads(line))
+
+    def find(self, event: str, **match: Any) -> dict[str, Any] | None:
+        for item in self.items:
+            if item.get("event") == event and all(item.get(k) == v for k, v in match.items()):
+                return item
+        return None
+
+
+class DaemonProc:
+    def __init__(self, root: Path, models: Any, extra: dict[str, Any] | None = None, **watch: Any) -> None:
+        self.root = root
+        self.config = write_config(root, models, extra, **watch)
+        self.inbox = root / "inbox"
+        self.outbox = root / "outbox"
+        self.events = Events(root / "state" / "events.jsonl")
+        self.log = open(root / "daemon.log", "w")  # noqa: SIM115 (the daemon writes to it until stop())
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [PY, "-m", "diffusiond.daemon.cli", "run", "--config", str(self.config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        )
+        while not self.events.find("state", state="ready"):
+            if self.proc.poll() is not None:
+                raise SystemExit(f"daemon exited: see {root / 'daemon.log'}")
+            if time.monotonic() - t0 > 120:
+                raise SystemExit("daemon not ready after 120 s")
+            time.sleep(0.05)
+            self.events.poll()
+        self.startup_s = time.monotonic() - t0
+
+    def drop(self, name: str, text: str, *, in_place: bool) -> float:
+        """Returns the wall-clock time of the drop (after the rename, or after the in-place write)."""
+        target = self.inbox / name
+        if in_place:
+            with open(target, "w") as f:
+                f.write(text)
+            return time.time()
+        tmp = self.inbox / f".{name}.part"
+        tmp.write_text(text)
+        os.rename(tmp, target)
+        return time.time()
+
+    def run_one(self, stem: str, *, in_place: bool = False, timeout: float = 60) -> dict[str, float]:
+        """Drop one job and wait for its manifest. Times in seconds relative to the drop."""
+        name = f"{stem}.yaml"
+        t_drop = self.drop(name, job_text(hash(stem) % 10000), in_place=in_place)
+        m_drop = time.monotonic()
+        prefix = f"{stem}-"
+        manifest = None
+        while manifest is None:
+            if time.monotonic() - m_drop > timeout:
+                raise SystemExit(f"no manifest for {name} after {timeout} s; see {self.root / 'daemon.log'}")
+            for entry in os.listdir(self.outbox):
+                if entry.startswith(prefix) and entry.endswith(".json") and not entry.startswith("."):
+                    manifest = entry
+                    break
+            else:
+                time.sleep(0.002)
+        total = time.monotonic() - m_drop
+        # wait for the events of this job (the done event is written after the manifest)
+        deadline = time.monotonic() + 10
+        job_id = manifest[:-5]
+        while True:
+            self.events.poll()
+            claimed = self.events.find("claimed", source=name)
+            started = self.events.find("started", job_id=job_id)
+            done = self.events.find("done", job_id=job_id)
+            if (claimed and started and done) or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        out = {"total": total}
+        if claimed:
+            out["claimed"] = parse_ts(claimed["time"]) - t_drop
+        if started:
+            out["started"] = parse_ts(started["time"]) - t_drop
+        if done:
+            out["done"] = parse_ts(done["time"]) - t_drop
+        try:
+            data = json.loads((self.outbox / manifest).read_text())
+            timings = data.get("timings") or {}
+            for k, v in timings.items():
+                if isinstance(v, (int, float)):
+                    out[f"m_{k}"] = float(v)
+        except (OSError, ValueError):
+            pass
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
