@@ -44,6 +44,8 @@ class Claim:
     bare_image: bool = False
     problem: dict[str, Any] | None = None
     claimed_at: float = 0.0
+    resumed: bool = False
+    """Found in work/ at start: its jobs may have left partial outputs to clean first."""
 
     @property
     def inputs(self) -> Path:
@@ -54,7 +56,7 @@ class Claim:
         return [f for f in self.files if (self.inputs / f).is_file()]
 
     def save(self) -> None:
-        record = asdict(self) | {"folder": None}
+        record = asdict(self) | {"folder": None, "resumed": False}
         atomic_write(self.folder / "claim.json", json.dumps(record, indent=1).encode())
 
     @classmethod

@@ -9,19 +9,23 @@ import shutil
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Write to a hidden temp name in the same folder, fsync, then rename over `path`.
 
     A reader (or a crash) sees the old file or the whole new one, never a part.
     Temp names start with a dot, which every inbox filter (ours too) ignores.
+    `durable=False` skips the fsyncs, for files rewritten all the time whose
+    loss in a power cut does not matter (status.json): readers still never see a part.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:

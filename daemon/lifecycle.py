@@ -7,6 +7,7 @@ claim folder that recovery finishes on the next start.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -80,7 +81,7 @@ def leftover_claims(config: Config) -> list[Claim]:
             # Stopped between writing the record and the claiming rename: nothing was claimed.
             _return_orphans(folder, config)
             continue
-        claims.append(found)
+        claims.append(dataclasses.replace(found, resumed=True))
     return sorted(claims, key=lambda c: c.claimed_at)
 
 

@@ -18,14 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diffusiond.daemon import lifecycle
-from diffusiond.daemon.claim import Claim, claim
+from diffusiond.daemon.claim import Claim, claim, load_jobs
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
 from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.pairing import Pairing
 from diffusiond.daemon.status import StatusBoard
 from diffusiond.daemon.systemd import Notifier
-from diffusiond.daemon.worker import Worker
+from diffusiond.daemon.worker import Worker, reject
 from diffusiond.pipeline.errors import Code, ConfigError, DiffusiondError, JobRejected
 from diffusiond.pipeline.models import ModelCache, resolve_device, resolve_dtype
 
@@ -56,6 +56,8 @@ class Daemon:
         self.board = StatusBoard(config.state)
         """status.json and events.jsonl in the state dir, for `diffusiond status` and other tools."""
         self._worker: Worker | None = None
+        self.rejected = 0
+        """Claims failed at validation, before they reached the worker."""
         # Enough claims queued ahead to fill a batch.
         self._prefetch = max(config.prefetch, config.batch_size)
 
@@ -110,7 +112,7 @@ class Daemon:
             self._release_queued()
             self.claims.put(None)
             worker.join()
-        log.info("stopped: %d claims finished, %d failed", worker.finished, worker.failed)
+        log.info("stopped: %d claims finished, %d failed", worker.finished, worker.failed + self.rejected)
         self.notifier.close()
         self.board.state("stopped")
         self.board.flush()
@@ -151,7 +153,8 @@ class Daemon:
         if not running:
             return f"idle, watching {self.config.inbox}" + (f"; {queued} queued" if queued else "")
         step = f" (step {worker.progress[0]} of {worker.progress[1]})" if worker.progress else ""
-        return f"running {', '.join(running)}{step}; {queued} queued; {worker.finished} done, {worker.failed} failed"
+        failed = worker.failed + self.rejected
+        return f"running {', '.join(running)}{step}; {queued} queued; {worker.finished} done, {failed} failed"
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.stop.is_set():
@@ -232,10 +235,18 @@ class Daemon:
             claimed = claim(intent, inbox=inbox, work=self.config.work_dir)
             for relative in intent.files:
                 tracker.forget(inbox / relative)
-            if claimed is not None:
-                log.info("claimed %s as %s", intent.source, claimed.claim_id, extra=job_fields(job_file=intent.source))
-                self.board.claimed(claimed.claim_id, intent.source)
-                self.claims.put(claimed)
+            if claimed is None:
+                continue
+            log.info("claimed %s as %s", intent.source, claimed.claim_id, extra=job_fields(job_file=intent.source))
+            self.board.claimed(claimed.claim_id, intent.source)
+            # Validate now, while the worker runs the previous job: a wrong file fails without waiting its turn.
+            try:
+                load_jobs(claimed, self.config)
+            except DiffusiondError as exc:
+                reject(claimed, self.config, exc, self.board)
+                self.rejected += 1
+                continue
+            self.claims.put(claimed)
 
     def _read_job_text(self, relative: str) -> str:
         path = self.config.inbox / relative

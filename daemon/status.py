@@ -192,7 +192,7 @@ class StatusBoard:
     def _write(self) -> None:
         self._status["updated"] = timestamp()
         self._last_write = time.monotonic()
-        self._guard(lambda: atomic_write(self.status_path, self._render().encode()))
+        self._guard(lambda: atomic_write(self.status_path, self._render().encode(), durable=False))
 
     def _event(self, event: str, **fields: Any) -> None:
         line = json.dumps({"time": timestamp(), "event": event, **fields}, ensure_ascii=False) + "\n"

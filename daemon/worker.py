@@ -1,8 +1,11 @@
-"""Running claims in a thread that keeps the models warm.
+"""Running claims in a thread that keeps the models warm, and writing results in a second one.
 
 `run_claims` is the life of claimed job files after the claim, as numbered
-stages; `Worker` is the thread that feeds it from the queue, taking several
-claims at once when batching is on.
+stages. Only generation runs on the worker thread: each finished batch is
+handed to the `Writer` (stamp, write, archive), so the next batch starts on the
+device while the previous one is encoded, watermarked and written. `Worker` is
+the thread that feeds `run_claims` from the queue, taking several claims at
+once when batching is on.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from diffusiond.daemon import lifecycle
@@ -27,6 +31,41 @@ from diffusiond.pipeline.hashing import file_sha256
 from diffusiond.pipeline.models import ModelCache
 
 log = logging.getLogger(__name__)
+Task = Callable[[], None]
+EndHook = Callable[[Claim, bool], None]
+
+
+class Writer:
+    """Runs write tasks in order on its own thread, at most `depth` waiting (then `submit` blocks).
+
+    The bound keeps memory flat when the device makes images faster than the disk takes them.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        self._tasks: queue.Queue[Task | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="diffusiond-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, task: Task) -> None:
+        self._tasks.put(task)
+
+    def drain(self) -> None:
+        """Wait until every submitted task has run."""
+        self._tasks.join()
+
+    def close(self) -> None:
+        self._tasks.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            try:
+                task()
+            except Exception:  # tasks report their own errors; this is a last resort, the thread must live
+                log.exception("internal error while writing results")
+            finally:
+                self._tasks.task_done()
+        self._tasks.task_done()
 
 
 def run_claims(
@@ -37,13 +76,18 @@ def run_claims(
     cancel: threading.Event | None = None,
     on_step: StepHook | None = None,
     board: StatusBoard | None = None,
-) -> list[bool]:
+    writer: Writer | None = None,
+    on_end: EndHook | None = None,
+) -> None:
     """Pre-check, run every job not yet done (batched), then archive or fail each claim.
 
-    Returns, per claim, whether all its jobs finished. Raises `Cancelled` when
-    `cancel` is set during a step: the claims then stay in `work/` as they are.
+    Stages 3b and 4 run on `writer` when given (else here, in order); `on_end(claim, ok)`
+    is called once per claim when it has ended. Raises `Cancelled` when `cancel` is set
+    during a step: the claims then stay in `work/` as they are (drain the writer first).
     """
+    later = writer.submit if writer is not None else _now
     # 1. Pre-check each claim: validate the claimed copy and its images; a wrong one goes to failed/ now.
+    #    (The service validated it when it claimed it; a claim resumed after a crash is validated here.)
     ready: list[Claim] = []
     pending: list[Pending] = []
     totals: dict[str, int] = {}
@@ -51,12 +95,9 @@ def run_claims(
         try:
             jobs = load_jobs(claim, config)
         except DiffusiondError as exc:
-            report = lifecycle.fail(claim, config, exc)
-            log.warning(
-                "rejected %s: %s (report: %s)", claim.source, exc, report, extra=job_fields(job_file=claim.source)
-            )
-            if board is not None:
-                board.failed(claim.source, str(exc.code), str(exc), str(report))
+            reject(claim, config, exc, board)
+            if on_end is not None:
+                on_end(claim, False)
             continue
         ready.append(claim)
         totals[claim.claim_id] = len(jobs)
@@ -69,42 +110,76 @@ def run_claims(
     # 2. Plan: jobs that can share a pipeline call go together, in arrival order.
     errors: dict[str, list[DiffusiondError]] = {claim.claim_id: [] for claim in ready}
     for batch in plan_batches(pending, config.batch_size):
-        # 3. Run the batch, then commit each job: images first, manifest last.
-        for item, error in _run_batch(batch, config, cache, cancel, on_step, board):
-            if error is not None:
-                errors[item.claim.claim_id].append(error)
+        # 3a. Run the batch on the device (this thread) ...
+        started = time.perf_counter()
+        results = _generate(batch, config, cache, cancel, on_step, board)
+
+        # 3b. ... and commit each job, images first, manifest last, while the next batch runs.
+        def write(batch: list[Pending] = batch, results: Any = results, started: float = started) -> None:
+            for item, result in zip(batch, results, strict=True):
+                error = (
+                    result
+                    if isinstance(result, DiffusiondError)
+                    else _commit(item, result, config, cache, board, started)
+                )
+                if error is not None:
+                    errors[item.claim.claim_id].append(error)
+
+        later(write)
+
     # 4. End each claim: inputs to archive/ when every job finished, else to failed/ with the report.
-    outcomes = []
-    for claim in ready:
-        failed = errors[claim.claim_id]
-        if failed:
-            report = lifecycle.fail(claim, config, failed[0])
-            if board is not None:
-                board.failed(claim.source, str(failed[0].code), str(failed[0]), str(report))
-            log.warning(
-                "failed %s: %d of %d jobs failed (report: %s)",
-                claim.source,
-                len(failed),
-                totals[claim.claim_id],
-                report,
-            )
-        else:
-            lifecycle.archive(claim, config)
-        outcomes.append(not failed)
-    return outcomes
+    def end() -> None:
+        for claim in ready:
+            failed = errors[claim.claim_id]
+            try:
+                if failed:
+                    report = lifecycle.fail(claim, config, failed[0])
+                    if board is not None:
+                        board.failed(claim.source, str(failed[0].code), str(failed[0]), str(report))
+                    log.warning(
+                        "failed %s: %d of %d jobs failed (report: %s)",
+                        claim.source,
+                        len(failed),
+                        totals[claim.claim_id],
+                        report,
+                    )
+                else:
+                    lifecycle.archive(claim, config)
+            except Exception as exc:  # a bug must not lose the claim: it still gets a report
+                log.exception("internal error ending %s", claim.source)
+                failed = [_internal_error(claim, exc)]
+                if claim.folder.exists():
+                    lifecycle.fail(claim, config, failed[0])
+            if on_end is not None:
+                on_end(claim, not failed)
+
+    later(end)
 
 
-def _run_batch(
+def reject(claim: Claim, config: Config, exc: DiffusiondError, board: StatusBoard | None) -> None:
+    """A claim whose job file or images are wrong: to failed/ with its report, before anything runs."""
+    report = lifecycle.fail(claim, config, exc)
+    log.warning("rejected %s: %s (report: %s)", claim.source, exc, report, extra=job_fields(job_file=claim.source))
+    if board is not None:
+        board.failed(claim.source, str(exc.code), str(exc), str(report))
+
+
+def _now(task: Task) -> None:
+    task()
+
+
+def _generate(
     batch: list[Pending],
     config: Config,
     cache: ModelCache,
     cancel: threading.Event | None,
     on_step: StepHook | None,
     board: StatusBoard | None,
-) -> list[tuple[Pending, DiffusiondError | None]]:
-    started = time.perf_counter()
+) -> list[Generated] | list[DiffusiondError]:
+    """One pipeline call for the batch; an error of the call is every job's error."""
     for item in batch:
-        discard_partial(config.outbox, item.job)
+        if item.claim.resumed:  # a job id is new with each claim: only a resumed one can have left parts
+            discard_partial(config.outbox, item.job)
         if board is not None:
             board.started(item.job.job_id, item.claim.source, item.job.task, item.job.spec.model, item.job.spec.steps)
 
@@ -116,14 +191,24 @@ def _run_batch(
                 board.progress(item.job.job_id, done, total)
 
     try:
-        results = generate(cache, [(p.job, p.image) for p in batch], cancel=cancel, on_step=step)
+        return generate(cache, [(p.job, p.image) for p in batch], cancel=cancel, on_step=step)
     except DiffusiondError as exc:
         for item in batch:
             log.error("job %s failed: %s", item.job.job_id, exc, extra=_fields(item))
-        return [(item, exc) for item in batch]
-    outcomes: list[tuple[Pending, DiffusiondError | None]] = []
-    for item, generated in zip(batch, results, strict=True):
-        job, claim = item.job, item.claim
+        return [exc] * len(batch)
+
+
+def _commit(
+    item: Pending,
+    generated: Generated,
+    config: Config,
+    cache: ModelCache,
+    board: StatusBoard | None,
+    started: float,
+) -> DiffusiondError | None:
+    """Stamp and write one job's images and manifest; the job's error, or None when it is done."""
+    job, claim = item.job, item.claim
+    try:
         context: dict[str, Any] = {
             "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(claim.claimed_at)),
             "input_image": {"file": item.image.relative_to(claim.inputs).as_posix(), "sha256": file_sha256(item.image)}
@@ -136,27 +221,27 @@ def _run_batch(
             "memory": generated.memory,
             "batch_size": generated.batch_size,
         }
-        try:
-            manifest = commit(
-                config.outbox,
-                job,
-                generated,
-                context=context,
-                marks=config.marks(job.spec.watermark),
-                options=config.metadata_options(),
-                c2pa=config.c2pa(),
-            )
-        except DiffusiondError as exc:
-            outcomes.append((item, exc))
-            continue
-        lifecycle.mark_done(claim, job.job_id)
-        outcomes.append((item, None))
-        files = ", ".join(o["file"] for o in manifest["outputs"])
-        seconds = time.perf_counter() - started
-        log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, seconds, files, extra=_fields(item))
-        if board is not None:
-            board.done(job.job_id, claim.source, [o["file"] for o in manifest["outputs"]], seconds)
-    return outcomes
+        manifest = commit(
+            config.outbox,
+            job,
+            generated,
+            context=context,
+            marks=config.marks(job.spec.watermark),
+            options=config.metadata_options(),
+            c2pa=config.c2pa(),
+        )
+    except DiffusiondError as exc:
+        return exc
+    except Exception as exc:  # a bug in stamping or writing fails this job, not the daemon
+        log.exception("internal error writing %s", job.job_id, extra=_fields(item))
+        return _internal_error(claim, exc)
+    lifecycle.mark_done(claim, job.job_id)
+    files = [o["file"] for o in manifest["outputs"]]
+    seconds = time.perf_counter() - started
+    log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, seconds, ", ".join(files), extra=_fields(item))
+    if board is not None:
+        board.done(job.job_id, claim.source, files, seconds)
+    return None
 
 
 def _fields(item: Pending) -> dict[str, str]:
@@ -202,53 +287,75 @@ class Worker(threading.Thread):
         self.failed = 0
 
     def run(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self.claims.get()
-            if first is None:
-                return
-            taken = [first]
-            deadline = time.monotonic() + self.config.batch_wait_s
-            while len(taken) < self.config.batch_size:  # more claims only when they could share a call
-                try:
-                    more = self.claims.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if more is None:
-                    stopping = True
-                    self.claims.task_done()
-                    break
-                taken.append(more)
-            self._run(taken)
+        writer = Writer()
+        try:
+            stopping = False
+            while not stopping:
+                first = self.claims.get()
+                if first is None:
+                    return
+                taken = [first]
+                deadline = time.monotonic() + self.config.batch_wait_s
+                while len(taken) < self.config.batch_size:  # more claims only when they could share a call
+                    try:
+                        more = self.claims.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stopping = True
+                        self.claims.task_done()
+                        break
+                    taken.append(more)
+                self._run(taken, writer)
+        finally:
+            writer.close()  # a warm stop writes every image already made
 
-    def _run(self, claims: list[Claim]) -> None:
+    def _run(self, claims: list[Claim], writer: Writer) -> None:
         self.current = claims
         self.last_progress_s = time.monotonic()
+        ended: set[str] = set()
+
+        def on_end(claim: Claim, ok: bool) -> None:
+            ended.add(claim.claim_id)
+            if ok:
+                self.finished += 1
+            else:
+                self.failed += 1
+            self.claims.task_done()
+
         try:
-            outcomes = run_claims(
-                claims, self.config, self.cache, cancel=self.cancel, on_step=self._on_step, board=self.board
+            run_claims(
+                claims,
+                self.config,
+                self.cache,
+                cancel=self.cancel,
+                on_step=self._on_step,
+                board=self.board,
+                writer=writer,
+                on_end=on_end,
             )
         except Cancelled:
-            outcomes = []
+            writer.drain()  # the batches made before the cancel are written: their jobs count as done
             for claim in claims:
-                if not claim.folder.exists():
-                    continue  # it ended before the cancel
+                if claim.claim_id in ended or not claim.folder.exists():
+                    continue
                 if lifecycle.done_jobs(claim):
                     log.info("stopped %s mid-way; its remaining jobs run on the next start", claim.source)
                 else:
                     lifecycle.release(claim, self.config)
                     log.info("stopped %s at a step boundary; it is back in the inbox", claim.source)
+                ended.add(claim.claim_id)
+                self.claims.task_done()
         except Exception as exc:  # a bug must not stop the daemon; each claim still gets a report
             log.exception("internal error on %s", ", ".join(c.source for c in claims))
-            outcomes = [False] * len(claims)
+            writer.drain()
             for claim in claims:
-                if claim.folder.exists():
-                    lifecycle.fail(claim, self.config, _internal_error(claim, exc))
-        self.finished += sum(outcomes)
-        self.failed += len(outcomes) - sum(outcomes)
-        self.current, self.progress = [], None
-        for _ in claims:
-            self.claims.task_done()
+                if claim.claim_id not in ended:
+                    if claim.folder.exists():
+                        lifecycle.fail(claim, self.config, _internal_error(claim, exc))
+                    on_end(claim, False)
+        finally:
+            self.current, self.progress = [], None
 
     def _on_step(self, step: int, steps: int) -> None:
         self.progress = (step, steps)

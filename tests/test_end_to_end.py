@@ -161,6 +161,18 @@ def test_bad_job_file_lands_in_failed_with_a_report_and_the_daemon_goes_on(spool
     done(spool, 1)
 
 
+def test_a_wrong_file_fails_at_once_while_a_long_job_runs(spool: Spool, daemon) -> None:
+    spool.drop("slow.yaml", "prompt: slow\nsize: 128x128\nsteps: 60\nseed: 9\n")
+    wait_for(lambda: daemon.board.snapshot()["running"], what="the slow job running")
+    spool.drop("bad.yaml", "prompt: x\nsteps: 0\n")
+    [report] = wait_for(spool.reports, what="the bad file's report")
+    assert report["file"] == "bad.yaml" and report["field"] == "steps"
+    assert spool.manifests() == [], "the bad file was rejected while the slow job still ran, not after it"
+    assert daemon.board.snapshot()["running"][0]["source"] == "slow.yaml"
+    [manifest] = wait_for(spool.manifests, timeout_s=120, what="the slow job's manifest")
+    assert manifest["source"] == "slow.yaml"
+
+
 def test_non_image_with_an_image_extension_fails_cleanly(spool: Spool, daemon) -> None:
     spool.drop("fake.png", b"this is not a PNG at all")
     spool.drop("fake.yaml", "task: img2img\nprompt: x\n")
