@@ -202,6 +202,21 @@ class DaemonProc:
             pass
         return out
 
+    def run_stream(self, stems: list[str], timeout: float = 300) -> float:
+        """Drop all jobs at once (each by rename) and wait for every manifest; seconds from first drop to last."""
+        t0 = time.monotonic()
+        for i, stem in enumerate(stems):
+            self.drop(f"{stem}.yaml", job_text(i), in_place=False)
+        left = set(stems)
+        while left:
+            if time.monotonic() - t0 > timeout:
+                raise SystemExit(f"{len(left)} manifests missing after {timeout} s; see {self.root / 'daemon.log'}")
+            for entry in os.listdir(self.outbox):
+                if entry.endswith(".json") and not entry.startswith("."):
+                    left.discard(entry.removesuffix(".json").rsplit("-", 3)[0])  # <stem>-<date>-<time>-<hex>
+            time.sleep(0.002)
+        return time.monotonic() - t0
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
