@@ -112,11 +112,23 @@ class SettleTracker:
     def pending(self) -> list[Path]:
         return list(self._seen)
 
-    def stable(self, now: float | None = None) -> list[Path]:
-        """Files quiet for `settle_s`, re-checked on disk now, oldest first."""
+    def __contains__(self, path: object) -> bool:
+        return path in self._seen
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def stable(self, now: float | None = None, limit: int | None = None) -> list[Path]:
+        """Files quiet for `settle_s`, re-checked on disk now, oldest first.
+
+        With `limit`, only files seen first are checked, until `limit` are stable: with 10,000
+        files dropped at once, each claim round costs a few stat calls instead of 10,000.
+        """
         now = time.monotonic() if now is None else now
         out: list[tuple[float, Path]] = []
         for path, seen in list(self._seen.items()):
+            if limit is not None and len(out) >= limit:
+                break
             try:
                 st = path.stat()
             except OSError:

@@ -8,7 +8,7 @@ a job file of the same stem, then takes its hot folder's profile.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Container, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -77,15 +77,18 @@ class Pairing:
     _parsed: dict[str, tuple[object, list[Spec] | JobRejected]] = field(default_factory=dict)
 
     def decide(
-        self, stable: Collection[str], present: Collection[str], now: float, stamp: Callable[[str], object]
+        self, stable: Collection[str], present: Container[str], now: float, stamp: Callable[[str], object]
     ) -> list[Intent]:
-        """Intents for what can be claimed now. `present` is every candidate file, stable or not."""
-        for gone in set(self._stable_since) - set(stable):
+        """Intents for what can be claimed now. `present` holds every candidate file, stable or not.
+
+        `stable` may be only the oldest stable files (a window): the others keep their timers.
+        """
+        stable_set = set(stable)
+        for gone in [p for p in self._stable_since if p not in stable_set and p not in present]:
             self._stable_since.pop(gone, None)
             self._parsed.pop(gone, None)
         for path in stable:
             self._stable_since.setdefault(path, now)
-        stable_set, present_set = set(stable), set(present)
         intents: list[Intent] = []
         reserved: set[str] = set()
         for path in [p for p in stable if is_job_file(p)]:
@@ -93,7 +96,7 @@ class Pairing:
             if isinstance(specs, JobRejected):
                 intents.append(Intent(path, (path,)))
                 continue
-            wanted = [resolve_image(s, path, present_set.__contains__) for s in specs]
+            wanted = [resolve_image(s, path, present.__contains__) for s in specs]
             missing = [
                 s.image or "(same-stem image)"
                 for s, w in zip(specs, wanted, strict=True)
@@ -101,7 +104,7 @@ class Pairing:
             ]
             # The same-stem sketch always travels with its job file, used or not, so it is archived with it;
             # one that is still being written is waited for like a needed image.
-            same_stem = _same_stem_image(path, present_set.__contains__)
+            same_stem = _same_stem_image(path, present.__contains__)
             unsettled_sketch = same_stem is not None and same_stem not in stable_set
             wanted.append(same_stem)
             images = tuple(dict.fromkeys(w for w in wanted if w is not None and w in stable_set))
@@ -121,7 +124,7 @@ class Pairing:
                 intents.append(Intent(path, (path, *images), problem=problem.report()))
         claimed = {f for intent in intents for f in intent.files}
         for path in [p for p in stable if not is_job_file(p)]:
-            if path in claimed or path in reserved or self._has_job_file(path, present_set):
+            if path in claimed or path in reserved or self._has_job_file(path, present):
                 continue
             if now - self._stable_since[path] < self.pair_wait_s:
                 continue
@@ -142,7 +145,7 @@ class Pairing:
         return result
 
     @staticmethod
-    def _has_job_file(image: str, present: Collection[str]) -> bool:
+    def _has_job_file(image: str, present: Container[str]) -> bool:
         stem = posixpath.splitext(image)[0]
         return any(stem + s in present or stem + s.upper() in present for s in JOB_SUFFIXES)
 

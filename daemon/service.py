@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 FOLDERS = ("inbox", "outbox", "archive", "failed", "work")
 EXTEND_TIMEOUT_USEC = 300_000_000
 """Asked for before each preloaded model: loading a large model from a slow disk takes minutes."""
+CLAIM_WINDOW = 256
+"""Stable files the pairing looks at per round, oldest first; the rest wait their turn (a flood stays cheap)."""
 NEARLY_DONE = 0.8
 """On SIGTERM a job this far through its steps is finished rather than interrupted."""
 
@@ -187,7 +189,7 @@ class Daemon:
         watchdog_s = _watchdog_interval_s()
         while not self.stop.is_set():
             config = self.config
-            wait_s = 0.05 if tracker.pending() else 0.5
+            wait_s = 0.05 if len(tracker) else 0.5
             if watchdog_s:
                 wait_s = min(wait_s, watchdog_s / 4)
             if self.reload_requested.is_set():
@@ -220,15 +222,15 @@ class Daemon:
             if status != last_status and now - last_status_s >= 0.5:
                 self.notifier.status(status)
                 last_status, last_status_s = status, now
-            if self.oneshot and not tracker.pending() and worker.idle:
+            if self.oneshot and not len(tracker) and worker.idle:
                 return
 
     def _claim_ready(self, tracker: SettleTracker, pairing: Pairing, now: float) -> None:
         inbox = self.config.inbox
-        stable = [p.relative_to(inbox).as_posix() for p in tracker.stable(now)]
+        stable = [p.relative_to(inbox).as_posix() for p in tracker.stable(now, limit=CLAIM_WINDOW)]
         if not stable:
             return
-        present = [p.relative_to(inbox).as_posix() for p in tracker.pending()]
+        present = _Present(tracker, inbox)
         for intent in pairing.decide(stable, present, now, stamp=lambda rel: _stamp(inbox / rel)):
             if self.claims.qsize() >= self._prefetch:
                 return
@@ -264,6 +266,16 @@ class Daemon:
                 lifecycle.release(queued, self.config)
                 log.info("put %s back in the inbox", queued.source)
             self.claims.task_done()
+
+
+class _Present:
+    """The inbox files the tracker knows, by inbox-relative name, without listing them all."""
+
+    def __init__(self, tracker: SettleTracker, inbox: Path) -> None:
+        self.tracker, self.inbox = tracker, inbox
+
+    def __contains__(self, relative: object) -> bool:
+        return isinstance(relative, str) and self.inbox / relative in self.tracker
 
 
 def _relative(path: Path, inbox: Path) -> Path | None:

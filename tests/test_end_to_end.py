@@ -173,6 +173,24 @@ def test_a_wrong_file_fails_at_once_while_a_long_job_runs(spool: Spool, daemon) 
     assert manifest["source"] == "slow.yaml"
 
 
+def test_a_flood_of_files_is_worked_through_in_windows(spool: Spool, daemon) -> None:
+    count = 600  # more than the claim window (256): wrong files, so no model runs and it stays quick
+    staging = spool.root / "staging"
+    staging.mkdir()
+    for i in range(count):
+        (staging / f"bad{i:03d}.yaml").write_text(f"prompt: number {i}\nsteps: 0\n")
+    for i in range(count):
+        os.rename(staging / f"bad{i:03d}.yaml", spool.inbox / f"bad{i:03d}.yaml")
+    spool.drop("good.yaml", "prompt: the last one\n")
+    wait_for(lambda: len(list(spool.failed.glob("*.error.yaml"))) == count, timeout_s=120, what=f"{count} reports")
+    [manifest] = done(spool, 1)
+    assert manifest["source"] == "good.yaml"
+    assert sorted(p.name for p in spool.failed.glob("*.yaml") if not p.name.endswith(".error.yaml")) == [
+        f"bad{i:03d}.yaml" for i in range(count)
+    ]
+    wait_for(lambda: list(spool.inbox.iterdir()) == [], what="an empty inbox")
+
+
 def test_non_image_with_an_image_extension_fails_cleanly(spool: Spool, daemon) -> None:
     spool.drop("fake.png", b"this is not a PNG at all")
     spool.drop("fake.yaml", "task: img2img\nprompt: x\n")

@@ -364,3 +364,17 @@ def test_a_txt2img_job_file_waits_for_its_unsettled_sketch_then_goes_without_it(
     assert inbox.decide([other], now=10.0, present=[other, stuck]) == []
     [intent] = inbox.decide([other], now=10.0 + PAIR_WAIT_S, present=[other, stuck])
     assert intent == Intent(other, (other,))
+
+
+def test_a_window_of_stable_files_is_the_oldest_ones(tmp_path: Path) -> None:
+    tracker = SettleTracker(settle_s=1.0)
+    paths = []
+    for i in range(1000):
+        path = tmp_path / f"job{i:04d}.yaml"
+        path.write_text("prompt: x\n")
+        tracker.touch(path, renamed=True, now=100.0 + i / 1000)
+        paths.append(path)
+    assert tracker.stable(now=200.0, limit=10) == paths[:10]
+    paths[3].unlink()
+    assert tracker.stable(now=200.0, limit=10) == paths[:3] + paths[4:11]
+    assert len(tracker.stable(now=200.0)) == 999
