@@ -77,9 +77,14 @@ class Pairing:
     _parsed: dict[str, tuple[object, list[Spec] | JobRejected]] = field(default_factory=dict)
 
     def decide(
-        self, stable: Collection[str], present: Container[str], now: float, stamp: Callable[[str], object]
+        self,
+        stable: Collection[str],
+        present: Container[str],
+        now: float,
+        stamp: Callable[[str], object],
+        limit: int | None = None,
     ) -> list[Intent]:
-        """Intents for what can be claimed now. `present` holds every candidate file, stable or not.
+        """Intents for what can be claimed now, at most `limit`. `present` holds every candidate file.
 
         `stable` may be only the oldest stable files (a window): the others keep their timers.
         """
@@ -92,6 +97,8 @@ class Pairing:
         intents: list[Intent] = []
         reserved: set[str] = set()
         for path in [p for p in stable if is_job_file(p)]:
+            if limit is not None and len(intents) >= limit:
+                return intents  # the images of the files not looked at yet must not pass for bare ones
             specs = self._parse(path, stamp(path))
             if isinstance(specs, JobRejected):
                 intents.append(Intent(path, (path,)))
@@ -128,6 +135,8 @@ class Pairing:
                 continue
             if now - self._stable_since[path] < self.pair_wait_s:
                 continue
+            if limit is not None and len(intents) >= limit:
+                break
             intents.append(Intent(path, (path,), bare_image=True, problem=self._bare_problem(path)))
         return intents
 

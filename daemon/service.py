@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 FOLDERS = ("inbox", "outbox", "archive", "failed", "work")
 EXTEND_TIMEOUT_USEC = 300_000_000
 """Asked for before each preloaded model: loading a large model from a slow disk takes minutes."""
-CLAIM_WINDOW = 256
+CLAIM_WINDOW = 64
 """Stable files the pairing looks at per round, oldest first; the rest wait their turn (a flood stays cheap)."""
 NEARLY_DONE = 0.8
 """On SIGTERM a job this far through its steps is finished rather than interrupted."""
@@ -226,29 +226,30 @@ class Daemon:
                 return
 
     def _claim_ready(self, tracker: SettleTracker, pairing: Pairing, now: float) -> None:
+        """Claim (and validate) files until the queue holds `prefetch` claims or nothing is ready."""
         inbox = self.config.inbox
-        stable = [p.relative_to(inbox).as_posix() for p in tracker.stable(now, limit=CLAIM_WINDOW)]
-        if not stable:
-            return
         present = _Present(tracker, inbox)
-        for intent in pairing.decide(stable, present, now, stamp=lambda rel: _stamp(inbox / rel)):
-            if self.claims.qsize() >= self._prefetch:
+        while (room := self._prefetch - self.claims.qsize()) > 0:
+            stable = [p.relative_to(inbox).as_posix() for p in tracker.stable(now, limit=CLAIM_WINDOW)]
+            intents = pairing.decide(stable, present, now, stamp=lambda rel: _stamp(inbox / rel), limit=room)
+            if not intents:
                 return
-            claimed = claim(intent, inbox=inbox, work=self.config.work_dir)
-            for relative in intent.files:
-                tracker.forget(inbox / relative)
-            if claimed is None:
-                continue
-            log.info("claimed %s as %s", intent.source, claimed.claim_id, extra=job_fields(job_file=intent.source))
-            self.board.claimed(claimed.claim_id, intent.source)
-            # Validate now, while the worker runs the previous job: a wrong file fails without waiting its turn.
-            try:
-                load_jobs(claimed, self.config)
-            except DiffusiondError as exc:
-                reject(claimed, self.config, exc, self.board)
-                self.rejected += 1
-                continue
-            self.claims.put(claimed)
+            for intent in intents:
+                claimed = claim(intent, inbox=inbox, work=self.config.work_dir)
+                for relative in intent.files:
+                    tracker.forget(inbox / relative)
+                if claimed is None:
+                    continue
+                log.info("claimed %s as %s", intent.source, claimed.claim_id, extra=job_fields(job_file=intent.source))
+                self.board.claimed(claimed.claim_id, intent.source)
+                # Validate now, while the worker runs the previous job: a wrong file fails without waiting its turn.
+                try:
+                    load_jobs(claimed, self.config)
+                except DiffusiondError as exc:
+                    reject(claimed, self.config, exc, self.board)
+                    self.rejected += 1
+                    continue
+                self.claims.put(claimed)
 
     def _read_job_text(self, relative: str) -> str:
         path = self.config.inbox / relative
