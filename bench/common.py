@@ -202,11 +202,13 @@ class DaemonProc:
             pass
         return out
 
-    def run_stream(self, stems: list[str], timeout: float = 300) -> float:
-        """Drop all jobs at once (each by rename) and wait for every manifest; seconds from first drop to last."""
+    def run_stream(self, stems: list[str], timeout: float = 300, extra: str = "") -> float:
+        """Drop all jobs at once (each by rename) and wait for every manifest; seconds from first drop to last.
+
+        `extra` is appended to each job file (e.g. `size: 256x256`)."""
         t0 = time.monotonic()
         for i, stem in enumerate(stems):
-            self.drop(f"{stem}.yaml", job_text(i), in_place=False)
+            self.drop(f"{stem}.yaml", job_text(i) + extra, in_place=False)
         left = set(stems)
         while left:
             if time.monotonic() - t0 > timeout:

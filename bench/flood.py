@@ -5,8 +5,9 @@
 1. Flood: N job files (default 10 000) renamed into the inbox of a `diffusiond run` subprocess as
    fast as one loop can, on a no-op configuration (test model, 8x8 px: the smallest size
    pipeline/job.py accepts, 1 step). Measured from the first rename: all claimed (`claimed`
-   events), all validated (`started` events: written after `load_jobs` checked the claimed copy),
-   all manifests in the outbox, all inputs in archive/; jobs per second over the whole lifecycle
+   events), all validated and started (`started` events; validation, `load_jobs` on the claimed
+   copy, has no event of its own: it runs in the claim step, or before `started` in older
+   versions), all manifests in the outbox, all inputs in archive/; jobs per second over the lifecycle
    and per tenth of the run (a per-job cost that grows with the backlog shows as falling rates);
    the daemon's VmRSS/VmHWM at ready, every tenth and the end (goal: flat between middle and end);
    the sizes of events.jsonl and status.json.
@@ -281,7 +282,7 @@ def flood_section(models: Any, root: Path, n: int = 10_000) -> list[str]:
         "|---|---|---|",
         f"| first claimed | {min(1, len(claimed))} | {min(claimed, default=float('nan')):.2f} |",
         f"| all claimed (`claimed` events) | {len(claimed)} | {max(claimed, default=float('nan')):.2f} |",
-        f"| all validated (`started` events) | {len(started)} | {max(started, default=float('nan')):.2f} |",
+        f"| all validated and started (`started` events) | {len(started)} | {max(started, default=float('nan')):.2f} |",
         f"| all manifests in outbox/ | {len(manifests)} | {t_manifests - t0:.2f} |",
         f"| all done (`done` events) | {len(done)} | {max(done, default=float('nan')):.2f} |",
         f"| all inputs in archive/ | {len(archived)} | {t_archived - t0:.2f} |",

@@ -1,35 +1,46 @@
-"""Daemon overhead, reaction time and warm-vs-cold, each measured side by side in one run.
+"""diffusiond's benchmark: every figure a ratio of two things measured side by side in this run.
 
-    .venv/bin/python bench/run.py [--jobs N] [--quick]
+    .venv/bin/python bench/run.py [--quick] [--jobs N] [--flood N] [--no-sd15] [--compile]
 
-1. Overhead: N txt2img jobs (test model, 64 px, 4 steps) dropped one at a time into a running
-   `diffusiond run` subprocess (atomic rename; drop -> manifest), against the same N
-   `generate()` calls made directly in this process with the model already loaded.
-2. Reaction: drop -> `claimed` event in `<state>/events.jsonl`, by rename and written in place,
-   with the inbox watched by inotify and by polling.
-3. Warm vs cold: the same N jobs as one-shot `python -c` processes that each import diffusers,
-   load the test model, generate one image and save it, against the warm daemon.
+On the tiny test model (64 px, 4 steps), with a real `diffusiond run` subprocess on a temp spool:
+1. Overhead: rounds of N jobs, direct `generate()` calls in this process (model warm) against the
+   same N jobs dropped at once into the daemon (first drop -> last manifest); one-at-a-time latency.
+2. Reaction: drop -> `claimed` event, by rename and written in place, inotify and polling.
+3. Warm vs cold: N one-shot `python -c` processes (import, load, generate, save) against the daemon;
+   3b. the same on the SD 1.5 architecture (random weights, one LDM .safetensors made here, 2.1 GB).
+4. Flood (bench/flood.py): 10,000 job files at once: claim/validate time, jobs/s, RSS over the run.
+5. Batching: batch_size 4 against 1 on the test model (on GPU also SD 1.5 at 512², in 6).
+6. GPU (bench/sd15.py, only with CUDA): plain diffusers against diffusiond's settings at 512², fp16.
+7. CPU: fp32 against bf16 and channels_last, SD 1.5 UNet step at 128 px.
 
-The daemon and the direct calls never run at the same time (2-core machines).
-Phase timings of the daemon (drop -> claimed -> started -> done) come from its events.jsonl.
+The daemon and the direct calls never run at the same time (2-core machines). `--quick` takes
+about 4 minutes (flood of 1,000), the full run about 15.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import POLL_INTERVAL_S, PY, SETTLE_S, SIZE, STEPS, DaemonProc, machine, median, p95
+from flood import batching_section, flood_section
+from sd15 import cpu_precision, file_section, gpu_section, warm_cold_sd15
 
 # --------------------------------------------------------------------------- the three measurements
+
+
+BIG = 256
+"""The bigger size of the overhead figure: the daemon's cost per job stays, the job's grows."""
 
 
 class Direct:
@@ -49,13 +60,13 @@ class Direct:
         self.run(1)  # warm-up, as the daemon gets one
         self.load_s = time.monotonic() - t0
 
-    def run(self, n: int) -> list[float]:
+    def run(self, n: int, size: int = SIZE) -> list[float]:
         from diffusiond.pipeline.generate import generate
         from diffusiond.pipeline.job import Job, Txt2ImgJob
 
         times = []
         for i in range(n):
-            spec = Txt2ImgJob(model="test", prompt=f"a hamster number {i}", size=(SIZE, SIZE), steps=STEPS, seed=i)
+            spec = Txt2ImgJob(model="test", prompt=f"a hamster number {i}", size=(size, size), steps=STEPS, seed=i)
             t = time.perf_counter()
             generate(self.cache, [(Job(f"direct-{i}", f"direct-{i}.yaml", 1, spec), None)])
             times.append(time.perf_counter() - t)
@@ -94,10 +105,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=None, help="N jobs for overhead and warm/cold (default 20, quick 5)")
     ap.add_argument("--reaction", type=int, default=None, help="drops per reaction case (default 10, quick 4)")
-    ap.add_argument("--quick", action="store_true", help="fewer jobs: under a minute")
+    ap.add_argument("--quick", action="store_true", help="fewer jobs and a flood of 1,000: about 4 minutes")
+    ap.add_argument("--flood", type=int, default=None, help="job files in the flood (default 10,000, quick 1,000)")
+    ap.add_argument("--no-sd15", action="store_true", help="skip the SD 1.5-architecture sections (2.1 GB file)")
+    ap.add_argument(
+        "--sd15-folder",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "diffusiond-bench-sd15",
+        help="where the random SD 1.5 checkpoint is kept between runs (default: %(default)s)",
+    )
+    ap.add_argument("--compile", action="store_true", help="GPU: also torch.compile the UNet (warm-up reported)")
     args = ap.parse_args()
     n = args.jobs or (5 if args.quick else 20)
     rounds = 2 if args.quick else 3
+    flood_n = args.flood or (1000 if args.quick else 10_000)
     m = args.reaction or (4 if args.quick else 10)
     t_start = time.monotonic()
 
@@ -123,6 +144,14 @@ def main() -> int:
         for r in range(rounds):
             direct += direct_proc.run(n)
             streams.append(d.run_stream([f"r{r}s{i:04d}" for i in range(n)]))
+        direct_big: list[float] = []
+        streams_big: list[float] = []
+        streams_marked: list[float] = []
+        for r in range(rounds):
+            direct_big += direct_proc.run(n, size=BIG)
+            unmarked = f"size: {BIG}x{BIG}\nwatermark: {{invisible: false}}\n"
+            streams_big.append(d.run_stream([f"r{r}b{i:04d}" for i in range(n)], extra=unmarked))
+            streams_marked.append(d.run_stream([f"r{r}m{i:04d}" for i in range(n)], extra=f"size: {BIG}x{BIG}\n"))
         runs = [d.run_one(f"job{i:03d}") for i in range(n)]
         inplace_inotify = [d.run_one(f"inplace{i:03d}", in_place=True) for i in range(m)]
         startup_a = d.startup_s
@@ -168,9 +197,24 @@ def main() -> int:
         f"{'MET' if ratio <= 1.05 else 'NOT MET'}; per round: "
         + ", ".join(f"{st / sum(direct[i * n : (i + 1) * n]):.3f}" for i, st in enumerate(streams))
     )
+    big_ratio = sum(streams_big) / sum(direct_big)
+    print(
+        f"| direct generate() at {BIG}x{BIG} | {len(direct_big)} | {sum(direct_big):.2f} | "
+        f"{sum(direct_big) / len(direct_big) * 1e3:.1f} | 1.00 |"
+    )
+    print(
+        f"| daemon, stream at {BIG}x{BIG}, job says `watermark: {{invisible: false}}` | {n * rounds} | "
+        f"{sum(streams_big):.2f} | {sum(streams_big) / (n * rounds) * 1e3:.1f} | {big_ratio:.3f} |"
+    )
+    print(
+        f"| daemon, stream at {BIG}x{BIG} with the default invisible mark (dwtDctSvd, checked in the file) | "
+        f"{n * rounds} | {sum(streams_marked):.2f} | {sum(streams_marked) / (n * rounds) * 1e3:.1f} | "
+        f"{sum(streams_marked) / sum(direct_big):.3f} |"
+    )
     print(
         f"one job at a time the daemon adds {(median(daemon_tot) - median(direct)) * 1e3:.0f} ms per job "
-        "(latency: nothing to overlap with)"
+        f"(latency: nothing to overlap with); at {BIG}x{BIG} the stream adds {(big_ratio - 1) * 100:+.1f} %: "
+        f"{'MET' if big_ratio <= 1.05 else 'NOT MET'} for <= 5 %"
     )
     # where it goes (from events.jsonl and the manifests)
     phases = {
@@ -221,6 +265,30 @@ def main() -> int:
         f"{startup_a:.1f} s; direct model load + warm-up {direct_load:.1f} s"
     )
     print()
+
+    def section(number: str, run: Callable[[], list[str]]) -> None:
+        """Print a section of flood.py / sd15.py under this bench's numbering, with its wall time."""
+        started = time.monotonic()
+        lines = run()
+        print("\n".join([re.sub(r"^\d+[a-z]?\. ", f"{number}. ", lines[0]), *lines[1:]]))
+        print(f"(section {number}: {time.monotonic() - started:.0f} s)")
+        print()
+
+    if not args.no_sd15:
+        path: Path | None = None
+
+        def make_file() -> list[str]:
+            nonlocal path
+            path, lines = file_section(args.sd15_folder)
+            return lines
+
+        section("3b", make_file)
+        section("3c", lambda: warm_cold_sd15(path, tmp / "sd15", n=3, size=128, steps=2))
+    section("4", lambda: flood_section(models, tmp / "flood", flood_n))
+    section("5", lambda: batching_section(models, tmp / "batching"))
+    if not args.no_sd15:
+        section("6", lambda: gpu_section(path, tmp / "gpu", compile_unet=args.compile))
+        section("7", lambda: cpu_precision(path, 128))
     print(f"bench wall time {time.monotonic() - t_start:.0f} s; spool and logs in {tmp}")
     return 0
 

@@ -55,14 +55,14 @@ PROMPT = "a hamster painting with a brush"
 UNET_TFLOP_PER_IMAGE_STEP = 1.6
 """About 1.6 TFLOP for one CFG-guided SD 1.5 UNet step (batch 2) at 512², i.e. per image and step."""
 
-PEAK_FP16_TFLOPS = [  # dense (no sparsity) fp16 tensor-core peaks; first substring of the device name wins
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("A100", 312.0),
-    ("L4", 121.0),
-    ("RTX 4090", 165.0),
+PEAK_FP16_TFLOPS = [  # dense (no sparsity) fp16 tensor-core peaks; the first pattern found in the device name wins
+    (r"\bH200\b", 989.0),
+    (r"\bH100\b.*\bPCIe\b", 756.0),
+    (r"\bH100 NVL\b", 835.0),
+    (r"\bH100\b", 989.0),  # SXM: "NVIDIA H100 80GB HBM3"
+    (r"\bA100\b", 312.0),
+    (r"\bL4\b", 121.0),  # not L40/L40S
+    (r"\bRTX 4090\b", 165.0),
 ]
 
 _RESIDUAL_OUT = (
@@ -74,6 +74,40 @@ _RESIDUAL_OUT = (
     "out_proj.weight",
 )
 """Layers that write into a residual stream: a smaller init keeps ~30 stacked residual adds within fp16."""
+
+
+# --------------------------------------------------------------------------- other processes
+
+
+def _cpu_seconds() -> tuple[float, float, float]:
+    """(machine busy CPU-s from /proc/stat, this process's and its waited-for children's CPU-s, wall clock)."""
+    import resource
+
+    busy = float("nan")
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user..steal; guest is inside user
+    except (OSError, ValueError, IndexError):
+        pass
+    own = sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
+    return busy, own, time.monotonic()
+
+
+def other_load(since: tuple[float, float, float]) -> str:
+    """CPU time other processes took since `since`: on 2 cores, other work (tests, another bench) skews every
+    figure, and two processes that each run 2 OpenMP threads slowed small steps here by 10-100x."""
+    busy0, own0, wall0 = since
+    busy, own, wall = _cpu_seconds()
+    other = max(0.0, (busy - busy0) - (own - own0))
+    capacity = (wall - wall0) * (os.cpu_count() or 1)
+    return (
+        f"other processes used {other:.1f} CPU-s of {capacity:.0f} available ({other / capacity * 100:.0f} %) "
+        f"during this section{'' if other / capacity < 0.05 else ': NOT A QUIET MACHINE, figures skewed'}"
+    )
 
 
 # --------------------------------------------------------------------------- 1. the file
@@ -247,6 +281,7 @@ def check_sd15_file(path: Path, *, size: int = 64, steps: int = 5) -> list[str]:
 
 def file_section(folder: Path) -> tuple[Path, list[str]]:
     """Section 1: build (or reuse) the file, then check it with the daemon's loader; both times reported."""
+    since = _cpu_seconds()
     started = time.perf_counter()
     reused = _is_finished(Path(folder) / FILE_NAME)
     path = make_sd15_file(folder)
@@ -257,7 +292,8 @@ def file_section(folder: Path) -> tuple[Path, list[str]]:
         + ("reused from an earlier run" if reused else "built")
         + f" in {build_s:.1f} s",
     ]
-    return path, lines + check_sd15_file(path)
+    lines += check_sd15_file(path)
+    return path, [*lines, other_load(since)]
 
 
 # --------------------------------------------------------------------------- 2. CPU precision
@@ -291,15 +327,22 @@ def onednn_isa() -> str:
     return f"{isa.group(1).strip() if isa else '?'}; bf16 conv kernel {conv.group(1) if conv else '?'}"
 
 
-def cpu_precision(path: Path, size: int = 128, steps: int = 3, *, fp32_channels_last: bool = True) -> list[str]:
+def cpu_precision(
+    path: Path, size: int = 128, steps: int = 5, *, warmup: int = 2, fp32_channels_last: bool = True
+) -> list[str]:
     """Section 2: one UNet step of the SD 1.5 architecture on CPU at `size`, by precision and memory format.
 
-    Batch 2 (classifier-free guidance), the text embeddings the pipeline would pass, the UNet
-    as the daemon loads it (fp32), converted in place from one variant to the next so only one
-    copy is in memory. Each variant: one warm-up step, then `steps` timed steps (median).
+    Batch 2 (classifier-free guidance) with the text embeddings the pipeline would pass; the
+    UNet as the daemon loads it (fp32) plus converted copies (~10 GB in all). The variants run
+    round-robin, one step each per round, so drift (another process, frequency, a slow process:
+    fp32 alone measured 0.66-1.25 s per step in different processes here) hits all of them
+    alike. `warmup` rounds are dropped: oneDNN packs kernels, fp32 needs more than one call.
     """
+    import copy
+
     import torch
 
+    since = _cpu_seconds()
     with tempfile.TemporaryDirectory(prefix="diffusiond-sd15-cpu-") as tmp:
         pipe, load_s = _daemon_load(path, torch.float32, Path(tmp))
     with torch.inference_mode():
@@ -310,55 +353,56 @@ def cpu_precision(path: Path, size: int = 128, steps: int = 3, *, fp32_channels_
     unet = pipe.unet
     del pipe  # only the UNet stays
 
-    def timed(unet: Any, dtype: torch.dtype) -> tuple[list[float], torch.Tensor]:
-        x, c = sample.to(dtype), embeddings.to(dtype)
-        times, out = [], None
-        with torch.inference_mode():
-            for i in range(steps + 1):
-                t = torch.tensor(999 - 100 * i)
-                started = time.perf_counter()
-                out = unet(x, t, encoder_hidden_states=c).sample
-                if i:  # the first call is the warm-up (oneDNN picks and packs kernels)
-                    times.append(time.perf_counter() - started)
-        return times, out.float()
-
-    variants: list[tuple[str, list[float], torch.Tensor]] = []
-    times, reference = timed(unet, torch.float32)
-    variants.append(("fp32", times, reference))
+    # 1. The variants, each its own copy of the weights.
+    variants: dict[str, Any] = {"fp32": unet}
     if fp32_channels_last:
-        unet.to(memory_format=torch.channels_last)
-        variants.append(("fp32 + channels_last", *timed(unet, torch.float32)))
-    unet.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-    variants.append(("bf16 + channels_last", *timed(unet, torch.bfloat16)))
-    unet.to(memory_format=torch.contiguous_format)
-    variants.append(("bf16", *timed(unet, torch.bfloat16)))
-    del unet
+        variants["fp32 + channels_last"] = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    variants["bf16 + channels_last"] = copy.deepcopy(unet).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    variants["bf16"] = copy.deepcopy(unet).to(dtype=torch.bfloat16)
 
-    base = median(variants[0][1])
+    # 2. Round-robin steps; the first round's outputs (same timestep for all) are compared to fp32's.
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        for round_ in range(warmup + steps):
+            t = torch.tensor(999 - 100 * round_)
+            for name, model in variants.items():
+                dtype = next(model.parameters()).dtype
+                x, c = sample.to(dtype), embeddings.to(dtype)
+                started = time.perf_counter()
+                out = model(x, t, encoder_hidden_states=c).sample
+                if round_ >= warmup:
+                    times[name].append(time.perf_counter() - started)
+                if round_ == 0:
+                    outputs[name] = out.float()
+    del variants, unet
+
+    base = median(times["fp32"])
+    reference = outputs["fp32"]
+    scale = float(reference.abs().max())
     flags = cpu_flags()
     lines = [
         f"2. CPU precision: one CFG-guided SD 1.5 UNet step (batch 2) at {size}x{size} ({latent}x{latent} latent), "
-        f"{torch.get_num_threads()} threads, {steps} timed steps after a warm-up each",
+        f"{torch.get_num_threads()} threads; variants round-robin, {warmup} warm-up rounds, then {steps} timed",
         "cpu flags: "
         + ", ".join(f"{name} {'yes' if on else 'no'}" for name, on in flags.items())
         + f"; torch capability {torch.backends.cpu.get_cpu_capability()}; oneDNN: {onednn_isa()}",
-        "| variant | median ms/step | min ms/step | vs fp32 | max abs diff to fp32 (rel. to max abs) |",
-        "|---|---|---|---|---|",
+        "| variant | median ms/step | min ms/step | max ms/step | vs fp32 | max abs diff to fp32 / max abs fp32 |",
+        "|---|---|---|---|---|---|",
     ]
-    scale = float(reference.abs().max())
-    for name, times, out in variants:
-        diff = float((out - reference).abs().max()) / scale
+    for name, xs in times.items():
+        diff = float((outputs[name] - reference).abs().max()) / scale
         lines.append(
-            f"| {name} | {median(times) * 1e3:.0f} | {min(times) * 1e3:.0f} | {base / median(times):.2f}x | "
-            f"{diff:.4f} |"
+            f"| {name} | {median(xs) * 1e3:.0f} | {min(xs) * 1e3:.0f} | {max(xs) * 1e3:.0f} | "
+            f"{base / median(xs):.2f}x | {diff:.4f} |"
         )
-    best = min(variants[1:], key=lambda v: median(v[1]))
+    best = min((name for name in times if name != "fp32"), key=lambda name: median(times[name]))
     lines.append(
-        f"fastest {best[0]} {median(best[1]) * 1e3:.0f} ms vs fp32 {base * 1e3:.0f} ms per step = "
-        f"{base / median(best[1]):.2f}x faster; the daemon's `dtype: auto` is fp32 on CPU (`dtype: bf16` "
+        f"fastest {best} {median(times[best]) * 1e3:.0f} ms vs fp32 {base * 1e3:.0f} ms per step = "
+        f"{base / median(times[best]):.2f}x faster; the daemon's `dtype: auto` is fp32 on CPU (`dtype: bf16` "
         f"is accepted); model load {load_s:.1f} s (not in the steps)"
     )
-    return lines
+    return [*lines, other_load(since)]
 
 
 # --------------------------------------------------------------------------- 3. warm vs cold
@@ -419,6 +463,7 @@ def warm_cold_sd15(path: Path, tmp: Path, n: int = 3, size: int = 128, steps: in
     """
     from diffusiond.pipeline.checkpoint import assemble_shipped_config
 
+    since = _cpu_seconds()
     tmp = Path(tmp)
     config = assemble_shipped_config("sd1", cache_dir=tmp / "configs")
     extra = {
@@ -455,6 +500,7 @@ def warm_cold_sd15(path: Path, tmp: Path, n: int = 3, size: int = 128, steps: in
         + "; ".join(f"{k} {v:.2f}" for k, v in phases.items())
         + (f"; daemon generate_s (manifest) median {median(generate):.2f}" if generate else ""),
         f"with startup counted once: cold/(startup + warm) = {cold_total / (startup_s + warm_total):.2f}x",
+        other_load(since),
     ]
     return lines
 
@@ -464,7 +510,7 @@ def warm_cold_sd15(path: Path, tmp: Path, n: int = 3, size: int = 128, steps: in
 
 def peak_fp16_tflops(name: str) -> float | None:
     """Dense fp16 tensor-core peak of a device, by its name; None when it is not in the table."""
-    return next((peak for key, peak in PEAK_FP16_TFLOPS if key in name), None)
+    return next((peak for pattern, peak in PEAK_FP16_TFLOPS if re.search(pattern, name)), None)
 
 
 def _seconds(device: str, fn: Callable[[], Any]) -> float:
@@ -642,6 +688,8 @@ def gpu_section(
     from diffusiond.pipeline.catalog import ModelEntry, kind_of_path
     from diffusiond.pipeline.checkpoint import resolve_config
 
+    since = _cpu_seconds()
+
     own_tmp = tmp is None
     tmp = Path(tempfile.mkdtemp(prefix="diffusiond-sd15-gpu-")) if tmp is None else Path(tmp)
     dtype = torch.float16 if on_cuda else torch.float32
@@ -708,6 +756,7 @@ def gpu_section(
     )
     if daemon_batching:
         lines += _daemon_batching(path, tmp, batch=batch, images=images, size=size, steps=steps[0], device=device)
+    lines.append(other_load(since))
     if own_tmp:
         lines.append(f"(GPU spool and logs in {tmp})")
     return lines
@@ -724,15 +773,6 @@ def _free(device: str) -> None:
 
 
 # --------------------------------------------------------------------------- main
-
-
-def load_note() -> str:
-    """The 1/5/15-minute load averages: on 2 cores, anything else running skews every time printed."""
-    try:
-        one, five, fifteen = os.getloadavg()
-    except OSError:
-        return "load average unknown"
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
 
 
 def main() -> int:
@@ -755,16 +795,16 @@ def main() -> int:
     clock = time.monotonic()
     path, lines = file_section(args.folder)
     print("\n".join(lines))
-    print(f"(section 1: {time.monotonic() - clock:.0f} s; {load_note()})\n")
+    print(f"(section 1: {time.monotonic() - clock:.0f} s)\n")
     sections: list[tuple[str, Callable[[], list[str]]]] = [
         ("2", lambda: cpu_precision(path, args.size)),
         ("3", lambda: warm_cold_sd15(path, tmp, args.jobs, args.size)),
         ("4", lambda: gpu_section(path, tmp, compile_unet=args.compile)),
     ]
     for number, section in sections:
-        started, before = time.monotonic(), load_note()
+        started = time.monotonic()
         print("\n".join(section()))
-        print(f"(section {number}: {time.monotonic() - started:.0f} s; before: {before}; after: {load_note()})\n")
+        print(f"(section {number}: {time.monotonic() - started:.0f} s)\n")
     print(f"sd15 bench wall time {time.monotonic() - clock:.0f} s; spool and logs in {tmp}")
     return 0
 
