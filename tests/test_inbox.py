@@ -219,9 +219,13 @@ class Inbox:
         path.write_bytes(data.encode() if isinstance(data, str) else data)
         return relative
 
-    def decide(self, stable: list[str], now: float, present: list[str] | None = None) -> list[Intent]:
+    def decide(
+        self, stable: list[str], now: float, present: list[str] | None = None, limit: int | None = None
+    ) -> list[Intent]:
         present = stable if present is None else present
-        return self.pairing.decide(stable, present, now, stamp=lambda rel: (self.root / rel).stat().st_mtime_ns)
+        return self.pairing.decide(
+            stable, present, now, stamp=lambda rel: (self.root / rel).stat().st_mtime_ns, limit=limit
+        )
 
 
 @pytest.fixture
@@ -378,3 +382,14 @@ def test_a_window_of_stable_files_is_the_oldest_ones(tmp_path: Path) -> None:
     paths[3].unlink()
     assert tracker.stable(now=200.0, limit=10) == paths[:3] + paths[4:11]
     assert len(tracker.stable(now=200.0)) == 999
+
+
+def test_a_limited_round_never_takes_a_later_jobs_image_for_a_bare_one(inbox: Inbox) -> None:
+    first = inbox.drop("first.yaml", "prompt: one\n")
+    second = inbox.drop("second.yaml", "task: img2img\nimage: bird.png\nprompt: two\n")
+    bird = inbox.drop("bird.png")
+    stable = [first, second, bird]
+    assert inbox.decide(stable, now=0.0, limit=1) == [Intent(first, (first,))]
+    later = PAIR_WAIT_S * 3  # long past pair_wait_s: bird.png is still second.yaml's image, not a bare one
+    assert inbox.decide(stable, now=later, limit=1) == [Intent(first, (first,))]
+    assert inbox.decide([second, bird], now=later, limit=1) == [Intent(second, (second, bird))]
