@@ -76,16 +76,15 @@ def run_claims(
     cancel: threading.Event | None = None,
     on_step: StepHook | None = None,
     board: StatusBoard | None = None,
-    writer: Writer | None = None,
-    on_end: EndHook | None = None,
+    writer: Writer,
+    on_end: EndHook,
 ) -> None:
     """Pre-check, run every job not yet done (batched), then archive or fail each claim.
 
-    Stages 3b and 4 run on `writer` when given (else here, in order); `on_end(claim, ok)`
-    is called once per claim when it has ended. Raises `Cancelled` when `cancel` is set
-    during a step: the claims then stay in `work/` as they are (drain the writer first).
+    Stages 3b and 4 run on `writer`, in order; `on_end(claim, ok)` is called once per claim
+    when it has ended. Raises `Cancelled` when `cancel` is set during a step: the claims then
+    stay in `work/` as they are (drain the writer first).
     """
-    later = writer.submit if writer is not None else _now
     # 1. Pre-check each claim: validate the claimed copy and its images; a wrong one goes to failed/ now.
     #    (The service validated it when it claimed it; a claim resumed after a crash is validated here.)
     ready: list[Claim] = []
@@ -96,8 +95,7 @@ def run_claims(
             jobs = load_jobs(claim, config)
         except DiffusiondError as exc:
             reject(claim, config, exc, board)
-            if on_end is not None:
-                on_end(claim, False)
+            on_end(claim, False)
             continue
         ready.append(claim)
         totals[claim.claim_id] = len(jobs)
@@ -125,7 +123,7 @@ def run_claims(
                 if error is not None:
                     errors[item.claim.claim_id].append(error)
 
-        later(write)
+        writer.submit(write)
 
     # 4. End each claim: inputs to archive/ when every job finished, else to failed/ with the report.
     def end() -> None:
@@ -150,10 +148,9 @@ def run_claims(
                 failed = [_internal_error(claim, exc)]
                 if claim.folder.exists():
                     lifecycle.fail(claim, config, failed[0])
-            if on_end is not None:
-                on_end(claim, not failed)
+            on_end(claim, not failed)
 
-    later(end)
+    writer.submit(end)
 
 
 def reject(claim: Claim, config: Config, exc: DiffusiondError, board: StatusBoard | None) -> None:
@@ -162,10 +159,6 @@ def reject(claim: Claim, config: Config, exc: DiffusiondError, board: StatusBoar
     log.warning("rejected %s: %s (report: %s)", claim.source, exc, report, extra=job_fields(job_file=claim.source))
     if board is not None:
         board.failed(claim.source, str(exc.code), str(exc), str(report))
-
-
-def _now(task: Task) -> None:
-    task()
 
 
 def _generate(
