@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,11 @@ def manifest_time(path: Path) -> float:
     return path.stat().st_ctime
 
 
+def batch_sizes(manifests: list[Path]) -> Counter[int]:
+    """How many jobs ran in a pipeline call of each size (the manifests' `batch_size`)."""
+    return Counter(json.loads(m.read_text())["batch_size"] for m in manifests)
+
+
 def job_text(i: int) -> str:
     return f"prompt: a hamster number {i}\nseed: {1000 + i}\n"
 
@@ -102,27 +108,53 @@ def parse_ts(text: str) -> float:
 
 
 class Events:
-    """Reads `<state>/events.jsonl` incrementally."""
+    """Reads `<state>/events.jsonl` incrementally, following the daemon's rotation to `events.jsonl.1`.
 
-    def __init__(self, path: Path) -> None:
+    The StatusBoard moves the file away at 8 MiB (a 10,000-job flood passes that): a reader that
+    kept its byte offset would skip or mis-split lines after it.
+    """
+
+    def __init__(self, path: Path, *, keep: bool = True) -> None:
         self.path = path
+        self.keep = keep
+        """Keep every event in `items` for `find` (a flood's reader only wants the new ones)."""
         self.pos = 0
+        self.inode: int | None = None
+        self.rotations = 0
         self.items: list[dict[str, Any]] = []
 
-    def poll(self) -> None:
+    def poll(self) -> list[dict[str, Any]]:
+        """The events written since the last poll."""
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self.pos)
-                data = f.read()
+            f = open(self.path, "rb")  # noqa: SIM115 (closed below; fstat needs the open file)
         except FileNotFoundError:
-            return
+            return []
+        new: list[dict[str, Any]] = []
+        with f:
+            inode = os.fstat(f.fileno()).st_ino
+            if self.inode is not None and inode != self.inode:
+                old = self.path.with_name(self.path.name + ".1")
+                try:
+                    with open(old, "rb") as g:
+                        if os.fstat(g.fileno()).st_ino == self.inode:  # else rotated twice between polls
+                            new += self._lines(g)
+                except FileNotFoundError:
+                    pass
+                self.pos, self.rotations = 0, self.rotations + 1
+            self.inode = inode
+            new += self._lines(f)
+        if self.keep:
+            self.items += new
+        return new
+
+    def _lines(self, f: Any) -> list[dict[str, Any]]:
+        f.seek(self.pos)
+        data = f.read()
         end = data.rfind(b"\n")
         if end < 0:
-            return
+            return []
         self.pos += end + 1
-        for line in data[: end + 1].splitlines():
-            if line.strip():
-                self.items.append(json.loads(line))
+        return [json.loads(line) for line in data[: end + 1].splitlines() if line.strip()]
 
     def find(self, event: str, **match: Any) -> dict[str, Any] | None:
         for item in self.items:
@@ -212,25 +244,26 @@ class DaemonProc:
             pass
         return out
 
-    def run_stream(self, stems: list[str], timeout: float = 300, extra: str = "") -> float:
-        """Drop all jobs at once (each by rename) and wait for every manifest; seconds from first drop to last.
+    def run_stream(self, stems: list[str], timeout: float = 300, extra: str = "") -> tuple[float, list[Path]]:
+        """Drop all jobs at once (each by rename) and wait for every manifest.
 
+        Returns the seconds from the first drop to the last manifest's rename, and the manifests.
         `extra` is appended to each job file (e.g. `size: 256x256`)."""
         t0, wall0 = time.monotonic(), time.time()
         for i, stem in enumerate(stems):
             self.drop(f"{stem}.yaml", job_text(i) + extra, in_place=False)
-        left = set(stems)
-        last = wall0
-        while left:
-            if time.monotonic() - t0 > timeout:
-                raise SystemExit(f"{len(left)} manifests missing after {timeout} s; see {self.root / 'daemon.log'}")
+        found: dict[str, Path] = {}
+        while len(found) < len(stems):
+            if time.monotonic() - t0 > timeout or self.proc.poll() is not None:
+                missing = len(stems) - len(found)
+                raise SystemExit(f"{missing} manifests missing after {timeout} s; see {self.root / 'daemon.log'}")
             for entry in os.listdir(self.outbox):
                 stem = entry.removesuffix(".json").rsplit("-", 3)[0]  # <stem>-<date>-<time>-<hex>.json
-                if entry.endswith(".json") and not entry.startswith(".") and stem in left:
-                    left.discard(stem)
-                    last = max(last, manifest_time(self.outbox / entry))
+                if entry.endswith(".json") and not entry.startswith(".") and stem in stems:
+                    found.setdefault(stem, self.outbox / entry)
             time.sleep(WAIT_POLL_S)
-        return last - wall0
+        manifests = list(found.values())
+        return max(manifest_time(m) for m in manifests) - wall0, manifests
 
     def stop(self) -> None:
         self.proc.terminate()

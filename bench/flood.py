@@ -23,7 +23,6 @@ have to poll 20 000-entry folders. Both are wall clock, like the drop times.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DaemonProc, job_text, machine, median, parse_ts
+from common import DaemonProc, Events, batch_sizes, job_text, machine, median, parse_ts
 
 MIN_SIDE = 8
 """pipeline/job.py `_check_size`: width and height at least 8 and multiples of 8."""
@@ -47,50 +46,6 @@ PREFIX = "flood-"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class EventTail:
-    """Reads `events.jsonl` from its start, following the daemon's rotation to `events.jsonl.1`.
-
-    common.Events keeps its byte offset across a rotation (StatusBoard moves the file away at
-    8 MiB, which a 10 000-job flood passes), so it would skip or mis-split lines after it.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.pos = 0
-        self.inode: int | None = None
-        self.rotations = 0
-
-    def poll(self) -> list[dict[str, Any]]:
-        try:
-            f = open(self.path, "rb")  # noqa: SIM115 (closed below; fstat needs the open file)
-        except FileNotFoundError:
-            return []
-        out: list[dict[str, Any]] = []
-        with f:
-            inode = os.fstat(f.fileno()).st_ino
-            if self.inode is not None and inode != self.inode:
-                old = self.path.with_name(self.path.name + ".1")
-                try:
-                    with open(old, "rb") as g:
-                        if os.fstat(g.fileno()).st_ino == self.inode:  # else rotated twice between polls
-                            out += self._lines(g)
-                except FileNotFoundError:
-                    pass
-                self.pos, self.rotations = 0, self.rotations + 1
-            self.inode = inode
-            out += self._lines(f)
-        return out
-
-    def _lines(self, f: Any) -> list[dict[str, Any]]:
-        f.seek(self.pos)
-        data = f.read()
-        end = data.rfind(b"\n")
-        if end < 0:
-            return []
-        self.pos += end + 1
-        return [json.loads(line) for line in data[: end + 1].splitlines() if line.strip()]
 
 
 def memory_mib(pid: int) -> tuple[float, float]:
@@ -163,17 +118,6 @@ def stage_and_drop(root: Path, inbox: Path, names: list[str]) -> tuple[float, fl
     return t0, time.perf_counter() - m0
 
 
-def wait_manifests(d: DaemonProc, prefix: str, m: int, timeout: float) -> list[os.DirEntry[str]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in entries(d.outbox, prefix, ".json") if not e.name.startswith(".")]
-        if len(found) >= m:
-            return found
-        if d.proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{len(found)} of {m} manifests for {prefix}*; see {d.root / 'daemon.log'}")
-        time.sleep(0.05)
-
-
 def size_of(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -193,7 +137,7 @@ def flood_section(models: Any, root: Path, n: int = 10_000) -> list[str]:
     size = f"{MIN_SIDE}x{MIN_SIDE}"
     d = DaemonProc(root, models, extra={"defaults": {"all": {"model": "test", "size": size, "steps": 1}}})
     pid = d.proc.pid
-    tail = EventTail(root / "state" / "events.jsonl")
+    tail = Events(root / "state" / "events.jsonl", keep=False)
     try:
         d.run_one("warmup")  # the first call's one-time costs stay out of the flood
         tail.poll()
@@ -342,15 +286,11 @@ def batching_section(models: Any, root: Path, m: int = 16, batch_size: int = 4, 
         d = DaemonProc(root / f"batch{bs}", models, extra={"batch_size": bs, "batch_wait_s": batch_wait_s})
         try:
             # Warm-up with one full batch, so the first batched call's one-time costs stay out.
-            stage_and_drop(d.root, d.inbox, [f"warm-{i}.yaml" for i in range(bs)])
-            wait_manifests(d, "warm-", bs, 120)
-            names = [f"batch-{i:03d}.yaml" for i in range(m)]
+            d.run_stream([f"warm{i}" for i in range(bs)], timeout=120)
             other = OtherLoad([os.getpid(), d.proc.pid])
-            t0, _ = stage_and_drop(d.root, d.inbox, names)
-            found = wait_manifests(d, "batch-", m, 60 + 10 * m)
-            total = last_change(found) - t0
+            total, found = d.run_stream([f"batch{i:03d}" for i in range(m)], timeout=60 + 10 * m)
             cores = other.cores()
-            sizes = Counter(json.loads(Path(e.path).read_text())["batch_size"] for e in found)
+            sizes = batch_sizes(found)
         finally:
             d.stop()
         results[bs] = (total, sizes, cores)

@@ -143,15 +143,16 @@ def main() -> int:
         d.run_one("warmup")
         for r in range(rounds):
             direct += direct_proc.run(n)
-            streams.append(d.run_stream([f"r{r}s{i:04d}" for i in range(n)]))
+            streams.append(d.run_stream([f"r{r}s{i:04d}" for i in range(n)])[0])
         direct_big: list[float] = []
         streams_big: list[float] = []
         streams_marked: list[float] = []
         for r in range(rounds):
             direct_big += direct_proc.run(n, size=BIG)
             unmarked = f"size: {BIG}x{BIG}\nwatermark: {{invisible: false}}\n"
-            streams_big.append(d.run_stream([f"r{r}b{i:04d}" for i in range(n)], extra=unmarked))
-            streams_marked.append(d.run_stream([f"r{r}m{i:04d}" for i in range(n)], extra=f"size: {BIG}x{BIG}\n"))
+            streams_big.append(d.run_stream([f"r{r}b{i:04d}" for i in range(n)], extra=unmarked)[0])
+            marked = f"size: {BIG}x{BIG}\n"
+            streams_marked.append(d.run_stream([f"r{r}m{i:04d}" for i in range(n)], extra=marked)[0])
         runs = [d.run_one(f"job{i:03d}") for i in range(n)]
         inplace_inotify = [d.run_one(f"inplace{i:03d}", in_place=True) for i in range(m)]
         startup_a = d.startup_s
