@@ -94,6 +94,48 @@ def manifest_time(path: Path) -> float:
     return path.stat().st_ctime
 
 
+def cpu_s(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process, or of one of its threads (the main thread's tid is the pid)."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How busy the rest of the machine was while a measurement ran.
+
+    On 2 cores a test suite or another bench beside this one slows torch's threads 10-100x, so
+    every section says how many cores others used. Ours: this process, its waited-for children
+    (one-shot processes, stopped daemons) and the live processes in `pids` (a running daemon).
+    """
+
+    def __init__(self, pids: tuple[int, ...] = ()) -> None:
+        self.pids = pids
+        self.start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        import resource
+
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        ours = sum(cpu_s(pid) for pid in self.pids if Path(f"/proc/{pid}").exists())
+        ours += sum(
+            usage.ru_utime + usage.ru_stime
+            for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        )
+        return time.monotonic(), busy, ours
+
+    def cores(self) -> float:
+        """Average cores used by other processes since the start."""
+        t, busy, ours = self._read()
+        return max(0.0, (busy - self.start[1]) - (ours - self.start[2])) / max(1e-9, t - self.start[0])
+
+    def note(self, cores: float | None = None) -> str:
+        cores = self.cores() if cores is None else cores
+        warn = " (NOISY: another process competed for the CPU; rerun on a quiet machine)" if cores > 0.25 else ""
+        return f"other processes used {cores:.2f} of {os.cpu_count()} cores on average{warn}"
+
+
 def batch_sizes(manifests: list[Path]) -> Counter[int]:
     """How many jobs ran in a pipeline call of each size (the manifests' `batch_size`)."""
     return Counter(json.loads(m.read_text())["batch_size"] for m in manifests)

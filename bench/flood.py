@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DaemonProc, Events, batch_sizes, job_text, machine, median, parse_ts
+from common import DaemonProc, Events, OtherLoad, batch_sizes, cpu_s, job_text, machine, median, parse_ts
 
 MIN_SIDE = 8
 """pipeline/job.py `_check_size`: width and height at least 8 and multiples of 8."""
@@ -56,38 +56,6 @@ def memory_mib(pid: int) -> tuple[float, float]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0]) / 1024
     return values["VmRSS"], values["VmHWM"]
-
-
-def cpu_s(pid: int, tid: int | None = None) -> float:
-    """User + system CPU seconds of a process, or of one of its threads (the main thread's tid is the pid)."""
-    path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
-    fields = Path(path).read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class OtherLoad:
-    """How busy the rest of the machine was while a measurement ran: on 2 cores, a test suite
-    running beside the bench slows torch's threads many times over, so the numbers say when."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.start = self._read()
-
-    def _read(self) -> tuple[float, float, float]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-        ours = sum(cpu_s(pid) for pid in self.pids if Path(f"/proc/{pid}").exists())
-        return time.monotonic(), busy, ours
-
-    def cores(self) -> float:
-        """Average cores used by other processes since the start."""
-        t, busy, ours = self._read()
-        return max(0.0, (busy - self.start[1]) - (ours - self.start[2])) / max(1e-9, t - self.start[0])
-
-
-def load_note(cores: float) -> str:
-    warn = " (NOISY: another process competed for the CPU; rerun on a quiet machine)" if cores > 0.25 else ""
-    return f"other processes used {cores:.2f} of {os.cpu_count()} cores on average{warn}"
 
 
 def entries(folder: Path, prefix: str, suffix: str = "") -> list[os.DirEntry[str]]:
@@ -144,7 +112,7 @@ def flood_section(models: Any, root: Path, n: int = 10_000) -> list[str]:
         rss0, hwm0 = memory_mib(pid)
         cpu0, main0 = cpu_s(pid), cpu_s(pid, pid)
         samples = [("ready (after 1 warm-up job)", 0, rss0, hwm0, 0.0)]
-        other = OtherLoad([os.getpid(), pid])
+        other = OtherLoad((pid,))
         names = [f"{PREFIX}{i:05d}.yaml" for i in range(n)]
         t0, drop_s = stage_and_drop(root, d.inbox, names)
 
@@ -254,7 +222,7 @@ def flood_section(models: Any, root: Path, n: int = 10_000) -> list[str]:
     lines.append(
         f"daemon CPU during the flood: {cpu_total:.1f} s in all, main thread (watch, pair, claim loop) "
         f"{cpu_main:.1f} s ({cpu_main / max(cpu_total, 1e-9) * 100:.0f} %); claim queue max {queue_max}; "
-        + load_note(other_cores)
+        + other.note(other_cores)
     )
     lines += ["", "| point | jobs done | s | VmRSS MiB | VmHWM MiB |", "|---|---|---|---|---|"]
     lines += [f"| {label} | {k} | {t:.1f} | {r:.1f} | {h:.1f} |" for label, k, r, h, t in samples]
@@ -287,7 +255,7 @@ def batching_section(models: Any, root: Path, m: int = 16, batch_size: int = 4, 
         try:
             # Warm-up with one full batch, so the first batched call's one-time costs stay out.
             d.run_stream([f"warm{i}" for i in range(bs)], timeout=120)
-            other = OtherLoad([os.getpid(), d.proc.pid])
+            other = OtherLoad((d.proc.pid,))
             total, found = d.run_stream([f"batch{i:03d}" for i in range(m)], timeout=60 + 10 * m)
             cores = other.cores()
             sizes = batch_sizes(found)
@@ -307,7 +275,7 @@ def batching_section(models: Any, root: Path, m: int = 16, batch_size: int = 4, 
     batched = sum(v for k, v in results[batch_size][1].items() if k > 1)
     lines.append(
         f"off/on = {off / on:.2f}x ({(1 - on / off) * 100:+.0f} % time saved with batch_size {batch_size}); "
-        f"{batched} of {m} jobs ran in a shared call; " + load_note(max(c for _, _, c in results.values()))
+        f"{batched} of {m} jobs ran in a shared call; " + other.note(max(c for _, _, c in results.values()))
     )
     return lines
 

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PY, ROOT, DaemonProc, batch_sizes, machine, median
+from common import PY, ROOT, DaemonProc, OtherLoad, batch_sizes, machine, median
 
 if TYPE_CHECKING:
     import torch
@@ -74,40 +74,6 @@ _RESIDUAL_OUT = (
     "out_proj.weight",
 )
 """Layers that write into a residual stream: a smaller init keeps ~30 stacked residual adds within fp16."""
-
-
-# --------------------------------------------------------------------------- other processes
-
-
-def _cpu_seconds() -> tuple[float, float, float]:
-    """(machine busy CPU-s from /proc/stat, this process's and its waited-for children's CPU-s, wall clock)."""
-    import resource
-
-    busy = float("nan")
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user..steal; guest is inside user
-    except (OSError, ValueError, IndexError):
-        pass
-    own = sum(
-        usage.ru_utime + usage.ru_stime
-        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
-    )
-    return busy, own, time.monotonic()
-
-
-def other_load(since: tuple[float, float, float]) -> str:
-    """CPU time other processes took since `since`: on 2 cores, other work (tests, another bench) skews every
-    figure, and two processes that each run 2 OpenMP threads slowed small steps here by 10-100x."""
-    busy0, own0, wall0 = since
-    busy, own, wall = _cpu_seconds()
-    other = max(0.0, (busy - busy0) - (own - own0))
-    capacity = (wall - wall0) * (os.cpu_count() or 1)
-    return (
-        f"other processes used {other:.1f} CPU-s of {capacity:.0f} available ({other / capacity * 100:.0f} %) "
-        f"during this section{'' if other / capacity < 0.05 else ': NOT A QUIET MACHINE, figures skewed'}"
-    )
 
 
 # --------------------------------------------------------------------------- 1. the file
@@ -281,7 +247,7 @@ def check_sd15_file(path: Path, *, size: int = 64, steps: int = 5) -> list[str]:
 
 def file_section(folder: Path) -> tuple[Path, list[str]]:
     """Section 1: build (or reuse) the file, then check it with the daemon's loader; both times reported."""
-    since = _cpu_seconds()
+    other = OtherLoad()
     started = time.perf_counter()
     reused = _is_finished(Path(folder) / FILE_NAME)
     path = make_sd15_file(folder)
@@ -293,7 +259,7 @@ def file_section(folder: Path) -> tuple[Path, list[str]]:
         + f" in {build_s:.1f} s",
     ]
     lines += check_sd15_file(path)
-    return path, [*lines, other_load(since)]
+    return path, [*lines, other.note()]
 
 
 # --------------------------------------------------------------------------- 2. CPU precision
@@ -342,7 +308,7 @@ def cpu_precision(
 
     import torch
 
-    since = _cpu_seconds()
+    other = OtherLoad()
     with tempfile.TemporaryDirectory(prefix="diffusiond-sd15-cpu-") as tmp:
         pipe, load_s = _daemon_load(path, torch.float32, Path(tmp))
     with torch.inference_mode():
@@ -402,7 +368,7 @@ def cpu_precision(
         f"{base / median(times[best]):.2f}x faster; the daemon's `dtype: auto` is fp32 on CPU (`dtype: bf16` "
         f"is accepted); model load {load_s:.1f} s (not in the steps)"
     )
-    return [*lines, other_load(since)]
+    return [*lines, other.note()]
 
 
 # --------------------------------------------------------------------------- 3. warm vs cold
@@ -463,7 +429,7 @@ def warm_cold_sd15(path: Path, tmp: Path, n: int = 3, size: int = 128, steps: in
     """
     from diffusiond.pipeline.checkpoint import assemble_shipped_config
 
-    since = _cpu_seconds()
+    other = OtherLoad()
     tmp = Path(tmp)
     config = assemble_shipped_config("sd1", cache_dir=tmp / "configs")
     extra = {
@@ -500,7 +466,7 @@ def warm_cold_sd15(path: Path, tmp: Path, n: int = 3, size: int = 128, steps: in
         + "; ".join(f"{k} {v:.2f}" for k, v in phases.items())
         + (f"; daemon generate_s (manifest) median {median(generate):.2f}" if generate else ""),
         f"with startup counted once: cold/(startup + warm) = {cold_total / (startup_s + warm_total):.2f}x",
-        other_load(since),
+        other.note(),
     ]
     return lines
 
@@ -651,7 +617,7 @@ def gpu_section(
     from diffusiond.pipeline.catalog import ModelEntry, kind_of_path
     from diffusiond.pipeline.checkpoint import resolve_config
 
-    since = _cpu_seconds()
+    other = OtherLoad()
 
     own_tmp = tmp is None
     tmp = Path(tempfile.mkdtemp(prefix="diffusiond-sd15-gpu-")) if tmp is None else Path(tmp)
@@ -719,7 +685,7 @@ def gpu_section(
     )
     if daemon_batching:
         lines += _daemon_batching(path, tmp, batch=batch, images=images, size=size, steps=steps[0], device=device)
-    lines.append(other_load(since))
+    lines.append(other.note())
     if own_tmp:
         lines.append(f"(GPU spool and logs in {tmp})")
     return lines
