@@ -109,8 +109,9 @@ class SettleTracker:
     def forget(self, path: Path) -> None:
         self._seen.pop(path, None)
 
-    def pending(self) -> list[Path]:
-        return list(self._seen)
+    def __iter__(self) -> Iterator[Path]:
+        """Every file seen and not yet forgotten, settled or not."""
+        return iter(self._seen)
 
     def __contains__(self, path: object) -> bool:
         return path in self._seen

@@ -96,7 +96,7 @@ def test_a_file_written_in_place_is_stable_only_after_settle_time(tmp_path: Path
     tracker.touch(path, now=100.0)
     assert tracker.stable(now=100.0) == []
     assert tracker.stable(now=104.0) == []
-    assert tracker.pending() == [path]
+    assert list(tracker) == [path]
     assert tracker.stable(now=105.5) == [path]
 
 
@@ -165,7 +165,7 @@ def test_a_deleted_file_disappears_from_pending(tmp_path: Path) -> None:
     tracker.touch(gone, renamed=True, now=100.0)
     gone.unlink()
     assert tracker.stable(now=100.0) == [kept]
-    assert tracker.pending() == [kept]
+    assert list(tracker) == [kept]
 
 
 def test_touching_a_deleted_file_forgets_it(tmp_path: Path) -> None:
@@ -174,7 +174,7 @@ def test_touching_a_deleted_file_forgets_it(tmp_path: Path) -> None:
     tracker.touch(path, now=100.0)
     path.unlink()
     tracker.touch(path, now=101.0)  # the delete event
-    assert tracker.pending() == []
+    assert list(tracker) == []
 
 
 def test_forget_drops_a_claimed_file(tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_forget_drops_a_claimed_file(tmp_path: Path) -> None:
     tracker = SettleTracker(SETTLE_S)
     tracker.touch(path, renamed=True, now=100.0)
     tracker.forget(path)
-    assert tracker.pending() == []
+    assert list(tracker) == []
     assert tracker.stable(now=200.0) == []
 
 
