@@ -14,7 +14,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -142,6 +152,20 @@ class SettleTracker:
         return [path for _, path in sorted(out)]
 
 
+WANTED_EVENTS = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,  # a hot folder made or moved in: watchdog then reports the files inside
+    DirMovedEvent,
+]
+"""Only these reach the daemon (and, with inotify, the kernel's mask): the daemon's own reads of
+job files (open, close without write) and the folder-modified echo of every file event would
+otherwise each cross watchdog's three threads to be dropped at the end."""
+
+
 @dataclass(frozen=True)
 class Change:
     path: Path
@@ -173,7 +197,7 @@ class InboxWatcher:
         self.observer: BaseObserver = (
             PollingObserver(timeout=poll_interval_s) if mode == "poll" else _native_observer(mode)
         )
-        self.observer.schedule(_Forward(self.changes), str(inbox), recursive=True)
+        self.observer.schedule(_Forward(self.changes), str(inbox), recursive=True, event_filter=WANTED_EVENTS)
 
     def start(self) -> None:
         self.observer.start()
