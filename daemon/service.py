@@ -218,6 +218,7 @@ class Daemon:
                     log.error("not sending the watchdog ping: %s", problem)
                 next_ping = now + watchdog_s / 2
             self.board.queue(self.claims.qsize())
+            self.board.flush_due()
             status = self._status(worker)
             if status != last_status and now - last_status_s >= 0.5:
                 self.notifier.status(status)

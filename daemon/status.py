@@ -1,8 +1,10 @@
 """What the daemon is doing, for people and scripts: `<state>/status.json` and `<state>/events.jsonl`.
 
 - `status.json` is the whole picture (state, queue, running job with its step, last results and
-  failures, counters), replaced atomically, so a reader never sees half of it. Progress rewrites it
-  at most every `write_interval_s`; every other change rewrites it at once.
+  failures, counters), replaced atomically, so a reader never sees half of it. It is rewritten at
+  most every `write_interval_s` (0.5 s): a change within that time is written by the next
+  `flush_due()` (the service loop calls it at least that often), so a stream of short jobs costs
+  two writes a second, not five per job. A change of state (ready, stopping, ...) is written at once.
 - `events.jsonl` is append-only, one JSON object a line (`{"time": ..., "event": "done", ...}`), for
   tools that tail it. Progress lines: at most one per `progress_interval_s` per job, plus the last
   step. Over `events_max_bytes` the file moves to `events.jsonl.1` (replacing the older one), so
@@ -72,6 +74,7 @@ class StatusBoard:
         self.events_max_bytes = events_max_bytes
         self._lock = threading.Lock()
         self._last_write = float("-inf")
+        self._dirty = False
         self._last_progress_event: dict[str, float] = {}
         self._warned = False
         pid = os.getpid()
@@ -99,7 +102,7 @@ class StatusBoard:
         with self._lock:
             self._status.update(state=text, since=timestamp())
             self._event("state", state=text)
-            self._write()
+            self._write()  # at once: `diffusiond status` and tests wait for "ready" and "stopped"
 
     def queue(self, length: int) -> None:
         """Claims waiting for the worker; call as often as you like, only changes are recorded."""
@@ -108,13 +111,13 @@ class StatusBoard:
                 return
             self._status["queue"] = length
             self._event("queue", length=length)
-            self._write()
+            self._changed()
 
     def claimed(self, claim_id: str, source: str) -> None:
         with self._lock:
             self._status["counters"]["claimed"] += 1
             self._event("claimed", claim_id=claim_id, source=source)
-            self._write()
+            self._changed()
 
     # A job's run (worker thread).
 
@@ -127,7 +130,7 @@ class StatusBoard:
             self._status["current"] = job
             self._status["counters"]["started"] += 1
             self._event("started", **{k: v for k, v in job.items() if k not in ("step", "started_at")})
-            self._write()
+            self._changed()
 
     def progress(self, job_id: str, step: int, steps: int) -> None:
         """Call on every step: the board decides what to write."""
@@ -140,8 +143,7 @@ class StatusBoard:
             if last or now - self._last_progress_event.get(job_id, float("-inf")) >= self.progress_interval_s:
                 self._last_progress_event[job_id] = now
                 self._event("progress", job_id=job_id, step=step, steps=steps)
-            if last or now - self._last_write >= self.write_interval_s:
-                self._write()
+            self._changed(now)
 
     def done(self, job_id: str, source: str, outputs: list[str], seconds: float) -> None:
         result = {"job_id": job_id, "source": source, "outputs": list(outputs), "seconds": round(seconds, 3)}
@@ -152,7 +154,7 @@ class StatusBoard:
             counters["images"] += len(outputs)
             self._status["last_results"].append({"time": timestamp(), **result})
             self._event("done", **result)
-            self._write()
+            self._changed()
 
     def failed(self, source: str, code: str, error: str, report_path: str | None, job_id: str | None = None) -> None:
         """A claim rejected or a job failed; `job_id` when a job had started (else its source ends it)."""
@@ -162,12 +164,18 @@ class StatusBoard:
             self._status["counters"]["failed"] += 1
             self._status["last_failures"].append({"time": timestamp(), **failure})
             self._event("failed", **failure)
-            self._write()
+            self._changed()
 
     def flush(self) -> None:
         """Write status.json now (e.g. before exit, after throttled progress)."""
         with self._lock:
             self._write()
+
+    def flush_due(self) -> None:
+        """Write the changes held back by the throttle, once `write_interval_s` has passed."""
+        with self._lock:
+            if self._dirty and time.monotonic() - self._last_write >= self.write_interval_s:
+                self._write()
 
     def snapshot(self) -> dict[str, Any]:
         """What status.json holds, as plain JSON types."""
@@ -189,7 +197,16 @@ class StatusBoard:
     def _render(self) -> str:
         return json.dumps(self._status, indent=1, ensure_ascii=False, default=list) + "\n"
 
+    def _changed(self, now: float | None = None) -> None:
+        """Write now, or leave it to `flush_due` when the last write was under `write_interval_s` ago."""
+        now = time.monotonic() if now is None else now
+        if now - self._last_write >= self.write_interval_s:
+            self._write()
+        else:
+            self._dirty = True
+
     def _write(self) -> None:
+        self._dirty = False
         self._status["updated"] = timestamp()
         self._last_write = time.monotonic()
         self._guard(lambda: atomic_write(self.status_path, self._render().encode(), durable=False))
@@ -200,11 +217,14 @@ class StatusBoard:
 
     def _append(self, data: bytes) -> None:
         path = self.events_path
-        if path.exists() and path.stat().st_size + len(data) > self.events_max_bytes:
-            os.replace(path, path.with_name(path.name + ".1"))
         # One write() on an O_APPEND file: a reader sees whole lines, in order.
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and size + len(data) > self.events_max_bytes:
+                os.close(fd)
+                os.replace(path, path.with_name(path.name + ".1"))
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             os.write(fd, data)
         finally:
             os.close(fd)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +78,39 @@ def test_events_parse_in_order_and_status_tells_the_whole_story(tmp_path: Path) 
 
 
 def test_progress_lines_are_throttled_but_the_last_step_is_written(tmp_path: Path) -> None:
-    board = StatusBoard(tmp_path, progress_interval_s=60, write_interval_s=60)
+    board = StatusBoard(tmp_path, progress_interval_s=60, write_interval_s=0.2)
     board.started("big-1", "big.yaml", "txt2img", "sd15", steps=1000)
     for step in range(1, 1001):
         board.progress("big-1", step, 1000)
     progress = [e for e in _events(tmp_path) if e["event"] == "progress"]
     assert [e["step"] for e in progress] == [1, 1000]
-    assert _status(tmp_path)["current"]["step"] == 1000
+    written = _status(tmp_path)["current"]["step"]
+    assert written < 1000  # the steps after the first write were held back by the throttle ...
+    board.flush_due()
+    assert _status(tmp_path)["current"]["step"] == written  # ... and stay held until the interval is up,
+    time.sleep(0.25)
+    board.flush_due()
+    assert _status(tmp_path)["current"]["step"] == 1000  # then the service loop's flush writes the last one
+
+
+def test_a_stream_of_changes_writes_status_at_most_once_per_interval(tmp_path: Path) -> None:
+    """A stream of short jobs rewrote status.json five times a job; now it is twice a second at most."""
+    board = StatusBoard(tmp_path, write_interval_s=0.3)
+    board.state("ready")
+    writes: set[str] = set()
+    for n in range(50):
+        board.claimed(f"c{n}", f"job-{n}.yaml")
+        board.started(f"job-{n}-1", f"job-{n}.yaml", "txt2img", "test", steps=2)
+        board.progress(f"job-{n}-1", 2, 2)
+        board.done(f"job-{n}-1", f"job-{n}.yaml", [f"outbox/job-{n}-1.png"], seconds=0.01)
+        board.flush_due()
+        writes.add(_status(tmp_path)["updated"])  # each write stamps the time, to the millisecond
+    assert len(writes) <= 2  # the first change, and at most one flush: 50 jobs take far less than 0.3 s
+    assert _status(tmp_path)["counters"]["done"] < 50
+    time.sleep(0.35)
+    board.flush_due()
+    assert _status(tmp_path)["counters"] == {"claimed": 50, "started": 50, "done": 50, "failed": 0, "images": 50}
+    assert len([e for e in _events(tmp_path) if e["event"] == "done"]) == 50  # events are never held back
 
 
 def test_events_file_is_rotated_when_over_its_size(tmp_path: Path) -> None:
@@ -119,8 +146,8 @@ def test_status_command_shows_the_running_job_and_exits_by_liveness(tmp_path: Pa
     board.state("ready")
     board.started("hamster-1", "hamster.yaml", "txt2img", "sd15", steps=30)
     board.progress("hamster-1", 12, 30)
-    board.flush()
     board.failed("bad.yaml", "job_rejected", "steps: 0 is below 1", str(spool / "failed/bad.error.yaml"))
+    board.flush()  # what the daemon's loop does within `write_interval_s`
 
     live = _cli(spool)
     assert live.returncode == 0, live.stderr
