@@ -14,7 +14,7 @@ import os
 import secrets
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,9 @@ class Claim:
     claimed_at: float = 0.0
     resumed: bool = False
     """Found in work/ at start: its jobs may have left partial outputs to clean first."""
+    jobs: tuple[tuple[Job, str | None], ...] | None = field(default=None, compare=False, repr=False)
+    """What `load_jobs` returned when the service validated the claim, so the worker does not read
+    `jobs.json` back; None for a claim found in work/ (the worker loads it)."""
 
     @property
     def inputs(self) -> Path:
@@ -57,6 +60,7 @@ class Claim:
 
     def save(self) -> None:
         record = asdict(self) | {"folder": None, "resumed": False}
+        del record["jobs"]
         atomic_write(self.folder / "claim.json", json.dumps(record, indent=1).encode())
 
     @classmethod

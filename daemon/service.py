@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from diffusiond.daemon import lifecycle
@@ -245,12 +246,12 @@ class Daemon:
                 self.board.claimed(claimed.claim_id, intent.source)
                 # Validate now, while the worker runs the previous job: a wrong file fails without waiting its turn.
                 try:
-                    load_jobs(claimed, self.config)
+                    jobs = load_jobs(claimed, self.config)
                 except DiffusiondError as exc:
                     reject(claimed, self.config, exc, self.board)
                     self.rejected += 1
                     continue
-                self.claims.put(claimed)
+                self.claims.put(replace(claimed, jobs=tuple(jobs)))
 
     def _read_job_text(self, relative: str) -> str:
         path = self.config.inbox / relative

@@ -86,13 +86,14 @@ def run_claims(
     stay in `work/` as they are (drain the writer first).
     """
     # 1. Pre-check each claim: validate the claimed copy and its images; a wrong one goes to failed/ now.
-    #    (The service validated it when it claimed it; a claim resumed after a crash is validated here.)
+    #    (The service validated it when it claimed it and passes the jobs along; a claim resumed after a
+    #    crash is validated here, or read back from its jobs.json.)
     ready: list[Claim] = []
     pending: list[Pending] = []
     totals: dict[str, int] = {}
     for claim in claims:
         try:
-            jobs = load_jobs(claim, config)
+            jobs = list(claim.jobs) if claim.jobs is not None else load_jobs(claim, config)
         except DiffusiondError as exc:
             reject(claim, config, exc, board)
             on_end(claim, False)
