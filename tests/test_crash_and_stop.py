@@ -133,6 +133,25 @@ def test_crash_between_claim_record_and_rename_runs_the_job_once(spool: Spool) -
     assert list(work.iterdir()) == []
 
 
+def test_a_torn_jobs_json_after_a_power_cut_is_validated_again(spool: Spool) -> None:
+    """jobs.json is not fsynced: a power cut may leave it empty or cut off. Made by hand, then a real restart."""
+    from diffusiond.daemon.claim import Claim
+
+    work = spool.root / "work" / "test"
+    for name, torn in [("empty", ""), ("cut", '[{"job_id": "cut-20260101-000000-abcd", "ind')]:
+        folder = work / f"{name}-20260101-000000-abcd"
+        (folder / "inbox").mkdir(parents=True)
+        (folder / "inbox" / f"{name}.yaml").write_text(f"prompt: {name} before the power cut\nseed: 7\n")
+        Claim(folder.name, folder, f"{name}.yaml", (f"{name}.yaml",), claimed_at=1.0).save()
+        (folder / "jobs.json").write_text(torn)
+    restarted = start_daemon_process(spool.config_path, "--oneshot")
+    assert restarted.wait(120) == 0, stop(restarted)
+    manifests = sorted(spool.manifests(), key=lambda m: m["source"])
+    assert [(m["source"], m["seeds"]) for m in manifests] == [("cut.yaml", [7]), ("empty.yaml", [7])]
+    assert spool.reports() == []
+    assert list(work.iterdir()) == []
+
+
 def test_a_rerun_clears_what_the_interrupted_run_left_and_nothing_else(spool: Spool) -> None:
     """Leftovers of a killed write (a renamed image, temp files), made by hand, then a real restart."""
     from diffusiond.daemon.claim import Claim
