@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from diffusiond.daemon.systemd import name_os_thread
 from diffusiond.pipeline.job import IMAGE_SUFFIXES, JOB_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -201,6 +203,9 @@ class InboxWatcher:
 
     def start(self) -> None:
         self.observer.start()
+        for thread in threading.enumerate():  # the observer, its emitter, inotify's readers
+            if type(thread).__module__.startswith("watchdog."):
+                name_os_thread("watch", thread)
 
     def stop(self) -> None:
         self.observer.stop()

@@ -25,7 +25,7 @@ from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
 from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.pairing import Pairing
 from diffusiond.daemon.status import StatusBoard
-from diffusiond.daemon.systemd import Notifier
+from diffusiond.daemon.systemd import Notifier, name_os_thread
 from diffusiond.daemon.worker import Worker, reject
 from diffusiond.pipeline.errors import Code, ConfigError, DiffusiondError, JobRejected
 from diffusiond.pipeline.models import ModelCache, resolve_device, resolve_dtype
@@ -96,6 +96,8 @@ class Daemon:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
             signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload_requested.set())
+        if threading.current_thread() is threading.main_thread():
+            name_os_thread("diffusiond")  # `top` and `ps` show the daemon, not "python"
         worker.start()
         watcher.start()
         log.info(

@@ -24,6 +24,7 @@ from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.outbox import commit, discard_partial
 from diffusiond.daemon.scheduler import Pending, plan_batches
 from diffusiond.daemon.status import StatusBoard
+from diffusiond.daemon.systemd import name_os_thread
 from diffusiond.pipeline.batch import Cancelled, StepHook
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
 from diffusiond.pipeline.generate import Generated, generate
@@ -58,6 +59,7 @@ class Writer:
         self._thread.join()
 
     def _run(self) -> None:
+        name_os_thread("writer")
         while (task := self._tasks.get()) is not None:
             try:
                 task()
@@ -281,6 +283,7 @@ class Worker(threading.Thread):
         self.failed = 0
 
     def run(self) -> None:
+        name_os_thread("worker")  # before the first generation: torch's OpenMP threads inherit it
         writer = Writer()
         try:
             stopping = False

@@ -59,6 +59,9 @@ def test_ready_status_and_stopping_reach_the_manager(spool: Spool, notify_socket
         statuses = [m["STATUS"] for m in messages_until(notify_socket, "STATUS") if "STATUS" in m]
         while not any(s.startswith("running slow.yaml (step") for s in statuses):
             statuses += [m["STATUS"] for m in messages_until(notify_socket, "STATUS")]
+        if Path(f"/proc/{process.pid}/task").is_dir():  # what `top -H` and `ps -L` show (Linux)
+            names = {(task / "comm").read_text().strip() for task in Path(f"/proc/{process.pid}/task").iterdir()}
+            assert {"diffusiond", "worker", "writer", "watch"} <= names, names
         process.send_signal(signal.SIGTERM)
         [*_, stopping] = messages_until(notify_socket, "STOPPING")
         assert stopping["STOPPING"] == "1"
