@@ -101,6 +101,19 @@ def cpu_s(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_by_thread_name(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's threads, summed by OS thread name (the daemon names its threads:
+    diffusiond = main loop, worker = generation with torch's OpenMP threads, writer, watch)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            out[name] = out.get(name, 0.0) + cpu_s(pid, int(task.name))
+        except (OSError, ValueError):  # a thread that ended meanwhile
+            continue
+    return out
+
+
 class OtherLoad:
     """How busy the rest of the machine was while a measurement ran.
 

@@ -20,6 +20,7 @@ about 4 minutes (flood of 1,000), the full run about 15.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -32,7 +33,18 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import POLL_INTERVAL_S, PY, SETTLE_S, SIZE, STEPS, DaemonProc, machine, median, p95
+from common import (
+    POLL_INTERVAL_S,
+    PY,
+    SETTLE_S,
+    SIZE,
+    STEPS,
+    DaemonProc,
+    cpu_by_thread_name,
+    machine,
+    median,
+    p95,
+)
 from flood import batching_section, flood_section
 from sd15 import cpu_precision, file_section, gpu_section, warm_cold_sd15
 
@@ -141,9 +153,19 @@ def main() -> int:
     d = DaemonProc(tmp / "spool-inotify", models, mode="inotify")
     try:
         d.run_one("warmup")
+        threads: dict[str, float] = {}
+        direct_cpu = 0.0
+        generate_s: list[float] = []
         for r in range(rounds):
+            cpu0 = time.process_time()
             direct += direct_proc.run(n)
-            streams.append(d.run_stream([f"r{r}s{i:04d}" for i in range(n)])[0])
+            direct_cpu += time.process_time() - cpu0
+            before = cpu_by_thread_name(d.proc.pid)
+            seconds, manifests = d.run_stream([f"r{r}s{i:04d}" for i in range(n)])
+            streams.append(seconds)
+            for name, cpu in cpu_by_thread_name(d.proc.pid).items():
+                threads[name] = threads.get(name, 0.0) + cpu - before.get(name, 0.0)
+            generate_s += [json.loads(m.read_text())["timings"]["generate_s"] for m in manifests]
         direct_big: list[float] = []
         streams_big: list[float] = []
         streams_marked: list[float] = []
@@ -197,6 +219,25 @@ def main() -> int:
         f"daemon stream/direct = {ratio:.3f} ({(ratio - 1) * 100:+.1f} %); goal <= 5 %: "
         f"{'MET' if ratio <= 1.05 else 'NOT MET'}; per round: "
         + ", ".join(f"{st / sum(direct[i * n : (i + 1) * n]):.3f}" for i, st in enumerate(streams))
+    )
+    jobs = n * rounds
+    roles = {
+        "worker": "worker (generation; torch's OpenMP threads inherit the name)",
+        "diffusiond": "diffusiond (main loop: events, pairing, claim, validation)",
+        "writer": "writer (stamp, PNG, manifest, archive, report)",
+        "watch": "watch (watchdog's threads)",
+    }
+    print(
+        "where the CPU went during the streams, ms per job (/proc/<pid>/task/*/comm): "
+        + "; ".join(f"{roles[k]} {threads.get(k, 0.0) / jobs * 1e3:.1f}" for k in roles)
+        + f"; other daemon threads {sum(v for k, v in threads.items() if k not in roles) / jobs * 1e3:.1f}"
+        + f"; direct generate() (this process) {direct_cpu / len(direct) * 1e3:.1f}"
+    )
+    own = sum(threads.get(k, 0.0) for k in ("diffusiond", "writer", "watch")) / jobs * 1e3
+    print(
+        f"the daemon's own threads used {own:.1f} ms of CPU per job; generation itself took "
+        f"{median(generate_s) * 1e3:.1f} ms in the daemon (manifests' timings.generate_s, median) against "
+        f"{median(direct) * 1e3:.1f} ms direct: on {os.cpu_count()} cores, work beside generation slows it"
     )
     big_ratio = sum(streams_big) / sum(direct_big)
     print(
