@@ -218,8 +218,20 @@ class Events:
         return None
 
 
+DAEMON = ["-m", "diffusiond.daemon.cli"]
+"""How `DaemonProc` starts the daemon: `python -m diffusiond.daemon.cli run --config ...`."""
+
+
 class DaemonProc:
-    def __init__(self, root: Path, models: Any, extra: dict[str, Any] | None = None, **watch: Any) -> None:
+    def __init__(
+        self,
+        root: Path,
+        models: Any,
+        extra: dict[str, Any] | None = None,
+        *,
+        entry: list[str] = DAEMON,
+        **watch: Any,
+    ) -> None:
         self.root = root
         self.config = write_config(root, models, extra, **watch)
         self.inbox = root / "inbox"
@@ -228,7 +240,7 @@ class DaemonProc:
         self.log = open(root / "daemon.log", "w")  # noqa: SIM115 (the daemon writes to it until stop())
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            [PY, "-m", "diffusiond.daemon.cli", "run", "--config", str(self.config)],
+            [PY, *entry, "run", "--config", str(self.config)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=os.environ | {"PYTHONUNBUFFERED": "1"},
