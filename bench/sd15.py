@@ -171,8 +171,8 @@ def _random_ldm_state(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _daemon_load(path: Path, dtype: torch.dtype, cache_dir: Path, device: str = "cpu") -> tuple[Any, float]:
-    """The txt2img pipeline as the daemon loads it (ModelCache, single file, no `config:`), and the seconds."""
+def _daemon_cache(path: Path, dtype: torch.dtype, cache_dir: Path, device: str = "cpu") -> tuple[Any, float]:
+    """The daemon's ModelCache with the file loaded as `sd15` (single file, no `config:`), and the seconds."""
     from diffusiond.pipeline.catalog import ModelEntry, kind_of_path
     from diffusiond.pipeline.models import ModelCache
 
@@ -183,8 +183,14 @@ def _daemon_load(path: Path, dtype: torch.dtype, cache_dir: Path, device: str = 
         dtype=dtype,
         state_dir=Path(cache_dir),
     )
-    loaded = cache.pipeline("sd15", "txt2img")
-    return loaded.pipe, time.perf_counter() - started
+    cache.pipeline("sd15", "txt2img")
+    return cache, time.perf_counter() - started
+
+
+def _daemon_load(path: Path, dtype: torch.dtype, cache_dir: Path, device: str = "cpu") -> tuple[Any, float]:
+    """The txt2img pipeline as the daemon loads it, and the seconds."""
+    cache, seconds = _daemon_cache(path, dtype, cache_dir, device)
+    return cache.pipeline("sd15", "txt2img").pipe, seconds
 
 
 def check_sd15_file(path: Path, *, size: int = 64, steps: int = 5) -> list[str]:
@@ -443,6 +449,7 @@ def warm_cold_sd15(path: Path, tmp: Path, n: int = 3, size: int = 128, steps: in
         warmup = daemon.run_one("warmup", timeout=600)
         warm = [daemon.run_one(f"job{i:03d}", timeout=600) for i in range(n)]
         startup_s = daemon.startup_s
+        overhead = _overhead_sd15(daemon, path, tmp, n + 1, size, steps)
     finally:
         daemon.stop()
     cold = cold_sd15(path, config, tmp / "cold-sd15", n, size, steps)
@@ -466,9 +473,37 @@ def warm_cold_sd15(path: Path, tmp: Path, n: int = 3, size: int = 128, steps: in
         + "; ".join(f"{k} {v:.2f}" for k, v in phases.items())
         + (f"; daemon generate_s (manifest) median {median(generate):.2f}" if generate else ""),
         f"with startup counted once: cold/(startup + warm) = {cold_total / (startup_s + warm_total):.2f}x",
+        *overhead,
         other.note(),
     ]
     return lines
+
+
+def _overhead_sd15(daemon: DaemonProc, path: Path, tmp: Path, n: int, size: int, steps: int) -> list[str]:
+    """Goal 1 at a real model size: N jobs dropped at once into the warm daemon against the same N
+    `generate()` calls in this process (the model loaded here the daemon's way), one after the other."""
+    import torch
+
+    from diffusiond.pipeline.generate import generate
+    from diffusiond.pipeline.job import Job, Txt2ImgJob
+
+    cache, load_s = _daemon_cache(path, torch.float32, tmp / "direct-cache")
+    warmup = Txt2ImgJob(model="sd15", prompt="warm-up", size=(size, size), steps=steps, seed=1)
+    generate(cache, [(Job("direct-warmup", "direct-warmup.yaml", 1, warmup), None)])  # as the daemon had one
+    direct = []
+    for i in range(n):  # the prompt and seed of the daemon's stream job i (common.job_text)
+        spec = Txt2ImgJob(model="sd15", prompt=f"a hamster number {i}", size=(size, size), steps=steps, seed=1000 + i)
+        started = time.perf_counter()
+        generate(cache, [(Job(f"direct-{i}", f"direct-{i}.yaml", 1, spec), None)])
+        direct.append(time.perf_counter() - started)
+    del cache
+    stream_s, _manifests = daemon.run_stream([f"stream{i:03d}" for i in range(n)], timeout=900)
+    ratio = stream_s / sum(direct)
+    return [
+        f"overhead at this size: {n} jobs dropped at once into the daemon {stream_s:.1f} s against the same "
+        f"{n} generate() calls in this process {sum(direct):.1f} s (model loaded here in {load_s:.1f} s, not "
+        f"counted): daemon/direct = {ratio:.3f} ({(ratio - 1) * 100:+.1f} %)",
+    ]
 
 
 # --------------------------------------------------------------------------- 4. GPU

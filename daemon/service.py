@@ -81,12 +81,25 @@ class Daemon:
             max_loaded=config.max_loaded_models,
             state_dir=config.state,
         )
-        for name in config.preload:  # before ready: the first job finds its model warm
-            self.notifier.send(extend_timeout_usec=EXTEND_TIMEOUT_USEC, status=f"loading model {name}")
-            cache.preload([name])
         self.cache = cache
-        worker = Worker(config, cache, self.claims, self.board)
+        # Preloaded models load on the worker thread, which runs every model: torch on a second thread
+        # slows CPU generation 1.3-3x for good (see daemon/worker.py). Before ready: the first job finds
+        # its model warm.
+        worker = Worker(
+            config,
+            cache,
+            self.claims,
+            self.board,
+            preload=config.preload,
+            on_preload=lambda name: self.notifier.send(
+                extend_timeout_usec=EXTEND_TIMEOUT_USEC, status=f"loading model {name}"
+            ),
+        )
         self._worker = worker
+        worker.start()
+        worker.preloaded.wait()
+        if worker.preload_error is not None:
+            raise worker.preload_error
         for leftover in lifecycle.leftover_claims(config):
             log.info("resuming %s, claimed before the last stop", leftover.source)
             self.claims.put(leftover)
@@ -98,7 +111,6 @@ class Daemon:
             signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload_requested.set())
         if threading.current_thread() is threading.main_thread():
             name_os_thread("diffusiond")  # `top` and `ps` show the daemon, not "python"
-        worker.start()
         watcher.start()
         log.info(
             "watching %s (device %s, %s mode), results in %s", config.inbox, device, config.watch.mode, config.outbox

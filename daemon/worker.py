@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from diffusiond.daemon import lifecycle
@@ -272,12 +272,22 @@ class Worker(threading.Thread):
         cache: ModelCache,
         claims: queue.Queue[Claim | None],
         board: StatusBoard | None = None,
+        *,
+        preload: Sequence[str] = (),
+        on_preload: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name="diffusiond-worker", daemon=True)
         self.config = config
         self.cache = cache
         self.claims = claims
         self.board = board
+        self.preload = list(preload)
+        """Models to load first, on this thread (the only one that runs torch), before any claim."""
+        self.on_preload = on_preload
+        """Called with each model's name before it loads (the service tells systemd)."""
+        self.preloaded = threading.Event()
+        """Set when the preloading has ended, loaded or failed (then `preload_error` says why)."""
+        self.preload_error: BaseException | None = None
         self.cancel = threading.Event()
         """Set to stop the running batch at its next step boundary (its claims stay in work/)."""
         self.current: list[Claim] = []
@@ -289,6 +299,16 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         name_os_thread("worker")  # before the first generation: torch's OpenMP threads inherit it
+        try:
+            for name in self.preload:
+                if self.on_preload is not None:
+                    self.on_preload(name)
+                self.cache.preload([name])
+        except BaseException as exc:  # the service re-raises it: a model that does not load stops the start
+            self.preload_error = exc
+            return
+        finally:
+            self.preloaded.set()
         writer = Writer()
         try:
             stopping = False

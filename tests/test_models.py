@@ -162,6 +162,26 @@ def test_preloaded_model_is_warm_before_ready_and_recorded(spool: Spool, test_mo
     assert manifest["memory"] == "normal" and manifest["batch_size"] == 1
 
 
+def test_a_preloaded_model_that_does_not_load_stops_the_start(spool: Spool, test_models) -> None:
+    """Preloading runs on the worker thread; its failure still ends `diffusiond run` with the reason."""
+    import sys
+
+    from tests.conftest import write_config
+
+    broken = spool.root / "broken.safetensors"
+    broken.write_bytes(b"not a model at all")
+    models = {"test": str(test_models.sd), "test-x4": str(test_models.upscaler), "broken": str(broken)}
+    config = write_config(spool.root, test_models, models=models, preload=["test", "broken"])
+    done = subprocess.run(
+        [sys.executable, "-m", "diffusiond.daemon.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert str(broken) in done.stderr and "Fix:" in done.stderr, done.stderr[-2000:]
+
+
 def test_compatible_jobs_dropped_together_share_a_call(spool: Spool, test_models) -> None:
     from tests.conftest import start_daemon_thread, write_config
 
