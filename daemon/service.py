@@ -83,7 +83,7 @@ class Daemon:
         )
         self.cache = cache
         # Preloaded models load on the worker thread, which runs every model: torch on a second thread
-        # slows CPU generation 1.3-3x for good (see daemon/worker.py). Before ready: the first job finds
+        # slows CPU generation 1.2-3x for good (see daemon/worker.py). Before ready: the first job finds
         # its model warm.
         worker = Worker(
             config,

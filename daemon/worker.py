@@ -7,10 +7,11 @@ device while the previous one is encoded, watermarked and written. `Worker` is
 the thread that feeds `run_claims` from the queue, taking several claims at
 once when batching is on.
 
-Only the worker thread may run torch. A parallel torch op on any second thread
-(a tensor sum on the main thread is enough) gives libgomp more threads than CPUs,
-after which it stops spinning between parallel regions: every later generation on
-CPU ran 3.3x slower (63 -> 210 ms a job on the test model: `bench/torch_threads.py`).
+Only the worker thread may run torch, model loading included. A parallel torch op
+on any second thread (a tensor sum on the main thread is enough) gives libgomp more
+threads than CPUs, after which it stops spinning between parallel regions: every
+later generation on CPU ran 2.6-3.3x slower on the test model, and 1.2x slower on
+SD 1.5 loaded on the main thread (`bench/torch_threads.py`).
 """
 
 from __future__ import annotations
