@@ -162,6 +162,31 @@ def test_preloaded_model_is_warm_before_ready_and_recorded(spool: Spool, test_mo
     assert manifest["memory"] == "normal" and manifest["batch_size"] == 1
 
 
+def test_preloading_runs_on_the_worker_thread(spool: Spool, test_models) -> None:
+    """`top -H` shows the model load under `worker`: torch on a second thread slows CPU generation
+    for good (bench/torch_threads.py), so the main thread must not load models."""
+    from tests.conftest import start_daemon_process, write_config
+
+    status = spool.root / "state" / "status.json"
+    config = write_config(spool.root, test_models, preload=["test", "test-x4"])
+    process = start_daemon_process(config)
+    try:
+        wait_for(lambda: status.exists() and json.loads(status.read_text())["state"] == "ready", timeout_s=120)
+        tasks = Path(f"/proc/{process.pid}/task")
+        if not tasks.is_dir():
+            pytest.skip("needs Linux /proc")
+        cpu: dict[str, float] = {}
+        for task in tasks.iterdir():
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            cpu[name] = cpu.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert spool.manifests() == []  # no job ran: what the worker used so far is the preloading
+    assert cpu.get("worker", 0.0) >= 0.05, cpu
+
+
 def test_a_preloaded_model_that_does_not_load_stops_the_start(spool: Spool, test_models) -> None:
     """Preloading runs on the worker thread; its failure still ends `diffusiond run` with the reason."""
     import sys
