@@ -109,7 +109,6 @@ class Daemon:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
             signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload_requested.set())
-        if threading.current_thread() is threading.main_thread():
             name_os_thread("diffusiond")  # `top` and `ps` show the daemon, not "python"
         watcher.start()
         log.info(
