@@ -16,11 +16,12 @@ import argparse
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DaemonProc, cpu_by_thread_name, machine
+from common import DaemonProc, cpu_by_thread_name, cpu_since, machine
 from run import Direct
 
 
@@ -61,7 +62,7 @@ def main() -> None:
         daemons[name].run_one("warmup")
     os.chdir(cwd)
     totals = {name: [0.0, 0.0] for name in sides}  # daemon seconds, direct seconds of its rounds
-    cpu: dict[str, dict[str, float]] = {name: {} for name in sides}
+    cpu: dict[str, Counter[str]] = {name: Counter() for name in sides}
     try:
         for r in range(args.rounds):
             for name, daemon in daemons.items():
@@ -69,8 +70,7 @@ def main() -> None:
                 before = cpu_by_thread_name(daemon.proc.pid)
                 seconds, _ = daemon.run_stream([f"r{r}{name}{i:04d}" for i in range(args.jobs)])
                 totals[name][0] += seconds
-                for thread, used in cpu_by_thread_name(daemon.proc.pid).items():
-                    cpu[name][thread] = cpu[name].get(thread, 0.0) + used - before.get(thread, 0.0)
+                cpu[name].update(cpu_since(daemon.proc.pid, before))
     finally:
         for daemon in daemons.values():
             daemon.stop()

@@ -114,6 +114,11 @@ def cpu_by_thread_name(pid: int) -> dict[str, float]:
     return out
 
 
+def cpu_since(pid: int, before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per thread name since `before` (a `cpu_by_thread_name` reading)."""
+    return {name: used - before.get(name, 0.0) for name, used in cpu_by_thread_name(pid).items()}
+
+
 class OtherLoad:
     """How busy the rest of the machine was while a measurement ran.
 

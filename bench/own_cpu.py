@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from against import import_root
-from common import DaemonProc, cpu_by_thread_name, machine
+from common import DaemonProc, cpu_by_thread_name, cpu_since, machine
 
 SLEEPING_DAEMON = """
 import sys, time
@@ -74,11 +74,11 @@ def main() -> None:
         daemon.run_stream(["warm0", "warm1"])
         before = cpu_by_thread_name(daemon.proc.pid)
         seconds = sum(daemon.run_stream([f"r{r}j{i:02d}" for i in range(20)])[0] for r in range(rounds))
-        after = cpu_by_thread_name(daemon.proc.pid)
+        spent = cpu_since(daemon.proc.pid, before)
     finally:
         daemon.stop()
     jobs = rounds * 20
-    used = {name: (after[name] - before.get(name, 0.0)) / jobs * 1e3 for name in after}
+    used = {name: seconds_used / jobs * 1e3 for name, seconds_used in spent.items()}
     print(f"machine: {machine()}")
     per_job = seconds / jobs * 1e3
     print(f"{jobs} jobs in rounds of 20, generate() = {args.sleep_ms:g} ms sleep; {per_job:.1f} ms per job")

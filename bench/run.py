@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +42,7 @@ from common import (
     STEPS,
     DaemonProc,
     cpu_by_thread_name,
+    cpu_since,
     machine,
     median,
     p95,
@@ -153,7 +155,7 @@ def main() -> int:
     d = DaemonProc(tmp / "spool-inotify", models, mode="inotify")
     try:
         d.run_one("warmup")
-        threads: dict[str, float] = {}
+        threads: Counter[str] = Counter()
         direct_cpu = 0.0
         generate_s: list[float] = []
         for r in range(rounds):
@@ -163,8 +165,7 @@ def main() -> int:
             before = cpu_by_thread_name(d.proc.pid)
             seconds, manifests = d.run_stream([f"r{r}s{i:04d}" for i in range(n)])
             streams.append(seconds)
-            for name, cpu in cpu_by_thread_name(d.proc.pid).items():
-                threads[name] = threads.get(name, 0.0) + cpu - before.get(name, 0.0)
+            threads.update(cpu_since(d.proc.pid, before))
             generate_s += [json.loads(m.read_text())["timings"]["generate_s"] for m in manifests]
         direct_big: list[float] = []
         streams_big: list[float] = []
