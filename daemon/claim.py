@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.fsutil import atomic_write
-from diffusiond.daemon.pairing import Intent, profile_of, resolve_image
+from diffusiond.daemon.pairing import Intent, Parsed, file_stamp, profile_of, resolve_image
 from diffusiond.pipeline.errors import Code, JobRejected
 from diffusiond.pipeline.inputs import open_image
 from diffusiond.pipeline.job import (
@@ -115,12 +115,13 @@ def claim(intent: Intent, *, inbox: Path, work: Path) -> Claim | None:
     return found
 
 
-def load_jobs(claim: Claim, config: Config) -> list[tuple[Job, str | None]]:
+def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> list[tuple[Job, str | None]]:
     """The claim's jobs with their inbox-relative input image, validated and with seeds fixed.
 
-    Validates from the claimed copy (the one that will run), checks every input
-    image decodes and fits the limits, and saves `jobs.json`; a claim re-run
-    after a crash reads that file back instead.
+    Validates from the claimed copy (the one that will run), or takes `parsed` (the
+    pairing's validation of the job file) when the claimed copy has its stamp; checks
+    every input image decodes and fits the limits, and saves `jobs.json`; a claim
+    re-run after a crash reads that file back instead.
     """
     saved = claim.folder / "jobs.json"
     if saved.exists():
@@ -133,7 +134,7 @@ def load_jobs(claim: Claim, config: Config) -> list[tuple[Job, str | None]]:
             log.warning("%s of %s is unreadable (%s); validating the claimed file again", saved, claim.source, exc)
     if claim.problem is not None:
         raise _rejection(claim.problem)
-    specs = _validate(claim, config)
+    specs = _validate(claim, config, parsed)
 
     def exists(relative: str) -> bool:
         return (claim.inputs / relative).is_file()
@@ -153,8 +154,10 @@ def load_jobs(claim: Claim, config: Config) -> list[tuple[Job, str | None]]:
     return jobs
 
 
-def _validate(claim: Claim, config: Config) -> list[Any]:
+def _validate(claim: Claim, config: Config, parsed: Parsed | None) -> list[Any]:
     """Parse the job file (or build the bare image's profile job) against the config."""
+    if parsed is not None and not claim.bare_image and parsed.stamp == file_stamp(claim.inputs / claim.source):
+        return list(parsed.specs)  # the same file, renamed: same size, time and inode
     rules = config.rules()
     profile_name = profile_of(claim.source)
     if claim.bare_image:

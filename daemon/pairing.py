@@ -7,6 +7,7 @@ a job file of the same stem, then takes its hot folder's profile.
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Callable, Collection, Container, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,29 @@ class Intent:
     bare_image: bool = False
     problem: dict[str, Any] | None = None
     """An error found before claiming (missing image, no job for an image): the claim goes to failed/."""
+    parsed: Parsed | None = field(default=None, compare=False, repr=False)
+    """The job file's specs as pairing validated them, so the claim does not read and validate it again."""
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A job file's validated specs, and the `file_stamp` of the file they were read from."""
+
+    stamp: object
+    specs: tuple[Spec, ...]
+
+
+def file_stamp(path: str | os.PathLike[str]) -> object:
+    """Size, modification time and inode: a file with the same stamp still holds what was read.
+
+    A rename keeps all three, so the claimed copy of a job file can be matched to its parse.
+    None where the file cannot be read.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def is_job_file(name: str) -> bool:
@@ -99,7 +123,8 @@ class Pairing:
         for path in [p for p in stable if is_job_file(p)]:
             if limit is not None and len(intents) >= limit:
                 return intents  # the images of the files not looked at yet must not pass for bare ones
-            specs = self._parse(path, stamp(path))
+            stamped = stamp(path)
+            specs = self._parse(path, stamped)
             if isinstance(specs, JobRejected):
                 intents.append(Intent(path, (path,)))
                 continue
@@ -118,7 +143,8 @@ class Pairing:
             reserved.update(w for w in wanted if w is not None)
             waited_out = now - self._stable_since[path] >= self.pair_wait_s
             if not missing and (not unsettled_sketch or waited_out):
-                intents.append(Intent(path, (path, *images)))
+                parsed = Parsed(stamped, tuple(specs)) if stamped is not None else None
+                intents.append(Intent(path, (path, *images), parsed=parsed))
             elif missing and waited_out:
                 problem = JobRejected(
                     f"the image {missing[0]!r} did not arrive within {self.pair_wait_s:g} s of the job file",

@@ -23,7 +23,7 @@ from diffusiond.daemon.claim import Claim, claim, load_jobs
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
 from diffusiond.daemon.journal import job_fields
-from diffusiond.daemon.pairing import Pairing
+from diffusiond.daemon.pairing import Pairing, file_stamp
 from diffusiond.daemon.status import StatusBoard
 from diffusiond.daemon.systemd import Notifier, name_os_thread
 from diffusiond.daemon.worker import Worker, reject
@@ -246,7 +246,7 @@ class Daemon:
         present = _Present(tracker, inbox)
         while (room := self._prefetch - self.claims.qsize()) > 0:
             stable = [p.relative_to(inbox).as_posix() for p in tracker.stable(now, limit=CLAIM_WINDOW)]
-            intents = pairing.decide(stable, present, now, stamp=lambda rel: _stamp(inbox / rel), limit=room)
+            intents = pairing.decide(stable, present, now, stamp=lambda rel: file_stamp(inbox / rel), limit=room)
             if not intents:
                 return
             for intent in intents:
@@ -259,7 +259,7 @@ class Daemon:
                 self.board.claimed(claimed.claim_id, intent.source)
                 # Validate now, while the worker runs the previous job: a wrong file fails without waiting its turn.
                 try:
-                    jobs = load_jobs(claimed, self.config)
+                    jobs = load_jobs(claimed, self.config, parsed=intent.parsed)
                 except DiffusiondError as exc:
                     reject(claimed, self.config, exc, self.board)
                     self.rejected += 1
@@ -299,14 +299,6 @@ def _relative(path: Path, inbox: Path) -> Path | None:
         return path.relative_to(inbox)
     except ValueError:
         return None
-
-
-def _stamp(path: Path) -> object:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns)
 
 
 def _place(config: Config, name: str) -> object:

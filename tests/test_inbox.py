@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from diffusiond.daemon.claim import claim, load_jobs
 from diffusiond.daemon.inbox import SettleTracker, is_candidate
-from diffusiond.daemon.pairing import Intent, Pairing
+from diffusiond.daemon.pairing import Intent, Pairing, file_stamp
 from diffusiond.pipeline.catalog import ModelKind
 from diffusiond.pipeline.job import Rules
+from tests.conftest import Spool
 
 # --- is_candidate ------------------------------------------------------------------------------
 
@@ -345,6 +347,34 @@ def test_an_edited_job_file_is_parsed_again(inbox: Inbox) -> None:
     path = inbox.root / job
     os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns + 1_000_000_000))
     assert inbox.decide([job], now=0.5) == [Intent(job, (job,))]
+
+
+@pytest.mark.parametrize("edit", ["rewritten", "replaced with the same size and time"])
+def test_a_job_file_changed_after_pairing_runs_as_claimed(spool: Spool, edit: str) -> None:
+    """The claim takes pairing's validation only for the very file it read; else the claimed copy is read."""
+    config = spool.config
+    pairing = Pairing(
+        rules=config.rules(),
+        profiles=config.profiles,
+        has_sketch_job=False,
+        pair_wait_s=PAIR_WAIT_S,
+        read_text=lambda rel: (config.inbox / rel).read_text(encoding="utf-8"),
+    )
+    path = spool.drop("fox.yaml", "prompt: a fox\nseed: 1\n")
+    [intent] = pairing.decide(["fox.yaml"], ["fox.yaml"], 0.0, stamp=lambda rel: file_stamp(config.inbox / rel))
+    assert intent.parsed is not None and intent.parsed.specs[0].prompt == "a fox"
+    if edit == "rewritten":
+        path.write_text("prompt: a red fox in the snow\nseed: 2\n")
+        expected = ("a red fox in the snow", 2)
+    else:  # an editor's atomic save within the same clock tick: only the inode tells
+        mtime_ns = path.stat().st_mtime_ns
+        spool.drop("fox.yaml", "prompt: a cat\nseed: 3\n")
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        expected = ("a cat", 3)
+    claimed = claim(intent, inbox=config.inbox, work=config.work_dir)
+    assert claimed is not None
+    [(job, _image)] = load_jobs(claimed, config, parsed=intent.parsed)
+    assert (job.spec.prompt, job.spec.seed) == expected
 
 
 def test_a_rename_event_after_a_scan_still_makes_the_file_stable_at_once(tmp_path: Path) -> None:
