@@ -1,6 +1,6 @@
 """The daemon's own CPU per job, by thread, with generation replaced by a sleep.
 
-    .venv/bin/python bench/own_cpu.py [--jobs 200] [--sleep-ms 60] [--daemon-from CHECKOUT]
+    .venv/bin/python bench/own_cpu.py [--jobs 200] [--sleep-ms 60] [--against CHECKOUT [--rounds 4]]
 
 On a machine where generation uses every core, each millisecond of the daemon's own work
 (watching, pairing, claiming, validating, stamping, writing, archiving, reporting) is taken
@@ -10,6 +10,10 @@ for `--sleep-ms` (four "steps", each reporting progress like the real one) and r
 job is read from /proc by OS thread name (diffusiond = main loop, worker, writer, watch).
 Not a test double for the tests: the bench only, to measure what is left when generation
 costs nothing.
+
+`--against CHECKOUT` (a git worktree of an older commit) runs that checkout's daemon beside this
+one's, both started at once and fed in turn, round by round: a figure of one run on this machine
+varies by 10 % or more, a ratio of rounds taken in turn much less.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,38 +59,52 @@ sys.exit(main(sys.argv[1:]))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=200, help="in rounds of 20 (default 200)")
+    parser.add_argument("--jobs", type=int, default=200, help="per daemon, in rounds of 20 (default 200)")
     parser.add_argument("--sleep-ms", type=float, default=60.0, help="what a generate() call takes (default 60)")
-    parser.add_argument(
-        "--daemon-from", type=Path, help="run another checkout's daemon (unnamed threads show as 'python')"
-    )
+    parser.add_argument("--against", type=Path, help="another checkout, whose daemon runs in turn with this one's")
     args = parser.parse_args()
     from diffusiond.pipeline.testmodel import make_test_model
 
     tmp = Path(tempfile.mkdtemp(prefix="diffusiond-own-cpu-"))
     models = make_test_model(tmp / "models")
     entry = ["-c", SLEEPING_DAEMON, str(args.sleep_ms / 1e3)]
-    if args.daemon_from is not None:
-        os.environ["PYTHONPATH"] = str(import_root(args.daemon_from.resolve(), tmp / "import"))
-        os.chdir(tmp)  # not a checkout's root first on sys.path
-    daemon = DaemonProc(tmp / "spool", models, entry=entry)
+    sides = {"this": None} if args.against is None else {"this": None, "other": args.against.resolve()}
+    daemons: dict[str, DaemonProc] = {}
+    cwd = Path.cwd()
+    os.chdir(tmp)  # `python -c` puts the working directory first on sys.path: not a checkout's root
+    for name, checkout in sides.items():
+        if checkout is not None:
+            os.environ["PYTHONPATH"] = str(import_root(checkout, tmp / f"{name}-import"))
+        daemons[name] = DaemonProc(tmp / f"spool-{name}", models, entry=entry)
+        os.environ.pop("PYTHONPATH", None)
+    os.chdir(cwd)
     rounds = max(1, args.jobs // 20)
+    spent = {name: Counter[str]() for name in sides}
+    seconds = dict.fromkeys(sides, 0.0)
     try:
-        daemon.run_stream(["warm0", "warm1"])
-        before = cpu_by_thread_name(daemon.proc.pid)
-        seconds = sum(daemon.run_stream([f"r{r}j{i:02d}" for i in range(20)])[0] for r in range(rounds))
-        spent = cpu_since(daemon.proc.pid, before)
+        for name, daemon in daemons.items():
+            daemon.run_stream([f"{name}warm0", f"{name}warm1"])
+        for r in range(rounds):
+            for name, daemon in daemons.items():
+                before = cpu_by_thread_name(daemon.proc.pid)
+                seconds[name] += daemon.run_stream([f"{name}r{r}j{i:02d}" for i in range(20)])[0]
+                spent[name].update(cpu_since(daemon.proc.pid, before))
     finally:
-        daemon.stop()
+        for daemon in daemons.values():
+            daemon.stop()
     jobs = rounds * 20
-    used = {name: seconds_used / jobs * 1e3 for name, seconds_used in spent.items()}
     print(f"machine: {machine()}")
-    per_job = seconds / jobs * 1e3
-    print(f"{jobs} jobs in rounds of 20, generate() = {args.sleep_ms:g} ms sleep; {per_job:.1f} ms per job")
-    print("| thread | CPU ms per job |\n|---|---|")
-    for name, ms in sorted(used.items(), key=lambda kv: -kv[1]):
-        print(f"| {name} | {ms:.2f} |")
-    print(f"| all | {sum(used.values()):.2f} |")
+    print(f"{jobs} jobs per daemon in rounds of 20, generate() = {args.sleep_ms:g} ms sleep")
+    names = sorted({thread for used in spent.values() for thread in used}, key=lambda t: -spent["this"][t])
+    print("| thread | " + " | ".join(f"{name}: CPU ms per job" for name in sides) + " |")
+    print("|---|" + "---|" * len(sides))
+    for thread in [*names, "all"]:
+        row = [sum(spent[name].values()) if thread == "all" else spent[name][thread] for name in sides]
+        print(f"| {thread} | " + " | ".join(f"{used / jobs * 1e3:.2f}" for used in row) + " |")
+    print("| ms per job, drop to manifest | " + " | ".join(f"{seconds[n] / jobs * 1e3:.1f}" for n in sides) + " |")
+    if args.against is not None:
+        this, other = (sum(spent[name].values()) for name in sides)
+        print(f"CPU per job, this / other ({args.against}): {this / other:.3f}")
 
 
 if __name__ == "__main__":
