@@ -20,7 +20,6 @@ from watchdog.events import (
     DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
-    FileDeletedEvent,
     FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
@@ -159,13 +158,14 @@ WANTED_EVENTS = [
     FileModifiedEvent,
     FileClosedEvent,
     FileMovedEvent,
-    FileDeletedEvent,
     DirCreatedEvent,  # a hot folder made or moved in: watchdog then reports the files inside
     DirMovedEvent,
 ]
 """Only these reach the daemon (and, with inotify, the kernel's mask): the daemon's own reads of
 job files (open, close without write) and the folder-modified echo of every file event would
-otherwise each cross watchdog's three threads to be dropped at the end."""
+otherwise each cross watchdog's three threads to be dropped at the end. Deletions are left out
+too: the commonest by far is the daemon's own claim moving a file out, and the tracker re-checks
+every file on disk before it counts as stable, so a file that is gone is dropped there."""
 
 
 @dataclass(frozen=True)
