@@ -90,7 +90,8 @@ def new_claim_id(source: str) -> str:
 def claim(intent: Intent, *, inbox: Path, work: Path) -> Claim | None:
     """Move the intent's files into a new claim folder; None if another daemon was first."""
     folder = work / new_claim_id(intent.source)
-    (folder / "inbox").mkdir(parents=True)
+    folder.mkdir(parents=True)
+    (folder / "inbox").mkdir()
     found = Claim(
         folder.name,
         folder,
@@ -103,7 +104,8 @@ def claim(intent: Intent, *, inbox: Path, work: Path) -> Claim | None:
     found.save()  # the intent first: a crash right after the rename still finds the record
     for index, relative in enumerate(intent.files):
         dest = found.inputs / relative
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        if "/" in relative:  # a hot folder's file
+            dest.parent.mkdir(exist_ok=True)
         try:
             if (inbox / relative).is_symlink():
                 raise FileNotFoundError(relative)  # never follow a link out of the inbox

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -23,11 +24,12 @@ log = logging.getLogger(__name__)
 
 def mark_done(claim: Claim, job_id: str) -> None:
     """Record locally that a job's manifest is written, so recovery never runs it twice."""
-    (claim.folder / f"done-{job_id}").touch()
+    os.close(os.open(claim.folder / f"done-{job_id}", os.O_WRONLY | os.O_CREAT, 0o644))
 
 
 def is_done(claim: Claim, job_id: str) -> bool:
-    return (claim.folder / f"done-{job_id}").exists()
+    """Only a claim resumed after a stop or crash can have done jobs: a new one is not looked at."""
+    return claim.resumed and (claim.folder / f"done-{job_id}").exists()
 
 
 def done_jobs(claim: Claim) -> list[str]:
