@@ -209,6 +209,18 @@ def test_bare_image_without_job_or_profile_fails_with_a_reason(spool: Spool, dae
     assert (spool.failed / "lonely.error.yaml").exists()
 
 
+def test_a_job_file_deleted_while_it_waits_is_forgotten(spool: Spool, daemon) -> None:
+    """The watcher asks for no deletion events; the daemon still notices a file taken back."""
+    job = spool.drop("cat.yaml", "task: img2img\nprompt: a cat\n")  # waits up to pair_wait_s for cat.png
+    time.sleep(0.5)  # seen, and waiting for its image
+    job.unlink()
+    spool.drop("cat.png", sketch_png())  # now a bare image: no job file came with it
+    [report] = wait_for(spool.reports, what="error report")
+    assert report["code"] == "no_job_for_image"
+    assert sorted(p.name for p in spool.failed.iterdir()) == ["cat.error.yaml", "cat.png"]
+    assert spool.manifests() == []
+
+
 def test_symlink_in_the_inbox_is_not_followed(spool: Spool, daemon, tmp_path: Path) -> None:
     secret = tmp_path / "secret.png"
     secret.write_bytes(sketch_png())
