@@ -18,10 +18,11 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DaemonProc, cpu_by_thread_name, cpu_since, machine
+from common import DAEMON, DaemonProc, cpu_by_thread_name, cpu_since, machine
 from run import Direct
 
 
@@ -37,6 +38,27 @@ def import_root(checkout: Path, into: Path) -> Path:
     return into
 
 
+def start_daemons(
+    checkouts: dict[str, Path | None], tmp: Path, models: Any, entry: list[str] = DAEMON
+) -> dict[str, DaemonProc]:
+    """A running daemon per side, each on its own spool under `tmp`, imported from its checkout
+    (None: this one). `entry` is what follows `python` (bench/own_cpu.py passes its sleeping daemon)."""
+    daemons: dict[str, DaemonProc] = {}
+    cwd = Path.cwd()
+    os.chdir(tmp)  # `python -m`/`-c` put the working directory first on sys.path: not a checkout's root
+    try:
+        for name, checkout in checkouts.items():
+            if checkout is not None:
+                os.environ["PYTHONPATH"] = str(import_root(checkout.resolve(), tmp / f"{name}-import"))
+            try:
+                daemons[name] = DaemonProc(tmp / f"spool-{name}", models, entry=entry)
+            finally:
+                os.environ.pop("PYTHONPATH", None)
+    finally:
+        os.chdir(cwd)
+    return daemons
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("other", type=Path, help="another diffusiond checkout (e.g. a git worktree)")
@@ -50,17 +72,10 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"this checkout {Path(__file__).resolve().parent.parent} against {args.other.resolve()}")
     direct = Direct(models)
-    sides = {"this": None, "other": import_root(args.other.resolve(), tmp / "other-import")}
-    daemons: dict[str, DaemonProc] = {}
-    cwd = Path.cwd()
-    os.chdir(tmp)  # `python -m` puts the working directory first on sys.path: not a checkout's root
-    for name, root in sides.items():
-        if root is not None:
-            os.environ["PYTHONPATH"] = str(root)
-        daemons[name] = DaemonProc(tmp / f"spool-{name}", models)
-        os.environ.pop("PYTHONPATH", None)
-        daemons[name].run_one("warmup")
-    os.chdir(cwd)
+    sides = {"this": None, "other": args.other}
+    daemons = start_daemons(sides, tmp, models)
+    for daemon in daemons.values():
+        daemon.run_one("warmup")
     totals = {name: [0.0, 0.0] for name in sides}  # daemon seconds, direct seconds of its rounds
     cpu: dict[str, Counter[str]] = {name: Counter() for name in sides}
     try:

@@ -19,7 +19,6 @@ varies by 10 % or more, a ratio of rounds taken in turn much less.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from collections import Counter
@@ -27,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from against import import_root
-from common import DaemonProc, cpu_by_thread_name, cpu_since, machine
+from against import start_daemons
+from common import cpu_by_thread_name, cpu_since, machine
 
 SLEEPING_DAEMON = """
 import sys, time
@@ -68,16 +67,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="diffusiond-own-cpu-"))
     models = make_test_model(tmp / "models")
     entry = ["-c", SLEEPING_DAEMON, str(args.sleep_ms / 1e3)]
-    sides = {"this": None} if args.against is None else {"this": None, "other": args.against.resolve()}
-    daemons: dict[str, DaemonProc] = {}
-    cwd = Path.cwd()
-    os.chdir(tmp)  # `python -c` puts the working directory first on sys.path: not a checkout's root
-    for name, checkout in sides.items():
-        if checkout is not None:
-            os.environ["PYTHONPATH"] = str(import_root(checkout, tmp / f"{name}-import"))
-        daemons[name] = DaemonProc(tmp / f"spool-{name}", models, entry=entry)
-        os.environ.pop("PYTHONPATH", None)
-    os.chdir(cwd)
+    sides = {"this": None} if args.against is None else {"this": None, "other": args.against}
+    daemons = start_daemons(sides, tmp, models, entry)
     rounds = max(1, args.jobs // 20)
     spent = {name: Counter[str]() for name in sides}
     seconds = dict.fromkeys(sides, 0.0)
