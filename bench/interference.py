@@ -8,8 +8,9 @@ the daemon's own work (watching, claiming, validating, writing, reporting: bench
 taken from it. This measures that exchange rate alone, with no daemon: `generate()` calls on a
 worker thread (test model, 64 px, 4 steps, the model loaded on that thread, as the daemon does)
 while a second thread of the same process burns pure-Python CPU in 4 bursts every 64 ms (about one
-call). Each burn runs in fresh processes, alternating; ratios are against no burn in the same run,
-and "cost" is the time added to a call per millisecond the burner really used per call.
+call), only while the timed calls run. Each burn runs in fresh processes, alternating; ratios are
+against no burn in the same run, and "cost" is the time added to a call per millisecond the burner
+really used per call.
 `--syscalls` burns with `os.stat` calls instead (each lets go of the GIL and takes it back, as
 the daemon's file work does hundreds of times a job).
 """
@@ -25,10 +26,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PY, SIZE, STEPS, machine
+from common import PY, machine
+from run import Direct
 
 PERIOD_S = 0.016
 """One burst every 16 ms: four a call, as the daemon's work for a job comes in pieces (claim, start,
@@ -38,12 +41,13 @@ progress, write)."""
 def child(burn_ms: float, model: Path, calls: int, syscalls: bool) -> None:
     """Runs in a fresh process: prints seconds per call and the burner's CPU seconds per call."""
     os.environ["HF_HUB_OFFLINE"] = "1"
-    done = threading.Event()
+    timing, done = threading.Event(), threading.Event()
     burned: list[float] = []
     times: list[float] = []
 
-    def burner() -> None:
+    def burner() -> None:  # burns only while the timed calls run, not during the load
         used = 0.0
+        timing.wait()
         while not done.is_set():
             time.sleep(PERIOD_S)
             start = time.thread_time()
@@ -56,32 +60,17 @@ def child(burn_ms: float, model: Path, calls: int, syscalls: bool) -> None:
         burned.append(used)
 
     def worker() -> None:
-        import torch
-
-        from diffusiond.pipeline.catalog import ModelEntry, kind_of_path
-        from diffusiond.pipeline.generate import generate
-        from diffusiond.pipeline.job import Job, Txt2ImgJob
-        from diffusiond.pipeline.models import ModelCache
-
-        cache = ModelCache({"test": ModelEntry("test", model, kind_of_path(model))}, device="cpu", dtype=torch.float32)
-        cache.preload(["test"])
-
-        def call(i: int) -> None:
-            spec = Txt2ImgJob(model="test", prompt=f"a hamster number {i}", size=(SIZE, SIZE), steps=STEPS, seed=i)
-            generate(cache, [(Job(f"call-{i}", f"call-{i}.yaml", 1, spec), None)])
-
-        for i in range(3):  # warm-up
-            call(i)
+        direct = Direct(SimpleNamespace(sd=model))  # loads and warms the model on this thread
+        timing.set()
         start = time.perf_counter()
-        for i in range(calls):
-            call(i)
+        direct.run(calls)
         times.append(time.perf_counter() - start)
+        done.set()
 
     work = threading.Thread(target=worker)
     work.start()
     threading.Thread(target=burner, daemon=True).start()
     work.join()
-    done.set()
     time.sleep(2 * PERIOD_S)
     print(times[0] / calls, (burned[0] if burned else 0.0) / calls)
 
