@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO := demo
 
-.PHONY: setup demo serve test lint clean
+.PHONY: setup demo serve test lint typecheck clean
 
 setup: $(VENV)/.installed
 
@@ -38,11 +38,21 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-lint: setup
+lint: setup typecheck
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# mypy on the package by its installed names: daemon/ and pipeline/ are diffusiond.daemon and
+# diffusiond.pipeline only through pyproject's package-dir mapping, which mypy cannot see, so it
+# reads them through a tree of links under build/typecheck.
+TYPECHECK := build/typecheck
+typecheck: setup
+	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/diffusiond
+	@for f in diffusiond/*.py; do ln -s "$(CURDIR)/$$f" $(TYPECHECK)/diffusiond/; done
+	@ln -s "$(CURDIR)/daemon" $(TYPECHECK)/diffusiond/daemon && ln -s "$(CURDIR)/pipeline" $(TYPECHECK)/diffusiond/pipeline
+	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p diffusiond
+
 clean:
-	rm -rf $(DEMO) .pytest_cache .ruff_cache
+	rm -rf $(DEMO) .pytest_cache .ruff_cache .mypy_cache $(TYPECHECK)
 
 # A system service under /opt/diffusiond (README.md, "Running as a service"); run as root.
 # e.g. `sudo make install INSTALL_ARGS="--gpus 0,1"`; the CUDA torch from PyPI unless INSTALL_TORCH says otherwise.
