@@ -63,7 +63,7 @@ class Direct:
     def __init__(self, models: Any) -> None:
         import torch
 
-        from diffusiond.pipeline.catalog import ModelEntry, kind_of_path
+        from diffusiond.pipeline.families import ModelEntry, kind_of_path
         from diffusiond.pipeline.models import ModelCache
 
         t0 = time.monotonic()

@@ -121,7 +121,7 @@ def _sd1_models() -> tuple[Any, Any, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffusiond.pipeline.checkpoint import CONFIGS_DIR
+    from diffusiond.pipeline.single_file import CONFIGS_DIR
 
     configs = CONFIGS_DIR / "sd1"
     with torch.device("meta"):
@@ -173,7 +173,7 @@ def _random_ldm_state(seed: int) -> dict[str, torch.Tensor]:
 
 def _daemon_cache(path: Path, dtype: torch.dtype, cache_dir: Path, device: str = "cpu") -> tuple[Any, float]:
     """The daemon's ModelCache with the file loaded as `sd15` (single file, no `config:`), and the seconds."""
-    from diffusiond.pipeline.catalog import ModelEntry, kind_of_path
+    from diffusiond.pipeline.families import ModelEntry, kind_of_path
     from diffusiond.pipeline.models import ModelCache
 
     started = time.perf_counter()
@@ -202,7 +202,7 @@ def check_sd15_file(path: Path, *, size: int = 64, steps: int = 5) -> list[str]:
     import numpy as np
     import torch
 
-    from diffusiond.pipeline.checkpoint import inspect_checkpoint
+    from diffusiond.pipeline.single_file import inspect_checkpoint
 
     info = inspect_checkpoint(Path(path))
     with tempfile.TemporaryDirectory(prefix="diffusiond-sd15-check-") as tmp:
@@ -433,7 +433,7 @@ def warm_cold_sd15(path: Path, tmp: Path, n: int = 3, size: int = 128, steps: in
     Warm: `diffusiond run` with the model preloaded (`dtype: auto` = fp32 on CPU), one
     untimed warm-up job, then the N jobs one at a time (drop -> manifest). They never overlap.
     """
-    from diffusiond.pipeline.checkpoint import assemble_shipped_config
+    from diffusiond.pipeline.single_file import assemble_shipped_config
 
     other = OtherLoad()
     tmp = Path(tmp)
@@ -654,8 +654,8 @@ def gpu_section(
         ]
     from diffusers import StableDiffusionPipeline
 
-    from diffusiond.pipeline.catalog import ModelEntry, kind_of_path
-    from diffusiond.pipeline.checkpoint import resolve_config
+    from diffusiond.pipeline.families import ModelEntry, kind_of_path
+    from diffusiond.pipeline.single_file import resolve_config
 
     other = OtherLoad()
 

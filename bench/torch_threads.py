@@ -37,7 +37,7 @@ def case(model: str, on_main: bool, where: Path) -> float:
     """Median seconds per generate() call on a worker thread, in this process."""
     import torch
 
-    from diffusiond.pipeline.catalog import ModelEntry, kind_of_path
+    from diffusiond.pipeline.families import ModelEntry, kind_of_path
     from diffusiond.pipeline.generate import generate
     from diffusiond.pipeline.job import Job, Txt2ImgJob
     from diffusiond.pipeline.models import ModelCache

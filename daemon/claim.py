@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.fsutil import atomic_write
 from diffusiond.daemon.pairing import Intent, Parsed, file_stamp, profile_of, resolve_image
-from diffusiond.pipeline.errors import Code, JobRejected
+from diffusiond.pipeline.errors import Code, DiffusiondError, JobRejected
 from diffusiond.pipeline.inputs import open_image
 from diffusiond.pipeline.job import (
     Job,
@@ -135,7 +135,7 @@ def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> lis
         except (ValueError, KeyError, TypeError, ValidationError) as exc:  # torn by a power cut
             log.warning("%s of %s is unreadable (%s); validating the claimed file again", saved, claim.source, exc)
     if claim.problem is not None:
-        raise _rejection(claim.problem)
+        raise DiffusiondError.from_report(claim.problem)
     specs = _validate(claim, config, parsed)
 
     def exists(relative: str) -> bool:
@@ -230,15 +230,3 @@ def _precheck_image(claim: Claim, config: Config, spec: Spec, index: int, image:
             fix="use a smaller input image or scale, or raise limits.max_pixels in the config",
             **where,
         )
-
-
-def _rejection(report: dict[str, Any]) -> JobRejected:
-    return JobRejected(
-        report["error"],
-        code=Code(report["code"]),
-        fix=report.get("fix", ""),
-        path=report.get("file"),
-        job_index=report.get("job"),
-        field=report.get("field"),
-        value=report.get("value"),
-    )

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from diffusiond.pipeline.catalog import ModelEntry, kind_of_path, native_size
 from diffusiond.pipeline.errors import ConfigError, JobRejected
+from diffusiond.pipeline.families import ModelEntry, kind_of_path, native_size
 from diffusiond.pipeline.job import (
     TASKS,
     InvisibleWatermark,

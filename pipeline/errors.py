@@ -9,10 +9,18 @@ Machine codes (`Code`) are separate from the human text, so scripts can branch o
 `code` in an error report while people read `message` and `fix`. Foreign
 exceptions (torch, diffusers, PIL, YAML) are translated where they are called,
 with `raise ... from exc`.
+
+Where an error happened (the job file, the job's position in it, the field) is
+attached on the way out by `job_context`, which fills in what the raiser did not
+know: the code that reads an image need not know which job file named it.
+`report()` writes an error as the fields of `<name>.error.yaml`; `from_report`
+reads them back (a claim carries a problem found before it was claimed that way).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any
 
@@ -23,7 +31,7 @@ class Code(StrEnum):
     YAML_SYNTAX = "yaml_syntax"
     """The job file is not valid YAML."""
     NOT_A_JOB = "not_a_job"
-    """A YAML document is not a mapping of fields, or the file holds no job."""
+    """A YAML document is not a mapping of fields, or the file holds no job (or is no plain file to read)."""
     INVALID_FIELD = "invalid_field"
     """A field has a wrong name, type or value."""
     OVER_LIMIT = "over_limit"
@@ -81,6 +89,31 @@ class DiffusiondError(Exception):
         text = f"{where}: {self.message}" if where else self.message
         return f"{text}. Fix: {self.fix}" if self.fix else text
 
+    def add_context(
+        self, *, path: str | None = None, job_index: int | None = None, field: str | None = None, value: Any = None
+    ) -> None:
+        """Fill in where the error happened, keeping what the raiser already said (a field comes with its value)."""
+        if self.path is None:
+            self.path = path
+        if self.job_index is None:
+            self.job_index = job_index
+        if self.field is None and field is not None:
+            self.field, self.value = field, value
+
+    @classmethod
+    def from_report(cls, report: Mapping[str, Any]) -> DiffusiondError:
+        """The error whose `report()` this is, of the class its code belongs to: the inverse of `report()`."""
+        code = Code(report["code"])
+        return _CLASS_OF_CODE.get(code, JobRejected)(
+            report["error"],
+            code=code,
+            fix=report.get("fix", ""),
+            path=report.get("file"),
+            job_index=report.get("job"),
+            field=report.get("field"),
+            value=report.get("value"),
+        )
+
     def report(self) -> dict[str, Any]:
         """The fields of an error report, in the order a person reads them."""
         out: dict[str, Any] = {"code": str(self.code), "error": self.message}
@@ -112,3 +145,28 @@ class ConfigError(DiffusiondError):
     """The daemon's own config is wrong."""
 
     code = Code.CONFIG
+
+
+_CLASS_OF_CODE: dict[Code, type[DiffusiondError]] = {
+    Code.MODEL_FAILED: JobFailed,
+    Code.GENERATION_FAILED: JobFailed,
+    Code.WATERMARK_FAILED: JobFailed,
+    Code.OUTPUT_FAILED: JobFailed,
+    Code.CONFIG: ConfigError,
+}
+"""Every other code is a rejection of the user's file."""
+
+
+@contextmanager
+def job_context(
+    *, path: str | None = None, job_index: int | None = None, field: str | None = None, value: Any = None
+) -> Iterator[None]:
+    """Attach where it happened to any DiffusiondError passing through, where the raiser left it unset.
+
+    Like httpx's `request_context`: `with job_context(path=job.source, job_index=job.index): ...`
+    """
+    try:
+        yield
+    except DiffusiondError as exc:
+        exc.add_context(path=path, job_index=job_index, field=field, value=value)
+        raise

@@ -19,7 +19,7 @@ import os
 import threading
 from pathlib import Path
 
-from diffusiond.pipeline.catalog import ModelEntry
+from diffusiond.pipeline.families import ModelEntry
 
 _lock = threading.Lock()
 

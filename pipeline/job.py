@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from diffusiond.pipeline.catalog import ModelKind, tasks_for
 from diffusiond.pipeline.errors import Code, JobRejected
+from diffusiond.pipeline.families import ModelKind, tasks_for
 
 # Kept in step with pipeline/schedulers.py (that module imports diffusers; this one must not).
 SCHEDULER_NAMES = (

@@ -31,9 +31,10 @@ from diffusers import (
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from diffusiond.pipeline.catalog import ModelEntry, ModelKind, detect_kind
 from diffusiond.pipeline.errors import Code, ConfigError, JobFailed
+from diffusiond.pipeline.families import ModelEntry, ModelKind, detect_kind
 from diffusiond.pipeline.hashing import model_hash
+from diffusiond.pipeline.single_file import kind_of_file, load_single_file
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +235,6 @@ class ModelCache:
                 raise _missing(entry)
             if entry.kind is not ModelKind.UNKNOWN:
                 return entry.kind
-            from diffusiond.pipeline.checkpoint import kind_of_file
-
             return kind_of_file(entry.path)
         kind = detect_kind(entry.path)
         if kind is ModelKind.UNKNOWN:
@@ -254,8 +253,6 @@ class ModelCache:
 
     def _from_disk(self, entry: ModelEntry, kind: ModelKind, cls: type) -> Any:
         if entry.single_file:
-            from diffusiond.pipeline.checkpoint import load_single_file
-
             # Shipped configs are assembled under the state dir (local disk), not ~/.cache.
             cache_dir = self.state_dir / "configs" if self.state_dir else None
             return load_single_file(entry, kind, dtype=self.dtype, cache_dir=cache_dir)

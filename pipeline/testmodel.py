@@ -40,7 +40,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from diffusiond.pipeline.checkpoint import bytes_to_unicode
+from diffusiond.pipeline.clip_tokenizer import BOS, EOS, OPENCLIP_PAD, bytes_to_unicode, write_clip_tokenizer
 
 MARKER_NAME = "diffusiond_test_model.json"
 """The file that marks a folder as a generated test model."""
@@ -56,10 +56,13 @@ _UPSCALER_DIR = "x4-upscaler"
 _SD2_V_DIR = "sd2-v"
 _SDXL_DIR = "sdxl"
 _DEPTH2IMG_DIR = "depth2img"
-_BOS = "<|startoftext|>"
-_EOS = "<|endoftext|>"
-_OPENCLIP_PAD = "!"
-"""OpenCLIP tokenizers (SD 2.x, SDXL's `tokenizer_2`) pad with "!" (id 0), not with the end token."""
+_SD_BETAS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+"""The noise schedule every SD 1.x/2.x/XL model was trained with (the x4 upscaler has its own)."""
 
 # Words the hand-written BPE merges spell whole, so common prompt words are single tokens
 # (as with the real CLIP vocabulary); anything else still tokenizes, byte by byte.
@@ -217,7 +220,7 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
             ranks[(symbols[0], symbols[1])] = len(ranks)
             tokens.append(symbols[0] + symbols[1])
             symbols = [symbols[0] + symbols[1], *symbols[2:]]
-    tokens += [_BOS, _EOS]
+    tokens += [BOS, EOS]
     return {token: i for i, token in enumerate(tokens)}, [f"{a} {b}" for a, b in ranks]
 
 
@@ -232,60 +235,20 @@ def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list
     return symbols
 
 
-def _write_tokenizer_files(folder: Path, vocab: dict[str, int], merges: list[str], *, pad_token: str = _EOS) -> None:
-    """The tokenizer files real SD folders ship; any transformers version reads them.
-
-    Written over what `save_pretrained` left (transformers 5 adds a `tokenizer.json`, which it
-    prefers, and records load-time flags such as `local_files_only` in the config).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        # Without an explicit 77, hand-made CLIP tokenizers get a huge default and tokenizing
-        # fails with "int too big to convert".
-        "model_max_length": 77,
-        "bos_token": _BOS,
-        "eos_token": _EOS,
-        "unk_token": _EOS,
-        "pad_token": pad_token,
-        "do_lower_case": True,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
 # --- models --------------------------------------------------------------------------------
 
 
 def _build_components() -> dict[str, Any]:
     """Every module of both models, made in a fixed order after one fixed seed."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     vocab, merges = _vocab_and_merges()
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_tokenizer_files(Path(tmp), vocab, merges)
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
-
+    tokenizer = _tokenizer(vocab, merges, pad_token=EOS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(vocab),
-                hidden_size=32,
-                intermediate_size=37,
-                projection_dim=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",
-                bos_token_id=vocab[_BOS],
-                eos_token_id=vocab[_EOS],
-                pad_token_id=vocab[_EOS],
-            )
-        )
+        text_encoder = CLIPTextModel(_text_config(vocab, hidden=32, act="quick_gelu", pad_token=EOS))
         sd_unet = UNet2DConditionModel(
             sample_size=8,  # default size 8 * 8 = 64 px (SD 1.5: 64 -> 512 px)
             in_channels=4,
@@ -297,18 +260,7 @@ def _build_components() -> dict[str, Any]:
             cross_attention_dim=32,
             attention_head_dim=8,
         )
-        sd_vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=64,
-            scaling_factor=0.18215,
-        )
+        sd_vae = _vae(scaling_factor=0.18215)
         up_unet = UNet2DConditionModel(
             sample_size=32,
             in_channels=7,  # 4 latent channels + the 3-channel noised low-res image
@@ -323,18 +275,8 @@ def _build_components() -> dict[str, Any]:
             only_cross_attention=(True, True, False),
             num_class_embeds=1000,  # the noise level (<= max_noise_level 350) is the class label
         )
-        up_vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(8, 16, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=128,
-            scaling_factor=0.08333,  # the real x4 upscaler's; the pipeline warns about any other
-        )
+        # 3 blocks: latents are 1/4 of the image. The real x4 upscaler's scaling factor (the pipeline warns otherwise).
+        up_vae = _vae(scaling_factor=0.08333, blocks=3, sample_size=128)
     return {
         "tokenizer": tokenizer,
         "vocab": vocab,
@@ -352,10 +294,7 @@ def _save_sd(c: dict[str, Any], folder: Path) -> None:
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     scheduler = PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        **_SD_BETAS,
         skip_prk_steps=True,
         set_alpha_to_one=False,
         steps_offset=1,
@@ -371,8 +310,7 @@ def _save_sd(c: dict[str, Any], folder: Path) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    _write_tokenizer_files(folder / "tokenizer", c["vocab"], c["merges"])
+    _save_with_tokenizers(pipe, folder, c, {"tokenizer": EOS})
 
 
 def _save_upscaler(c: dict[str, Any], folder: Path) -> None:
@@ -409,8 +347,7 @@ def _save_upscaler(c: dict[str, Any], folder: Path) -> None:
         watermarker=None,
         max_noise_level=350,
     )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    _write_tokenizer_files(folder / "tokenizer", c["vocab"], c["merges"])
+    _save_with_tokenizers(pipe, folder, c, {"tokenizer": EOS})
 
 
 # --- SD 2.x, SDXL and depth-to-image -------------------------------------------------------
@@ -420,7 +357,7 @@ def _tokenizer(vocab: dict[str, int], merges: list[str], *, pad_token: str) -> A
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        _write_tokenizer_files(Path(tmp), vocab, merges, pad_token=pad_token)
+        write_clip_tokenizer(Path(tmp), vocab=vocab, merges=merges, pad_token=pad_token)
         return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
@@ -438,26 +375,26 @@ def _text_config(vocab: dict[str, int], *, hidden: int, act: str, pad_token: str
         max_position_embeddings=77,
         hidden_act=act,
         layer_norm_eps=1e-5,
-        bos_token_id=vocab[_BOS],
-        eos_token_id=vocab[_EOS],
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
         pad_token_id=vocab[pad_token],
     )
 
 
-def _vae(*, scaling_factor: float, **extra: Any) -> Any:
-    """The SD / SDXL VAE layout: 4 blocks, so latents are 1/8 of the image."""
+def _vae(*, scaling_factor: float, blocks: int = 4, sample_size: int = 64, **extra: Any) -> Any:
+    """The SD / SDXL VAE layout: 4 blocks, so latents are 1/8 of the image (the x4 upscaler's: 3, 1/4)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=(8, 16, 32, 32)[:blocks],
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=4,
-        sample_size=64,
+        sample_size=sample_size,
         scaling_factor=scaling_factor,
         **extra,
     )
@@ -493,13 +430,13 @@ def _build_family_components() -> dict[str, Any]:
     c: dict[str, Any] = {
         "vocab": vocab,
         "merges": merges,
-        "clip_tokenizer": _tokenizer(vocab, merges, pad_token=_EOS),
-        "openclip_tokenizer": _tokenizer(vocab, merges, pad_token=_OPENCLIP_PAD),
+        "clip_tokenizer": _tokenizer(vocab, merges, pad_token=EOS),
+        "openclip_tokenizer": _tokenizer(vocab, merges, pad_token=OPENCLIP_PAD),
     }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         # SD 2.x: OpenCLIP ViT-H text encoder (gelu), the SD VAE; sd2-v and depth share both, as the real ones do.
-        c["sd2_text_encoder"] = CLIPTextModel(_text_config(vocab, hidden=32, act="gelu", pad_token=_OPENCLIP_PAD))
+        c["sd2_text_encoder"] = CLIPTextModel(_text_config(vocab, hidden=32, act="gelu", pad_token=OPENCLIP_PAD))
         c["sd2_vae"] = _vae(scaling_factor=0.18215)
         c["sd2_unet"] = _sd2_unet(in_channels=4, upcast_attention=True)  # 2.1 sets upcast_attention
         c["depth_unet"] = _sd2_unet(in_channels=5, upcast_attention=False)  # 4 latent channels + depth
@@ -521,9 +458,9 @@ def _build_family_components() -> dict[str, Any]:
         # SDXL: CLIP ViT-L (quick_gelu) + OpenCLIP bigG with projection (gelu). The UNet attends to both
         # encoders' penultimate hidden states side by side (32 + 48 = 80; real 768 + 1280 = 2048) and
         # conditions on the pooled projection plus 6 size/crop numbers (6 * 8 + 48 = 96; real 6 * 256 + 1280).
-        c["sdxl_text_encoder"] = CLIPTextModel(_text_config(vocab, hidden=32, act="quick_gelu", pad_token=_EOS))
+        c["sdxl_text_encoder"] = CLIPTextModel(_text_config(vocab, hidden=32, act="quick_gelu", pad_token=EOS))
         c["sdxl_text_encoder_2"] = CLIPTextModelWithProjection(
-            _text_config(vocab, hidden=48, act="gelu", pad_token=_OPENCLIP_PAD)
+            _text_config(vocab, hidden=48, act="gelu", pad_token=OPENCLIP_PAD)
         )
         c["sdxl_unet"] = UNet2DConditionModel(
             sample_size=8,  # 64 px by default (real: 128 -> 1024 px)
@@ -547,9 +484,10 @@ def _build_family_components() -> dict[str, Any]:
 
 
 def _save_with_tokenizers(pipe: Any, folder: Path, c: dict[str, Any], pads: dict[str, str]) -> None:
+    """`save_pretrained`, then each tokenizer folder written over with the files real SD folders ship."""
     pipe.save_pretrained(folder, safe_serialization=True)
     for name, pad_token in pads.items():
-        _write_tokenizer_files(folder / name, c["vocab"], c["merges"], pad_token=pad_token)
+        write_clip_tokenizer(folder / name, vocab=c["vocab"], merges=c["merges"], pad_token=pad_token)
 
 
 def _save_sd2_v(c: dict[str, Any], folder: Path) -> None:
@@ -557,10 +495,7 @@ def _save_sd2_v(c: dict[str, Any], folder: Path) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        **_SD_BETAS,
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
@@ -576,7 +511,7 @@ def _save_sd2_v(c: dict[str, Any], folder: Path) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    _save_with_tokenizers(pipe, folder, c, {"tokenizer": _OPENCLIP_PAD})
+    _save_with_tokenizers(pipe, folder, c, {"tokenizer": OPENCLIP_PAD})
 
 
 def _save_sdxl(c: dict[str, Any], folder: Path) -> None:
@@ -584,10 +519,7 @@ def _save_sdxl(c: dict[str, Any], folder: Path) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        **_SD_BETAS,
         interpolation_type="linear",
         prediction_type="epsilon",
         steps_offset=1,
@@ -605,7 +537,7 @@ def _save_sdxl(c: dict[str, Any], folder: Path) -> None:
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,  # not saved; only skips building an encoder here
     )
-    _save_with_tokenizers(pipe, folder, c, {"tokenizer": _EOS, "tokenizer_2": _OPENCLIP_PAD})
+    _save_with_tokenizers(pipe, folder, c, {"tokenizer": EOS, "tokenizer_2": OPENCLIP_PAD})
 
 
 def _save_depth2img(c: dict[str, Any], folder: Path) -> None:
@@ -614,10 +546,7 @@ def _save_depth2img(c: dict[str, Any], folder: Path) -> None:
     from transformers import DPTImageProcessorPil
 
     scheduler = PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        **_SD_BETAS,
         skip_prk_steps=True,
         set_alpha_to_one=False,
         steps_offset=1,
@@ -633,4 +562,4 @@ def _save_depth2img(c: dict[str, Any], folder: Path) -> None:
         depth_estimator=c["depth_estimator"],
         feature_extractor=feature_extractor,
     )
-    _save_with_tokenizers(pipe, folder, c, {"tokenizer": _OPENCLIP_PAD})
+    _save_with_tokenizers(pipe, folder, c, {"tokenizer": OPENCLIP_PAD})

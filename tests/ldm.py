@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from diffusiond.pipeline.checkpoint import EOS, OPENCLIP_PAD, write_clip_tokenizer
+from diffusiond.pipeline.clip_tokenizer import EOS, OPENCLIP_PAD, write_clip_tokenizer
 
 SEED = 1234
 

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffusiond.pipeline.catalog import ModelEntry, ModelKind, detect_kind
-from diffusiond.pipeline.checkpoint import (
+from diffusiond.pipeline.errors import Code, ConfigError, JobFailed
+from diffusiond.pipeline.families import ModelEntry, ModelKind, detect_kind
+from diffusiond.pipeline.metadata import read_parameters
+from diffusiond.pipeline.single_file import (
     assemble_shipped_config,
     inspect_checkpoint,
     kind_of_file,
@@ -29,8 +31,6 @@ from diffusiond.pipeline.checkpoint import (
     resolve_config,
     shipped_config_name,
 )
-from diffusiond.pipeline.errors import Code, ConfigError, JobFailed
-from diffusiond.pipeline.metadata import read_parameters
 from tests import ldm
 
 PROMPT = "a photo of a cat"

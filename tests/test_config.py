@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from diffusiond.daemon.config import load_config
-from diffusiond.pipeline.catalog import ModelKind
 from diffusiond.pipeline.errors import ConfigError
+from diffusiond.pipeline.families import ModelKind
 from diffusiond.pipeline.testmodel import TestModelPaths
 
 

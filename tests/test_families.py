@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusiond.pipeline.catalog import ModelEntry, ModelKind
+from diffusiond.pipeline.families import ModelEntry, ModelKind
 from diffusiond.pipeline.models import ModelCache
 from diffusiond.pipeline.testmodel import FamilyModelPaths, make_family_models
 from tests.conftest import Spool, start_daemon_thread, wait_for, write_config

@@ -11,7 +11,7 @@ import pytest
 from diffusiond.daemon.claim import claim, load_jobs
 from diffusiond.daemon.inbox import SettleTracker, is_candidate
 from diffusiond.daemon.pairing import Intent, Pairing, file_stamp
-from diffusiond.pipeline.catalog import ModelKind
+from diffusiond.pipeline.families import ModelKind
 from diffusiond.pipeline.job import Rules
 from tests.conftest import Spool
 

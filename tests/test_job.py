@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from diffusiond.pipeline.catalog import ModelKind
 from diffusiond.pipeline.errors import JobRejected
+from diffusiond.pipeline.families import ModelKind
 from diffusiond.pipeline.job import (
     SCHEDULER_NAMES,
     SEED_MAX,

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from diffusiond.pipeline.batch import Cancelled
-from diffusiond.pipeline.catalog import ModelEntry, ModelKind, native_size
 from diffusiond.pipeline.errors import JobFailed
+from diffusiond.pipeline.families import ModelEntry, ModelKind, native_size
 from diffusiond.pipeline.generate import generate
 from diffusiond.pipeline.hashing import model_hash
 from diffusiond.pipeline.job import Job, Txt2ImgJob

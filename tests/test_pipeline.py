@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from diffusiond import __version__
-from diffusiond.pipeline.catalog import ModelEntry, ModelKind
 from diffusiond.pipeline.errors import ConfigError, JobFailed
+from diffusiond.pipeline.families import ModelEntry, ModelKind
 from diffusiond.pipeline.generate import Generated, generate
 from diffusiond.pipeline.job import SCHEDULER_NAMES, Img2ImgJob, Job, OutputSpec, Txt2ImgJob, UpscaleJob
 from diffusiond.pipeline.metadata import encode, infotext, read_parameters

@@ -26,7 +26,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from diffusiond.pipeline.catalog import ModelKind, detect_kind
+from diffusiond.pipeline.families import ModelKind, detect_kind
 from diffusiond.pipeline.testmodel import FamilyModelPaths, is_test_model, make_family_models, make_test_model
 
 PROMPT = "a photo of a cat"

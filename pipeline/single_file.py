@@ -4,8 +4,8 @@ A single file holds weights only. diffusers also needs a diffusers-layout folder
 configs and tokenizers, and by default fetches one from the hub, which the daemon never
 contacts. So this module:
 
-1. tells the family from the file's tensor names (a `.safetensors` header is read without
-   loading a tensor or importing torch);
+1. tells the family from the file's tensor names (`families.inspect_shapes`; a `.safetensors`
+   header is read without loading a tensor or importing torch);
 2. finds a local config folder: the model's `config:`, a diffusers folder beside the file, or
    the configs shipped in `pipeline/configs/` (assembled, with the CLIP tokenizer files
    derived from the shipped BPE merges, into a cache folder);
@@ -19,25 +19,29 @@ a file that needs more is refused with a clear error before diffusers sees it (d
 
 from __future__ import annotations
 
-import bz2
-import functools
 import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
-import struct
 import tempfile
 import threading
 import zipfile
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffusiond.pipeline.catalog import ModelEntry, ModelKind, detect_kind
-from diffusiond.pipeline.errors import Code, ConfigError, DiffusiondError, JobFailed
+from diffusiond.pipeline.clip_tokenizer import MERGES_SHA256, write_vocab_files
+from diffusiond.pipeline.errors import Code, ConfigError, JobFailed, job_context
+from diffusiond.pipeline.families import (
+    CheckpointInfo,
+    ModelEntry,
+    ModelKind,
+    detect_kind,
+    inspect_shapes,
+    model_file_error,
+    safetensors_shapes,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -46,19 +50,6 @@ if TYPE_CHECKING:
 CONFIGS_DIR = Path(__file__).parent / "configs"
 """The configs the project ships, one diffusers-layout folder per family (see its README.md)."""
 
-_MERGES_FILE = CONFIGS_DIR / "clip-merges.txt.bz2"
-_MERGES_SHA256 = "d308b7377a8ceaa9707a21614fe8c831b9196e197b7aeb69833359362907af02"
-"""sha256 of the decompressed merges: a damaged install is reported, not turned into a wrong tokenizer."""
-
-BOS = "<|startoftext|>"
-EOS = "<|endoftext|>"
-OPENCLIP_PAD = "!"
-"""OpenCLIP (SD 2, SDXL's second encoder) pads with token 0, which is "!"; CLIP ViT-L pads with EOS."""
-
-UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
-"""The UNet's input conv: its in_channels tell txt2img (4), depth (5), x4 upscaler (7) and inpaint (9) apart."""
-
-_MAX_HEADER = 100_000_000
 _SHIPPED = {ModelKind.SD1: "sd1", ModelKind.SD2: "sd2", ModelKind.SDXL: "sdxl"}
 _SHIPPED_FROM = {
     "sd1": "runwayml/stable-diffusion-v1-5",
@@ -79,17 +70,6 @@ _DEFAULT_COMPONENTS: dict[ModelKind, tuple[str, ...]] = {
 
 
 # --- what a file is ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What a single file's tensor names say about it."""
-
-    kind: ModelKind
-    variant: str
-    """In words: sd1, sd2, sdxl, sd2-depth, x4-upscaler, or an unsupported one (sd1-inpaint, sdxl-refiner, ...)."""
-    problem: str = ""
-    """Why the daemon cannot load this file; empty when it can."""
 
 
 def read_keys(path: Path) -> list[str]:
@@ -116,7 +96,7 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
     try:
         st = path.stat()
     except OSError as exc:
-        raise _file_error(path, f"cannot be read: {exc.strerror or exc}") from exc
+        raise model_file_error(path, f"cannot be read: {exc.strerror or exc}") from exc
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     with _INFO_LOCK:
         cached = _INFO_CACHE.get(key)
@@ -128,80 +108,14 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
     return info
 
 
-def inspect_shapes(shapes: Mapping[str, tuple[int, ...]]) -> CheckpointInfo:
-    """The family from an original-layout state dict's names (and one shape), without its values."""
-
-    def has(prefix: str) -> bool:
-        return any(key.startswith(prefix) for key in shapes)
-
-    unet_in = shapes.get(UNET_IN, ())
-    in_channels = unet_in[1] if len(unet_in) >= 2 else None
-    inpaint = "inpainting checkpoints are not supported (diffusiond runs txt2img, img2img and upscale)"
-    if has("conditioner.embedders."):
-        if not has("conditioner.embedders.1."):
-            return CheckpointInfo(
-                ModelKind.UNKNOWN, "sdxl-refiner", "an SDXL refiner checkpoint: only SDXL base models are supported"
-            )
-        if in_channels == 9:
-            return CheckpointInfo(ModelKind.UNKNOWN, "sdxl-inpaint", f"an SDXL inpainting checkpoint: {inpaint}")
-        return CheckpointInfo(ModelKind.SDXL, "sdxl")
-    if has("cond_stage_model.model."):  # OpenCLIP ViT-H: the SD 2.x family
-        if in_channels == 5:
-            return CheckpointInfo(ModelKind.DEPTH2IMG, "sd2-depth")
-        if in_channels == 7:
-            return CheckpointInfo(ModelKind.UPSCALER_X4, "x4-upscaler")
-        if in_channels == 9:
-            return CheckpointInfo(ModelKind.UNKNOWN, "sd2-inpaint", f"an SD 2 inpainting checkpoint: {inpaint}")
-        return CheckpointInfo(ModelKind.SD2, "sd2")
-    if has("cond_stage_model.transformer."):  # OpenAI CLIP ViT-L: the SD 1.x family
-        if in_channels == 9:
-            return CheckpointInfo(ModelKind.UNKNOWN, "sd1-inpaint", f"an SD 1 inpainting checkpoint: {inpaint}")
-        if in_channels == 8:
-            return CheckpointInfo(
-                ModelKind.UNKNOWN, "sd1-instruct-pix2pix", "an InstructPix2Pix checkpoint: not supported"
-            )
-        return CheckpointInfo(ModelKind.SD1, "sd1")
-    if has("model.diffusion_model."):
-        return CheckpointInfo(
-            ModelKind.UNKNOWN, "unet-only", "it holds a UNet but no text encoder (cond_stage_model.* / conditioner.*)"
-        )
-    return CheckpointInfo(
-        ModelKind.UNKNOWN,
-        "unknown",
-        "it is not a Stable Diffusion checkpoint in the original layout (no model.diffusion_model.*, "
-        "cond_stage_model.* or conditioner.* tensors): a LoRA, a VAE, an embedding or a diffusers-layout file "
-        "cannot be loaded as a model",
-    )
-
-
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        try:
-            header = _safetensors_header(path)
-            return {key: tuple(int(n) for n in meta["shape"]) for key, meta in header.items()}
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-            raise _file_error(path, f"is not a readable .safetensors file ({exc})") from exc
+        return safetensors_shapes(path)
     if suffix == ".ckpt":
         state = read_ckpt(path)
         return {key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")}
-    raise _file_error(path, "is neither a .safetensors nor a .ckpt file")
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """The header of a .safetensors file (8-byte little-endian length, then JSON): no tensor, no torch."""
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise ValueError("shorter than a safetensors header")
-        (length,) = struct.unpack("<Q", raw)
-        if length > _MAX_HEADER:
-            raise ValueError(f"a {length}-byte header")
-        header = json.loads(handle.read(length))
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    header.pop("__metadata__", None)
-    return header
+    raise model_file_error(path, "is neither a .safetensors nor a .ckpt file")
 
 
 def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
@@ -217,11 +131,11 @@ def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for a damaged file
         if "weights only" in str(exc).lower():
             raise _unsafe_pickle(path, exc) from exc
-        raise _file_error(path, f"is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise model_file_error(path, f"is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
-        raise _file_error(path, f"holds a {type(data).__name__}, not a state dict")
+        raise model_file_error(path, f"holds a {type(data).__name__}, not a state dict")
     return data
 
 
@@ -235,15 +149,6 @@ def _unsafe_pickle(path: Path, exc: BaseException) -> JobFailed:
         fix="use the model's .safetensors release, or convert the file to .safetensors on a machine where you "
         "trust it (load it once with torch.load(weights_only=False), save the state dict with "
         "safetensors.torch.save_file) and point `models:` at the .safetensors file",
-    )
-
-
-def _file_error(path: Path, what: str) -> JobFailed:
-    return JobFailed(
-        f"{path} {what}",
-        code=Code.MODEL_FAILED,
-        fix="point `models:` at a Stable Diffusion .safetensors/.ckpt file in the original layout, "
-        "or at a diffusers folder",
     )
 
 
@@ -402,7 +307,7 @@ def assemble_shipped_config(name: str, *, cache_dir: Path | None = None) -> Path
             shutil.copytree(source, staging, dirs_exist_ok=True)
             for sub in sorted(staging.iterdir()):
                 if sub.is_dir() and sub.name.startswith("tokenizer"):
-                    _write_vocab_files(sub)
+                    write_vocab_files(sub)
             (staging / ".complete").write_text(f"assembled from {source}\n", encoding="utf-8")
             if target.exists() and not (target / ".complete").is_file():
                 shutil.rmtree(target)  # left incomplete by hand: the marker is written before the rename
@@ -424,79 +329,10 @@ def assemble_shipped_config(name: str, *, cache_dir: Path | None = None) -> Path
 
 
 def _digest(source: Path) -> str:
-    sha = hashlib.sha256(_MERGES_SHA256.encode())
+    sha = hashlib.sha256(MERGES_SHA256.encode())
     for file in sorted(p for p in source.rglob("*") if p.is_file()):
         sha.update(file.relative_to(source).as_posix().encode() + b"\0" + file.read_bytes())
     return sha.hexdigest()[:12]
-
-
-# --- the CLIP tokenizer ----------------------------------------------------------------------------
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's byte-level alphabet: each of the 256 bytes maps to a printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
-@functools.cache
-def clip_merges() -> tuple[str, ...]:
-    """The 48,894 BPE merges of the CLIP tokenizer, from the shipped compressed file."""
-    try:
-        data = bz2.decompress(_MERGES_FILE.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot read the shipped CLIP merges {_MERGES_FILE}: {exc}", fix="reinstall diffusiond"
-        ) from exc
-    if hashlib.sha256(data).hexdigest() != _MERGES_SHA256:
-        raise ConfigError(f"the shipped CLIP merges {_MERGES_FILE} are damaged", fix="reinstall diffusiond")
-    return tuple(data.decode("utf-8").splitlines())
-
-
-def clip_vocab() -> dict[str, int]:
-    """CLIP's vocabulary as its SimpleTokenizer builds it: bytes, bytes + `</w>`, one per merge, BOS, EOS."""
-    alphabet = list(bytes_to_unicode().values())
-    tokens = alphabet + [symbol + "</w>" for symbol in alphabet]
-    tokens += [merge.replace(" ", "") for merge in clip_merges()]
-    tokens += [BOS, EOS]
-    return {token: index for index, token in enumerate(tokens)}
-
-
-def _write_vocab_files(folder: Path) -> None:
-    (folder / "vocab.json").write_text(json.dumps(clip_vocab(), ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(clip_merges()) + "\n", encoding="utf-8")
-
-
-def write_clip_tokenizer(folder: Path, *, pad_token: str = EOS) -> None:
-    """A complete CLIPTokenizer folder (the real 49,408-token vocabulary), e.g. for a hand-made config.
-
-    `pad_token`: EOS for CLIP ViT-L (SD 1, SDXL `tokenizer`), OPENCLIP_PAD for SD 2 and SDXL `tokenizer_2`.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_vocab_files(folder)
-    config = {
-        "add_prefix_space": False,
-        "bos_token": BOS,
-        "do_lower_case": True,
-        "eos_token": EOS,
-        "errors": "replace",
-        "model_max_length": 77,
-        "pad_token": pad_token,
-        "tokenizer_class": "CLIPTokenizer",
-        "unk_token": EOS,
-    }
-    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": pad_token, "unk_token": EOS}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -512,9 +348,9 @@ def load_single_file(
     overrides the scheduler's prediction type (SD 2 768-v files cannot say it themselves).
     """
     path = Path(entry.path)
-    try:
+    with job_context(field="model", value=entry.name):
         if not path.is_file():
-            raise _file_error(path, "does not exist")
+            raise model_file_error(path, "does not exist")
         info = inspect_checkpoint(path)  # for a .ckpt: the weights_only read, before diffusers opens it
         if info.problem:
             raise JobFailed(
@@ -548,10 +384,6 @@ def load_single_file(
                 fix="check that the configs belong to this checkpoint's architecture (same family and sizes); "
                 "name the right diffusers folder as `config:` for the model",
             ) from exc
-    except DiffusiondError as exc:
-        if exc.field is None:
-            exc.field, exc.value = "model", entry.name
-        raise
     _apply_prediction(pipe, entry.prediction)
     return pipe
 
