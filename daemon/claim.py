@@ -28,25 +28,22 @@ from pydantic import ValidationError
 
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.fsutil import atomic_write
-from diffusiond.daemon.pairing import Intent, Parsed, file_stamp, profile_of, resolve_image
-from diffusiond.pipeline.errors import Code, DiffusiondError, JobRejected
-from diffusiond.pipeline.inputs import open_image
-from diffusiond.pipeline.job import (
-    Job,
-    Spec,
-    UpscaleJob,
-    fill_seed,
-    needs_image,
-    parse_job_text,
-    spec_from_dict,
-    validate_job,
-)
+from diffusiond.daemon.pairing import Intent, Parsed, file_stamp, job_file_reader, profile_of, resolve_image
+from diffusiond.pipeline.errors import Code, DiffusiondError, JobRejected, job_context
+from diffusiond.pipeline.inputs import probe_image
+from diffusiond.pipeline.job import InputImage, Job, Spec, fill_seed, spec_from_dict, validate_job
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Claim:
+    """Files one daemon took out of the inbox together, and where they are now (`claim.json`, minus `jobs`).
+
+    A claim is a job file with its images, or a bare image; its jobs run in `work/<instance>/<claim_id>/`
+    and it ends with every input in archive/, failed/ or back in the inbox (daemon/lifecycle.py).
+    """
+
     claim_id: str
     folder: Path
     source: str
@@ -56,7 +53,7 @@ class Claim:
     claimed_at: float = 0.0
     resumed: bool = False
     """Found in work/ at start: its jobs may have left partial outputs to clean first."""
-    jobs: tuple[tuple[Job, str | None], ...] | None = field(default=None, compare=False, repr=False)
+    jobs: tuple[Job, ...] | None = field(default=None, compare=False, repr=False)
     """What `load_jobs` returned when the service validated the claim, so the worker does not read
     `jobs.json` back; None for a claim found in work/ (the worker loads it)."""
 
@@ -117,8 +114,8 @@ def claim(intent: Intent, *, inbox: Path, work: Path) -> Claim | None:
     return found
 
 
-def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> list[tuple[Job, str | None]]:
-    """The claim's jobs with their inbox-relative input image, validated and with seeds fixed.
+def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> list[Job]:
+    """The claim's jobs, validated, with seeds fixed and each input image probed.
 
     Validates from the claimed copy (the one that will run), or takes `parsed` (the
     pairing's validation of the job file) when the claimed copy has its stamp; checks
@@ -128,10 +125,7 @@ def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> lis
     saved = claim.folder / "jobs.json"
     if saved.exists():
         try:
-            records = json.loads(saved.read_text(encoding="utf-8"))
-            return [
-                (Job(r["job_id"], claim.source, r["index"], spec_from_dict(r["spec"])), r["image"]) for r in records
-            ]
+            return [_job_from_record(claim, config, record) for record in json.loads(saved.read_text("utf-8"))]
         except (ValueError, KeyError, TypeError, ValidationError) as exc:  # torn by a power cut
             log.warning("%s of %s is unreadable (%s); validating the claimed file again", saved, claim.source, exc)
     if claim.problem is not None:
@@ -141,92 +135,70 @@ def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> lis
     def exists(relative: str) -> bool:
         return (claim.inputs / relative).is_file()
 
-    jobs: list[tuple[Job, str | None]] = []
+    jobs: list[Job] = []
     for index, spec in enumerate(specs, start=1):
-        image = resolve_image(spec, claim.source, exists)
-        if needs_image(spec):
-            _precheck_image(claim, config, spec, index, image)
+        image = None
+        if spec.task.takes_image:
+            image = _precheck_image(claim, config, spec, index, resolve_image(spec, claim.source, exists))
         job_id = claim.claim_id if len(specs) == 1 else f"{claim.claim_id}-{index}"
-        jobs.append((Job(job_id, claim.source, index, fill_seed(spec)), image))
+        jobs.append(Job(job_id, claim.source, index, fill_seed(spec), image))
     records = [
-        {"job_id": j.job_id, "index": j.index, "image": image, "spec": j.spec.model_dump(mode="json")}
-        for j, image in jobs
+        {
+            "job_id": job.job_id,
+            "index": job.index,
+            "image": job.image.record() if job.image else None,
+            "spec": job.spec.model_dump(mode="json"),
+        }
+        for job in jobs
     ]
     atomic_write(saved, json.dumps(records, indent=1).encode(), durable=False)
     return jobs
 
 
-def _validate(claim: Claim, config: Config, parsed: Parsed | None) -> list[Any]:
+def _job_from_record(claim: Claim, config: Config, record: dict[str, Any]) -> Job:
+    spec = spec_from_dict(record["spec"])
+    image = record["image"]
+    probe: InputImage | None = None
+    if isinstance(image, str):  # written before jobs.json kept the probe: probe the claimed file now
+        probe = _precheck_image(claim, config, spec, record["index"], image)
+    elif image is not None:
+        probe = InputImage.from_record(image, folder=claim.inputs)
+    return Job(record["job_id"], claim.source, record["index"], spec, probe)
+
+
+def _validate(claim: Claim, config: Config, parsed: Parsed | None) -> list[Spec]:
     """Parse the job file (or build the bare image's profile job) against the config."""
     if parsed is not None and not claim.bare_image and parsed.stamp == file_stamp(claim.inputs / claim.source):
-        return list(parsed.specs)  # the same file, renamed: same size, time and inode
+        return parsed.result()  # the same file, renamed: same size, time and inode
     rules = config.rules()
     profile_name = profile_of(claim.source)
     if claim.bare_image:
         template = config.profiles.get(profile_name) if profile_name else config.sketch_job
         name = Path(claim.source).name
         return [validate_job(dict(template or {}) | {"image": name}, path=claim.source, index=1, rules=rules)]
-    path = claim.inputs / claim.source
-    size = path.stat().st_size
-    if size > config.limits.max_file_bytes:
-        raise JobRejected(
-            f"job file is {size} bytes, over the limit of {config.limits.max_file_bytes}",
-            code=Code.OVER_LIMIT,
-            path=claim.source,
-            fix="split the file, or raise limits.max_file_bytes in the config",
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise JobRejected(
-            f"job file is not UTF-8 text ({exc.reason} at byte {exc.start})",
-            code=Code.YAML_SYNTAX,
-            path=claim.source,
-            fix="save the job file as UTF-8 text",
-        ) from exc
-    profile = config.profiles.get(profile_name) if profile_name else None
-    return parse_job_text(text, path=claim.source, rules=rules, profile=profile)
+    return job_file_reader(claim.inputs, rules=rules, profiles=config.profiles)(claim.source)
 
 
-def _precheck_image(claim: Claim, config: Config, spec: Spec, index: int, image: str | None) -> None:
+def _precheck_image(claim: Claim, config: Config, spec: Spec, index: int, image: str | None) -> InputImage:
     """The input exists, is a real image, and the result stays within the pixel limit."""
-    where = {"path": claim.source, "job_index": index, "field": "image"}
-    if image is None or not (claim.inputs / image).is_file():
-        raise JobRejected(
-            f"the input image {spec.image or image or '(same-stem image)'!r} is not in the inbox",
-            code=Code.MISSING_INPUT,
-            value=spec.image,
-            fix="drop the image into the inbox with its job file (same folder, same name as in `image:`)",
-            **where,
-        )
-    path = claim.inputs / image
-    if path.stat().st_size > config.limits.max_file_bytes:
-        raise JobRejected(
-            f"image is {path.stat().st_size} bytes, over the limit of {config.limits.max_file_bytes}",
-            code=Code.OVER_LIMIT,
-            value=image,
-            fix="shrink the image, or raise limits.max_file_bytes in the config",
-            **where,
-        )
-    try:
-        opened = open_image(path, label=image)
-    except JobRejected as exc:
-        exc.path, exc.job_index, exc.field, exc.value = (
-            claim.source if not claim.bare_image else image,
-            index,
-            "image",
-            image,
-        )
-        raise
-    scale = spec.scale if isinstance(spec, UpscaleJob) else 1
-    size = getattr(spec, "size", None) or opened.size
-    pixels = int(size[0] * scale) * int(size[1] * scale)
-    if pixels > config.limits.max_pixels:
-        raise JobRejected(
-            f"the result would be {int(size[0] * scale)}x{int(size[1] * scale)} ({pixels} pixels), over the limit of "
-            f"{config.limits.max_pixels}",
-            code=Code.OVER_LIMIT,
-            value=image,
-            fix="use a smaller input image or scale, or raise limits.max_pixels in the config",
-            **where,
-        )
+    with job_context(path=claim.source, job_index=index):
+        if image is None or not (claim.inputs / image).is_file():
+            raise JobRejected(
+                f"the input image {spec.input_image or image or '(same-stem image)'!r} is not in the inbox",
+                code=Code.MISSING_INPUT,
+                field="image",
+                value=spec.input_image,
+                fix="drop the image into the inbox with its job file (same folder, same name as in `image:`)",
+            )
+        probe = probe_image(claim.inputs / image, label=image, max_file_bytes=config.limits.max_file_bytes)
+        width, height = spec.output_size(probe.size_px)
+        if width * height > config.limits.max_pixels:
+            raise JobRejected(
+                f"the result would be {width}x{height} ({width * height} pixels), over the limit of "
+                f"{config.limits.max_pixels}",
+                code=Code.OVER_LIMIT,
+                field="image",
+                value=image,
+                fix="use a smaller input image or scale, or raise limits.max_pixels in the config",
+            )
+    return probe

@@ -7,8 +7,9 @@ import json
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -18,7 +19,10 @@ from diffusiond.daemon.fsutil import atomic_write
 from diffusiond.daemon.journal import setup_logging
 from diffusiond.daemon.pairing import resolve_image
 from diffusiond.pipeline.errors import DiffusiondError
-from diffusiond.pipeline.job import IMAGE_SUFFIXES, UpscaleJob, needs_image, parse_job_text
+from diffusiond.pipeline.job import IMAGE_SUFFIXES, Spec, UpscaleJob, read_job_file
+
+if TYPE_CHECKING:
+    from diffusiond.daemon.service import GeneratorFactory
 
 INIT_CONFIG = """\
 # diffusiond config: every field is optional (see README.md, "The config").
@@ -38,7 +42,9 @@ watch: {{mode: auto, settle_s: 1.0, pair_wait_s: 5.0}}
 """
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory | None = None) -> int:
+    """The command line. `generator_factory` is for code that runs `diffusiond run` with another
+    generator (tests/standin_daemon.py, bench/own_cpu.py); the command line itself cannot pick one."""
     parser = argparse.ArgumentParser(prog="diffusiond", description=__doc__)
     parser.add_argument("--version", action="version", version=f"diffusiond {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {
-            "run": _run,
+            "run": lambda args: _run(args, generator_factory),
             "submit": _submit,
             "validate": _validate,
             "init": _init,
@@ -106,7 +112,7 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, spool=args.spool)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, generator_factory: GeneratorFactory | None) -> int:
     setup_logging(args.log_level)  # the journal under systemd (with job fields), stderr otherwise
     overrides = {
         "device": args.device,
@@ -118,9 +124,12 @@ def _run(args: argparse.Namespace) -> int:
         return load_config(args.config, spool=args.spool, overrides=overrides)
 
     config = load()
-    from diffusiond.daemon.service import Daemon  # imports torch: only for `run`
+    from diffusiond.daemon.service import Daemon, diffusers_generator
 
-    return Daemon(config, oneshot=args.oneshot, reload_config=load).run()
+    daemon = Daemon(
+        config, oneshot=args.oneshot, reload_config=load, generator_factory=generator_factory or diffusers_generator
+    )
+    return daemon.run()
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -128,42 +137,50 @@ def _validate(args: argparse.Namespace) -> int:
     failures = 0
     for path in args.jobs:
         try:
-            # Validated as if dropped in the inbox root: image paths are relative to the job file.
-            specs = parse_job_text(path.read_text(encoding="utf-8"), path=path.name, rules=config.rules())
+            specs = _read_job(path, config)
         except DiffusiondError as exc:
-            exc.path = str(path)
             print(f"INVALID {exc}")
-            failures += 1
-            continue
-        except (OSError, UnicodeDecodeError) as exc:
-            print(f"INVALID {path}: {exc}")
             failures += 1
             continue
         print(f"{path}: ok, {len(specs)} job(s)")
         for index, spec in enumerate(specs, start=1):
             how = f"method={spec.method}" if isinstance(spec, UpscaleJob) else f"model={spec.model}"
             print(f"  {index}. {spec.task} {how} steps={spec.steps} count={spec.count} seed={spec.seed}")
-            image = resolve_image(spec, path.name, lambda rel, base=path.parent: (base / rel).is_file())
-            if needs_image(spec) and (image is None or not (path.parent / image).is_file()):
-                print(f"     note: its image ({spec.image or 'same-stem image'}) is not next to the job file")
+            image = resolve_image(spec, path.name, _beside(path))
+            if spec.task.takes_image and (image is None or not (path.parent / image).is_file()):
+                print(f"     note: its image ({spec.input_image or 'same-stem image'}) is not next to the job file")
     return 1 if failures else 0
+
+
+def _beside(job_path: Path) -> Callable[[str], bool]:
+    """Whether an image named relative to a job file outside the inbox is there."""
+    return lambda relative: (job_path.parent / relative).is_file()
+
+
+def _read_job(path: Path, config: Config) -> list[Spec]:
+    """A job file outside the inbox, read as if dropped in the inbox root (image paths are relative to it)."""
+    try:
+        return read_job_file(path, label=path.name, rules=config.rules())
+    except DiffusiondError as exc:
+        exc.path = str(path)  # the user named it by this path, not by its name in an inbox
+        raise
 
 
 def _submit(args: argparse.Namespace) -> int:
     config = _load(args)
     job_path: Path = args.job
-    specs = parse_job_text(job_path.read_text(encoding="utf-8"), path=job_path.name, rules=config.rules())
+    specs = _read_job(job_path, config)
     inbox = config.inbox
     stem = job_path.stem
     if args.wait or any((inbox / f"{stem}{s}").exists() for s in (".yaml", ".yml", *IMAGE_SUFFIXES)):
         stem = f"{stem}-{secrets.token_hex(3)}"  # a name of our own, so --wait finds our results only
     # Images first, job file last: the daemon then finds the job complete.
     for spec in specs:
-        image = resolve_image(spec, job_path.name, lambda rel: (job_path.parent / rel).is_file())
+        image = resolve_image(spec, job_path.name, _beside(job_path))
         if image is None:
             continue
         source = job_path.parent / image
-        renamed = spec.image is None  # the same-stem sketch follows the job file's new stem
+        renamed = spec.input_image is None  # the same-stem sketch follows the job file's new stem
         target = inbox / (f"{stem}{source.suffix}" if renamed else image)
         if target.exists() and target.read_bytes() != source.read_bytes():
             print(f"diffusiond: {target} already exists with other content; rename {image}", file=sys.stderr)

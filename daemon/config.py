@@ -262,7 +262,7 @@ class Config(_Strict):
         return Rules(
             models={name: entry.kind for name, entry in entries.items()},
             defaults=self.defaults,
-            limits=Limits(self.limits.max_pixels, self.limits.max_steps, self.limits.max_count),
+            limits=Limits(**self.limits.model_dump()),
             model_defaults={name: spec.defaults for name, spec in self.models.items() if spec.defaults},
             native_sizes={name: size for name, size in sizes.items() if size},
             watermark_required=self.watermark.required,

@@ -6,6 +6,7 @@ file may be read, and a periodic rescan catches whatever events missed.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import queue
@@ -29,7 +30,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from diffusiond.daemon.systemd import name_os_thread
+from diffusiond.daemon.threads import name_os_thread
 from diffusiond.pipeline.job import IMAGE_SUFFIXES, JOB_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -254,14 +255,17 @@ def _fast_move_pairing() -> None:
     (measured: drop → claim 400-440 ms back to back, 5 ms after this change). A
     rename inside the inbox delivers both halves in the same read, so 20 ms pairs it.
     """
-    try:
-        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
-    except ImportError:  # watchdog < 6 names it InotifyBuffer
+    # watchdog >= 6 names it InotifyMoveEventGrouper, older ones InotifyBuffer.
+    for module, name in (
+        ("inotify_move_event_grouper", "InotifyMoveEventGrouper"),
+        ("inotify_buffer", "InotifyBuffer"),
+    ):
         try:
-            from watchdog.observers.inotify_buffer import InotifyBuffer as InotifyMoveEventGrouper
-        except ImportError:
-            return
-    InotifyMoveEventGrouper.delay = 0.02
+            grouper = getattr(importlib.import_module(f"watchdog.observers.{module}"), name)
+        except (ImportError, AttributeError):
+            continue
+        grouper.delay = 0.02
+        return
 
 
 def _native_observer(mode: str) -> BaseObserver:

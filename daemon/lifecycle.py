@@ -69,7 +69,7 @@ def release(claim: Claim, config: Config) -> None:
 
 def leftover_claims(config: Config) -> list[Claim]:
     """Claims this daemon had when it stopped or crashed, oldest first."""
-    claims = []
+    claims: list[Claim] = []
     if not config.work_dir.is_dir():
         return claims
     for folder in sorted(config.work_dir.iterdir()):

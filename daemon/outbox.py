@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from diffusiond import __version__
 from diffusiond.daemon.fsutil import atomic_write
-from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
-from diffusiond.pipeline.generate import Generated
+from diffusiond.pipeline.backend import Generated
+from diffusiond.pipeline.errors import Code, JobFailed, job_context
 from diffusiond.pipeline.job import Job
 from diffusiond.pipeline.metadata import SUFFIXES, MetadataOptions, infotext, sidecar_files
 from diffusiond.pipeline.provenance import Marks, stamp
@@ -67,7 +67,7 @@ def commit(
     # 1. Stamp every image in memory first: a failure here leaves nothing in the outbox.
     files: list[tuple[str, bytes]] = []
     outputs = []
-    try:
+    with job_context(path=job.source, job_index=job.index):
         for number, (image, seed) in enumerate(zip(generated.images, generated.seeds, strict=True), start=1):
             parameters = infotext(
                 spec,
@@ -75,7 +75,7 @@ def commit(
                 size=image.size,
                 model_name=spec.model,
                 sampler=generated.scheduler,
-                model_hash=generated.model_hash,
+                model_hash=generated.model.hash if generated.model else None,
             )
             image_record = record | {"seed": seed}
             stamped = stamp(
@@ -101,9 +101,6 @@ def commit(
                     "watermark": stamped.watermark,
                 }
             )
-    except DiffusiondError as exc:
-        exc.path, exc.job_index = exc.path or job.source, exc.job_index or job.index
-        raise
     manifest = {
         "diffusiond": __version__,
         **record,

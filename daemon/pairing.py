@@ -11,19 +11,14 @@ import os
 import posixpath
 from collections.abc import Callable, Collection, Container, Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from diffusiond.pipeline.errors import Code, JobRejected
-from diffusiond.pipeline.job import (
-    IMAGE_SUFFIXES,
-    JOB_SUFFIXES,
-    Rules,
-    Spec,
-    inbox_relative,
-    needs_image,
-    parse_job_text,
-)
+from diffusiond.pipeline.job import IMAGE_SUFFIXES, JOB_SUFFIXES, Rules, Spec, inbox_relative, read_job_file
+
+Parse = Callable[[str], list[Spec]]
+"""Reads and validates a job file by its inbox-relative path; raises JobRejected."""
 
 
 @dataclass(frozen=True)
@@ -36,15 +31,55 @@ class Intent:
     problem: dict[str, Any] | None = None
     """An error found before claiming (missing image, no job for an image): the claim goes to failed/."""
     parsed: Parsed | None = field(default=None, compare=False, repr=False)
-    """The job file's specs as pairing validated them, so the claim does not read and validate it again."""
+    """The job file as pairing validated it, so the claim does not read and validate it again."""
 
 
 @dataclass(frozen=True)
 class Parsed:
-    """A job file's validated specs, and the `file_stamp` of the file they were read from."""
+    """A job file's validation (its specs, or why it is wrong), and the `file_stamp` of the file read."""
 
     stamp: object
-    specs: tuple[Spec, ...]
+    outcome: tuple[Spec, ...] | JobRejected
+
+    def result(self) -> list[Spec]:
+        """The specs; the rejection is raised."""
+        if isinstance(self.outcome, JobRejected):
+            raise self.outcome
+        return list(self.outcome)
+
+
+def job_file_reader(root: Path, *, rules: Rules, profiles: Mapping[str, Mapping[str, Any]]) -> Parse:
+    """How the daemon reads an inbox-relative job file under `root` (the inbox, or a claim's copy of it):
+    with its hot folder's profile, against the config's rules."""
+
+    def parse(relative: str) -> list[Spec]:
+        profile = profiles.get(profile_of(relative) or "")
+        return read_job_file(root / relative, label=relative, rules=rules, profile=profile)
+
+    return parse
+
+
+class ParseCache:
+    """Each job file's latest validation by stamp: pairing looks at a waiting file every round and
+    reads it again only when it changed (or was replaced: a rename changes the inode)."""
+
+    def __init__(self, parse: Parse) -> None:
+        self._parse = parse
+        self._by_path: dict[str, Parsed] = {}
+
+    def get(self, path: str, stamp: object) -> Parsed:
+        cached = self._by_path.get(path)
+        if cached is not None and cached.stamp == stamp:
+            return cached
+        try:
+            outcome: tuple[Spec, ...] | JobRejected = tuple(self._parse(path))
+        except JobRejected as exc:
+            outcome = exc
+        self._by_path[path] = parsed = Parsed(stamp, outcome)
+        return parsed
+
+    def forget(self, path: str) -> None:
+        self._by_path.pop(path, None)
 
 
 def file_stamp(path: str | os.PathLike[str]) -> object:
@@ -72,10 +107,10 @@ def profile_of(relative: str) -> str | None:
 
 def resolve_image(spec: Spec, job_path: str, exists: Callable[[str], bool]) -> str | None:
     """The inbox-relative image a job needs: its `image:`, else the job file's same-stem sketch."""
-    if not needs_image(spec):
+    if not spec.task.takes_image:
         return None
-    if spec.image is not None:
-        return inbox_relative(job_path, spec.image)
+    if spec.input_image is not None:
+        return inbox_relative(job_path, spec.input_image)
     return _same_stem_image(job_path, exists)
 
 
@@ -92,13 +127,16 @@ def _same_stem_image(job_path: str, exists: Callable[[str], bool]) -> str | None
 class Pairing:
     """Remembers when each file became stable, and turns stable files into intents."""
 
-    rules: Rules
+    parse: Parse
+    """How a job file is read (`job_file_reader`); a rejection still makes an intent, which fails."""
     profiles: Mapping[str, Mapping[str, Any]]
     has_sketch_job: bool
     pair_wait_s: float
-    read_text: Callable[[str], str]
-    _stable_since: dict[str, float] = field(default_factory=dict)
-    _parsed: dict[str, tuple[object, list[Spec] | JobRejected]] = field(default_factory=dict)
+    _stable_since: dict[str, float] = field(default_factory=dict, init=False)
+    _parsed: ParseCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._parsed = ParseCache(self.parse)
 
     def decide(
         self,
@@ -115,7 +153,7 @@ class Pairing:
         stable_set = set(stable)
         for gone in [p for p in self._stable_since if p not in stable_set and p not in present]:
             self._stable_since.pop(gone, None)
-            self._parsed.pop(gone, None)
+            self._parsed.forget(gone)
         for path in stable:
             self._stable_since.setdefault(path, now)
         intents: list[Intent] = []
@@ -124,15 +162,17 @@ class Pairing:
             if limit is not None and len(intents) >= limit:
                 return intents  # the images of the files not looked at yet must not pass for bare ones
             stamped = stamp(path)
-            specs = self._parse(path, stamped)
-            if isinstance(specs, JobRejected):
-                intents.append(Intent(path, (path,)))
+            parsed = self._parsed.get(path, stamped)
+            usable = parsed if stamped is not None else None  # a file gone meanwhile: the claim reads it
+            if isinstance(parsed.outcome, JobRejected):
+                intents.append(Intent(path, (path,), parsed=usable))
                 continue
+            specs = parsed.outcome
             wanted = [resolve_image(s, path, present.__contains__) for s in specs]
             missing = [
-                s.image or "(same-stem image)"
+                s.input_image or "(same-stem image)"
                 for s, w in zip(specs, wanted, strict=True)
-                if needs_image(s) and (w is None or w not in stable_set)
+                if s.task.takes_image and (w is None or w not in stable_set)
             ]
             # The same-stem sketch always travels with its job file, used or not, so it is archived with it;
             # one that is still being written is waited for like a needed image.
@@ -143,8 +183,7 @@ class Pairing:
             reserved.update(w for w in wanted if w is not None)
             waited_out = now - self._stable_since[path] >= self.pair_wait_s
             if not missing and (not unsettled_sketch or waited_out):
-                parsed = Parsed(stamped, tuple(specs)) if stamped is not None else None
-                intents.append(Intent(path, (path, *images), parsed=parsed))
+                intents.append(Intent(path, (path, *images), parsed=usable))
             elif missing and waited_out:
                 problem = JobRejected(
                     f"the image {missing[0]!r} did not arrive within {self.pair_wait_s:g} s of the job file",
@@ -165,19 +204,6 @@ class Pairing:
                 break
             intents.append(Intent(path, (path,), bare_image=True, problem=self._bare_problem(path)))
         return intents
-
-    def _parse(self, path: str, stamp: object) -> list[Spec] | JobRejected:
-        cached = self._parsed.get(path)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        try:
-            result: list[Spec] | JobRejected = parse_job_text(
-                self.read_text(path), path=path, rules=self.rules, profile=self.profiles.get(profile_of(path) or "")
-            )
-        except (JobRejected, OSError, UnicodeDecodeError) as exc:
-            result = exc if isinstance(exc, JobRejected) else JobRejected(str(exc), path=path)
-        self._parsed[path] = (stamp, result)
-        return result
 
     @staticmethod
     def _has_job_file(image: str, present: Container[str]) -> bool:

@@ -1,30 +1,25 @@
-"""Which jobs run together: batches of compatible jobs, in arrival order. No torch here."""
+"""Which jobs run together: batches of compatible jobs, in arrival order. No torch, no image files here."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-from PIL import Image
 
 from diffusiond.daemon.claim import Claim
-from diffusiond.pipeline.job import Job, batch_key
+from diffusiond.pipeline.job import Job
 
 
 @dataclass(frozen=True)
 class Pending:
-    """One job waiting to run, with the claim it belongs to and its input image."""
+    """One job waiting to run, with the claim it belongs to (its input image is probed: `job.image`)."""
 
     claim: Claim
     job: Job
-    image: Path | None
 
 
 @dataclass
 class Planned:
-    key: Any
+    key: Hashable
     items: list[Pending] = field(default_factory=list)
 
     @property
@@ -40,9 +35,9 @@ def plan_batches(pending: Sequence[Pending], batch_size: int) -> list[list[Pendi
     alone exceeds `batch_size` still runs, alone.
     """
     batches: list[Planned] = []
-    open_by_key: dict[Any, Planned] = {}
+    open_by_key: dict[Hashable, Planned] = {}
     for item in pending:
-        key = batch_key(item.job.spec, _input_size(item.image))
+        key = item.job.spec.batch_key(item.job.input_size)
         current = open_by_key.get(key) if key is not None else None
         if current is None or current.images + item.job.spec.count > batch_size:
             current = Planned(key)
@@ -51,14 +46,3 @@ def plan_batches(pending: Sequence[Pending], batch_size: int) -> list[list[Pendi
                 open_by_key[key] = current
         current.items.append(item)
     return [b.items for b in batches]
-
-
-def _input_size(path: Path | None) -> tuple[int, int] | None:
-    """The size img2img will use: the image's own, cropped to multiples of 8 (reads the header only)."""
-    if path is None:
-        return None
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation that turns the image by 90°
-            width, height = height, width
-    return (width - width % 8, height - height % 8)

@@ -4,6 +4,10 @@ The main thread watches and claims; the worker thread generates. The first
 SIGTERM/SIGINT is a warm stop (stop claiming, put queued claims back in the
 inbox, let the running claim finish); a second one exits at once, and the
 running claim is picked up again from `work/` on the next start.
+
+What makes the images is a `Generator` (pipeline/backend.py) built by the
+`generator_factory` the daemon is given: diffusers unless the starting code
+passes another. The config cannot choose it.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ from diffusiond.daemon.claim import Claim, claim, load_jobs
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
 from diffusiond.daemon.journal import job_fields
-from diffusiond.daemon.pairing import Pairing, file_stamp
-from diffusiond.daemon.status import StatusBoard
-from diffusiond.daemon.systemd import Notifier, name_os_thread
+from diffusiond.daemon.pairing import Pairing, file_stamp, job_file_reader
+from diffusiond.daemon.status import DaemonState, StatusBoard
+from diffusiond.daemon.systemd import Notifier
+from diffusiond.daemon.threads import name_os_thread
 from diffusiond.daemon.worker import Worker, reject
-from diffusiond.pipeline.errors import Code, ConfigError, DiffusiondError, JobRejected
-from diffusiond.pipeline.models import ModelCache, resolve_device, resolve_dtype
+from diffusiond.pipeline.backend import Generator
+from diffusiond.pipeline.errors import ConfigError, DiffusiondError
 
 log = logging.getLogger(__name__)
+GeneratorFactory = Callable[[Config], Generator]
 FOLDERS = ("inbox", "outbox", "archive", "failed", "work")
 EXTEND_TIMEOUT_USEC = 300_000_000
 """Asked for before each preloaded model: loading a large model from a slow disk takes minutes."""
@@ -40,13 +46,44 @@ NEARLY_DONE = 0.8
 """On SIGTERM a job this far through its steps is finished rather than interrupted."""
 
 
+def diffusers_generator(config: Config) -> Generator:
+    """The real generator on the config's device; a device this machine lacks stops the start (ConfigError)."""
+    from diffusiond.pipeline.generate import DiffusersGenerator  # imports torch and diffusers
+    from diffusiond.pipeline.models import ModelCache, resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    cache = ModelCache(
+        config.model_entries(),
+        device=device,
+        dtype=resolve_dtype(config.dtype, device),
+        memory=config.memory,
+        max_loaded=config.max_loaded_models,
+        state_dir=config.state,
+    )
+    return DiffusersGenerator(cache)
+
+
 class Daemon:
+    """One daemon on one spool: `run()` serves until `stop` is set or a signal comes.
+
+    The main thread (this object's loop) watches, pairs, claims and validates; a `Worker` thread
+    runs the claims on the generator; the worker's writer thread stamps and writes the results.
+    Tests run it in a thread and stop it with `stop`; `diffusiond run` runs it on the main thread,
+    where it also installs the signal handlers.
+    """
+
     def __init__(
-        self, config: Config, *, oneshot: bool = False, reload_config: Callable[[], Config] | None = None
+        self,
+        config: Config,
+        *,
+        oneshot: bool = False,
+        reload_config: Callable[[], Config] | None = None,
+        generator_factory: GeneratorFactory = diffusers_generator,
     ) -> None:
         self.config = config
         self.oneshot = oneshot
         self.reload_config = reload_config
+        self.generator_factory = generator_factory
         """Reads the config again on SIGHUP (the same file and command-line overrides)."""
         self.reload_requested = threading.Event()
         self.stop = threading.Event()
@@ -54,7 +91,7 @@ class Daemon:
         self.claims: queue.Queue[Claim | None] = queue.Queue()
         self.ready = threading.Event()
         """Set once the watcher runs, preloaded models are loaded and leftover claims are queued."""
-        self.cache: ModelCache | None = None
+        self.generator: Generator | None = None
         self.notifier = Notifier()
         self.board = StatusBoard(config.state)
         """status.json and events.jsonl in the state dir, for `diffusiond status` and other tools."""
@@ -67,27 +104,18 @@ class Daemon:
     def run(self) -> int:
         """Serve until stopped (or, with `oneshot`, until the inbox is empty); returns the exit code."""
         config = self.config
-        # 1. Bootstrap: folders, the warm model cache, the worker, claims left by a crash.
+        # 1. Bootstrap: the generator (the device is checked first), folders, the worker, claims left by a crash.
+        generator = self.generator = self.generator_factory(config)
         for name in FOLDERS:
             config.folder(name).mkdir(parents=True, exist_ok=True)
         config.work_dir.mkdir(parents=True, exist_ok=True)
-        self.board.state("starting")
-        device = resolve_device(config.device)
-        cache = ModelCache(
-            config.model_entries(),
-            device=device,
-            dtype=resolve_dtype(config.dtype, device),
-            memory=config.memory,
-            max_loaded=config.max_loaded_models,
-            state_dir=config.state,
-        )
-        self.cache = cache
+        self.board.state(DaemonState.STARTING)
         # Preloaded models load on the worker thread, which runs every model: torch on a second thread
         # slows CPU generation 1.2-3x for good (see daemon/worker.py). Before ready: the first job finds
         # its model warm.
         worker = Worker(
             config,
-            cache,
+            generator,
             self.claims,
             self.board,
             preload=config.preload,
@@ -112,32 +140,36 @@ class Daemon:
             name_os_thread("diffusiond")  # `top` and `ps` show the daemon, not "python"
         watcher.start()
         log.info(
-            "watching %s (device %s, %s mode), results in %s", config.inbox, device, config.watch.mode, config.outbox
+            "watching %s (device %s, %s mode), results in %s",
+            config.inbox,
+            generator.device,
+            config.watch.mode,
+            config.outbox,
         )
         self.ready.set()
         self.notifier.ready(self._status(worker))
-        self.board.state("ready")
+        self.board.state(DaemonState.READY)
         try:
             # 3. Loop: events → settle → pair → claim, while the worker has room.
             self._loop(watcher, worker)
         finally:
             # 4. Teardown: no more claims, queued ones back to the inbox, the running one finishes.
             self.notifier.stopping("stopping: finishing the running job, putting queued ones back")
-            self.board.state("stopping")
+            self.board.state(DaemonState.STOPPING)
             watcher.stop()
             self._release_queued()
             self.claims.put(None)
             worker.join()
         log.info("stopped: %d claims finished, %d failed", worker.finished, worker.failed + self.rejected)
         self.notifier.close()
-        self.board.state("stopped")
+        self.board.state(DaemonState.STOPPED)
         self.board.flush()
         return 0
 
     def _reload(self, worker: Worker) -> bool:
         """SIGHUP: read the config again; queued and running jobs go on. A wrong config is refused."""
         self.notifier.send(reloading=1, monotonic_usec=time.monotonic_ns() // 1000, status="reloading the config")
-        self.board.state("reloading")
+        self.board.state(DaemonState.RELOADING)
         try:
             if self.reload_config is None:
                 raise ConfigError("this daemon was started without a config to reload", fix="restart it instead")
@@ -151,15 +183,15 @@ class Daemon:
         except DiffusiondError as exc:
             log.error("config reload refused, keeping the running config: %s", exc)
             self.notifier.ready(f"config reload refused: {exc.message}; {self._status(worker)}")
-            self.board.state("ready")
+            self.board.state(DaemonState.READY)
             return False
         self.config = worker.config = new
         self._prefetch = max(new.prefetch, new.batch_size)
-        if self.cache is not None:
-            self.cache.update(new.model_entries(), memory=new.memory, max_loaded=new.max_loaded_models)
+        if self.generator is not None:
+            self.generator.reconfigure(new.model_entries(), memory=new.memory, max_loaded=new.max_loaded_models)
         log.info("config reloaded")
         self.notifier.ready(self._status(worker))
-        self.board.state("ready")
+        self.board.state(DaemonState.READY)
         return True
 
     def _status(self, worker: Worker) -> str:
@@ -188,11 +220,10 @@ class Daemon:
     def _pairing(self) -> Pairing:
         config = self.config
         return Pairing(
-            rules=config.rules(),
+            parse=job_file_reader(config.inbox, rules=config.rules(), profiles=config.profiles),
             profiles=config.profiles,
             has_sketch_job=config.sketch_job is not None,
             pair_wait_s=config.watch.pair_wait_s,
-            read_text=self._read_job_text,
         )
 
     def _loop(self, watcher: InboxWatcher, worker: Worker) -> None:
@@ -265,12 +296,6 @@ class Daemon:
                     self.rejected += 1
                     continue
                 self.claims.put(replace(claimed, jobs=tuple(jobs)))
-
-    def _read_job_text(self, relative: str) -> str:
-        path = self.config.inbox / relative
-        if path.stat().st_size > self.config.limits.max_file_bytes:
-            raise JobRejected("job file over the size limit", code=Code.OVER_LIMIT, path=relative)
-        return path.read_text(encoding="utf-8")
 
     def _release_queued(self) -> None:
         while True:

@@ -22,16 +22,43 @@ import threading
 import time
 from collections import deque
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from diffusiond.daemon.fsutil import atomic_write
 
-__all__ = ["EVENTS_FILE", "STATES", "STATUS_FILE", "StatusBoard", "format_status", "is_running", "timestamp"]
+__all__ = [
+    "EVENTS_FILE",
+    "STATES",
+    "STATUS_FILE",
+    "DaemonState",
+    "StatusBoard",
+    "format_status",
+    "is_running",
+    "timestamp",
+]
 
 STATUS_FILE = "status.json"
 EVENTS_FILE = "events.jsonl"
-STATES = ("starting", "ready", "reloading", "stopping", "stopped")
+
+
+class DaemonState(StrEnum):
+    """The daemon's `state` in status.json and its `state` events."""
+
+    STARTING = "starting"
+    """Loading the preloaded models, queueing the claims a crash left."""
+    READY = "ready"
+    """Watching the inbox and running jobs."""
+    RELOADING = "reloading"
+    """Reading the config again after SIGHUP; then ready again (the old config stays if the new one is wrong)."""
+    STOPPING = "stopping"
+    """A warm stop: no more claims, queued ones back in the inbox, the running job ends at a step."""
+    STOPPED = "stopped"
+    """Exited cleanly; a status that says anything else with a dead pid means it did not."""
+
+
+STATES = tuple(str(state) for state in DaemonState)
 _TEXT_MAX = 1_000  # an error's text in status and events; the full one is in its report
 
 log = logging.getLogger(__name__)
@@ -95,10 +122,11 @@ class StatusBoard:
 
     # The daemon's lifecycle and queue (service loop).
 
-    def state(self, text: str) -> None:
-        """One of `STATES`."""
+    def state(self, text: DaemonState | str) -> None:
+        """One of `DaemonState`."""
         if text not in STATES:
             raise ValueError(f"state must be one of {', '.join(STATES)}, got {text!r}")
+        text = str(text)
         with self._lock:
             self._status.update(state=text, since=timestamp())
             self._event("state", state=text)

@@ -3,19 +3,13 @@
 No systemd-python needed: the protocol is `KEY=value` lines sent to an AF_UNIX
 datagram socket (an address starting with `@` is in the abstract namespace).
 Outside systemd (no `NOTIFY_SOCKET`) every call does nothing.
-
-`name_os_thread` gives the daemon's threads names that `top -H`, `ps -L` and
-`/proc/<pid>/task/*/comm` show, so an operator (or `bench/`) can tell generation
-from watching and writing when the service uses CPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
-import threading
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +55,3 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
-
-
-def name_os_thread(name: str, thread: threading.Thread | None = None) -> None:
-    """Name a thread (this one by default) for the OS: 15 bytes, Linux only, a no-op elsewhere.
-
-    Threads started by it later inherit the name: torch's OpenMP threads show as the worker's.
-    """
-    tid = (thread or threading.current_thread()).native_id
-    with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm", "w") as comm:
-        comm.write(name[:15])

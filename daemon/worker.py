@@ -30,15 +30,12 @@ from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.outbox import commit, discard_partial
 from diffusiond.daemon.scheduler import Pending, plan_batches
 from diffusiond.daemon.status import StatusBoard
-from diffusiond.daemon.systemd import name_os_thread
-from diffusiond.pipeline.batch import Cancelled, StepHook
+from diffusiond.daemon.threads import name_os_thread
+from diffusiond.pipeline.backend import Cancelled, Generated, Generator, StepHook
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
-from diffusiond.pipeline.generate import Generated, generate
-from diffusiond.pipeline.hashing import file_sha256
-from diffusiond.pipeline.models import ModelCache
 
 log = logging.getLogger(__name__)
-Task = Callable[[], None]
+WriteTask = Callable[[], None]
 EndHook = Callable[[Claim, bool], None]
 
 
@@ -49,11 +46,11 @@ class Writer:
     """
 
     def __init__(self, depth: int = 2) -> None:
-        self._tasks: queue.Queue[Task | None] = queue.Queue(maxsize=depth)
+        self._tasks: queue.Queue[WriteTask | None] = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name="diffusiond-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, task: Task) -> None:
+    def submit(self, task: WriteTask) -> None:
         self._tasks.put(task)
 
     def drain(self) -> None:
@@ -79,7 +76,7 @@ class Writer:
 def run_claims(
     claims: list[Claim],
     config: Config,
-    cache: ModelCache,
+    generator: Generator,
     *,
     cancel: threading.Event | None = None,
     on_step: StepHook | None = None,
@@ -109,26 +106,18 @@ def run_claims(
         ready.append(claim)
         totals[claim.claim_id] = len(jobs)
         # A claim re-run after a crash skips the jobs whose manifest is written.
-        pending += [
-            Pending(claim, job, claim.inputs / image if image else None)
-            for job, image in jobs
-            if not lifecycle.is_done(claim, job.job_id)
-        ]
+        pending += [Pending(claim, job) for job in jobs if not lifecycle.is_done(claim, job.job_id)]
     # 2. Plan: jobs that can share a pipeline call go together, in arrival order.
     errors: dict[str, list[DiffusiondError]] = {claim.claim_id: [] for claim in ready}
     for batch in plan_batches(pending, config.batch_size):
         # 3a. Run the batch on the device (this thread) ...
         started = time.perf_counter()
-        results = _generate(batch, config, cache, cancel, on_step, board)
+        results = _generate(batch, config, generator, cancel, on_step, board)
 
         # 3b. ... and commit each job, images first, manifest last, while the next batch runs.
         def write(batch: list[Pending] = batch, results: Any = results, started: float = started) -> None:
             for item, result in zip(batch, results, strict=True):
-                error = (
-                    result
-                    if isinstance(result, DiffusiondError)
-                    else _commit(item, result, config, cache, board, started)
-                )
+                error = result if isinstance(result, DiffusiondError) else _commit(item, result, config, board, started)
                 if error is not None:
                     errors[item.claim.claim_id].append(error)
 
@@ -173,7 +162,7 @@ def reject(claim: Claim, config: Config, exc: DiffusiondError, board: StatusBoar
 def _generate(
     batch: list[Pending],
     config: Config,
-    cache: ModelCache,
+    generator: Generator,
     cancel: threading.Event | None,
     on_step: StepHook | None,
     board: StatusBoard | None,
@@ -193,7 +182,7 @@ def _generate(
                 board.progress(item.job.job_id, done, total)
 
     try:
-        return generate(cache, [(p.job, p.image) for p in batch], cancel=cancel, on_step=step)
+        return generator.generate([p.job for p in batch], cancel=cancel, on_step=step)
     except DiffusiondError as exc:
         for item in batch:
             log.error("job %s failed: %s", item.job.job_id, exc, extra=_fields(item))
@@ -204,7 +193,6 @@ def _commit(
     item: Pending,
     generated: Generated,
     config: Config,
-    cache: ModelCache,
     board: StatusBoard | None,
     started: float,
 ) -> DiffusiondError | None:
@@ -213,13 +201,11 @@ def _commit(
     try:
         context: dict[str, Any] = {
             "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(claim.claimed_at)),
-            "input_image": {"file": item.image.relative_to(claim.inputs).as_posix(), "sha256": file_sha256(item.image)}
-            if item.image
-            else None,
-            "model": _model_record(cache, job.spec.model, generated),
+            "input_image": {"file": job.image.name, "sha256": job.image.sha256} if job.image else None,
+            "model": generated.model.record() if generated.model else None,
             "prediction": generated.prediction,
-            "device": cache.device,
-            "dtype": str(cache.dtype).removeprefix("torch."),
+            "device": generated.device,
+            "dtype": generated.dtype,
             "memory": generated.memory,
             "batch_size": generated.batch_size,
         }
@@ -251,26 +237,13 @@ def _fields(item: Pending) -> dict[str, str]:
     return job_fields(job_id=item.job.job_id, job_file=item.claim.source, task=item.job.task, model=item.job.spec.model)
 
 
-def _model_record(cache: ModelCache, name: str | None, generated: Generated) -> dict[str, Any] | None:
-    entry = cache.entries.get(name) if name else None
-    if entry is None:
-        return None
-    return {
-        "name": name,
-        "path": str(entry.path),
-        "hash": generated.model_hash,
-        "family": generated.family,
-        "pipeline": generated.pipeline,
-    }
-
-
 class Worker(threading.Thread):
     """Takes claims from the queue until it gets None; the claims it holds always finish."""
 
     def __init__(
         self,
         config: Config,
-        cache: ModelCache,
+        generator: Generator,
         claims: queue.Queue[Claim | None],
         board: StatusBoard | None = None,
         *,
@@ -279,7 +252,7 @@ class Worker(threading.Thread):
     ) -> None:
         super().__init__(name="diffusiond-worker", daemon=True)
         self.config = config
-        self.cache = cache
+        self.generator = generator
         self.claims = claims
         self.board = board
         self.preload = list(preload)
@@ -304,7 +277,7 @@ class Worker(threading.Thread):
             for name in self.preload:
                 if self.on_preload is not None:
                     self.on_preload(name)
-                self.cache.preload([name])
+                self.generator.preload(name)
         except BaseException as exc:  # the service re-raises it: a model that does not load stops the start
             self.preload_error = exc
             return
@@ -350,7 +323,7 @@ class Worker(threading.Thread):
             run_claims(
                 claims,
                 self.config,
-                self.cache,
+                self.generator,
                 cancel=self.cancel,
                 on_step=self._on_step,
                 board=self.board,

@@ -10,23 +10,23 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 
+from diffusiond.pipeline.backend import Cancelled, StepHook
 from diffusiond.pipeline.job import Spec, seeds_for
 
-StepHook = Callable[[int, int], None]
-"""Called with (steps done, steps in all) after every denoising step."""
-
-
-class Cancelled(Exception):
-    """The job was asked to stop at a step boundary; nothing was written."""
+SpecT = TypeVar("SpecT")
 
 
 @dataclass(frozen=True)
 class Batch:
+    """The jobs of one pipeline call, flattened one entry per image in job order (as the pipeline takes
+    them), and split back per job afterwards. Every job has the same `batch_key`, so the call-wide
+    values (size, steps, guidance, strength, ...) are the first job's."""
+
     specs: list[Spec]
     inputs: list[Image.Image | None]
     """Each job's input image (None for txt2img)."""
@@ -36,7 +36,15 @@ class Batch:
         """The job whose batch-wide values (size, steps, guidance, ...) the call uses: all are equal."""
         return self.specs[0]
 
+    def first_as(self, kind: type[SpecT]) -> SpecT:
+        """`first`, checked to be of the task a runner is for (a wrong runner is a bug, not a user error)."""
+        spec = self.specs[0]
+        if not isinstance(spec, kind):
+            raise TypeError(f"a {spec.task} job reached the runner for {kind}")
+        return spec
+
     def per_image(self, values: list[Any]) -> list[Any]:
+        """One value per job, repeated for each of its images."""
         return [value for spec, value in zip(self.specs, values, strict=True) for _ in range(spec.count)]
 
     def prompts(self) -> list[str]:
@@ -53,17 +61,21 @@ class Batch:
         return [torch.Generator("cpu").manual_seed(seed) for spec in self.specs for seed in seeds_for(spec)]
 
     def split(self, images: list[Image.Image]) -> list[list[Image.Image]]:
-        out, start = [], 0
+        """The pipeline's images back per job, in job order."""
+        out: list[list[Image.Image]] = []
+        start = 0
         for spec in self.specs:
             out.append(images[start : start + spec.count])
             start += spec.count
         return out
 
 
-def step_callback(cancel: threading.Event | None, on_step: StepHook | None, total: int) -> Callable[..., dict]:
+def step_callback(
+    cancel: threading.Event | None, on_step: StepHook | None, total: int
+) -> Callable[..., dict[str, Any]]:
     """diffusers' `callback_on_step_end`: report the step, and stop between steps when asked."""
 
-    def callback(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+    def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         if on_step is not None:
             on_step(step + 1, total)
         if cancel is not None and cancel.is_set():

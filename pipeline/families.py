@@ -45,16 +45,6 @@ class ModelKind(StrEnum):
     """Not known before loading (a `.ckpt`, a missing path); loading says what it is or why not."""
 
 
-TASKS_BY_KIND: dict[ModelKind, tuple[str, ...]] = {
-    ModelKind.SD1: ("txt2img", "img2img"),
-    ModelKind.SD2: ("txt2img", "img2img"),
-    ModelKind.SDXL: ("txt2img", "img2img"),
-    ModelKind.UPSCALER_X4: ("upscale",),
-    ModelKind.DEPTH2IMG: ("depth2img",),
-    ModelKind.UNKNOWN: (),
-}
-
-
 @dataclass(frozen=True)
 class ModelEntry:
     """One `models:` entry of the config."""
@@ -102,11 +92,6 @@ def _is_sd2(path: Path) -> bool:
 def _read_json(path: Path) -> dict:
     data = json.loads(path.read_text(encoding="utf-8"))
     return data if isinstance(data, dict) else {}
-
-
-def tasks_for(kind: ModelKind) -> tuple[str, ...]:
-    """The job tasks a model of this kind can run."""
-    return TASKS_BY_KIND[kind]
 
 
 _FAMILY_SIZES = {ModelKind.SD1: 512, ModelKind.SD2: 512, ModelKind.SDXL: 1024, ModelKind.DEPTH2IMG: 512}

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from PIL import Image
 
 from diffusiond.pipeline.batch import Batch
 from diffusiond.pipeline.inputs import fit_to_multiple_of_8
+from diffusiond.pipeline.job import RedrawJob
 from diffusiond.pipeline.models import Loaded
 from diffusiond.pipeline.schedulers import make_scheduler
 
 
-def img2img(loaded: Loaded, batch: Batch, callback: Callable[..., dict]) -> list[Image.Image]:
+def img2img(loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, Any]]) -> list[Image.Image]:
     """Every redraw of the batch in one call. The depth model takes the same call (it estimates depth itself)."""
-    spec = batch.first
+    spec = batch.first_as(RedrawJob)
     # 1. Each input at the job's size, or its own size cropped to multiples of 8.
     images = [fit_to_multiple_of_8(image, spec.size) for image in batch.images()]
     # 2. A fresh scheduler for this call.
+    # Copied from diffusiond.pipeline.txt2img.txt2img, step 1
     pipe = loaded.pipe
     pipe.scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)
     # 3. Noise each input to `strength` with its own seed, denoise and decode.

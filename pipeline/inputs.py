@@ -1,40 +1,64 @@
-"""Reading the user's input images: one place that turns PIL's errors into clear rejections."""
+"""Reading the user's input images: one place that turns PIL's errors into clear rejections.
+
+The pre-check probes each input once (`probe_image`: the whole file decoded, its upright
+size and sha256) and the job carries what it found; the generator decodes the pixels once
+more when the job runs (`open_image`), and nothing else opens the file.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from diffusiond.pipeline.errors import Code, JobRejected
+from diffusiond.pipeline.errors import Code, JobRejected, job_context
+from diffusiond.pipeline.job import InputImage, read_plain_file
 
 
-def open_image(path: Path, *, label: str) -> Image.Image:
-    """Decode an input fully (not lazily), upright and in RGB.
+def probe_image(path: Path, *, label: str, max_file_bytes: int) -> InputImage:
+    """Check that an input is a plain, whole, decodable image within the size limit; its size and hash.
 
-    `label` is the name the user knows the file by (its inbox path), used in errors.
-    Decoding everything here means a truncated or fake image fails at pre-check,
-    before any model runs.
+    `label` is the name the user knows the file by (its inbox path). The errors name the field
+    `image` with `label` as its value; the caller's `job_context` adds the job file and position.
     """
+    with job_context(field="image", value=label):
+        data = read_plain_file(
+            path,
+            what="image",
+            max_bytes=max_file_bytes,
+            code=Code.BAD_IMAGE,
+            fix_size="shrink the image, or raise limits.max_file_bytes in the config",
+        )
+        image = _decode(io.BytesIO(data))
+    return InputImage(label, path, image.size, hashlib.sha256(data).hexdigest())
+
+
+def open_image(image: InputImage) -> Image.Image:
+    """The pixels of a probed input, upright and in RGB, decoded fully (not lazily)."""
+    with job_context(field="image", value=image.name):
+        return _decode(image.path)
+
+
+def _decode(source: Path | io.BytesIO) -> Image.Image:
+    """Decoding everything here means a truncated or fake image fails at pre-check, before any model runs."""
     try:
-        with Image.open(path) as opened:
+        with Image.open(source) as opened:
             opened.load()
-            image = ImageOps.exif_transpose(opened).convert("RGB")
+            return ImageOps.exif_transpose(opened).convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise JobRejected(
             f"not a readable image ({type(exc).__name__}: {exc})",
             code=Code.BAD_IMAGE,
-            path=label,
             fix="save the file again as a real PNG, JPEG or WebP image",
         ) from exc
     except Image.DecompressionBombError as exc:
         raise JobRejected(
             f"image is too large to decode safely ({exc})",
             code=Code.OVER_LIMIT,
-            path=label,
             fix="scale the image down before dropping it",
         ) from exc
-    return image
 
 
 def fit_to_multiple_of_8(image: Image.Image, size: tuple[int, int] | None) -> Image.Image:

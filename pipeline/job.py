@@ -2,25 +2,35 @@
 
 A job file is YAML with one job per document (`---` between them). Each document
 is merged over the config's defaults (`all`, then its task, then the hot folder's
-profile) and validated into a frozen pydantic model. Every error names the file,
-the job's position, the field, the bad value and what is allowed. No torch here.
+profile) and validated into a frozen pydantic model, one class per `Task`. Every
+error names the file, the job's position, the field, the bad value and what is
+allowed. `read_job_file` is the only reader of job files. No torch here.
+
+A spec answers the questions the daemon asks of a job (its input image, the size
+it runs at, its denoising steps, which jobs may share its pipeline call), so a new
+task is a new class here, not a hunt through the daemon.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 import posixpath
 import secrets
+import stat
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from diffusiond.pipeline.errors import Code, JobRejected
-from diffusiond.pipeline.families import ModelKind, tasks_for
+from diffusiond.pipeline.errors import Code, JobRejected, job_context
+from diffusiond.pipeline.families import ModelKind
 
 # Kept in step with pipeline/schedulers.py (that module imports diffusers; this one must not).
 SCHEDULER_NAMES = (
@@ -38,9 +48,37 @@ SCHEDULER_NAMES = (
 )
 JOB_SUFFIXES = (".yaml", ".yml")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-TASKS = ("txt2img", "img2img", "upscale", "depth2img")
-INPUT_TASKS = ("img2img", "upscale", "depth2img")
-"""Tasks that run on an input image."""
+
+
+class Task(StrEnum):
+    """What a job makes; the `task:` field of a job file."""
+
+    TXT2IMG = "txt2img"
+    """An image from the prompt alone."""
+    IMG2IMG = "img2img"
+    """The input image redrawn by the prompt (a sketch made into a picture)."""
+    UPSCALE = "upscale"
+    """The input image made larger: the prompt-guided x4 model, or plain Lanczos."""
+    DEPTH2IMG = "depth2img"
+    """The input redrawn keeping its depth (the SD 2 depth model): the shapes stay, the look changes."""
+
+    @property
+    def takes_image(self) -> bool:
+        """Whether the task runs on an input image (its `image:`, or the job file's same-stem sketch)."""
+        return self is not Task.TXT2IMG
+
+
+TASKS = tuple(str(task) for task in Task)
+
+TASKS_BY_KIND: dict[ModelKind, tuple[Task, ...]] = {
+    ModelKind.SD1: (Task.TXT2IMG, Task.IMG2IMG),
+    ModelKind.SD2: (Task.TXT2IMG, Task.IMG2IMG),
+    ModelKind.SDXL: (Task.TXT2IMG, Task.IMG2IMG),
+    ModelKind.UPSCALER_X4: (Task.UPSCALE,),
+    ModelKind.DEPTH2IMG: (Task.DEPTH2IMG,),
+    ModelKind.UNKNOWN: (),
+}
+"""The tasks a model of each family can run (its pipelines: `models.PIPELINES`)."""
 SEED_MAX = 2**32 - 1
 FIX_FIELD = "correct the field in the job file and drop the file into the inbox again"
 
@@ -129,7 +167,7 @@ class WatermarkSpec(BaseModel):
 
 
 class _JobFields(BaseModel):
-    """Fields every task shares."""
+    """Fields every task shares, and the questions asked of any job (each task answers for itself)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str | None = None
@@ -142,53 +180,153 @@ class _JobFields(BaseModel):
     count: int = Field(1, ge=1)
     output: OutputSpec = OutputSpec()
     watermark: WatermarkSpec = WatermarkSpec()
+    task: Task
+    """Each task's class narrows it to its own member: the tag of the union."""
+
+    @property
+    def input_image(self) -> str | None:
+        """The `image:` the job names (relative to its job file); None for txt2img, or for its same-stem sketch."""
+        return None
+
+    @property
+    def uses_model(self) -> bool:
+        """False for work done without a model (a Lanczos upscale): nothing to load, nothing to batch."""
+        return True
+
+    def denoise_steps(self) -> int:
+        """The denoising steps the pipeline really runs: what progress counts to."""
+        return self.steps
+
+    def run_size(self, input_size: tuple[int, int] | None) -> tuple[int, int]:
+        """(width, height) the pipeline works at, given the input image's upright size (None for txt2img)."""
+        raise NotImplementedError
+
+    def output_size(self, input_size: tuple[int, int] | None) -> tuple[int, int]:
+        """(width, height) of each image the job makes: what the pixel limit is checked against."""
+        return self.run_size(input_size)
+
+    def batch_key(self, input_size: tuple[int, int] | None) -> tuple[Any, ...] | None:
+        """Jobs with equal keys can share one pipeline call; None means the job runs alone.
+
+        Everything the pipeline takes as one value for the whole call is in the key;
+        prompts, negative prompts, seeds and input images are per image.
+        """
+        if not self.uses_model:
+            return None
+        return (
+            self.task,
+            self.model,
+            self.run_size(input_size),
+            self.steps,
+            self.guidance,
+            self.scheduler,
+            *self._call_values(),
+        )
+
+    def _call_values(self) -> tuple[Any, ...]:
+        """The task's own values that one pipeline call takes for every image."""
+        return ()
 
 
 class Txt2ImgJob(_JobFields):
     """Text to image."""
 
-    task: Literal["txt2img"] = "txt2img"
+    task: Literal[Task.TXT2IMG] = Task.TXT2IMG
     size: Size = (512, 512)
 
+    def run_size(self, input_size: tuple[int, int] | None) -> tuple[int, int]:
+        return self.size
 
-class Img2ImgJob(_JobFields):
-    """Image to image: `image` is redrawn; `strength` 1.0 ignores it almost entirely."""
 
-    task: Literal["img2img"]
+class _InputJob(_JobFields):
+    """Fields of the tasks that run on an input image."""
+
     image: str | None = None
+    """Relative to the job file, inside the inbox; None: the job file's same-stem sketch."""
+
+    @property
+    def input_image(self) -> str | None:
+        return self.image
+
+
+class RedrawJob(_InputJob):
+    """The input redrawn by the prompt (img2img, depth2img): noised to `strength`, then denoised.
+
+    One runner (pipeline/img2img.py) makes both: the depth model estimates the depth itself.
+    """
+
     strength: float = Field(0.75, gt=0, le=1)
     size: Size | None = None
+    """None: the input's own size, cropped to multiples of 8."""
+
+    def denoise_steps(self) -> int:
+        return int(self.steps * self.strength)
+
+    def run_size(self, input_size: tuple[int, int] | None) -> tuple[int, int]:
+        return self.size or fit_multiple_of_8(_need_input(input_size))
+
+    def _call_values(self) -> tuple[Any, ...]:
+        return (self.strength,)
 
 
-class UpscaleJob(_JobFields):
+class Img2ImgJob(RedrawJob):
+    """Image to image: `image` is redrawn; `strength` 1.0 ignores it almost entirely."""
+
+    task: Literal[Task.IMG2IMG]
+
+
+class UpscaleJob(_InputJob):
     """Upscale `image` by `scale`, with the x4 model (prompt-guided) or plain Lanczos."""
 
-    task: Literal["upscale"]
-    image: str | None = None
+    task: Literal[Task.UPSCALE]
     method: Literal["sd-x4", "lanczos"] = "sd-x4"
     scale: float = Field(4, gt=1, le=8)
     noise_level: int = Field(20, ge=0, le=350)
     steps: int = Field(20, ge=1)
     guidance: float = Field(9.0, ge=0, le=50)
 
+    @property
+    def uses_model(self) -> bool:
+        return self.method != "lanczos"
 
-class Depth2ImgJob(_JobFields):
+    def run_size(self, input_size: tuple[int, int] | None) -> tuple[int, int]:
+        return _need_input(input_size)
+
+    def output_size(self, input_size: tuple[int, int] | None) -> tuple[int, int]:
+        width, height = _need_input(input_size)
+        return (round(width * self.scale), round(height * self.scale))
+
+    def _call_values(self) -> tuple[Any, ...]:
+        return (self.noise_level,)
+
+
+class Depth2ImgJob(RedrawJob):
     """Image to image that keeps the input's depth (SD 2 depth model): the shapes stay, the look changes."""
 
-    task: Literal["depth2img"]
-    image: str | None = None
+    task: Literal[Task.DEPTH2IMG]
     strength: float = Field(0.8, gt=0, le=1)
-    size: Size | None = None
+
+
+def fit_multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:
+    """An input's own size cropped down to multiples of 8 (the VAE needs them): img2img's size when none is given."""
+    return (size[0] - size[0] % 8, size[1] - size[1] % 8)
+
+
+def _need_input(input_size: tuple[int, int] | None) -> tuple[int, int]:
+    if input_size is None:
+        raise ValueError("this task runs on an input image, and none was given")
+    return input_size
 
 
 Spec = Txt2ImgJob | Img2ImgJob | UpscaleJob | Depth2ImgJob
+
 JobSpec = Annotated[Spec, Field(discriminator="task")]
 _SPEC_ADAPTER: TypeAdapter[Spec] = TypeAdapter(JobSpec)
-_TASK_MODELS: dict[str, type[_JobFields]] = {
-    "txt2img": Txt2ImgJob,
-    "img2img": Img2ImgJob,
-    "upscale": UpscaleJob,
-    "depth2img": Depth2ImgJob,
+_TASK_MODELS: dict[Task, type[_JobFields]] = {
+    Task.TXT2IMG: Txt2ImgJob,
+    Task.IMG2IMG: Img2ImgJob,
+    Task.UPSCALE: UpscaleJob,
+    Task.DEPTH2IMG: Depth2ImgJob,
 }
 
 
@@ -199,11 +337,36 @@ class Limits:
     max_pixels: int = 1024 * 1024 * 4
     max_steps: int = 150
     max_count: int = 16
+    max_file_bytes: int = 50 * 1024 * 1024
+    """Per job file and per input image."""
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """A job's input image as the pre-check found it: decoded once, then carried, never asked again."""
+
+    name: str
+    """Its path relative to the inbox, as the user dropped it."""
+    path: Path
+    """Where the file is now (the claim folder)."""
+    size_px: tuple[int, int]
+    """(width, height) upright, with the EXIF orientation applied."""
+    sha256: str
+    """Of the file's bytes, for the manifest."""
+
+    def record(self) -> dict[str, Any]:
+        """What `jobs.json` keeps of it (`path` is the claim folder's, rebuilt from `name`)."""
+        return {"file": self.name, "size": list(self.size_px), "sha256": self.sha256}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], *, folder: Path) -> InputImage:
+        width, height = record["size"]
+        return cls(str(record["file"]), folder / record["file"], (int(width), int(height)), str(record["sha256"]))
 
 
 @dataclass(frozen=True)
 class Job:
-    """One validated job and where it came from."""
+    """One validated job, where it came from, and its input image once the pre-check has probed it."""
 
     job_id: str
     source: str
@@ -211,10 +374,16 @@ class Job:
     index: int
     """1-based position of the job in its file."""
     spec: Spec
+    image: InputImage | None = None
+    """Set for tasks that take an input image, by the pre-check."""
 
     @property
-    def task(self) -> str:
+    def task(self) -> Task:
         return self.spec.task
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        return self.image.size_px if self.image is not None else None
 
 
 @dataclass(frozen=True)
@@ -238,6 +407,89 @@ def spec_from_dict(data: Mapping[str, Any]) -> Spec:
     return _SPEC_ADAPTER.validate_python(dict(data))
 
 
+def read_job_file(
+    path: Path,
+    *,
+    label: str,
+    rules: Rules,
+    profile: Mapping[str, Any] | None = None,
+) -> list[Spec]:
+    """The only reader of job files: a plain file within the size limit, UTF-8, YAML, every job valid.
+
+    `label` is the file's path relative to the inbox (what errors name, and what image
+    paths are resolved against); `path` is where it is now. One message per fault.
+    """
+    with job_context(path=label):
+        data = read_plain_file(
+            path,
+            what="job file",
+            max_bytes=rules.limits.max_file_bytes,
+            code=Code.NOT_A_JOB,
+            fix_size="split the file, or raise limits.max_file_bytes in the config",
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobRejected(
+            f"job file is not UTF-8 text ({exc.reason} at byte {exc.start})",
+            code=Code.YAML_SYNTAX,
+            path=label,
+            fix="save the job file as UTF-8 text",
+        ) from exc
+    return parse_job_text(text, path=label, rules=rules, profile=profile)
+
+
+def read_plain_file(path: Path, *, what: str, max_bytes: int, code: Code, fix_size: str) -> bytes:
+    """The bytes of a regular file, read without following a link or blocking, up to `max_bytes`.
+
+    Whatever a user names `*.yaml` or `*.png` must not hang or crash the daemon: a FIFO would
+    block a plain open() for ever, a link could point at /dev/zero or out of the inbox, and a
+    file can grow while it is read. `code` is the rejection's for a file that is no plain
+    file or cannot be read; one over the limit is `over_limit` with `fix_size`. The caller's
+    `job_context` says which file it was.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise JobRejected(
+                f"the {what} is a symbolic link, which the daemon does not follow",
+                code=code,
+                fix=f"drop the {what} itself, not a link to it",
+            ) from exc
+        raise JobRejected(
+            f"cannot read the {what}: {exc.strerror or exc}",
+            code=code,
+            fix=f"make the {what} readable by the daemon's user (on a service install: the group diffusiond)",
+        ) from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise JobRejected(
+                f"the {what} is not a plain file (a pipe, device or folder)",
+                code=code,
+                fix=f"drop a plain {what}",
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while size <= max_bytes and (chunk := os.read(fd, min(1 << 20, max_bytes + 1 - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise JobRejected(
+            f"cannot read the {what}: {exc.strerror or exc}", code=code, fix="drop the file again"
+        ) from exc
+    finally:
+        os.close(fd)
+    if size > max_bytes:
+        raise JobRejected(
+            f"{what} is {max(size, st.st_size)} bytes, over the limit of {max_bytes}",
+            code=Code.OVER_LIMIT,
+            fix=fix_size,
+        )
+    return b"".join(chunks)
+
+
 def parse_job_text(
     text: str,
     *,
@@ -245,7 +497,7 @@ def parse_job_text(
     rules: Rules,
     profile: Mapping[str, Any] | None = None,
 ) -> list[Spec]:
-    """Validate every job of a job file; the first wrong one rejects the whole file.
+    """Validate every job of a job file's text; the first wrong one rejects the whole file.
 
     `path` is the job file relative to the inbox; image paths are resolved against
     its folder and must stay inside the inbox. Seeds are not filled in here.
@@ -283,24 +535,27 @@ def validate_job(
     profile: Mapping[str, Any] | None = None,
 ) -> Spec:
     """Merge one document over the defaults and validate it completely."""
-    where = {"path": path, "job_index": index}
+    with job_context(path=path, job_index=index):
+        return _validate(document, path, rules, profile)
+
+
+def _validate(document: Any, path: str, rules: Rules, profile: Mapping[str, Any] | None) -> Spec:
     if not isinstance(document, dict):
         raise JobRejected(
             f"a job must be a mapping of fields, got {type(document).__name__} {document!r}",
             code=Code.NOT_A_JOB,
             fix="write each job as `field: value` lines, e.g. `prompt: a red fox`",
-            **where,
         )
     profile = dict(profile or {})
-    task = document.get("task", profile.get("task", rules.defaults.get("all", {}).get("task", "txt2img")))
-    if task not in TASKS:
+    task_name = document.get("task", profile.get("task", rules.defaults.get("all", {}).get("task", "txt2img")))
+    if task_name not in TASKS:
         raise JobRejected(
-            f"unknown task {task!r}; allowed: {', '.join(TASKS)}",
+            f"unknown task {task_name!r}; allowed: {', '.join(TASKS)}",
             field="task",
-            value=task,
+            value=task_name,
             fix="set `task:` to txt2img, img2img or upscale",
-            **where,
         )
+    task = Task(task_name)
     model_cls = _TASK_MODELS[task]
     task_defaults = {**rules.defaults.get("all", {}), **rules.defaults.get(task, {})}
     model = document.get("model", profile.get("model", task_defaults.get("model")))
@@ -311,14 +566,14 @@ def validate_job(
         merged.update({k: v for k, v in layer.items() if k in allowed})
     merged.update(document)
     merged["task"] = task
-    if task == "txt2img" and "size" not in merged and isinstance(model, str) and model in rules.native_sizes:
+    if task is Task.TXT2IMG and "size" not in merged and isinstance(model, str) and model in rules.native_sizes:
         merged["size"] = rules.native_sizes[model]
     try:
         spec = _SPEC_ADAPTER.validate_python(merged)
     except ValidationError as exc:
-        raise _translate(exc, task, where) from exc
-    _check_limits(spec, rules, where)
-    size = getattr(spec, "size", None)
+        raise _translate(exc, task) from exc
+    _check_limits(spec, rules)
+    size = spec.size if isinstance(spec, Txt2ImgJob | RedrawJob) else None
     if rules.watermark_required and size is not None and min(size) < WATERMARK_MIN_SIDE_PX:
         raise JobRejected(
             f"this daemon's config requires the invisible watermark, which needs at least {WATERMARK_MIN_SIDE_PX} px "
@@ -326,7 +581,6 @@ def validate_job(
             field="size",
             value=f"{size[0]}x{size[1]}",
             fix=f"make the image at least {WATERMARK_MIN_SIDE_PX}x{WATERMARK_MIN_SIDE_PX}",
-            **where,
         )
     if rules.watermark_required and spec.watermark.invisible is False:
         raise JobRejected(
@@ -334,14 +588,13 @@ def validate_job(
             field="watermark.invisible",
             value=False,
             fix="remove `invisible: false` from the job's watermark",
-            **where,
         )
-    _check_model(spec, rules, where)
-    _check_image_path(spec, path, where)
+    _check_model(spec, rules)
+    _check_image_path(spec, path)
     return spec
 
 
-def _translate(exc: ValidationError, task: str, where: dict[str, Any]) -> JobRejected:
+def _translate(exc: ValidationError, task: Task) -> JobRejected:
     """Turn pydantic's first error into one that names field, value and what is allowed."""
     error = exc.errors()[0]
     loc = [str(part) for part in error["loc"]]
@@ -362,16 +615,9 @@ def _translate(exc: ValidationError, task: str, where: dict[str, Any]) -> JobRej
             field=field,
             value=value,
             fix=f"rename or remove '{field}'",
-            **where,
         )
     message = error["msg"].removeprefix("Value error, ")
-    return JobRejected(
-        f"{message}, got {value!r}",
-        field=field,
-        value=value,
-        fix=FIX_FIELD,
-        **where,
-    )
+    return JobRejected(f"{message}, got {value!r}", field=field, value=value, fix=FIX_FIELD)
 
 
 def _section_model(model: type[BaseModel], path: list[str]) -> type[BaseModel]:
@@ -388,60 +634,50 @@ def _section_model(model: type[BaseModel], path: list[str]) -> type[BaseModel]:
     return model
 
 
-def _over(field: str, value: Any, limit: Any, where: dict[str, Any]) -> JobRejected:
+def _over(field: str, value: Any, limit: Any) -> JobRejected:
     return JobRejected(
         f"{field} {value} is over the limit of {limit} set in the daemon's config",
         code=Code.OVER_LIMIT,
         field=field,
         value=value,
         fix=f"lower '{field}' to at most {limit}, or raise the limit in the config",
-        **where,
     )
 
 
-def _check_limits(spec: Spec, rules: Rules, where: dict[str, Any]) -> None:
+def _check_limits(spec: Spec, rules: Rules) -> None:
     limits = rules.limits
     if spec.steps > limits.max_steps:
-        raise _over("steps", spec.steps, limits.max_steps, where)
+        raise _over("steps", spec.steps, limits.max_steps)
     if spec.count > limits.max_count:
-        raise _over("count", spec.count, limits.max_count, where)
-    size = getattr(spec, "size", None)
+        raise _over("count", spec.count, limits.max_count)
+    size = spec.size if isinstance(spec, Txt2ImgJob | RedrawJob) else None
     if size is not None:
         try:
             _check_size(size)
         except ValueError as exc:
-            raise JobRejected(str(exc), field="size", value=f"{size[0]}x{size[1]}", fix=FIX_FIELD, **where) from None
+            raise JobRejected(str(exc), field="size", value=f"{size[0]}x{size[1]}", fix=FIX_FIELD) from None
         if size[0] * size[1] > limits.max_pixels:
-            raise _over(
-                "size",
-                f"{size[0]}x{size[1]} ({size[0] * size[1]} pixels)",
-                f"{limits.max_pixels} pixels",
-                where,
-            )
+            raise _over("size", f"{size[0]}x{size[1]} ({size[0] * size[1]} pixels)", f"{limits.max_pixels} pixels")
     if spec.scheduler is not None and spec.scheduler not in SCHEDULER_NAMES:
         raise JobRejected(
             f"unknown scheduler {spec.scheduler!r}; allowed: {', '.join(SCHEDULER_NAMES)}",
             field="scheduler",
             value=spec.scheduler,
             fix="pick a scheduler from the list, or leave `scheduler:` out to use the model's own",
-            **where,
         )
-    strength = getattr(spec, "strength", None)
-    if strength is not None and int(spec.steps * strength) < 1:
+    if isinstance(spec, RedrawJob) and spec.denoise_steps() < 1:
         raise JobRejected(
-            f"strength {strength:g} with {spec.steps} steps leaves no denoising step (steps x strength < 1)",
+            f"strength {spec.strength:g} with {spec.steps} steps leaves no denoising step (steps x strength < 1)",
             field="strength",
-            value=strength,
+            value=spec.strength,
             fix="raise `strength` or `steps` so that steps x strength is at least 1",
-            **where,
         )
-    if isinstance(spec, UpscaleJob) and spec.method == "lanczos" and spec.count != 1:
+    if isinstance(spec, UpscaleJob) and not spec.uses_model and spec.count != 1:
         raise JobRejected(
             f"lanczos upscaling is deterministic, so count must be 1, got {spec.count}",
             field="count",
             value=spec.count,
             fix="remove `count:` or use `method: sd-x4` for several variations",
-            **where,
         )
     if isinstance(spec, UpscaleJob) and spec.method == "sd-x4" and spec.scale != 4:
         raise JobRejected(
@@ -449,21 +685,19 @@ def _check_limits(spec: Spec, rules: Rules, where: dict[str, Any]) -> None:
             field="scale",
             value=spec.scale,
             fix="use `scale: 4` with sd-x4, or `method: lanczos` for other scales",
-            **where,
         )
 
 
-def _check_model(spec: Spec, rules: Rules, where: dict[str, Any]) -> None:
-    if isinstance(spec, UpscaleJob) and spec.method == "lanczos":
+def _check_model(spec: Spec, rules: Rules) -> None:
+    if not spec.uses_model:
         return
-    fitting = sorted(n for n, kind in rules.models.items() if spec.task in tasks_for(kind))
+    fitting = sorted(n for n, kind in rules.models.items() if spec.task in TASKS_BY_KIND[kind])
     if spec.model is None:
         raise JobRejected(
             f"no model given for task {spec.task} and the config sets no default",
             field="model",
             value=None,
             fix=f"add `model:` with one of: {', '.join(fitting) or '(none configured)'}",
-            **where,
         )
     if spec.model not in rules.models:
         raise JobRejected(
@@ -471,22 +705,20 @@ def _check_model(spec: Spec, rules: Rules, where: dict[str, Any]) -> None:
             field="model",
             value=spec.model,
             fix="use a model name from the config, or add the model to `models:` in the config",
-            **where,
         )
     kind = rules.models[spec.model]
-    if kind is not ModelKind.UNKNOWN and spec.task not in tasks_for(kind):
+    if kind is not ModelKind.UNKNOWN and spec.task not in TASKS_BY_KIND[kind]:
         raise JobRejected(
             f"model '{spec.model}' is a {kind} model and cannot run {spec.task}; models that can: "
             f"{', '.join(fitting) or '(none configured)'}",
             field="model",
             value=spec.model,
             fix="pick a model that fits the task",
-            **where,
         )
 
 
-def _check_image_path(spec: Spec, path: str, where: dict[str, Any]) -> None:
-    image = getattr(spec, "image", None)
+def _check_image_path(spec: Spec, path: str) -> None:
+    image = spec.input_image
     if image is None:
         return
     if posixpath.isabs(image) or "\\" in image or inbox_relative(path, image) is None:
@@ -496,7 +728,6 @@ def _check_image_path(spec: Spec, path: str, where: dict[str, Any]) -> None:
             field="image",
             value=image,
             fix="put the image in the inbox and name it relative to the job file, e.g. `image: sketch.png`",
-            **where,
         )
     if not image.lower().endswith(IMAGE_SUFFIXES):
         raise JobRejected(
@@ -504,7 +735,6 @@ def _check_image_path(spec: Spec, path: str, where: dict[str, Any]) -> None:
             field="image",
             value=image,
             fix="convert the image to PNG, JPEG or WebP",
-            **where,
         )
 
 
@@ -528,28 +758,3 @@ def seeds_for(spec: Spec) -> list[int]:
     if spec.seed is None:
         raise ValueError("fill_seed() must run before seeds_for()")
     return [(spec.seed + i) % (SEED_MAX + 1) for i in range(spec.count)]
-
-
-def needs_image(spec: Spec) -> bool:
-    return spec.task in INPUT_TASKS
-
-
-def batch_key(spec: Spec, image_size: tuple[int, int] | None) -> tuple[Any, ...] | None:
-    """Jobs with equal keys can share one pipeline call; None means the job runs alone.
-
-    Everything the pipeline takes as one value for the whole batch is in the key;
-    prompts, negative prompts, seeds and input images are per image.
-    """
-    if isinstance(spec, UpscaleJob) and spec.method == "lanczos":
-        return None
-    size = getattr(spec, "size", None) or image_size
-    return (
-        spec.task,
-        spec.model,
-        size,
-        spec.steps,
-        spec.guidance,
-        spec.scheduler,
-        getattr(spec, "strength", None),
-        getattr(spec, "noise_level", None),
-    )

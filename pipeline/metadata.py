@@ -362,8 +362,9 @@ def _xmp_value(element: ET.Element) -> str | None:
 def _job_facts(spec: Spec | None, record: Mapping[str, Any]) -> tuple[str, str | None, str]:
     """Task, upscale method and prompt, from the spec or else from the record's `job`."""
     if spec is not None:
-        return spec.task, getattr(spec, "method", None), spec.prompt
-    job = record.get("job") if isinstance(record.get("job"), Mapping) else {}
+        return spec.task, spec.method if isinstance(spec, UpscaleJob) else None, spec.prompt
+    job = record.get("job")
+    job = job if isinstance(job, Mapping) else {}
     return str(job.get("task", record.get("task", "txt2img"))), job.get("method"), str(job.get("prompt", ""))
 
 
@@ -399,8 +400,8 @@ def encode(
         if record_json is not None:
             info.add_itxt(RECORD_KEY, record_json)
         if options.xmp:
-            xmp = xmp_packet(source_type=digital_source_type(task, method), description=prompt)
-            info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8"), lang="", tkey="")
+            packet = xmp_packet(source_type=digital_source_type(task, method), description=prompt)
+            info.add_itxt("XML:com.adobe.xmp", packet.decode("utf-8"), lang="", tkey="")
         if options.exif:
             info.add_text("Software", CREATOR_TOOL)
         image.save(buffer, format="PNG", pnginfo=info)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from diffusers import (
+    DiffusionPipeline,
     StableDiffusionDepth2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
@@ -34,6 +35,7 @@ from transformers.utils import logging as transformers_logging
 from diffusiond.pipeline.errors import Code, ConfigError, JobFailed
 from diffusiond.pipeline.families import ModelEntry, ModelKind, detect_kind
 from diffusiond.pipeline.hashing import model_hash
+from diffusiond.pipeline.job import Task
 from diffusiond.pipeline.single_file import kind_of_file, load_single_file
 
 log = logging.getLogger(__name__)
@@ -46,15 +48,15 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # (family, task) → pipeline class. The first task listed per family is the one its
 # weights are loaded with; the others are built from its components.
-PIPELINES: dict[tuple[ModelKind, str], type] = {
-    (ModelKind.SD1, "txt2img"): StableDiffusionPipeline,
-    (ModelKind.SD1, "img2img"): StableDiffusionImg2ImgPipeline,
-    (ModelKind.SD2, "txt2img"): StableDiffusionPipeline,
-    (ModelKind.SD2, "img2img"): StableDiffusionImg2ImgPipeline,
-    (ModelKind.SDXL, "txt2img"): StableDiffusionXLPipeline,
-    (ModelKind.SDXL, "img2img"): StableDiffusionXLImg2ImgPipeline,
-    (ModelKind.UPSCALER_X4, "upscale"): StableDiffusionUpscalePipeline,
-    (ModelKind.DEPTH2IMG, "depth2img"): StableDiffusionDepth2ImgPipeline,
+PIPELINES: dict[tuple[ModelKind, Task], type[DiffusionPipeline]] = {
+    (ModelKind.SD1, Task.TXT2IMG): StableDiffusionPipeline,
+    (ModelKind.SD1, Task.IMG2IMG): StableDiffusionImg2ImgPipeline,
+    (ModelKind.SD2, Task.TXT2IMG): StableDiffusionPipeline,
+    (ModelKind.SD2, Task.IMG2IMG): StableDiffusionImg2ImgPipeline,
+    (ModelKind.SDXL, Task.TXT2IMG): StableDiffusionXLPipeline,
+    (ModelKind.SDXL, Task.IMG2IMG): StableDiffusionXLImg2ImgPipeline,
+    (ModelKind.UPSCALER_X4, Task.UPSCALE): StableDiffusionUpscalePipeline,
+    (ModelKind.DEPTH2IMG, Task.DEPTH2IMG): StableDiffusionDepth2ImgPipeline,
 }
 
 
@@ -70,14 +72,47 @@ class Memory(IntEnum):
 
 
 def resolve_device(setting: str) -> str:
-    """`auto` is the first of cuda, mps, cpu that this machine has."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """`auto` is the first of cuda, mps, cpu that this machine has; a device named outright must exist.
+
+    Checked at start, so a machine without the configured device refuses to start with the fix
+    instead of sending every job to failed/.
+    """
+    if setting == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if _has_mps() else "cpu"
+    if setting.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"`device: {setting}` but this machine has no CUDA device (torch.cuda.is_available() is False)",
+                field="device",
+                value=setting,
+                fix="set `device: cpu` or `auto`, or install a CUDA build of PyTorch where there is an NVIDIA GPU "
+                "(`make TORCH=torch setup`)",
+            )
+        index = int(setting.partition(":")[2] or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(
+                f"`device: {setting}` but this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                f"(cuda:0 to cuda:{count - 1})",
+                field="device",
+                value=setting,
+                fix=f"pick cuda:0 to cuda:{count - 1} (under diffusiond@N.service the process sees GPU N only, "
+                "as cuda:0)",
+            )
+    elif setting == "mps" and not _has_mps():
+        raise ConfigError(
+            "`device: mps` but this machine has no Apple GPU (torch.backends.mps.is_available() is False)",
+            field="device",
+            value=setting,
+            fix="set `device: cpu` or `auto`",
+        )
+    return setting
+
+
+def _has_mps() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def resolve_dtype(setting: str, device: str) -> torch.dtype:
@@ -155,7 +190,7 @@ class ModelCache:
                     self._levels.pop(name, None)
             self.entries, self.memory, self.max_loaded = dict(entries), memory, max_loaded
 
-    def pipeline(self, name: str, task: str) -> Loaded:
+    def pipeline(self, name: str, task: Task) -> Loaded:
         """The warm pipeline for this model and task; loads the model the first time."""
         with self._lock:
             model = self._models.get(name) or self._load(name)
@@ -205,6 +240,7 @@ class ModelCache:
             self.evict(next(iter(self._models)))
         kind = self._kind(entry)
         base_task = next(task for (k, task) in PIPELINES if k is kind)
+        level = self.level(name)
         try:
             pipe = self._from_disk(entry, kind, PIPELINES[(kind, base_task)])
             digest = model_hash(entry, self.state_dir)
@@ -219,11 +255,22 @@ class ModelCache:
                 fix="check that the path holds a complete model of a supported family (SD 1.x, 2.x, XL, x4 upscaler, "
                 "2-depth) and that `config:` names its configs for a single file",
             ) from exc
+        try:
+            self._place(pipe, level)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise  # the memory ladder's business: the job runs again one level lower
+            raise JobFailed(
+                f"model '{name}' could not be placed on {self.device}: {type(exc).__name__}: {exc}",
+                code=Code.MODEL_FAILED,
+                field="model",
+                value=name,
+                fix=f"check that {self.device} works with this PyTorch build (set `device:` and `dtype:` to what the "
+                "machine has), or set `memory: low` to keep parts of the model off the device",
+            ) from exc
         scheduler_config = dict(pipe.scheduler.config)
         if entry.prediction:
             scheduler_config["prediction_type"] = entry.prediction
-        level = self.level(name)
-        self._place(pipe, level)
         model = _Model(kind, digest, scheduler_config, level, {base_task: pipe})
         self._models[name] = model
         log.info("loaded model %s (%s, %s, memory %s, hash %s)", name, kind, self.dtype, level.name.lower(), digest)
@@ -251,7 +298,7 @@ class ModelCache:
             )
         return kind
 
-    def _from_disk(self, entry: ModelEntry, kind: ModelKind, cls: type) -> Any:
+    def _from_disk(self, entry: ModelEntry, kind: ModelKind, cls: type[DiffusionPipeline]) -> Any:
         if entry.single_file:
             # Shipped configs are assembled under the state dir (local disk), not ~/.cache.
             cache_dir = self.state_dir / "configs" if self.state_dir else None
@@ -265,7 +312,7 @@ class ModelCache:
             _map_removed_transformers_classes()
         return cls.from_pretrained(entry.path, dtype=self.dtype, local_files_only=True, **extra)
 
-    def _derive(self, name: str, model: _Model, task: str) -> Any:
+    def _derive(self, name: str, model: _Model, task: Task) -> Any:
         """Another task's pipeline over the same weights (no copy)."""
         cls = PIPELINES.get((model.kind, task))
         if cls is None:

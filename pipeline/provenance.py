@@ -101,7 +101,7 @@ def stamp(
         image, output, parameters=parameters, record=dict(record) | {"watermark": watermark}, spec=spec, options=options
     )
     # 4. The mark checked in the file as written: JPEG and WebP are lossy (PNG keeps the pixels step 2 checked).
-    if invisible is not None and invisible["embedded"] and output.format != "png":
+    if marks.invisible is not None and invisible is not None and invisible["embedded"] and output.format != "png":
         with Image.open(io.BytesIO(data)) as written:
             invisible["verified"] = verify_invisible(written, marks.invisible)
         if not invisible["verified"]:

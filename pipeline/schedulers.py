@@ -21,9 +21,10 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
+from diffusers.configuration_utils import ConfigMixin
 
 # name → (class, extra config). `pndm` and `plms` are the same sampler under two names.
-SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+SCHEDULERS: dict[str, tuple[type[ConfigMixin], dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
     "pndm": (PNDMScheduler, {}),
     "plms": (PNDMScheduler, {}),

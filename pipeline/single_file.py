@@ -46,6 +46,7 @@ from diffusiond.pipeline.families import (
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
+    from diffusers.loaders import FromSingleFileMixin
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 """The configs the project ships, one diffusers-layout folder per family (see its README.md)."""
@@ -388,7 +389,7 @@ def load_single_file(
     return pipe
 
 
-def _pipeline_for(kind: ModelKind) -> tuple[type, dict[str, Any]]:
+def _pipeline_for(kind: ModelKind) -> tuple[type[FromSingleFileMixin], dict[str, Any]]:
     """The pipeline class and the components it must not look for in the config folder."""
     from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline, StableDiffusionXLPipeline
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
@@ -141,7 +141,7 @@ def make_family_models(directory: Path, *, overwrite: bool = False) -> FamilyMod
 
 def _write_models(
     directory: Path,
-    builders: dict[Path, Callable[[dict[str, Any], Path], None]],
+    builders: Mapping[Path, Callable[[dict[str, Any], Path], None]],
     build_components: Callable[[], dict[str, Any]],
     overwrite: bool,
 ) -> None:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from PIL import Image
 
 from diffusiond.pipeline.batch import Batch
+from diffusiond.pipeline.job import Txt2ImgJob
 from diffusiond.pipeline.models import Loaded
 from diffusiond.pipeline.schedulers import make_scheduler
 
 
-def txt2img(loaded: Loaded, batch: Batch, callback: Callable[..., dict]) -> list[Image.Image]:
+def txt2img(loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, Any]]) -> list[Image.Image]:
     """Every image of the batch in one pipeline call, each with its own prompt and seed."""
-    spec = batch.first
+    spec = batch.first_as(Txt2ImgJob)
     # 1. A fresh scheduler for this call (the model's own, or the one the jobs name).
     pipe = loaded.pipe
     pipe.scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)

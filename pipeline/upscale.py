@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from PIL import Image
 
@@ -18,10 +19,11 @@ def upscale_lanczos(spec: UpscaleJob, image: Image.Image) -> list[Image.Image]:
     return [image.resize(size, Image.Resampling.LANCZOS)]
 
 
-def upscale_x4(loaded: Loaded, batch: Batch, callback: Callable[..., dict]) -> list[Image.Image]:
+def upscale_x4(loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, Any]]) -> list[Image.Image]:
     """Four times each input's width and height, guided by the prompt, in one call."""
-    spec = batch.first
+    spec = batch.first_as(UpscaleJob)
     # 1. A fresh scheduler for this call.
+    # Copied from diffusiond.pipeline.txt2img.txt2img, step 1
     pipe = loaded.pipe
     pipe.scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)
     # 2. Noise each low-res input to `noise_level`, denoise at 4x and decode.

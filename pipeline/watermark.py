@@ -466,12 +466,12 @@ def _fit_text(
     for _ in range(2):
         font = _font(mark.font, font_px)
         stroke_px = max(1, round(font_px / 16)) if mark.outline_color else 0
-        box = tuple(int(v) for v in font.getbbox(mark.text, stroke_width=stroke_px))
-        text_width = box[2] - box[0]
+        left, top, right, bottom = (int(v) for v in font.getbbox(mark.text, stroke_width=stroke_px))
+        text_width = right - left
         if text_width <= max_width_px or font_px <= 6:
             break
         font_px = max(6, int(font_px * max_width_px / text_width))
-    return font, stroke_px, box  # type: ignore[return-value]
+    return font, stroke_px, (left, top, right, bottom)
 
 
 def _font(path: Path | None, size_px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:

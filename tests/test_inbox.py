@@ -10,7 +10,7 @@ import pytest
 
 from diffusiond.daemon.claim import claim, load_jobs
 from diffusiond.daemon.inbox import SettleTracker, is_candidate
-from diffusiond.daemon.pairing import Intent, Pairing, file_stamp
+from diffusiond.daemon.pairing import Intent, Pairing, file_stamp, job_file_reader
 from diffusiond.pipeline.families import ModelKind
 from diffusiond.pipeline.job import Rules
 from tests.conftest import Spool
@@ -208,11 +208,10 @@ class Inbox:
     def __init__(self, root: Path, *, has_sketch_job: bool = False) -> None:
         self.root = root
         self.pairing = Pairing(
-            rules=RULES,
+            parse=job_file_reader(root, rules=RULES, profiles=PROFILES),
             profiles=PROFILES,
             has_sketch_job=has_sketch_job,
             pair_wait_s=PAIR_WAIT_S,
-            read_text=lambda rel: (root / rel).read_text(encoding="utf-8"),
         )
 
     def drop(self, relative: str, data: str | bytes = b"\x89PNG not decoded here") -> str:
@@ -354,15 +353,14 @@ def test_a_job_file_changed_after_pairing_runs_as_claimed(spool: Spool, edit: st
     """The claim takes pairing's validation only for the very file it read; else the claimed copy is read."""
     config = spool.config
     pairing = Pairing(
-        rules=config.rules(),
+        parse=job_file_reader(config.inbox, rules=config.rules(), profiles=config.profiles),
         profiles=config.profiles,
         has_sketch_job=False,
         pair_wait_s=PAIR_WAIT_S,
-        read_text=lambda rel: (config.inbox / rel).read_text(encoding="utf-8"),
     )
     path = spool.drop("fox.yaml", "prompt: a fox\nseed: 1\n")
     [intent] = pairing.decide(["fox.yaml"], ["fox.yaml"], 0.0, stamp=lambda rel: file_stamp(config.inbox / rel))
-    assert intent.parsed is not None and intent.parsed.specs[0].prompt == "a fox"
+    assert intent.parsed is not None and intent.parsed.result()[0].prompt == "a fox"
     if edit == "rewritten":
         path.write_text("prompt: a red fox in the snow\nseed: 2\n")
         expected = ("a red fox in the snow", 2)
@@ -373,7 +371,7 @@ def test_a_job_file_changed_after_pairing_runs_as_claimed(spool: Spool, edit: st
         expected = ("a cat", 3)
     claimed = claim(intent, inbox=config.inbox, work=config.work_dir)
     assert claimed is not None
-    [(job, _image)] = load_jobs(claimed, config, parsed=intent.parsed)
+    [job] = load_jobs(claimed, config, parsed=intent.parsed)
     assert (job.spec.prompt, job.spec.seed) == expected
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffusiond.pipeline.batch import Cancelled
+from diffusiond.pipeline.backend import Cancelled
 from diffusiond.pipeline.errors import JobFailed
 from diffusiond.pipeline.families import ModelEntry, ModelKind, native_size
-from diffusiond.pipeline.generate import generate
+from diffusiond.pipeline.generate import DiffusersGenerator
 from diffusiond.pipeline.hashing import model_hash
 from diffusiond.pipeline.job import Job, Txt2ImgJob
 from diffusiond.pipeline.models import Memory, ModelCache
@@ -59,12 +59,12 @@ def raise_oom_once(cache: ModelCache) -> list[int]:
 def test_out_of_memory_retries_one_level_lower_and_remembers_it(test_models: TestModelPaths) -> None:
     cache = ModelCache(entries(test_models), device="cpu", dtype=torch.float32, memory="auto")
     calls = raise_oom_once(cache)
-    [generated] = generate(cache, [(job(), None)])
+    [generated] = DiffusersGenerator(cache).generate([job()])
     assert len(generated.images) == 1 and calls == [1], "the retry runs on a freshly placed pipeline"
     assert generated.memory == "low" and cache.level("test") is Memory.LOW
     pipe = cache.pipeline("test", "txt2img").pipe
     assert pipe.vae.use_slicing and pipe.vae.use_tiling, "low memory slices and tiles the VAE"
-    [again] = generate(cache, [(job(seed=2), None)])
+    [again] = DiffusersGenerator(cache).generate([job(seed=2)])
     assert again.memory == "low", "the level is remembered for the model"
 
 
@@ -72,7 +72,7 @@ def test_out_of_memory_with_a_fixed_level_fails_clearly(test_models: TestModelPa
     cache = ModelCache(entries(test_models), device="cpu", dtype=torch.float32, memory="normal")
     raise_oom_once(cache)
     with pytest.raises(JobFailed) as caught:
-        generate(cache, [(job(), None)])
+        DiffusersGenerator(cache).generate([job()])
     assert "ran out of device memory" in caught.value.message and "memory: auto" in caught.value.fix
     assert caught.value.path == "job.yaml"
 
@@ -99,17 +99,17 @@ def test_cancel_stops_at_a_step_boundary(test_models: TestModelPaths) -> None:
             cancel.set()
 
     with pytest.raises(Cancelled):
-        generate(cache, [(job(steps=5), None)], cancel=cancel, on_step=on_step)
+        DiffusersGenerator(cache).generate([job(steps=5)], cancel=cancel, on_step=on_step)
     assert steps == [(1, 5), (2, 5)]
 
 
 def test_a_batch_gives_each_job_the_images_it_gets_alone(test_models: TestModelPaths) -> None:
     cache = ModelCache(entries(test_models), device="cpu", dtype=torch.float32)
     jobs = [job(seed=10, prompt="a cat", count=2), job(seed=20, prompt="a dog", negative_prompt="blur")]
-    batched = generate(cache, [(j, None) for j in jobs])
+    batched = DiffusersGenerator(cache).generate(jobs)
     assert [g.batch_size for g in batched] == [2, 2] and [g.seeds for g in batched] == [[10, 11], [20]]
     for one, together in zip(jobs, batched, strict=True):
-        [alone] = generate(cache, [(one, None)])
+        [alone] = DiffusersGenerator(cache).generate([one])
         for a, b in zip(alone.images, together.images, strict=True):
             # Batched math may round differently in the last bit: allow 2 of 255 levels.
             assert np.abs(pixels(a) - pixels(b)).max() <= 2
@@ -155,7 +155,7 @@ def test_preloaded_model_is_warm_before_ready_and_recorded(spool: Spool, test_mo
 
     write_config(spool.root, test_models, preload=["test"])
     with start_daemon_thread(spool) as daemon:
-        assert daemon.cache.loaded() == ["test"]
+        assert daemon.generator is not None and daemon.generator.loaded() == ["test"]
         spool.drop("one.yaml", "prompt: warm\nseed: 3\n")
         [manifest] = wait_for(spool.manifests, what="a manifest")
     assert manifest["model"]["hash"] == model_hash(ModelEntry("test", test_models.sd, ModelKind.SD1), None)
@@ -222,6 +222,6 @@ def test_compatible_jobs_dropped_together_share_a_call(spool: Spool, test_models
 
 def test_bf16_on_the_cpu_is_an_explicit_choice_that_works(test_models: TestModelPaths) -> None:
     cache = ModelCache(entries(test_models), device="cpu", dtype=torch.bfloat16)
-    [generated] = generate(cache, [(job(), None)])
+    [generated] = DiffusersGenerator(cache).generate([job()])
     assert generated.images[0].size == (64, 64)
     assert cache.pipeline("test", "txt2img").pipe.unet.dtype is torch.bfloat16

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,11 @@ import torch
 from PIL import Image
 
 from diffusiond import __version__
+from diffusiond.pipeline.backend import Generated
 from diffusiond.pipeline.errors import ConfigError, JobFailed
 from diffusiond.pipeline.families import ModelEntry, ModelKind
-from diffusiond.pipeline.generate import Generated, generate
+from diffusiond.pipeline.generate import DiffusersGenerator
+from diffusiond.pipeline.inputs import probe_image
 from diffusiond.pipeline.job import SCHEDULER_NAMES, Img2ImgJob, Job, OutputSpec, Txt2ImgJob, UpscaleJob
 from diffusiond.pipeline.metadata import encode, infotext, read_parameters
 from diffusiond.pipeline.models import ModelCache, resolve_dtype
@@ -24,8 +27,10 @@ from diffusiond.pipeline.testmodel import TestModelPaths, is_test_model, make_te
 
 
 def run_one(cache: ModelCache, job: Job, image: Path | None) -> Generated:
-    """One job alone, as the daemon runs it when nothing else can share its call."""
-    [generated] = generate(cache, [(job, image)])
+    """One job alone, as the daemon runs it when nothing else can share its call (its image probed as at pre-check)."""
+    if image is not None:
+        job = replace(job, image=probe_image(image, label=image.name, max_file_bytes=1 << 30))
+    [generated] = DiffusersGenerator(cache).generate([job])
     return generated
 
 
