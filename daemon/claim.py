@@ -62,8 +62,11 @@ class Claim:
         return self.folder / "inbox"
 
     def present(self) -> list[str]:
-        """The claimed files that are really in the claim folder (a race may have lost some)."""
-        return [f for f in self.files if (self.inputs / f).is_file()]
+        """The claimed files that are really in the claim folder (a race may have lost some).
+
+        Whatever they are: a pipe named `job.yaml` goes to failed/ like any other input.
+        """
+        return [f for f in self.files if os.path.lexists(self.inputs / f)]
 
     def save(self) -> None:
         record = asdict(self) | {"folder": None, "resumed": False}
@@ -133,7 +136,7 @@ def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> lis
     specs = _validate(claim, config, parsed)
 
     def exists(relative: str) -> bool:
-        return (claim.inputs / relative).is_file()
+        return os.path.lexists(claim.inputs / relative)
 
     jobs: list[Job] = []
     for index, spec in enumerate(specs, start=1):
@@ -182,7 +185,7 @@ def _validate(claim: Claim, config: Config, parsed: Parsed | None) -> list[Spec]
 def _precheck_image(claim: Claim, config: Config, spec: Spec, index: int, image: str | None) -> InputImage:
     """The input exists, is a real image, and the result stays within the pixel limit."""
     with job_context(path=claim.source, job_index=index):
-        if image is None or not (claim.inputs / image).is_file():
+        if image is None or not os.path.lexists(claim.inputs / image):
             raise JobRejected(
                 f"the input image {spec.input_image or image or '(same-stem image)'!r} is not in the inbox",
                 code=Code.MISSING_INPUT,

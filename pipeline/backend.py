@@ -99,7 +99,8 @@ class Generator(Protocol):
     ) -> list[Generated]:
         """One pipeline call for jobs with equal `batch_key` (or one job), each job's images apart.
 
-        Raises `Cancelled` when `cancel` is set at a step, `JobFailed` when the work fails.
+        Raises `Cancelled` when `cancel` is set at a step, `JobFailed` when the work fails (naming
+        the job it failed on: its `path` and `job_index`). Anything else is a bug.
         """
         ...
 

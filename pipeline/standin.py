@@ -26,6 +26,7 @@ from typing import Literal
 from PIL import Image
 
 from diffusiond.pipeline.backend import Cancelled, Generated, ModelInfo, StepHook
+from diffusiond.pipeline.errors import job_context
 from diffusiond.pipeline.families import ModelEntry
 from diffusiond.pipeline.job import Job, seeds_for
 
@@ -86,7 +87,7 @@ class StandInGenerator:
         """Seconds each step takes (the bench's stand-in for generation time)."""
         self.gate = gate
         self.fail_with = dict(fail_with or {})
-        """Prompt -> the error a job with that prompt raises at its first step."""
+        """Prompt -> the error a job with that prompt raises before its first step."""
         self.pattern = pattern
         self.calls: list[list[str]] = []
         """The job ids of each call, in order: which jobs shared a call."""
@@ -116,16 +117,17 @@ class StandInGenerator:
         started = time.perf_counter()
         self.calls.append([job.job_id for job in jobs])
         first = jobs[0]
-        if first.spec.model is not None:
+        for job in jobs:
+            error = self.fail_with.get(job.spec.prompt)
+            if error is not None:
+                with job_context(path=job.source, job_index=job.index):
+                    raise error
+        if first.spec.uses_model and first.spec.model is not None:
             self.preload(first.spec.model)
-        total = first.spec.denoise_steps()
+        total = first.spec.denoise_steps() if first.spec.uses_model else 0  # a Lanczos upscale has no steps
         for step in range(1, total + 1):
             if self.step_s:
                 time.sleep(self.step_s)
-            for job in jobs:
-                error = self.fail_with.get(job.spec.prompt)
-                if error is not None:
-                    raise error
             if on_step is not None:
                 on_step(step, total)
             if cancel is not None and cancel.is_set():

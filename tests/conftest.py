@@ -2,12 +2,19 @@
 
 The daemon runs in a thread of the test process (real watchdog observer, real
 files, real diffusers pipelines on the tiny models) or, for crash and CLI tests,
-as a real subprocess.
+as a real subprocess. Tests about the daemon's lifecycle rather than its pixels
+(kill -9, stops, reloads, the watchdog, batching order) run it on the stand-in
+generator (pipeline/standin.py), whose gate holds a job at a step until the test
+lets it go: they wait on events, never on how fast this machine generates.
+
+Every wait has a ceiling (`CEILING_S`) so a broken daemon fails the test instead
+of hanging it; a passing test never comes near it, however busy the machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -25,14 +32,24 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from diffusiond.daemon.config import Config, load_config
 from diffusiond.daemon.service import Daemon
-from diffusiond.pipeline.testmodel import TestModelPaths, make_test_model
+from diffusiond.pipeline.backend import Generator
+from diffusiond.pipeline.standin import StandInGenerator
+from diffusiond.pipeline.testmodel import FamilyModelPaths, TestModelPaths, make_family_models, make_test_model
 
 FAST_WATCH = {"settle_s": 0.3, "pair_wait_s": 2.0, "rescan_interval_s": 2.0, "poll_interval_s": 0.2}
+REPO = Path(__file__).resolve().parent.parent
+CEILING_S = 300.0
+"""How long any wait may take before the test fails: far beyond what a passing run needs on a loaded machine."""
 
 
 @pytest.fixture(scope="session")
 def test_models(tmp_path_factory: pytest.TempPathFactory) -> TestModelPaths:
     return make_test_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory: pytest.TempPathFactory) -> FamilyModelPaths:
+    return make_family_models(tmp_path_factory.mktemp("families"))
 
 
 def write_config(root: Path, test_models: TestModelPaths, **overrides: Any) -> Path:
@@ -112,7 +129,7 @@ def spool(tmp_path: Path, test_models: TestModelPaths) -> Spool:
     return Spool(root, write_config(root, test_models))
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout_s: float = CEILING_S, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
@@ -123,17 +140,20 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = 
 
 
 @contextlib.contextmanager
-def start_daemon_thread(spool: Spool) -> Iterator[Daemon]:
-    """A real daemon on `spool` (its config as written now), running in a thread."""
-    instance = Daemon(spool.config)
+def start_daemon_thread(spool: Spool, generator: Generator | None = None) -> Iterator[Daemon]:
+    """A real daemon on `spool` (its config as written now), running in a thread; diffusers unless `generator`."""
+    if generator is None:
+        instance = Daemon(spool.config)
+    else:
+        instance = Daemon(spool.config, generator_factory=lambda _config: generator)
     thread = threading.Thread(target=instance.run, name="daemon-under-test", daemon=True)
     thread.start()
-    assert instance.ready.wait(30), "daemon did not start"
+    assert instance.ready.wait(CEILING_S), "daemon did not start"
     try:
         yield instance
     finally:
         instance.stop.set()
-        thread.join(30)
+        thread.join(CEILING_S)
         assert not thread.is_alive(), "daemon did not stop"
 
 
@@ -144,12 +164,49 @@ def daemon(spool: Spool) -> Iterator[Daemon]:
         yield instance
 
 
-def start_daemon_process(config_path: Path, *extra: str) -> subprocess.Popen[str]:
-    """`diffusiond run` as a real subprocess (for kill -9 and signal tests)."""
+@pytest.fixture
+def standin() -> StandInGenerator:
+    return StandInGenerator()
+
+
+@pytest.fixture
+def standin_daemon(spool: Spool, standin: StandInGenerator) -> Iterator[Daemon]:
+    """A real daemon on `spool` running the stand-in generator (`standin`), in a thread until the test ends."""
+    with start_daemon_thread(spool, standin) as instance:
+        yield instance
+
+
+def start_daemon_process(
+    config_path: Path, *extra: str, standin: dict[str, Any] | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """`diffusiond run` as a real subprocess (for kill -9 and signal tests).
+
+    With `standin` (the settings tests/standin_daemon.py takes: `hold`, `fail`, `step_s`), the
+    same command line runs on the stand-in generator.
+    """
+    entry = ["diffusiond.daemon.cli"] if standin is None else ["tests.standin_daemon", json.dumps(standin)]
     return subprocess.Popen(
-        [sys.executable, "-m", "diffusiond.daemon.cli", "run", "--config", str(config_path), *extra],
+        [sys.executable, "-m", *entry, "run", "--config", str(config_path), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        cwd=REPO,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {}),
     )
+
+
+def wait_until_ready(config_path: Path, process: subprocess.Popen[str]) -> dict[str, Any]:
+    """Wait for the daemon process's status.json to say `ready` (its signal handlers are installed by then)."""
+    state = load_config(config_path).state / "status.json"
+
+    def ready() -> dict[str, Any] | None:
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            raise AssertionError(f"the daemon exited with {process.returncode}: {output}")
+        try:
+            status = json.loads(state.read_text())
+        except (OSError, ValueError):
+            return None
+        return status if status.get("state") == "ready" and status.get("pid") == process.pid else None
+
+    return wait_for(ready, what=f"{state} to say ready")

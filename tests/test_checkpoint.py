@@ -383,7 +383,7 @@ def test_shipped_configs_describe_the_real_architectures(
 @pytest.mark.parametrize("suffix", ["safetensors", "ckpt"])
 def test_a_single_file_model_through_the_daemon(tiny: Tiny, tmp_path: Path, test_models, suffix: str) -> None:
     """What a user does: name the file (and its configs) in the config, drop a job, read the manifest."""
-    from tests.conftest import Spool, start_daemon_thread, wait_for, write_config
+    from tests.conftest import CEILING_S, Spool, start_daemon_thread, wait_for, write_config
 
     root = tmp_path / "spool"
     (root / "inbox").mkdir(parents=True)
@@ -391,7 +391,7 @@ def test_a_single_file_model_through_the_daemon(tiny: Tiny, tmp_path: Path, test
     spool = Spool(root, write_config(root, test_models, models={"v15": model}, defaults={"all": {"model": "v15"}}))
     spool.drop("one.yaml", "prompt: from a single file\nseed: 0\nsize: 64x64\nsteps: 2\n")
     with start_daemon_thread(spool):
-        [manifest] = wait_for(spool.manifests, timeout_s=60, what="a manifest")
+        [manifest] = wait_for(spool.manifests, timeout_s=CEILING_S, what="a manifest")
     digest = hashlib.sha256(getattr(tiny, suffix).read_bytes()).hexdigest()[:10]
     assert manifest["model"]["hash"] == digest, "AUTOMATIC1111's short hash of the file"
     assert manifest["model"]["family"] == "sd1"

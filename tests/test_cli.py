@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -14,10 +15,10 @@ import yaml
 from PIL import Image
 
 from diffusiond.daemon.config import load_config
-from tests.conftest import Spool, start_daemon_process, wait_for
+from tests.conftest import CEILING_S, Spool, start_daemon_process, wait_until_ready
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, cwd: Path | None = None, timeout: float = 2 * CEILING_S) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "diffusiond.daemon.cli", *args],
         capture_output=True,
@@ -40,7 +41,7 @@ def test_submit_wait_prints_the_output_paths(spool: Spool, daemon, tmp_path: Pat
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 90, 20)).save(buffer, format="PNG")
     (tmp_path / "fox.png").write_bytes(buffer.getvalue())
-    result = cli("submit", str(job), "--wait", "--config", str(spool.config_path), "--timeout", "60")
+    result = cli("submit", str(job), "--wait", "--config", str(spool.config_path), "--timeout", str(CEILING_S))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("submitted ")
@@ -48,7 +49,7 @@ def test_submit_wait_prints_the_output_paths(spool: Spool, daemon, tmp_path: Pat
     assert len(paths) == 3 and all(p.exists() for p in paths)
     manifest = json.loads(paths[-1].read_text())
     assert [o["file"] for o in manifest["outputs"]] == [p.name for p in paths[:2]]
-    assert manifest["input_image"]["sha256"]
+    assert manifest["input_image"]["sha256"] == hashlib.sha256(buffer.getvalue()).hexdigest()
     assert job.exists(), "submit copies; the user's own file stays"
 
 
@@ -56,7 +57,7 @@ def test_submit_wait_exits_non_zero_and_says_why_when_the_job_fails(spool: Spool
     job = tmp_path / "broken.yaml"
     job.write_text("task: img2img\nprompt: x\n")
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    result = cli("submit", str(job), "--wait", "--config", str(spool.config_path), "--timeout", "60")
+    result = cli("submit", str(job), "--wait", "--config", str(spool.config_path), "--timeout", str(CEILING_S))
     assert result.returncode == 1
     assert "not a readable image" in result.stderr and "fix:" in result.stderr
 
@@ -106,7 +107,7 @@ def test_run_with_no_config_file_at_all(tmp_path: Path) -> None:
         [sys.executable, "-m", "diffusiond.daemon.cli", "run", "--spool", str(spool), "--oneshot"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=CEILING_S,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
@@ -126,8 +127,8 @@ def test_a_bad_config_stops_the_start_with_a_clear_message(tmp_path: Path) -> No
 
 
 def test_sigint_stops_a_running_daemon_cleanly(spool: Spool) -> None:
-    process = start_daemon_process(spool.config_path)
-    wait_for(lambda: (spool.root / "work" / "test").is_dir(), what="daemon started")
+    process = start_daemon_process(spool.config_path, standin={})
+    wait_until_ready(spool.config_path, process)  # its handlers are installed: the work folder came earlier
     process.send_signal(signal.SIGINT)
-    assert process.wait(30) == 0
-    assert "stopped:" in process.stdout.read()
+    assert process.wait(CEILING_S) == 0
+    assert process.stdout is not None and "stopped:" in process.stdout.read()

@@ -1,4 +1,8 @@
-"""Crashes and stops with real subprocesses and real signals: nothing lost, nothing doubled, nothing half-written."""
+"""Crashes and stops with real subprocesses and real signals: nothing lost, nothing doubled, nothing half-written.
+
+The daemons run on the stand-in generator (tests/standin_daemon.py): its gate holds the job a test
+kills or stops at a step, so the signal lands mid-job on any machine, however fast or busy.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,27 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
-from tests.conftest import Spool, start_daemon_process, wait_for
+from tests.conftest import CEILING_S, Spool, start_daemon_process, wait_for, wait_until_ready
 
-# Job 2 is slow (256 px, many steps) so the kill lands while it runs.
 THREE_JOBS = (
     "prompt: quick one\nseed: 1\nsteps: 2\n---\n"
     "prompt: slow one\nseed: 2\nsize: 256x256\nsteps: 60\ncount: 2\n---\n"
     "prompt: quick two\nseed: 3\nsteps: 2\n"
 )
+STANDIN: dict[str, Any] = {}
+"""The stand-in with no gate: every job runs straight through."""
+
+
+def hold(gate: Path, prompt: str | None = None) -> dict[str, Any]:
+    """Stand-in settings that hold the job with `prompt` (any job if None) at its first step."""
+    gate.mkdir(exist_ok=True)
+    return {"hold": {"prompt": prompt, "step": 1, "folder": str(gate)}}
+
+
+def held(gate: Path) -> list[Path]:
+    return list(gate.glob("held-*"))
 
 
 def claim_folder(spool: Spool) -> Path | None:
@@ -25,29 +41,36 @@ def claim_folder(spool: Spool) -> Path | None:
 
 def stop(process: subprocess.Popen[str]) -> str:
     try:
-        output, _ = process.communicate(timeout=60)
+        output, _ = process.communicate(timeout=CEILING_S)
     finally:
         process.kill()
     return output
 
 
-def test_kill_9_mid_job_then_restart_loses_nothing_and_doubles_nothing(spool: Spool) -> None:
+def run_oneshot(spool: Spool) -> None:
+    """The restart: the same config, once over what is there, on the stand-in."""
+    restarted = start_daemon_process(spool.config_path, "--oneshot", standin=STANDIN)
+    assert restarted.wait(CEILING_S) == 0, stop(restarted)
+
+
+def test_kill_9_mid_job_then_restart_loses_nothing_and_doubles_nothing(spool: Spool, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
     spool.drop("three.yaml", THREE_JOBS)
-    process = start_daemon_process(spool.config_path)
+    process = start_daemon_process(spool.config_path, standin=hold(gate, "slow one"))
     try:
         folder = wait_for(lambda: claim_folder(spool), what="the claim folder")
+        wait_for(lambda: held(gate), what="job 2 held at its first step")
         wait_for(lambda: list(folder.glob("done-*")), what="job 1 finished")
         first = json.loads(next(spool.outbox.glob("*.json")).read_text())
-        process.send_signal(signal.SIGKILL)  # while job 2 (the slow one) runs
-        process.wait(10)
+        process.send_signal(signal.SIGKILL)  # while job 2 is held mid-way
+        process.wait(CEILING_S)
     finally:
         process.kill()
-    assert len(spool.manifests()) == 1, "the kill should land while job 2 runs; make job 2 slower"
+    assert len(spool.manifests()) == 1, "the kill landed while job 2 ran"
     assert (folder / "inbox" / "three.yaml").exists(), "the claimed input survives the crash"
     saved = json.loads((folder / "jobs.json").read_text())
 
-    restarted = start_daemon_process(spool.config_path, "--oneshot")
-    assert restarted.wait(120) == 0, stop(restarted)
+    run_oneshot(spool)
     manifests = sorted(spool.manifests(), key=lambda m: m["index"])
     assert [m["index"] for m in manifests] == [1, 2, 3]
     assert manifests[0] == first, "job 1 finished before the crash and must not run again"
@@ -60,40 +83,41 @@ def test_kill_9_mid_job_then_restart_loses_nothing_and_doubles_nothing(spool: Sp
     assert list((spool.root / "work" / "test").iterdir()) == []
 
 
-def test_kill_9_before_any_output_reruns_with_the_recorded_seed(spool: Spool) -> None:
+def test_kill_9_before_any_output_reruns_with_the_recorded_seed(spool: Spool, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
     spool.drop("one.yaml", "prompt: no seed given\nsize: 256x256\nsteps: 60\n")
-    process = start_daemon_process(spool.config_path)
+    process = start_daemon_process(spool.config_path, standin=hold(gate))
     try:
         folder = wait_for(lambda: claim_folder(spool), what="the claim folder")
-        jobs = wait_for(lambda: (folder / "jobs.json").exists() and json.loads((folder / "jobs.json").read_text()))
+        wait_for(lambda: held(gate), what="the job held at its first step")
+        jobs = json.loads((folder / "jobs.json").read_text())
         process.send_signal(signal.SIGKILL)
-        process.wait(10)
+        process.wait(CEILING_S)
     finally:
         process.kill()
     assert spool.manifests() == []
-    restarted = start_daemon_process(spool.config_path, "--oneshot")
-    assert restarted.wait(120) == 0, stop(restarted)
+    run_oneshot(spool)
     [manifest] = spool.manifests()
     assert manifest["seeds"] == [jobs[0]["spec"]["seed"]]
 
 
-def test_sigterm_stops_the_running_job_at_a_step_and_puts_everything_back(spool: Spool) -> None:
+def test_sigterm_stops_the_running_job_at_a_step_and_puts_everything_back(spool: Spool, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
     spool.drop("slow.yaml", "prompt: slow\nsize: 256x256\nsteps: 60\nseed: 9\n")
     spool.drop("queued.yaml", "prompt: waits its turn\nseed: 10\n")
-    process = start_daemon_process(spool.config_path)
+    process = start_daemon_process(spool.config_path, standin=hold(gate, "slow"))
     try:
         wait_for(lambda: len(list((spool.root / "work" / "test").glob("*"))) == 2, what="both claimed")
-        wait_for(lambda: list((spool.root / "work" / "test").glob("*/jobs.json")), what="the slow job started")
+        wait_for(lambda: held(gate), what="the slow job held at step 1 of 60")
         process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+        assert process.wait(CEILING_S) == 0
     finally:
         output = stop(process)
     assert "stopping the running job at its next step" in output
     assert spool.manifests() == [], "the slow job stopped between steps: nothing was written"
     assert sorted(p.name for p in spool.inbox.iterdir()) == ["queued.yaml", "slow.yaml"], "both back in the inbox"
     assert list((spool.root / "work" / "test").iterdir()) == []
-    restarted = start_daemon_process(spool.config_path, "--oneshot")
-    assert restarted.wait(180) == 0, stop(restarted)
+    run_oneshot(spool)
     assert sorted(m["source"] for m in spool.manifests()) == ["queued.yaml", "slow.yaml"]
     assert next(m for m in spool.manifests() if m["source"] == "slow.yaml")["seeds"] == [9]
 
@@ -102,14 +126,14 @@ def test_polling_mode_sees_files_too(spool: Spool, test_models) -> None:
     from tests.conftest import write_config
 
     write_config(spool.root, test_models, watch={"mode": "poll"})
-    process = start_daemon_process(spool.config_path)
+    process = start_daemon_process(spool.config_path, standin=STANDIN)
     try:
-        wait_for(lambda: (spool.root / "work" / "test").is_dir(), what="daemon started")
+        wait_until_ready(spool.config_path, process)
         spool.drop("polled.yaml", "prompt: seen by polling\n")
         wait_for(spool.manifests, what="a manifest")
     finally:
         process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+        assert process.wait(CEILING_S) == 0
     assert os.listdir(spool.inbox) == []
 
 
@@ -126,8 +150,7 @@ def test_crash_between_claim_record_and_rename_runs_the_job_once(spool: Spool) -
     orphan = work / "orphan-20260101-000000-abcd"
     (orphan / "inbox").mkdir(parents=True)
     (orphan / "inbox" / "orphan.yaml").write_text("prompt: back to the inbox\n")
-    restarted = start_daemon_process(spool.config_path, "--oneshot")
-    assert restarted.wait(120) == 0, stop(restarted)
+    run_oneshot(spool)
     assert sorted(m["source"] for m in spool.manifests()) == ["kept.yaml", "orphan.yaml"]
     assert spool.reports() == []
     assert list(work.iterdir()) == []
@@ -144,8 +167,7 @@ def test_a_torn_jobs_json_after_a_power_cut_is_validated_again(spool: Spool) -> 
         (folder / "inbox" / f"{name}.yaml").write_text(f"prompt: {name} before the power cut\nseed: 7\n")
         Claim(folder.name, folder, f"{name}.yaml", (f"{name}.yaml",), claimed_at=1.0).save()
         (folder / "jobs.json").write_text(torn)
-    restarted = start_daemon_process(spool.config_path, "--oneshot")
-    assert restarted.wait(120) == 0, stop(restarted)
+    run_oneshot(spool)
     manifests = sorted(spool.manifests(), key=lambda m: m["source"])
     assert [(m["source"], m["seeds"]) for m in manifests] == [("cut.yaml", [7]), ("empty.yaml", [7])]
     assert spool.reports() == []
@@ -157,8 +179,7 @@ def test_a_rerun_clears_what_the_interrupted_run_left_and_nothing_else(spool: Sp
     from diffusiond.daemon.claim import Claim
 
     spool.drop("left.yaml", "prompt: interrupted\nseed: 4\ncount: 2\n")
-    process = start_daemon_process(spool.config_path, "--oneshot")
-    assert process.wait(120) == 0, stop(process)
+    run_oneshot(spool)
     [manifest] = spool.manifests()
     # Make it look as if the daemon died while writing: claim folder back, manifest gone.
     work = spool.root / "work" / "test" / manifest["job_id"]
@@ -170,8 +191,7 @@ def test_a_rerun_clears_what_the_interrupted_run_left_and_nothing_else(spool: Sp
     (spool.outbox / f".{manifest['job_id']}-2.png.999.tmp").write_bytes(b"half")
     unrelated = spool.outbox / f"{manifest['job_id']}-x-1.png"
     unrelated.write_bytes(b"another job's output")
-    restarted = start_daemon_process(spool.config_path, "--oneshot")
-    assert restarted.wait(120) == 0, stop(restarted)
+    run_oneshot(spool)
     [again] = spool.manifests()
     assert again["job_id"] == manifest["job_id"] and again["seeds"] == [4, 5]
     assert [o["sha256"] for o in again["outputs"]] == [o["sha256"] for o in manifest["outputs"]]

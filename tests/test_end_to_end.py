@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from diffusiond.pipeline.metadata import read_parameters
-from tests.conftest import Spool, wait_for
+from diffusiond.pipeline.standin import Gate, StandInGenerator
+from tests.conftest import CEILING_S, Spool, start_daemon_thread, wait_for
 
 
 def sketch_png(color: tuple[int, int, int] = (200, 60, 40), size: tuple[int, int] = (64, 64)) -> bytes:
@@ -51,7 +52,9 @@ def test_same_seed_gives_the_same_image(spool: Spool, daemon) -> None:
     spool.drop("a.yaml", "prompt: same\nseed: 7\n")
     spool.drop("b.yaml", "prompt: same\nseed: 7\n")
     manifests = done(spool, 2)
-    assert manifests[0]["outputs"][0]["sha256"] != ""
+    for manifest in manifests:  # the manifest's hash is the file's (the bytes differ: each names its own job)
+        output = manifest["outputs"][0]
+        assert output["sha256"] == hashlib.sha256((spool.outbox / output["file"]).read_bytes()).hexdigest()
     pixels = [Image.open(spool.outbox / m["outputs"][0]["file"]).tobytes() for m in manifests]
     assert pixels[0] == pixels[1]
 
@@ -161,20 +164,23 @@ def test_bad_job_file_lands_in_failed_with_a_report_and_the_daemon_goes_on(spool
     done(spool, 1)
 
 
-def test_a_wrong_file_fails_at_once_while_a_long_job_runs(spool: Spool, daemon) -> None:
-    spool.drop("slow.yaml", "prompt: slow\nsize: 128x128\nsteps: 60\nseed: 9\n")
-    wait_for(lambda: daemon.board.snapshot()["running"], what="the slow job running")
-    spool.drop("bad.yaml", "prompt: x\nsteps: 0\n")
-    [report] = wait_for(spool.reports, what="the bad file's report")
-    assert report["file"] == "bad.yaml" and report["field"] == "steps"
-    assert spool.manifests() == [], "the bad file was rejected while the slow job still ran, not after it"
-    assert daemon.board.snapshot()["running"][0]["source"] == "slow.yaml"
-    [manifest] = wait_for(spool.manifests, timeout_s=120, what="the slow job's manifest")
+def test_a_wrong_file_fails_at_once_while_a_long_job_runs(spool: Spool, test_models) -> None:
+    gate = Gate(prompt="slow")  # the stand-in holds the slow job at its first step until released
+    with start_daemon_thread(spool, StandInGenerator(gate=gate)) as daemon:
+        spool.drop("slow.yaml", "prompt: slow\nsize: 128x128\nsteps: 60\nseed: 9\n")
+        assert gate.held.wait(CEILING_S), "the slow job started"
+        spool.drop("bad.yaml", "prompt: x\nsteps: 0\n")
+        [report] = wait_for(spool.reports, what="the bad file's report")
+        assert report["file"] == "bad.yaml" and report["field"] == "steps"
+        assert spool.manifests() == [], "the bad file was rejected while the slow job still ran, not after it"
+        assert daemon.board.snapshot()["running"][0]["source"] == "slow.yaml"
+        gate.release()
+        [manifest] = wait_for(spool.manifests, what="the slow job's manifest")
     assert manifest["source"] == "slow.yaml"
 
 
-def test_a_flood_of_files_is_worked_through_in_windows(spool: Spool, daemon) -> None:
-    count = 600  # more than the claim window (256): wrong files, so no model runs and it stays quick
+def test_a_flood_of_files_is_worked_through_in_windows(spool: Spool, standin_daemon) -> None:
+    count = 600  # more than the claim window (64) many times over: wrong files, so they fail at once
     staging = spool.root / "staging"
     staging.mkdir()
     for i in range(count):
@@ -182,7 +188,9 @@ def test_a_flood_of_files_is_worked_through_in_windows(spool: Spool, daemon) -> 
     for i in range(count):
         os.rename(staging / f"bad{i:03d}.yaml", spool.inbox / f"bad{i:03d}.yaml")
     spool.drop("good.yaml", "prompt: the last one\n")
-    wait_for(lambda: len(list(spool.failed.glob("*.error.yaml"))) == count, timeout_s=120, what=f"{count} reports")
+    wait_for(
+        lambda: len(list(spool.failed.glob("*.error.yaml"))) == count, timeout_s=CEILING_S, what=f"{count} reports"
+    )
     [manifest] = done(spool, 1)
     assert manifest["source"] == "good.yaml"
     assert sorted(p.name for p in spool.failed.glob("*.yaml") if not p.name.endswith(".error.yaml")) == [

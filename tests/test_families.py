@@ -6,21 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 from PIL import Image
 
 from diffusiond.pipeline.families import ModelEntry, ModelKind
 from diffusiond.pipeline.models import ModelCache
-from diffusiond.pipeline.testmodel import FamilyModelPaths, make_family_models
-from tests.conftest import Spool, start_daemon_thread, wait_for, write_config
+from diffusiond.pipeline.testmodel import FamilyModelPaths
+from tests.conftest import CEILING_S, Spool, start_daemon_thread, wait_for, write_config
 from tests.test_end_to_end import sketch_png
-
-
-@pytest.fixture(scope="session")
-def family_models(tmp_path_factory: pytest.TempPathFactory) -> FamilyModelPaths:
-    return make_family_models(tmp_path_factory.mktemp("families"))
-
 
 JOBS = """\
 model: sd2v
@@ -62,7 +55,7 @@ def test_each_family_runs_with_the_pipeline_its_model_needs(
     spool.drop("families.yaml", JOBS)
     with start_daemon_thread(spool):
         manifests = wait_for(
-            lambda: len(spool.manifests()) == 4 and spool.manifests(), timeout_s=90, what="4 manifests"
+            lambda: len(spool.manifests()) == 4 and spool.manifests(), timeout_s=CEILING_S, what="4 manifests"
         )
     by_index = {m["index"]: m for m in sorted(manifests, key=lambda m: m["index"])}
     assert spool.reports() == []

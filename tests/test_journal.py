@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from diffusiond.daemon.journal import JOURNAL_SOCKET, job_fields
+from tests.conftest import CEILING_S
 
 FIELDS = {"JOB_ID": "hamster-1", "JOB_FILE": "hamster.yaml", "TASK": "txt2img", "MODEL": "sd15"}
 
@@ -29,7 +30,7 @@ FIELDS = {"JOB_ID": "hamster-1", "JOB_FILE": "hamster.yaml", "TASK": "txt2img", 
 def _python(script: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in (env or os.environ).items() if k != "JOURNAL_STREAM"}
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=30, env=env
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=CEILING_S, env=env
     )
 
 
@@ -137,7 +138,10 @@ def test_job_fields_reach_a_journal_socket_through_libsystemd() -> None:
         pytest.skip("unshare --mount is not permitted here (no CAP_SYS_ADMIN)")
     setup = 'mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && exec "$0" -c "$1"'
     run = subprocess.run(
-        [*private, "sh", "-c", setup, sys.executable, _NAMESPACE_SCRIPT], capture_output=True, text=True, timeout=30
+        [*private, "sh", "-c", setup, sys.executable, _NAMESPACE_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=CEILING_S,
     )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)

@@ -38,6 +38,7 @@ from diffusiond.pipeline.metadata import (
     read_xmp,
     sidecar_files,
 )
+from tests.conftest import CEILING_S
 
 FORMATS = ("png", "jpeg", "webp")
 SUFFIX = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
@@ -131,7 +132,7 @@ def exiftool(path: Path) -> dict[str, Any]:
         capture_output=True,
         text=True,
         check=True,
-        timeout=60,
+        timeout=CEILING_S,
     )
     return json.loads(result.stdout)[0]
 

@@ -21,8 +21,9 @@ from diffusiond.pipeline.generate import DiffusersGenerator
 from diffusiond.pipeline.hashing import model_hash
 from diffusiond.pipeline.job import Job, Txt2ImgJob
 from diffusiond.pipeline.models import Memory, ModelCache
+from diffusiond.pipeline.standin import StandInGenerator
 from diffusiond.pipeline.testmodel import TestModelPaths
-from tests.conftest import Spool, wait_for
+from tests.conftest import CEILING_S, Spool, wait_for
 
 
 def entries(models: TestModelPaths) -> dict[str, ModelEntry]:
@@ -171,7 +172,7 @@ def test_preloading_runs_on_the_worker_thread(spool: Spool, test_models) -> None
     config = write_config(spool.root, test_models, preload=["test", "test-x4"])
     process = start_daemon_process(config)
     try:
-        wait_for(lambda: status.exists() and json.loads(status.read_text())["state"] == "ready", timeout_s=120)
+        wait_for(lambda: status.exists() and json.loads(status.read_text())["state"] == "ready", timeout_s=CEILING_S)
         tasks = Path(f"/proc/{process.pid}/task")
         if not tasks.is_dir():
             pytest.skip("needs Linux /proc")
@@ -182,7 +183,7 @@ def test_preloading_runs_on_the_worker_thread(spool: Spool, test_models) -> None
             cpu[name] = cpu.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     finally:
         process.terminate()
-        process.wait(30)
+        process.wait(CEILING_S)
     assert spool.manifests() == []  # no job ran: what the worker used so far is the preloading
     assert cpu.get("worker", 0.0) >= 0.05, cpu
 
@@ -201,23 +202,29 @@ def test_a_preloaded_model_that_does_not_load_stops_the_start(spool: Spool, test
         [sys.executable, "-m", "diffusiond.daemon.cli", "run", "--config", str(config)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=CEILING_S,
     )
     assert done.returncode != 0
     assert str(broken) in done.stderr and "Fix:" in done.stderr, done.stderr[-2000:]
 
 
 def test_compatible_jobs_dropped_together_share_a_call(spool: Spool, test_models) -> None:
+    """Batching order, on the stand-in: the worker waits (up to batch_wait_s) until a batch is full."""
     from tests.conftest import start_daemon_thread, write_config
 
-    write_config(spool.root, test_models, batch_size=4, batch_wait_s=0.5)
+    write_config(spool.root, test_models, batch_size=4, batch_wait_s=CEILING_S)
     for n in range(3):
         spool.drop(f"same-{n}.yaml", f"prompt: number {n}\nseed: {n}\n")
     spool.drop("other.yaml", "prompt: other size\nsize: 32x32\nseed: 9\n")
-    with start_daemon_thread(spool):
+    standin = StandInGenerator()
+    with start_daemon_thread(spool, standin):
         manifests = wait_for(lambda: len(spool.manifests()) == 4 and spool.manifests(), what="4 manifests")
     sizes = {m["source"]: m["batch_size"] for m in manifests}
     assert sizes == {"same-0.yaml": 3, "same-1.yaml": 3, "same-2.yaml": 3, "other.yaml": 1}
+    job_ids = {m["source"]: m["job_id"] for m in manifests}
+    assert sorted(map(sorted, standin.calls)) == sorted(
+        [sorted(job_ids[f"same-{n}.yaml"] for n in range(3)), [job_ids["other.yaml"]]]
+    )
 
 
 def test_bf16_on_the_cpu_is_an_explicit_choice_that_works(test_models: TestModelPaths) -> None:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 from diffusiond import __version__
@@ -19,11 +23,22 @@ from diffusiond.pipeline.errors import ConfigError, JobFailed
 from diffusiond.pipeline.families import ModelEntry, ModelKind
 from diffusiond.pipeline.generate import DiffusersGenerator
 from diffusiond.pipeline.inputs import probe_image
-from diffusiond.pipeline.job import SCHEDULER_NAMES, Img2ImgJob, Job, OutputSpec, Txt2ImgJob, UpscaleJob
+from diffusiond.pipeline.job import (
+    SCHEDULER_NAMES,
+    Depth2ImgJob,
+    Img2ImgJob,
+    Job,
+    OutputSpec,
+    Task,
+    Txt2ImgJob,
+    UpscaleJob,
+)
 from diffusiond.pipeline.metadata import encode, infotext, read_parameters
-from diffusiond.pipeline.models import ModelCache, resolve_dtype
+from diffusiond.pipeline.models import ModelCache, resolve_device, resolve_dtype
 from diffusiond.pipeline.schedulers import SCHEDULERS
-from diffusiond.pipeline.testmodel import TestModelPaths, is_test_model, make_test_model
+from diffusiond.pipeline.standin import StandInGenerator
+from diffusiond.pipeline.testmodel import FamilyModelPaths, TestModelPaths, is_test_model, make_test_model
+from tests.conftest import CEILING_S
 
 
 def run_one(cache: ModelCache, job: Job, image: Path | None) -> Generated:
@@ -68,12 +83,34 @@ def test_the_validator_knows_exactly_the_schedulers_the_pipeline_has() -> None:
     assert set(SCHEDULER_NAMES) == set(SCHEDULERS)
 
 
+# Each name's diffusers class and the options that make it that sampler (A1111's names in metadata.py).
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "plms": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_every_scheduler_name_makes_an_image(cache: ModelCache, name: str) -> None:
     generated = run_one(cache, txt2img_job(scheduler=name), None)
     assert [image.size for image in generated.images] == [(64, 64)]
     assert generated.seeds == [1]
     assert generated.scheduler == name
+    used = cache.pipeline("test", Task.TXT2IMG).pipe.scheduler  # what the call just ran with
+    class_name, options = SAMPLERS[name]
+    assert type(used).__name__ == class_name
+    assert {key: used.config[key] for key in options} == options
+    # Built from the model's own scheduler config: its training noise schedule carries over.
+    assert (used.config["beta_start"], used.config["beta_schedule"]) == (0.00085, "scaled_linear")
 
 
 def test_without_a_scheduler_the_models_own_is_used(cache: ModelCache) -> None:
@@ -155,7 +192,146 @@ def test_lanczos_upscale_loads_no_model(test_models: TestModelPaths, sketch: Pat
     assert empty.loaded() == []
 
 
+# --- what the images are: pinned, and what the stand-in copies -------------------------------
+
+GOLDEN_VERSIONS = ("2.13.0+cpu", "0.42.1", "5.24.0")
+"""torch, diffusers, transformers the slices were recorded with (2026-12-01): other versions may round otherwise."""
+GOLDEN = {  # the 3x3 bottom-right pixels (RGB) of each task's first image on the tiny models
+    "txt2img": [
+        [[134, 142, 115], [130, 134, 108], [119, 147, 110]],
+        [[133, 148, 120], [131, 133, 112], [121, 137, 109]],
+        [[129, 145, 118], [132, 137, 117], [125, 140, 110]],
+    ],
+    "img2img": [
+        [[148, 145, 108], [147, 133, 88], [127, 139, 91]],
+        [[148, 146, 118], [152, 126, 101], [126, 119, 89]],
+        [[129, 147, 117], [131, 132, 124], [123, 131, 104]],
+    ],
+    "upscale": [
+        [[127, 135, 158], [141, 134, 142], [160, 135, 139]],
+        [[136, 133, 143], [145, 144, 138], [162, 138, 129]],
+        [[134, 138, 128], [137, 139, 133], [151, 137, 133]],
+    ],
+    "depth2img": [
+        [[137, 144, 164], [125, 147, 149], [134, 146, 130]],
+        [[116, 100, 145], [110, 114, 141], [131, 117, 127]],
+        [[138, 126, 148], [137, 130, 147], [138, 124, 140]],
+    ],
+}
+
+
+def golden_jobs(square_sketch: Path) -> dict[str, Job]:
+    probe = probe_image(square_sketch, label="sketch.png", max_file_bytes=1 << 30)
+    return {
+        "txt2img": Job("j", "j.yaml", 1, Txt2ImgJob(model="test", prompt="a cat", size=(64, 64), steps=2, seed=1)),
+        "img2img": Job(
+            "j",
+            "j.yaml",
+            1,
+            Img2ImgJob(task="img2img", model="test", prompt="a cat", steps=4, strength=0.5, seed=2),
+            probe,
+        ),
+        "upscale": Job(
+            "j", "j.yaml", 1, UpscaleJob(task="upscale", model="test-x4", prompt="sharp", steps=2, seed=3), probe
+        ),
+        "depth2img": Job(
+            "j",
+            "j.yaml",
+            1,
+            Depth2ImgJob(task="depth2img", model="depth", prompt="a cat", steps=4, strength=0.5, seed=4),
+            probe,
+        ),
+    }
+
+
+@pytest.fixture
+def square_sketch(tmp_path: Path) -> Path:
+    image = Image.new("RGB", (64, 64), (240, 240, 230))
+    image.paste((200, 60, 40), (16, 16, 48, 48))
+    path = tmp_path / "sketch.png"
+    image.save(path)
+    return path
+
+
+@pytest.mark.parametrize("task", sorted(GOLDEN))
+def test_each_task_makes_the_pixels_it_made_when_recorded(
+    test_models: TestModelPaths, family_models: FamilyModelPaths, square_sketch: Path, task: str
+) -> None:
+    versions = (torch.__version__, diffusers.__version__, transformers.__version__)
+    if versions != GOLDEN_VERSIONS:
+        pytest.skip(f"slices recorded with torch/diffusers/transformers {GOLDEN_VERSIONS}, running {versions}")
+    entries = {
+        "test": ModelEntry("test", test_models.sd, ModelKind.SD1),
+        "test-x4": ModelEntry("test-x4", test_models.upscaler, ModelKind.UPSCALER_X4),
+        "depth": ModelEntry("depth", family_models.depth2img, ModelKind.DEPTH2IMG),
+    }
+    generator = DiffusersGenerator(ModelCache(entries, device="cpu", dtype=torch.float32))
+    [generated] = generator.generate([golden_jobs(square_sketch)[task]])
+    corner = np.asarray(generated.images[0], dtype=np.int16)[-3:, -3:, :]
+    assert np.abs(corner - np.array(GOLDEN[task])).max() <= 2  # another CPU may round a level apart
+
+
+def test_the_stand_in_makes_the_sizes_seeds_and_steps_the_pipeline_makes(cache: ModelCache, sketch: Path) -> None:
+    """Lifecycle tests run on the stand-in: what they see of a job must be what the real pipeline gives."""
+    probe = probe_image(sketch, label="sketch.png", max_file_bytes=1 << 30)  # 60x44: img2img crops it to 56x40
+    jobs = [
+        txt2img_job(size=(64, 32), count=2, scheduler="ddim"),
+        Job("j", "s.yaml", 1, Img2ImgJob(task="img2img", model="test", steps=4, strength=0.5, seed=3), probe),
+        Job("j", "s.yaml", 1, Img2ImgJob(task="img2img", model="test", steps=2, size=(32, 32), seed=3), probe),
+        Job("j", "s.yaml", 1, UpscaleJob(task="upscale", model="test-x4", steps=2, seed=5, scheduler="ddim"), probe),
+        Job("j", "s.yaml", 1, UpscaleJob(task="upscale", method="lanczos", scale=2.5), probe),
+    ]
+    for job in jobs:
+        real_totals: set[int] = set()
+        stand_totals: set[int] = set()
+        [real] = DiffusersGenerator(cache).generate([job], on_step=lambda _k, n, seen=real_totals: seen.add(n))
+        [stand] = StandInGenerator().generate([job], on_step=lambda _k, n, seen=stand_totals: seen.add(n))
+        assert [i.size for i in stand.images] == [i.size for i in real.images], job.spec
+        assert stand.seeds == real.seeds and stand.batch_size == real.batch_size
+        assert stand_totals == real_totals, job.spec  # the n of "step k of n"
+
+
 # --- devices and load errors -------------------------------------------------------------------
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+@NO_CUDA
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_a_device_this_machine_lacks_stops_the_start_with_the_fix(spool, device: str) -> None:
+    """Refused at start, before the spool is touched: not every job sent to failed/ one by one."""
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU")
+    command = [sys.executable, "-m", "diffusiond.daemon.cli", "run", "--config", str(spool.config_path)]
+    result = subprocess.run([*command, "--device", device], capture_output=True, text=True, timeout=CEILING_S)
+    assert result.returncode == 2, result.stderr
+    assert f"`device: {device}` but this machine has no" in result.stderr
+    assert "Fix: set `device: cpu` or `auto`" in result.stderr
+    assert not (spool.root / "outbox").exists() and not (spool.root / "state" / "status.json").exists()
+
+
+def test_a_gpu_number_past_the_count_names_the_ones_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with two GPUs (there is none here)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cuda") == "cuda"
+    with pytest.raises(ConfigError) as info:
+        resolve_device("cuda:2")
+    assert (info.value.field, info.value.value) == ("device", "cuda:2")
+    assert "has 2 CUDA devices (cuda:0 to cuda:1)" in info.value.message and "diffusiond@N" in info.value.fix
+
+
+@NO_CUDA
+def test_a_model_that_cannot_be_placed_on_the_device_is_a_model_error(test_models: TestModelPaths) -> None:
+    """Not "lower size or count": placing the weights failed, whatever the job asked for."""
+    on_cuda = ModelCache(
+        {"test": ModelEntry("test", test_models.sd, ModelKind.SD1)}, device="cuda", dtype=torch.float32
+    )
+    with pytest.raises(JobFailed) as info:
+        run_one(on_cuda, txt2img_job(), None)
+    error = info.value
+    assert (error.code, error.field, error.value, error.path) == ("model_failed", "model", "test", "cat.yaml")
+    assert "could not be placed on cuda" in error.message and "device:" in error.fix
+    assert "lower" not in error.fix
 
 
 def test_fp16_on_cpu_is_a_config_error_that_says_what_to_use() -> None:

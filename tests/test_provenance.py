@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import Spool, start_daemon_thread, wait_for, write_config
+from tests.conftest import CEILING_S, Spool, start_daemon_thread, wait_for, write_config
 
 TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 
@@ -21,7 +21,9 @@ def run_jobs(spool: Spool, jobs: dict[str, str], count: int) -> list[dict]:
     for name, text in jobs.items():
         spool.drop(name, text)
     with start_daemon_thread(spool):
-        return wait_for(lambda: len(spool.manifests()) >= count and spool.manifests(), timeout_s=90, what="manifests")
+        return wait_for(
+            lambda: len(spool.manifests()) >= count and spool.manifests(), timeout_s=CEILING_S, what="manifests"
+        )
 
 
 def test_invisible_mark_verifies_and_survives_jpeg_75_per_inspect(spool: Spool, tmp_path: Path) -> None:
@@ -34,7 +36,7 @@ def test_invisible_mark_verifies_and_survives_jpeg_75_per_inspect(spool: Spool, 
         [sys.executable, "-m", "diffusiond.daemon.cli", "inspect", "--json", str(resaved)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=CEILING_S,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "diffusiond" in json.dumps(json.loads(result.stdout))
@@ -124,7 +126,7 @@ def test_c2pa_signed_outputs_carry_a_valid_created_action(spool: Spool, test_mod
         [sys.executable, "-m", "diffusiond.daemon.cli", "inspect", "--json", str(path)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=CEILING_S,
     )
     [report] = json.loads(result.stdout)
     assert report["c2pa"]["state"] == "Valid" and report["c2pa"]["failures"] == ["signingCredential.untrusted"]

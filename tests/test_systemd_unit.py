@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CEILING_S
+
 UNITS = Path(__file__).parent.parent / "systemd"
 SHIPPED_BINARY = "/opt/diffusiond/venv/bin/diffusiond"
 # systemd-analyze security --offline=true: both units score 0.7 (systemd 252). Lower it when the
@@ -52,7 +54,7 @@ def _service_settings(path: Path) -> dict[str, list[str]]:
 def test_unit_verifies_cleanly(tmp_path: Path, name: str) -> None:
     # The service user need not exist here: verify does not resolve User= (it prints nothing for it).
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(_unit(tmp_path, name))], capture_output=True, text=True, timeout=60
+        ["systemd-analyze", "verify", str(_unit(tmp_path, name))], capture_output=True, text=True, timeout=CEILING_S
     )
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
 
@@ -64,7 +66,7 @@ def test_exposure_does_not_get_worse(tmp_path: Path, name: str) -> None:
         ["systemd-analyze", "security", "--offline=true", str(_unit(tmp_path, name))],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=CEILING_S,
     )
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", result.stdout)
     assert found, result.stdout + result.stderr
@@ -94,7 +96,7 @@ def test_install_script_in_a_scratch_root(tmp_path: Path) -> None:
         [script, "--root", str(root), "--no-venv", "--gpus", "0,1", "--prefix", "/opt/d2", "--spool", "/srv/spool"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=CEILING_S,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "systemctl enable --now diffusiond@0.service diffusiond@1.service" in run.stdout
@@ -116,7 +118,9 @@ def test_install_script_in_a_scratch_root(tmp_path: Path) -> None:
     again = subprocess.run([script, "--root", str(root), "--no-venv", "--spool", "/srv/spool"], capture_output=True)
     assert again.returncode == 0 and (root / "etc/diffusiond/config.yaml").read_text().endswith("# mine\n")
 
-    gone = subprocess.run([script, "--root", str(root), "--uninstall"], capture_output=True, text=True, timeout=60)
+    gone = subprocess.run(
+        [script, "--root", str(root), "--uninstall"], capture_output=True, text=True, timeout=CEILING_S
+    )
     assert gone.returncode == 0, gone.stdout + gone.stderr
     assert not list((root / "etc/systemd/system").glob("diffusiond*"))
     assert (root / "etc/diffusiond/config.yaml").exists() and (root / "srv/spool/inbox").is_dir()
