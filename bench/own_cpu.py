@@ -4,16 +4,15 @@
 
 On a machine where generation uses every core, each millisecond of the daemon's own work
 (watching, pairing, claiming, validating, stamping, writing, archiving, reporting) is taken
-from generation. This isolates that work: a real `diffusiond run` whose `generate()` sleeps
-for `--sleep-ms` (four "steps", each reporting progress like the real one) and returns a
-64 px image, fed the overhead section's stream (rounds of 20 jobs dropped at once). CPU per
-job is read from /proc by OS thread name (diffusiond = main loop, worker, writer, watch).
-Not a test double for the tests: the bench only, to measure what is left when generation
-costs nothing.
+from generation. This isolates that work: a real `diffusiond run` on the stand-in generator
+(pipeline/standin.py), whose four steps sleep `--sleep-ms` in all and report progress like the
+real ones, and which returns 64 px images, fed the overhead section's stream (rounds of 20 jobs
+dropped at once). CPU per job is read from /proc by OS thread name (diffusiond = main loop,
+worker, writer, watch): what is left when generation costs nothing.
 
-`--against CHECKOUT` (a git worktree of an older commit) runs that checkout's daemon beside this
-one's, both started at once and fed in turn, round by round: a figure of one run on this machine
-varies by 10 % or more, a ratio of rounds taken in turn much less.
+`--against CHECKOUT` (a git worktree of an older commit, one with the stand-in) runs that
+checkout's daemon beside this one's, both started at once and fed in turn, round by round: a
+figure of one run on this machine varies by 10 % or more, a ratio of rounds taken in turn much less.
 """
 
 from __future__ import annotations
@@ -30,29 +29,13 @@ from against import start_daemons
 from common import cpu_by_thread_name, cpu_since, machine
 
 SLEEPING_DAEMON = """
-import sys, time
-from PIL import Image
-import diffusiond.daemon.worker as worker
+import sys
 from diffusiond.daemon.cli import main
-from diffusiond.pipeline.generate import Generated
-from diffusiond.pipeline.job import seeds_for
+from diffusiond.pipeline.standin import StandInGenerator
 
 SLEEP_S = float(sys.argv.pop(1))
-
-def generate(cache, jobs, *, cancel=None, on_step=None):
-    for step in range(1, 5):
-        time.sleep(SLEEP_S / 4)
-        if on_step is not None:
-            on_step(step, 4)
-    return [
-        Generated([Image.new("RGB", (64, 64), (i * 7 % 256, 20, 30))], seeds_for(job.spec), "PNDMScheduler", 0.0,
-                  SLEEP_S, model_hash="0" * 64, memory="normal", family="sd1", pipeline="StableDiffusionPipeline",
-                  prediction="epsilon")
-        for i, (job, _image) in enumerate(jobs)
-    ]
-
-worker.generate = generate
-sys.exit(main(sys.argv[1:]))
+generator = StandInGenerator(step_s=SLEEP_S / 4)  # the stream's jobs have 4 steps, each reporting progress
+sys.exit(main(sys.argv[1:], generator_factory=lambda _config: generator))
 """
 
 
@@ -62,6 +45,8 @@ def main() -> None:
     parser.add_argument("--sleep-ms", type=float, default=60.0, help="what a generate() call takes (default 60)")
     parser.add_argument("--against", type=Path, help="another checkout, whose daemon runs in turn with this one's")
     args = parser.parse_args()
+    if args.against is not None and not (args.against / "pipeline" / "standin.py").is_file():
+        parser.error(f"{args.against} has no stand-in generator (pipeline/standin.py): compare checkouts that have it")
     from diffusiond.pipeline.testmodel import make_test_model
 
     tmp = Path(tempfile.mkdtemp(prefix="diffusiond-own-cpu-"))

@@ -75,14 +75,15 @@ class Direct:
         self.load_s = time.monotonic() - t0
 
     def run(self, n: int, size: int = SIZE) -> list[float]:
-        from diffusiond.pipeline.generate import generate
+        from diffusiond.pipeline.generate import DiffusersGenerator
         from diffusiond.pipeline.job import Job, Txt2ImgJob
 
+        generator = DiffusersGenerator(self.cache)
         times = []
         for i in range(n):
             spec = Txt2ImgJob(model="test", prompt=f"a hamster number {i}", size=(size, size), steps=STEPS, seed=i)
             t = time.perf_counter()
-            generate(self.cache, [(Job(f"direct-{i}", f"direct-{i}.yaml", 1, spec), None)])
+            generator.generate([Job(f"direct-{i}", f"direct-{i}.yaml", 1, spec)])
             times.append(time.perf_counter() - t)
         return times
 

@@ -174,6 +174,7 @@ def _random_ldm_state(seed: int) -> dict[str, torch.Tensor]:
 def _daemon_cache(path: Path, dtype: torch.dtype, cache_dir: Path, device: str = "cpu") -> tuple[Any, float]:
     """The daemon's ModelCache with the file loaded as `sd15` (single file, no `config:`), and the seconds."""
     from diffusiond.pipeline.families import ModelEntry, kind_of_path
+    from diffusiond.pipeline.job import Task
     from diffusiond.pipeline.models import ModelCache
 
     started = time.perf_counter()
@@ -183,14 +184,16 @@ def _daemon_cache(path: Path, dtype: torch.dtype, cache_dir: Path, device: str =
         dtype=dtype,
         state_dir=Path(cache_dir),
     )
-    cache.pipeline("sd15", "txt2img")
+    cache.pipeline("sd15", Task.TXT2IMG)
     return cache, time.perf_counter() - started
 
 
 def _daemon_load(path: Path, dtype: torch.dtype, cache_dir: Path, device: str = "cpu") -> tuple[Any, float]:
     """The txt2img pipeline as the daemon loads it, and the seconds."""
+    from diffusiond.pipeline.job import Task
+
     cache, seconds = _daemon_cache(path, dtype, cache_dir, device)
-    return cache.pipeline("sd15", "txt2img").pipe, seconds
+    return cache.pipeline("sd15", Task.TXT2IMG).pipe, seconds
 
 
 def check_sd15_file(path: Path, *, size: int = 64, steps: int = 5) -> list[str]:
@@ -484,19 +487,20 @@ def _overhead_sd15(daemon: DaemonProc, path: Path, tmp: Path, n: int, size: int,
     `generate()` calls in this process (the model loaded here the daemon's way), one after the other."""
     import torch
 
-    from diffusiond.pipeline.generate import generate
+    from diffusiond.pipeline.generate import DiffusersGenerator
     from diffusiond.pipeline.job import Job, Txt2ImgJob
 
     cache, load_s = _daemon_cache(path, torch.float32, tmp / "direct-cache")
+    generator = DiffusersGenerator(cache)
     warmup = Txt2ImgJob(model="sd15", prompt="warm-up", size=(size, size), steps=steps, seed=1)
-    generate(cache, [(Job("direct-warmup", "direct-warmup.yaml", 1, warmup), None)])  # as the daemon had one
+    generator.generate([Job("direct-warmup", "direct-warmup.yaml", 1, warmup)])  # as the daemon had one
     direct = []
     for i in range(n):  # the prompt and seed of the daemon's stream job i (common.job_text)
         spec = Txt2ImgJob(model="sd15", prompt=f"a hamster number {i}", size=(size, size), steps=steps, seed=1000 + i)
         started = time.perf_counter()
-        generate(cache, [(Job(f"direct-{i}", f"direct-{i}.yaml", 1, spec), None)])
+        generator.generate([Job(f"direct-{i}", f"direct-{i}.yaml", 1, spec)])
         direct.append(time.perf_counter() - started)
-    del cache
+    del cache, generator
     stream_s, manifests = daemon.run_stream([f"stream{i:03d}" for i in range(n)], timeout=900)
     inside = sum(json.loads(m.read_text())["timings"]["generate_s"] for m in manifests)
     ratio = stream_s / sum(direct)

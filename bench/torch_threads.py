@@ -38,7 +38,7 @@ def case(model: str, on_main: bool, where: Path) -> float:
     import torch
 
     from diffusiond.pipeline.families import ModelEntry, kind_of_path
-    from diffusiond.pipeline.generate import generate
+    from diffusiond.pipeline.generate import DiffusersGenerator
     from diffusiond.pipeline.job import Job, Txt2ImgJob
     from diffusiond.pipeline.models import ModelCache
     from diffusiond.pipeline.testmodel import make_test_model
@@ -65,7 +65,7 @@ def case(model: str, on_main: bool, where: Path) -> float:
         for i in range(calls):
             spec = Txt2ImgJob(model="m", prompt=f"a hamster {i}", size=(size, size), steps=steps, seed=i)
             started = time.perf_counter()
-            generate(cache, [(Job(f"t{i}", "t.yaml", 1, spec), None)])
+            DiffusersGenerator(cache).generate([Job(f"t{i}", "t.yaml", 1, spec)])
             times.append(time.perf_counter() - started)
 
     thread = threading.Thread(target=work)

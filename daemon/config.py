@@ -88,19 +88,9 @@ class WatermarkConfig(_Strict):
     """Refuse jobs that turn the invisible mark off, and fail images too small to carry it."""
 
 
-class MetadataConfig(_Strict):
-    """What each image carries about how it was made; each part can be turned off."""
+class MetadataConfig(MetadataOptions):
+    """What each image carries about how it was made; each part can be turned off (fields: MetadataOptions)."""
 
-    parameters: bool = True
-    """AUTOMATIC1111 infotext (PNG `parameters`, EXIF UserComment)."""
-    record: bool = True
-    """The job and manifest entry as JSON inside the image."""
-    xmp: bool = True
-    """XMP with the IPTC digital source type, description and creator tool."""
-    exif: bool = True
-    """EXIF Software and ImageDescription (JPEG, WebP)."""
-    sidecar: Literal["none", "txt", "json"] = "none"
-    """Also write the infotext (`.txt`) or the record (`.json`) beside each image."""
     c2pa: C2paSettings | None = None
     """Content credentials signed after all other metadata is written (so the signature covers it)."""
 
@@ -125,6 +115,13 @@ class LimitsConfig(_Strict):
 
 
 class Config(_Strict):
+    """The whole config file, validated: README "The config" lists the fields.
+
+    Build it with `load_config`, which also makes its paths absolute (relative to the config
+    file), applies command-line overrides and checks the profiles and sketch job as jobs. A
+    reload builds a new Config; the daemon swaps it in only if it loads.
+    """
+
     spool: Path = DEFAULT_SPOOL
     folders: Folders = Folders()
     instance: str = Field(default_factory=socket.gethostname)
@@ -192,7 +189,7 @@ class Config(_Strict):
         return self
 
     def metadata_options(self) -> MetadataOptions:
-        return MetadataOptions(**self.metadata.model_dump(exclude={"c2pa"}))
+        return self.metadata
 
     def c2pa(self) -> C2paConfig | None:
         """The signer settings, or None when images are not signed."""

@@ -120,11 +120,16 @@ class OutputSpec(BaseModel):
     quality: int = Field(95, ge=1, le=100)
 
 
-WATERMARK_METHODS = ("dwtDct", "dwtDctSvd", "rivaGan")
+# The marks' limits are owned here, not by pipeline/watermark.py (which imports them): validation
+# needs them, and must not import the watermark module's numpy, drawing and imwatermark.
+WatermarkMethod = Literal["dwtDct", "dwtDctSvd", "rivaGan"]
+WatermarkPosition = Literal["top-left", "top-right", "bottom-left", "bottom-right", "center"]
+WATERMARK_METHODS: tuple[WatermarkMethod, ...] = typing.get_args(WatermarkMethod)
+WATERMARK_POSITIONS: tuple[WatermarkPosition, ...] = typing.get_args(WatermarkPosition)
 WATERMARK_PAYLOAD_MAX_BYTES = 10
+"""The invisible mark's payload: 10 bytes of UTF-8 text (its 96-bit frame adds a 16-bit check)."""
 WATERMARK_MIN_SIDE_PX = 256
-"""Kept equal to pipeline/watermark.py's PAYLOAD_MAX_BYTES and MIN_SIDE_PX (a test checks it)."""
-POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
+"""imwatermark refuses images under 256 x 256 pixels; we ask it of each side."""
 
 
 class InvisibleWatermark(BaseModel):
@@ -132,7 +137,7 @@ class InvisibleWatermark(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     text: str = Field("diffusiond", min_length=1)
-    method: Literal["dwtDct", "dwtDctSvd", "rivaGan"] | None = None
+    method: WatermarkMethod | None = None
 
     @field_validator("text")
     @classmethod
@@ -151,7 +156,7 @@ class VisibleWatermark(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     text: str = Field("AI generated", min_length=1)
-    position: Literal["top-left", "top-right", "bottom-left", "bottom-right", "center"] = "bottom-right"
+    position: WatermarkPosition = "bottom-right"
     size: float = Field(0.05, gt=0, le=0.5)
     """Text height as a fraction of the image's shorter side."""
     margin: float = Field(0.02, ge=0, le=0.25)

@@ -33,7 +33,6 @@ import re
 import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Literal
 from xml.sax.saxutils import escape
@@ -41,6 +40,7 @@ from xml.sax.saxutils import escape
 import piexif
 import piexif.helper
 from PIL import Image, PngImagePlugin
+from pydantic import BaseModel, ConfigDict
 
 from diffusiond import __version__
 from diffusiond.pipeline.job import Depth2ImgJob, Img2ImgJob, OutputSpec, Spec, UpscaleJob
@@ -84,12 +84,10 @@ _JPEG_SEGMENT_BYTES = 65_533
 _XMP_HEADER_BYTES = len(b"http://ns.adobe.com/xap/1.0/\x00")
 
 
-@dataclass(frozen=True)
-class MetadataOptions:
-    """Which parts an image carries; field names match the config's `metadata:` section.
+class MetadataOptions(BaseModel):
+    """Which parts an image carries: the config's `metadata:` section is this plus `c2pa` (daemon/config.py)."""
 
-    `MetadataOptions(**config.metadata.model_dump())` builds it from the config.
-    """
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     parameters: bool = True
     """AUTOMATIC1111 infotext (PNG `parameters`, EXIF UserComment)."""

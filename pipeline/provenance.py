@@ -84,6 +84,11 @@ def stamp(
     options: MetadataOptions,
     c2pa: C2paConfig | None = None,
 ) -> Stamped:
+    """One image's file bytes with its marks and metadata, and what the manifest says of its marks.
+
+    Pure and in memory: nothing is written, so a failure leaves nothing behind. Raises JobFailed
+    when the config requires an invisible mark that this image does not carry, or signing fails.
+    """
     # 1. The visible mark, so the invisible one is embedded over it.
     visible = None
     if marks.visible is not None:

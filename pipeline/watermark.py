@@ -53,10 +53,19 @@ from dataclasses import asdict, dataclass
 from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
+
+from diffusiond.pipeline.job import (
+    WATERMARK_METHODS,
+    WATERMARK_MIN_SIDE_PX,
+    WATERMARK_PAYLOAD_MAX_BYTES,
+    WATERMARK_POSITIONS,
+    WatermarkMethod,
+    WatermarkPosition,
+)
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -81,16 +90,15 @@ __all__ = [
     "verify_invisible",
 ]
 
-Method = Literal["dwtDct", "dwtDctSvd", "rivaGan"]
-Position = Literal["top-left", "top-right", "bottom-left", "bottom-right", "center"]
-METHODS: tuple[Method, ...] = get_args(Method)
-POSITIONS: tuple[Position, ...] = get_args(Position)
+Method = WatermarkMethod
+Position = WatermarkPosition
+METHODS: tuple[Method, ...] = WATERMARK_METHODS
+POSITIONS: tuple[Position, ...] = WATERMARK_POSITIONS
 
 DEFAULT_METHOD: Method = "dwtDctSvd"
 DEFAULT_PAYLOAD = "diffusiond"
-MIN_SIDE_PX = 256
-"""imwatermark refuses images under 256 x 256 pixels; we ask it of each side."""
-PAYLOAD_MAX_BYTES = 10
+MIN_SIDE_PX = WATERMARK_MIN_SIDE_PX
+PAYLOAD_MAX_BYTES = WATERMARK_PAYLOAD_MAX_BYTES
 FRAME_BITS = 96
 _CHECK_BITS = FRAME_BITS - 8 * PAYLOAD_MAX_BYTES
 _CHECK_KEY = b"diffusiond-mark-v1"
