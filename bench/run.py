@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,187 @@ def cold_times(models: Any, out: Path, n: int) -> list[float]:
     return times
 
 
+Drops = list[dict[str, float]]
+"""`DaemonProc.run_one` results: seconds from the drop to each event, and the manifest's timings."""
+
+
+@dataclass
+class InotifyRun:
+    """What daemon A (inotify) and the direct calls measured, in alternating rounds."""
+
+    direct: list[float] = field(default_factory=list)
+    direct_cpu: float = 0.0
+    streams: list[float] = field(default_factory=list)
+    threads: Counter[str] = field(default_factory=Counter)
+    generate_s: list[float] = field(default_factory=list)
+    direct_big: list[float] = field(default_factory=list)
+    streams_big: list[float] = field(default_factory=list)
+    streams_marked: list[float] = field(default_factory=list)
+    runs: Drops = field(default_factory=list)
+    inplace: Drops = field(default_factory=list)
+    startup_s: float = 0.0
+    direct_load_s: float = 0.0
+
+
+def measure_inotify(models: Any, tmp: Path, n: int, rounds: int, m: int) -> InotifyRun:
+    """Direct calls in this process and the daemon, in alternating rounds (never at the same time)."""
+    direct_proc = Direct(models)
+    out = InotifyRun()
+    d = DaemonProc(tmp / "spool-inotify", models, mode="inotify")
+    try:
+        d.run_one("warmup")
+        for r in range(rounds):
+            cpu0 = time.process_time()
+            out.direct += direct_proc.run(n)
+            out.direct_cpu += time.process_time() - cpu0
+            before = cpu_by_thread_name(d.proc.pid)
+            seconds, manifests = d.run_stream([f"r{r}s{i:04d}" for i in range(n)])
+            out.streams.append(seconds)
+            out.threads.update(cpu_since(d.proc.pid, before))
+            out.generate_s += [json.loads(m.read_text())["timings"]["generate_s"] for m in manifests]
+        for r in range(rounds):
+            out.direct_big += direct_proc.run(n, size=BIG)
+            unmarked = f"size: {BIG}x{BIG}\nwatermark: {{invisible: false}}\n"
+            out.streams_big.append(d.run_stream([f"r{r}b{i:04d}" for i in range(n)], extra=unmarked)[0])
+            marked = f"size: {BIG}x{BIG}\n"
+            out.streams_marked.append(d.run_stream([f"r{r}m{i:04d}" for i in range(n)], extra=marked)[0])
+        out.runs = [d.run_one(f"job{i:03d}") for i in range(n)]
+        out.inplace = [d.run_one(f"inplace{i:03d}", in_place=True) for i in range(m)]
+        out.startup_s = d.startup_s
+    finally:
+        d.stop()
+    out.direct_load_s = direct_proc.load_s
+    return out
+
+
+def measure_poll(models: Any, tmp: Path, m: int) -> tuple[Drops, Drops]:
+    """Daemon B, polling: drops by rename and written in place."""
+    d = DaemonProc(tmp / "spool-poll", models, mode="poll")
+    try:
+        d.run_one("warmup")
+        rename_poll = [d.run_one(f"ren{i:03d}") for i in range(m)]
+        inplace_poll = [d.run_one(f"inplace{i:03d}", in_place=True) for i in range(m)]
+    finally:
+        d.stop()
+    return rename_poll, inplace_poll
+
+
+def overhead_lines(r: InotifyRun, n: int, rounds: int) -> list[str]:
+    """Section 1: the daemon against direct generate() calls, and where its time and CPU go."""
+    direct, streams, runs = r.direct, r.streams, r.runs
+    daemon_tot = [run["total"] for run in runs]
+    ratio = sum(streams) / sum(direct)
+    per_direct = sum(direct) / len(direct) * 1e3
+    one_ratio = median(daemon_tot) / median(direct)
+    lines = [
+        f"1. Overhead: {rounds} rounds of N={n} jobs: direct generate() calls (model warm) vs the same jobs "
+        "through the daemon",
+        "| | jobs | total s | per job ms | / direct |",
+        "|---|---|---|---|---|",
+        f"| direct generate(), back to back | {len(direct)} | {sum(direct):.2f} | {per_direct:.1f} | 1.00 |",
+        f"| daemon, stream (all N dropped at once; first drop -> last manifest) | {n * rounds} | {sum(streams):.2f} | "
+        f"{sum(streams) / (n * rounds) * 1e3:.1f} | {ratio:.3f} |",
+        f"| daemon, one at a time (drop, wait for the manifest; median) | {n} | {sum(daemon_tot):.2f} | "
+        f"{median(daemon_tot) * 1e3:.1f} | {one_ratio:.3f} |",
+        f"daemon stream/direct = {ratio:.3f} ({(ratio - 1) * 100:+.1f} %); goal <= 5 %: "
+        f"{'MET' if ratio <= 1.05 else 'NOT MET'}; per round: "
+        + ", ".join(f"{st / sum(direct[i * n : (i + 1) * n]):.3f}" for i, st in enumerate(streams)),
+    ]
+    jobs = n * rounds
+    roles = {
+        "worker": "worker (generation; torch's OpenMP threads inherit the name)",
+        "diffusiond": "diffusiond (main loop: events, pairing, claim, validation)",
+        "writer": "writer (stamp, PNG, manifest, archive, report)",
+        "watch": "watch (watchdog's threads)",
+    }
+    threads = r.threads
+    lines.append(
+        "where the CPU went during the streams, ms per job (/proc/<pid>/task/*/comm): "
+        + "; ".join(f"{roles[k]} {threads.get(k, 0.0) / jobs * 1e3:.1f}" for k in roles)
+        + f"; other daemon threads {sum(v for k, v in threads.items() if k not in roles) / jobs * 1e3:.1f}"
+        + f"; direct generate() (this process) {r.direct_cpu / len(direct) * 1e3:.1f}"
+    )
+    own = sum(threads.get(k, 0.0) for k in ("diffusiond", "writer", "watch")) / jobs * 1e3
+    lines.append(
+        f"the daemon's own threads used {own:.1f} ms of CPU per job; generation itself took "
+        f"{median(r.generate_s) * 1e3:.1f} ms in the daemon (manifests' timings.generate_s, median) against "
+        f"{median(direct) * 1e3:.1f} ms direct: on {os.cpu_count()} cores, work beside generation slows it"
+    )
+    big_ratio = sum(r.streams_big) / sum(r.direct_big)
+    lines += [
+        f"| direct generate() at {BIG}x{BIG} | {len(r.direct_big)} | {sum(r.direct_big):.2f} | "
+        f"{sum(r.direct_big) / len(r.direct_big) * 1e3:.1f} | 1.00 |",
+        f"| daemon, stream at {BIG}x{BIG}, job says `watermark: {{invisible: false}}` | {n * rounds} | "
+        f"{sum(r.streams_big):.2f} | {sum(r.streams_big) / (n * rounds) * 1e3:.1f} | {big_ratio:.3f} |",
+        f"| daemon, stream at {BIG}x{BIG} with the default invisible mark (dwtDctSvd, checked in the file) | "
+        f"{n * rounds} | {sum(r.streams_marked):.2f} | {sum(r.streams_marked) / (n * rounds) * 1e3:.1f} | "
+        f"{sum(r.streams_marked) / sum(r.direct_big):.3f} |",
+        f"one job at a time the daemon adds {(median(daemon_tot) - median(direct)) * 1e3:.0f} ms per job "
+        f"(latency: nothing to overlap with); at {BIG}x{BIG} the stream adds {(big_ratio - 1) * 100:+.1f} %: "
+        f"{'MET' if big_ratio <= 1.05 else 'NOT MET'} for <= 5 %",
+    ]
+    # where it goes (from events.jsonl and the manifests)
+    phases = {
+        "drop -> claimed (event)": [run["claimed"] for run in runs if "claimed" in run],
+        "claimed -> started": [
+            run["started"] - run["claimed"] for run in runs if "started" in run and "claimed" in run
+        ],
+        "started -> done (event)": [run["done"] - run["started"] for run in runs if "done" in run and "started" in run],
+    }
+    for k in sorted({k for run in runs for k in run if k.startswith("m_")}):
+        phases[f"manifest timings.{k[2:]}"] = [run[k] for run in runs if k in run]
+    phases["direct generate() call"] = direct
+    lines.append("daemon phases, median ms: " + "; ".join(f"{k} {median(v) * 1e3:.0f}" for k, v in phases.items() if v))
+    return lines
+
+
+def reaction_lines(
+    r: InotifyRun, rename_poll: list[dict[str, float]], inplace_poll: list[dict[str, float]]
+) -> list[str]:
+    """Section 2: drop -> claimed, by rename and in place, inotify and polling."""
+    lines = [
+        "2. Reaction: drop -> claimed (events.jsonl timestamp), daemon idle at each drop",
+        "| watch | arrival | n | median ms | p95 ms | max ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    cases = [
+        ("inotify", "rename", [run["claimed"] for run in r.runs if "claimed" in run]),
+        ("inotify", f"in place (settle_s {SETTLE_S})", [run["claimed"] for run in r.inplace if "claimed" in run]),
+        (f"poll {POLL_INTERVAL_S} s", "rename", [run["claimed"] for run in rename_poll if "claimed" in run]),
+        (
+            f"poll {POLL_INTERVAL_S} s",
+            f"in place (settle_s {SETTLE_S})",
+            [run["claimed"] for run in inplace_poll if "claimed" in run],
+        ),
+    ]
+    for watch, arrival, xs in cases:
+        lines.append(
+            f"| {watch} | {arrival} | {len(xs)} | {median(xs) * 1e3:.0f} | {p95(xs) * 1e3:.0f} | "
+            f"{(max(xs) if xs else float('nan')) * 1e3:.0f} |"
+        )
+    ino = cases[0][2]
+    lines.append(
+        f"in place minus settle_s (inotify): median {(median(cases[1][2]) - SETTLE_S) * 1e3:.0f} ms; "
+        f"goal < 100 ms after a rename with inotify: {'MET' if p95(ino) < 0.1 else 'NOT MET'} "
+        f"(median {median(ino) * 1e3:.0f} ms, p95 {p95(ino) * 1e3:.0f} ms)"
+    )
+    return lines
+
+
+def warm_cold_lines(r: InotifyRun, cold: list[float]) -> list[str]:
+    """Section 3: one-shot processes against the warm daemon."""
+    daemon_tot = [run["total"] for run in r.runs]
+    return [
+        "3. Warm vs cold: N one-shot processes (import diffusers, load, generate, save) vs the warm daemon",
+        "| | total s | median per job s |",
+        "|---|---|---|",
+        f"| cold one-shot python -c | {sum(cold):.1f} | {median(cold):.2f} |",
+        f"| warm daemon | {sum(daemon_tot):.1f} | {median(daemon_tot):.2f} |",
+        f"cold/warm = {sum(cold) / sum(daemon_tot):.1f}x; daemon startup to ready (not in the warm total) "
+        f"{r.startup_s:.1f} s; direct model load + warm-up {r.direct_load_s:.1f} s",
+    ]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=None, help="N jobs for overhead and warm/cold (default 20, quick 5)")
@@ -149,166 +331,17 @@ def main() -> int:
     )
     print()
 
-    # --- direct calls in this process and the daemon, in alternating rounds (never at the same time)
-    direct_proc = Direct(models)
-    direct: list[float] = []
-    streams: list[float] = []
-    d = DaemonProc(tmp / "spool-inotify", models, mode="inotify")
-    try:
-        d.run_one("warmup")
-        threads: Counter[str] = Counter()
-        direct_cpu = 0.0
-        generate_s: list[float] = []
-        for r in range(rounds):
-            cpu0 = time.process_time()
-            direct += direct_proc.run(n)
-            direct_cpu += time.process_time() - cpu0
-            before = cpu_by_thread_name(d.proc.pid)
-            seconds, manifests = d.run_stream([f"r{r}s{i:04d}" for i in range(n)])
-            streams.append(seconds)
-            threads.update(cpu_since(d.proc.pid, before))
-            generate_s += [json.loads(m.read_text())["timings"]["generate_s"] for m in manifests]
-        direct_big: list[float] = []
-        streams_big: list[float] = []
-        streams_marked: list[float] = []
-        for r in range(rounds):
-            direct_big += direct_proc.run(n, size=BIG)
-            unmarked = f"size: {BIG}x{BIG}\nwatermark: {{invisible: false}}\n"
-            streams_big.append(d.run_stream([f"r{r}b{i:04d}" for i in range(n)], extra=unmarked)[0])
-            marked = f"size: {BIG}x{BIG}\n"
-            streams_marked.append(d.run_stream([f"r{r}m{i:04d}" for i in range(n)], extra=marked)[0])
-        runs = [d.run_one(f"job{i:03d}") for i in range(n)]
-        inplace_inotify = [d.run_one(f"inplace{i:03d}", in_place=True) for i in range(m)]
-        startup_a = d.startup_s
-    finally:
-        d.stop()
-    direct_load = direct_proc.load_s
-    del direct_proc
-
-    # --- daemon B: poll
-    d = DaemonProc(tmp / "spool-poll", models, mode="poll")
-    try:
-        d.run_one("warmup")
-        rename_poll = [d.run_one(f"ren{i:03d}") for i in range(m)]
-        inplace_poll = [d.run_one(f"inplace{i:03d}", in_place=True) for i in range(m)]
-    finally:
-        d.stop()
-
-    # --- cold one-shot processes
+    # The measurements first (the daemons and the direct calls one after the other), then the report.
+    inotify = measure_inotify(models, tmp, n, rounds, m)
+    rename_poll, inplace_poll = measure_poll(models, tmp, m)
     cold = cold_times(models, tmp / "cold", n)
-
-    # ------------------------------------------------------------------ report
-    daemon_tot = [r["total"] for r in runs]
-    ratio = sum(streams) / sum(direct)
-    print(
-        f"1. Overhead: {rounds} rounds of N={n} jobs: direct generate() calls (model warm) vs the same jobs "
-        "through the daemon"
-    )
-    print("| | jobs | total s | per job ms | / direct |")
-    print("|---|---|---|---|---|")
-    per_direct = sum(direct) / len(direct) * 1e3
-    print(f"| direct generate(), back to back | {len(direct)} | {sum(direct):.2f} | {per_direct:.1f} | 1.00 |")
-    print(
-        f"| daemon, stream (all N dropped at once; first drop -> last manifest) | {n * rounds} | {sum(streams):.2f} | "
-        f"{sum(streams) / (n * rounds) * 1e3:.1f} | {ratio:.3f} |"
-    )
-    one_ratio = median(daemon_tot) / median(direct)
-    print(
-        f"| daemon, one at a time (drop, wait for the manifest; median) | {n} | {sum(daemon_tot):.2f} | "
-        f"{median(daemon_tot) * 1e3:.1f} | {one_ratio:.3f} |"
-    )
-    print(
-        f"daemon stream/direct = {ratio:.3f} ({(ratio - 1) * 100:+.1f} %); goal <= 5 %: "
-        f"{'MET' if ratio <= 1.05 else 'NOT MET'}; per round: "
-        + ", ".join(f"{st / sum(direct[i * n : (i + 1) * n]):.3f}" for i, st in enumerate(streams))
-    )
-    jobs = n * rounds
-    roles = {
-        "worker": "worker (generation; torch's OpenMP threads inherit the name)",
-        "diffusiond": "diffusiond (main loop: events, pairing, claim, validation)",
-        "writer": "writer (stamp, PNG, manifest, archive, report)",
-        "watch": "watch (watchdog's threads)",
-    }
-    print(
-        "where the CPU went during the streams, ms per job (/proc/<pid>/task/*/comm): "
-        + "; ".join(f"{roles[k]} {threads.get(k, 0.0) / jobs * 1e3:.1f}" for k in roles)
-        + f"; other daemon threads {sum(v for k, v in threads.items() if k not in roles) / jobs * 1e3:.1f}"
-        + f"; direct generate() (this process) {direct_cpu / len(direct) * 1e3:.1f}"
-    )
-    own = sum(threads.get(k, 0.0) for k in ("diffusiond", "writer", "watch")) / jobs * 1e3
-    print(
-        f"the daemon's own threads used {own:.1f} ms of CPU per job; generation itself took "
-        f"{median(generate_s) * 1e3:.1f} ms in the daemon (manifests' timings.generate_s, median) against "
-        f"{median(direct) * 1e3:.1f} ms direct: on {os.cpu_count()} cores, work beside generation slows it"
-    )
-    big_ratio = sum(streams_big) / sum(direct_big)
-    print(
-        f"| direct generate() at {BIG}x{BIG} | {len(direct_big)} | {sum(direct_big):.2f} | "
-        f"{sum(direct_big) / len(direct_big) * 1e3:.1f} | 1.00 |"
-    )
-    print(
-        f"| daemon, stream at {BIG}x{BIG}, job says `watermark: {{invisible: false}}` | {n * rounds} | "
-        f"{sum(streams_big):.2f} | {sum(streams_big) / (n * rounds) * 1e3:.1f} | {big_ratio:.3f} |"
-    )
-    print(
-        f"| daemon, stream at {BIG}x{BIG} with the default invisible mark (dwtDctSvd, checked in the file) | "
-        f"{n * rounds} | {sum(streams_marked):.2f} | {sum(streams_marked) / (n * rounds) * 1e3:.1f} | "
-        f"{sum(streams_marked) / sum(direct_big):.3f} |"
-    )
-    print(
-        f"one job at a time the daemon adds {(median(daemon_tot) - median(direct)) * 1e3:.0f} ms per job "
-        f"(latency: nothing to overlap with); at {BIG}x{BIG} the stream adds {(big_ratio - 1) * 100:+.1f} %: "
-        f"{'MET' if big_ratio <= 1.05 else 'NOT MET'} for <= 5 %"
-    )
-    # where it goes (from events.jsonl and the manifests)
-    phases = {
-        "drop -> claimed (event)": [r["claimed"] for r in runs if "claimed" in r],
-        "claimed -> started": [r["started"] - r["claimed"] for r in runs if "started" in r and "claimed" in r],
-        "started -> done (event)": [r["done"] - r["started"] for r in runs if "done" in r and "started" in r],
-    }
-    mkeys = sorted({k for r in runs for k in r if k.startswith("m_")})
-    for k in mkeys:
-        phases[f"manifest timings.{k[2:]}"] = [r[k] for r in runs if k in r]
-    phases["direct generate() call"] = direct
-    print("daemon phases, median ms: " + "; ".join(f"{k} {median(v) * 1e3:.0f}" for k, v in phases.items() if v))
-    print()
-
-    print("2. Reaction: drop -> claimed (events.jsonl timestamp), daemon idle at each drop")
-    print("| watch | arrival | n | median ms | p95 ms | max ms |")
-    print("|---|---|---|---|---|---|")
-    cases = [
-        ("inotify", "rename", [r["claimed"] for r in runs if "claimed" in r]),
-        ("inotify", f"in place (settle_s {SETTLE_S})", [r["claimed"] for r in inplace_inotify if "claimed" in r]),
-        (f"poll {POLL_INTERVAL_S} s", "rename", [r["claimed"] for r in rename_poll if "claimed" in r]),
-        (
-            f"poll {POLL_INTERVAL_S} s",
-            f"in place (settle_s {SETTLE_S})",
-            [r["claimed"] for r in inplace_poll if "claimed" in r],
-        ),
-    ]
-    for watch, arrival, xs in cases:
-        print(
-            f"| {watch} | {arrival} | {len(xs)} | {median(xs) * 1e3:.0f} | {p95(xs) * 1e3:.0f} | "
-            f"{(max(xs) if xs else float('nan')) * 1e3:.0f} |"
-        )
-    ino = cases[0][2]
-    print(
-        f"in place minus settle_s (inotify): median {(median(cases[1][2]) - SETTLE_S) * 1e3:.0f} ms; "
-        f"goal < 100 ms after a rename with inotify: {'MET' if p95(ino) < 0.1 else 'NOT MET'} "
-        f"(median {median(ino) * 1e3:.0f} ms, p95 {p95(ino) * 1e3:.0f} ms)"
-    )
-    print()
-
-    print("3. Warm vs cold: N one-shot processes (import diffusers, load, generate, save) vs the warm daemon")
-    print("| | total s | median per job s |")
-    print("|---|---|---|")
-    print(f"| cold one-shot python -c | {sum(cold):.1f} | {median(cold):.2f} |")
-    print(f"| warm daemon | {sum(daemon_tot):.1f} | {median(daemon_tot):.2f} |")
-    print(
-        f"cold/warm = {sum(cold) / sum(daemon_tot):.1f}x; daemon startup to ready (not in the warm total) "
-        f"{startup_a:.1f} s; direct model load + warm-up {direct_load:.1f} s"
-    )
-    print()
+    for lines in (
+        overhead_lines(inotify, n, rounds),
+        reaction_lines(inotify, rename_poll, inplace_poll),
+        warm_cold_lines(inotify, cold),
+    ):
+        print("\n".join(lines))
+        print()
 
     def section(number: str, run: Callable[[], list[str]]) -> None:
         """Print a section of flood.py / sd15.py under this bench's numbering, with its wall time."""
