@@ -83,8 +83,9 @@ class Daemon:
         self.config = config
         self.oneshot = oneshot
         self.reload_config = reload_config
-        self.generator_factory = generator_factory
         """Reads the config again on SIGHUP (the same file and command-line overrides)."""
+        self.generator_factory = generator_factory
+        """Builds what makes the images, at start (tests and the bench pass the stand-in's)."""
         self.reload_requested = threading.Event()
         self.stop = threading.Event()
         """Set it (a signal, a test) for a warm stop."""
