@@ -104,11 +104,11 @@ def test_kill_9_before_any_output_reruns_with_the_recorded_seed(spool: Spool, tm
 def test_sigterm_stops_the_running_job_at_a_step_and_puts_everything_back(spool: Spool, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     spool.drop("slow.yaml", "prompt: slow\nsize: 256x256\nsteps: 60\nseed: 9\n")
-    spool.drop("queued.yaml", "prompt: waits its turn\nseed: 10\n")
     process = start_daemon_process(spool.config_path, standin=hold(gate, "slow"))
     try:
-        wait_for(lambda: len(list((spool.root / "work" / "test").glob("*"))) == 2, what="both claimed")
         wait_for(lambda: held(gate), what="the slow job held at step 1 of 60")
+        spool.drop("queued.yaml", "prompt: waits its turn\nseed: 10\n")  # dropped after: it waits behind it
+        wait_for(lambda: len(list((spool.root / "work" / "test").glob("*"))) == 2, what="both claimed")
         process.send_signal(signal.SIGTERM)
         assert process.wait(CEILING_S) == 0
     finally:
