@@ -145,11 +145,14 @@ def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> lis
             image = _precheck_image(claim, config, spec, index, resolve_image(spec, claim.source, exists))
         job_id = claim.claim_id if len(specs) == 1 else f"{claim.claim_id}-{index}"
         jobs.append(Job(job_id, claim.source, index, fill_seed(spec), image))
+    # `image` stays the inbox-relative name, as before the probe was kept: a daemon of the previous
+    # version that resumes this claim reads the record as it always did.
     records = [
         {
             "job_id": job.job_id,
             "index": job.index,
-            "image": job.image.record() if job.image else None,
+            "image": job.image.name if job.image else None,
+            "probe": job.image.probe_record() if job.image else None,
             "spec": job.spec.model_dump(mode="json"),
         }
         for job in jobs
@@ -160,13 +163,13 @@ def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> lis
 
 def _job_from_record(claim: Claim, config: Config, record: dict[str, Any]) -> Job:
     spec = spec_from_dict(record["spec"])
-    image = record["image"]
-    probe: InputImage | None = None
-    if isinstance(image, str):  # written before jobs.json kept the probe: probe the claimed file now
-        probe = _precheck_image(claim, config, spec, record["index"], image)
-    elif image is not None:
-        probe = InputImage.from_record(image, folder=claim.inputs)
-    return Job(record["job_id"], claim.source, record["index"], spec, probe)
+    image, probe = record["image"], record.get("probe")
+    found: InputImage | None = None
+    if image is not None and probe is not None:
+        found = InputImage.from_record(str(image), probe, folder=claim.inputs)
+    elif image is not None:  # written before jobs.json kept the probe: probe the file now
+        found = _precheck_image(claim, config, spec, record["index"], image)
+    return Job(record["job_id"], claim.source, record["index"], spec, found)
 
 
 def _validate(claim: Claim, config: Config, parsed: Parsed | None) -> list[Spec]:

@@ -158,9 +158,12 @@ def _beside(job_path: Path) -> Callable[[str], bool]:
 
 
 def _read_job(path: Path, config: Config) -> list[Spec]:
-    """A job file outside the inbox, read as if dropped in the inbox root (image paths are relative to it)."""
+    """A job file outside the inbox, read as if dropped in the inbox root (image paths are relative to it).
+
+    A link the user names is followed (only the inbox refuses links).
+    """
     try:
-        return read_job_file(path, label=path.name, rules=config.rules())
+        return read_job_file(path.resolve(), label=path.name, rules=config.rules())
     except DiffusiondError as exc:
         exc.path = str(path)  # the user named it by this path, not by its name in an inbox
         raise

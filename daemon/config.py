@@ -259,7 +259,12 @@ class Config(_Strict):
         return Rules(
             models={name: entry.kind for name, entry in entries.items()},
             defaults=self.defaults,
-            limits=Limits(**self.limits.model_dump()),
+            limits=Limits(
+                max_pixels=self.limits.max_pixels,
+                max_steps=self.limits.max_steps,
+                max_count=self.limits.max_count,
+                max_file_bytes=self.limits.max_file_bytes,
+            ),
             model_defaults={name: spec.defaults for name, spec in self.models.items() if spec.defaults},
             native_sizes={name: size for name, size in sizes.items() if size},
             watermark_required=self.watermark.required,

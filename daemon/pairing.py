@@ -7,6 +7,7 @@ a job file of the same stem, then takes its hot folder's profile.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 from collections.abc import Callable, Collection, Container, Mapping
@@ -14,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from diffusiond.pipeline.errors import Code, JobRejected
+from diffusiond.pipeline.errors import Code, DiffusiondError, JobRejected, internal_error
 from diffusiond.pipeline.job import IMAGE_SUFFIXES, JOB_SUFFIXES, Rules, Spec, inbox_relative, read_job_file
 
+log = logging.getLogger(__name__)
 Parse = Callable[[str], list[Spec]]
 """Reads and validates a job file by its inbox-relative path; raises JobRejected."""
 
@@ -39,11 +41,11 @@ class Parsed:
     """A job file's validation (its specs, or why it is wrong), and the `file_stamp` of the file read."""
 
     stamp: object
-    outcome: tuple[Spec, ...] | JobRejected
+    outcome: tuple[Spec, ...] | DiffusiondError
 
     def result(self) -> list[Spec]:
         """The specs; the rejection is raised."""
-        if isinstance(self.outcome, JobRejected):
+        if isinstance(self.outcome, DiffusiondError):
             raise self.outcome
         return list(self.outcome)
 
@@ -72,9 +74,12 @@ class ParseCache:
         if cached is not None and cached.stamp == stamp:
             return cached
         try:
-            outcome: tuple[Spec, ...] | JobRejected = tuple(self._parse(path))
+            outcome: tuple[Spec, ...] | DiffusiondError = tuple(self._parse(path))
         except JobRejected as exc:
             outcome = exc
+        except Exception as exc:  # a bug must not stop the daemon: the file is claimed and fails with it
+            log.exception("internal error reading %s", path)
+            outcome = internal_error(exc, path=path)
         self._by_path[path] = parsed = Parsed(stamp, outcome)
         return parsed
 
@@ -164,7 +169,7 @@ class Pairing:
             stamped = stamp(path)
             parsed = self._parsed.get(path, stamped)
             usable = parsed if stamped is not None else None  # a file gone meanwhile: the claim reads it
-            if isinstance(parsed.outcome, JobRejected):
+            if isinstance(parsed.outcome, DiffusiondError):
                 intents.append(Intent(path, (path,), parsed=usable))
                 continue
             specs = parsed.outcome

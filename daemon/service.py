@@ -33,7 +33,7 @@ from diffusiond.daemon.systemd import Notifier
 from diffusiond.daemon.threads import name_os_thread
 from diffusiond.daemon.worker import Worker, reject
 from diffusiond.pipeline.backend import Generator
-from diffusiond.pipeline.errors import ConfigError, DiffusiondError
+from diffusiond.pipeline.errors import ConfigError, DiffusiondError, internal_error
 
 log = logging.getLogger(__name__)
 GeneratorFactory = Callable[[Config], Generator]
@@ -294,6 +294,11 @@ class Daemon:
                     jobs = load_jobs(claimed, self.config, parsed=intent.parsed)
                 except DiffusiondError as exc:
                     reject(claimed, self.config, exc, self.board)
+                    self.rejected += 1
+                    continue
+                except Exception as exc:  # a bug must not stop the daemon, nor stop it again on every start
+                    log.exception("internal error validating %s", intent.source)
+                    reject(claimed, self.config, internal_error(exc, path=claimed.source), self.board)
                     self.rejected += 1
                     continue
                 self.claims.put(replace(claimed, jobs=tuple(jobs)))

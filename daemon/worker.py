@@ -32,7 +32,7 @@ from diffusiond.daemon.scheduler import Pending, plan_batches
 from diffusiond.daemon.status import StatusBoard
 from diffusiond.daemon.threads import name_os_thread
 from diffusiond.pipeline.backend import Cancelled, Generated, Generator, StepHook
-from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
+from diffusiond.pipeline.errors import DiffusiondError, internal_error
 
 log = logging.getLogger(__name__)
 WriteTask = Callable[[], None]
@@ -143,7 +143,7 @@ def run_claims(
                     lifecycle.archive(claim, config)
             except Exception as exc:  # a bug must not lose the claim: it still gets a report
                 log.exception("internal error ending %s", claim.source)
-                failed = [_internal_error(claim, exc)]
+                failed = [internal_error(exc, path=claim.source)]
                 if claim.folder.exists():
                     lifecycle.fail(claim, config, failed[0])
             on_end(claim, not failed)
@@ -222,7 +222,7 @@ def _commit(
         return exc
     except Exception as exc:  # a bug in stamping or writing fails this job, not the daemon
         log.exception("internal error writing %s", job.job_id, extra=_fields(item))
-        return _internal_error(claim, exc)
+        return internal_error(exc, path=claim.source)
     lifecycle.mark_done(claim, job.job_id)
     files = [o["file"] for o in manifest["outputs"]]
     seconds = time.perf_counter() - started
@@ -348,7 +348,7 @@ class Worker(threading.Thread):
             for claim in claims:
                 if claim.claim_id not in ended:
                     if claim.folder.exists():
-                        lifecycle.fail(claim, self.config, _internal_error(claim, exc))
+                        lifecycle.fail(claim, self.config, internal_error(exc, path=claim.source))
                     on_end(claim, False)
         finally:
             self.current, self.progress = [], None
@@ -360,12 +360,3 @@ class Worker(threading.Thread):
     @property
     def idle(self) -> bool:
         return not self.current and self.claims.unfinished_tasks == 0
-
-
-def _internal_error(claim: Claim, exc: Exception) -> JobFailed:
-    return JobFailed(
-        f"internal error: {type(exc).__name__}: {exc}",
-        code=Code.GENERATION_FAILED,
-        path=claim.source,
-        fix="this is a diffusiond bug: please report it with the daemon's log",
-    )

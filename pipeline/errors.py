@@ -157,6 +157,16 @@ _CLASS_OF_CODE: dict[Code, type[DiffusiondError]] = {
 """Every other code is a rejection of the user's file."""
 
 
+def internal_error(exc: BaseException, *, path: str | None = None) -> JobFailed:
+    """A diffusiond bug, reported like any failure: the input lands in failed/ and the daemon goes on."""
+    return JobFailed(
+        f"internal error: {type(exc).__name__}: {exc}",
+        code=Code.GENERATION_FAILED,
+        path=path,
+        fix="this is a diffusiond bug: please report it with the daemon's log",
+    )
+
+
 @contextmanager
 def job_context(
     *, path: str | None = None, job_index: int | None = None, field: str | None = None, value: Any = None

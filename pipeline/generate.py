@@ -75,7 +75,7 @@ class DiffusersGenerator:
         spec = jobs[0].spec
         cache = self.cache
         dtype = str(cache.dtype).removeprefix("torch.")
-        inputs = [open_image(job.image) if job.image is not None else None for job in jobs]
+        inputs = [_input(job) for job in jobs]
         started = time.perf_counter()
         if isinstance(spec, UpscaleJob) and not spec.uses_model:
             images = upscale_lanczos(spec, _need(inputs[0]))
@@ -99,13 +99,7 @@ class DiffusersGenerator:
                     continue  # same job, one memory level lower; the level is remembered for the model
                 raise _translate(exc, spec.task) from exc
         done = time.perf_counter()
-        model = ModelInfo(
-            name,
-            str(cache.entries[name].path),
-            hash=loaded.hash,
-            family=str(loaded.kind),
-            pipeline=type(loaded.pipe).__name__,
-        )
+        model = ModelInfo(name, loaded.path, loaded.hash, str(loaded.kind), type(loaded.pipe).__name__)
         return [
             Generated(
                 part,
@@ -128,6 +122,14 @@ def _unused(cache: ModelCache, spec: UpscaleJob) -> ModelInfo | None:
     """A Lanczos upscale uses no model; the manifest still names the job's `model:` if the config has it."""
     entry = cache.entries.get(spec.model) if spec.model else None
     return ModelInfo(entry.name, str(entry.path)) if entry is not None else None
+
+
+def _input(job: Job) -> Image.Image | None:
+    """The job's input pixels; an error names this job, not the batch's first."""
+    if job.image is None:
+        return None
+    with job_context(path=job.source, job_index=job.index):
+        return open_image(job.image)
 
 
 def _translate(exc: Exception, task: Task) -> JobFailed:

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffusiond.pipeline.errors import Code, JobRejected, job_context
-from diffusiond.pipeline.job import InputImage, read_plain_file
+from diffusiond.pipeline.job import InputImage, fit_multiple_of_8, read_plain_file
 
 
 def probe_image(path: Path, *, label: str, max_file_bytes: int) -> InputImage:
@@ -31,23 +31,29 @@ def probe_image(path: Path, *, label: str, max_file_bytes: int) -> InputImage:
             code=Code.BAD_IMAGE,
             fix_size="shrink the image, or raise limits.max_file_bytes in the config",
         )
-        image = _decode(io.BytesIO(data))
+        image = _decode(io.BytesIO(data), name=label)
     return InputImage(label, path, image.size, hashlib.sha256(data).hexdigest())
 
 
 def open_image(image: InputImage) -> Image.Image:
     """The pixels of a probed input, upright and in RGB, decoded fully (not lazily)."""
     with job_context(field="image", value=image.name):
-        return _decode(image.path)
+        return _decode(image.path, name=image.name)
 
 
-def _decode(source: Path | io.BytesIO) -> Image.Image:
+def _decode(source: Path | io.BytesIO, *, name: str) -> Image.Image:
     """Decoding everything here means a truncated or fake image fails at pre-check, before any model runs."""
     try:
         with Image.open(source) as opened:
             opened.load()
             return ImageOps.exif_transpose(opened).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:  # its text names what was opened: here, bytes in memory
+        raise JobRejected(
+            f"not a readable image (Pillow cannot identify {name!r} as an image)",
+            code=Code.BAD_IMAGE,
+            fix="save the file again as a real PNG, JPEG or WebP image",
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise JobRejected(
             f"not a readable image ({type(exc).__name__}: {exc})",
             code=Code.BAD_IMAGE,
@@ -65,7 +71,7 @@ def fit_to_multiple_of_8(image: Image.Image, size: tuple[int, int] | None) -> Im
     """Resize to `size`, or crop the image down to multiples of 8 (the VAE needs them)."""
     if size is not None:
         return image.resize(size, Image.Resampling.LANCZOS) if image.size != size else image
-    width, height = image.width - image.width % 8, image.height - image.height % 8
+    width, height = fit_multiple_of_8(image.size)
     if (width, height) == image.size:
         return image
     return image.crop((0, 0, width, height))

@@ -359,14 +359,14 @@ class InputImage:
     sha256: str
     """Of the file's bytes, for the manifest."""
 
-    def record(self) -> dict[str, Any]:
-        """What `jobs.json` keeps of it (`path` is the claim folder's, rebuilt from `name`)."""
-        return {"file": self.name, "size": list(self.size_px), "sha256": self.sha256}
+    def probe_record(self) -> dict[str, Any]:
+        """What `jobs.json` keeps of the probe, beside the image's name (`path` is rebuilt from the name)."""
+        return {"size": list(self.size_px), "sha256": self.sha256}
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any], *, folder: Path) -> InputImage:
-        width, height = record["size"]
-        return cls(str(record["file"]), folder / record["file"], (int(width), int(height)), str(record["sha256"]))
+    def from_record(cls, name: str, probe: Mapping[str, Any], *, folder: Path) -> InputImage:
+        width, height = probe["size"]
+        return cls(name, folder / name, (int(width), int(height)), str(probe["sha256"]))
 
 
 @dataclass(frozen=True)
@@ -509,7 +509,8 @@ def parse_job_text(
     """
     try:
         documents = [doc for doc in yaml.load_all(text, Loader=SAFE_LOADER) if doc is not None]
-    except yaml.YAMLError as exc:
+    # PyYAML raises a bare ValueError for values it cannot build: `2001-02-30`, an integer of 5,000 digits.
+    except (yaml.YAMLError, ValueError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
@@ -555,9 +556,9 @@ def _validate(document: Any, path: str, rules: Rules, profile: Mapping[str, Any]
     task_name = document.get("task", profile.get("task", rules.defaults.get("all", {}).get("task", "txt2img")))
     if task_name not in TASKS:
         raise JobRejected(
-            f"unknown task {task_name!r}; allowed: {', '.join(TASKS)}",
+            f"unknown task {shown_text(task_name)}; allowed: {', '.join(TASKS)}",
             field="task",
-            value=task_name,
+            value=shown(task_name),
             fix="set `task:` to txt2img, img2img or upscale",
         )
     task = Task(task_name)
@@ -608,7 +609,8 @@ def _translate(exc: ValidationError, task: Task) -> JobRejected:
     # Unions name their members in loc ("VisibleWatermark", "literal[False]"): not fields the user wrote.
     loc = [part for part in loc if not (part[:1].isupper() or part.startswith(("literal[", "function-")))]
     field = ".".join(loc) or "task"
-    value = error.get("input")
+    raw = error.get("input")
+    value = shown(raw)
     if error["type"] == "extra_forbidden":
         section = _section_model(_TASK_MODELS[task], loc[:-1])
         known = sorted(section.model_fields)
@@ -622,7 +624,35 @@ def _translate(exc: ValidationError, task: Task) -> JobRejected:
             fix=f"rename or remove '{field}'",
         )
     message = error["msg"].removeprefix("Value error, ")
-    return JobRejected(f"{message}, got {value!r}", field=field, value=value, fix=FIX_FIELD)
+    return JobRejected(f"{message}, got {shown_text(raw)}", field=field, value=value, fix=FIX_FIELD)
+
+
+_SHOWN_CHARS = 200
+
+
+def shown(value: Any) -> Any:
+    """A wrong value as the report's `value:` holds it: itself when short, else `shown_text(value)`."""
+    text = shown_text(value)
+    return value if text == _repr(value) else text
+
+
+def shown_text(value: Any) -> str:
+    """A wrong value as a message shows it: its repr, cut short.
+
+    A job file can hold a 100,000-character prompt, or an integer too long for `repr` (4,300
+    digits and more, which raises): neither may swell a report or stop the daemon.
+    """
+    text = _repr(value)
+    if text is None:
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else type(value).__name__
+    return text if len(text) <= _SHOWN_CHARS else f"{text[: _SHOWN_CHARS - 3]}..."
+
+
+def _repr(value: Any) -> str | None:
+    try:
+        return repr(value)
+    except ValueError:
+        return None
 
 
 def _section_model(model: type[BaseModel], path: list[str]) -> type[BaseModel]:
@@ -706,9 +736,10 @@ def _check_model(spec: Spec, rules: Rules) -> None:
         )
     if spec.model not in rules.models:
         raise JobRejected(
-            f"model '{spec.model}' is not in the config's models; known: {', '.join(sorted(rules.models)) or '(none)'}",
+            f"model {shown_text(spec.model)} is not in the config's models; known: "
+            f"{', '.join(sorted(rules.models)) or '(none)'}",
             field="model",
-            value=spec.model,
+            value=shown(spec.model),
             fix="use a model name from the config, or add the model to `models:` in the config",
         )
     kind = rules.models[spec.model]

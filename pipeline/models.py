@@ -146,6 +146,8 @@ class Loaded:
     """The model's own scheduler config: each job's scheduler is rebuilt from it."""
     kind: ModelKind = ModelKind.SD1
     hash: str | None = None
+    path: str = ""
+    """Where it was loaded from (a reload may change the config's entry while a job runs)."""
 
 
 @dataclass
@@ -154,6 +156,7 @@ class _Model:
     hash: str | None
     scheduler_config: Any
     level: Memory
+    path: str
     pipes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -197,7 +200,7 @@ class ModelCache:
             self._models.move_to_end(name)
             if task not in model.pipes:
                 model.pipes[task] = self._derive(name, model, task)
-            return Loaded(name, model.pipes[task], model.scheduler_config, model.kind, model.hash)
+            return Loaded(name, model.pipes[task], model.scheduler_config, model.kind, model.hash, model.path)
 
     def preload(self, names: Iterable[str]) -> None:
         for name in names:
@@ -271,7 +274,7 @@ class ModelCache:
         scheduler_config = dict(pipe.scheduler.config)
         if entry.prediction:
             scheduler_config["prediction_type"] = entry.prediction
-        model = _Model(kind, digest, scheduler_config, level, {base_task: pipe})
+        model = _Model(kind, digest, scheduler_config, level, str(entry.path), {base_task: pipe})
         self._models[name] = model
         log.info("loaded model %s (%s, %s, memory %s, hash %s)", name, kind, self.dtype, level.name.lower(), digest)
         return model

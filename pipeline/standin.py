@@ -92,20 +92,24 @@ class StandInGenerator:
         self.calls: list[list[str]] = []
         """The job ids of each call, in order: which jobs shared a call."""
         self._loaded: list[str] = []
+        self._lock = threading.Lock()  # preload on the worker thread, reconfigure on the main one
 
     @property
     def device(self) -> str:
         return "cpu"
 
     def preload(self, name: str) -> None:
-        if name not in self._loaded:
-            self._loaded.append(name)
+        with self._lock:
+            if name not in self._loaded:
+                self._loaded.append(name)
 
     def reconfigure(self, entries: Mapping[str, ModelEntry], *, memory: str, max_loaded: int) -> None:
-        self._loaded = [name for name in self._loaded if name in entries]
+        with self._lock:
+            self._loaded = [name for name in self._loaded if name in entries]
 
     def loaded(self) -> list[str]:
-        return list(self._loaded)
+        with self._lock:
+            return list(self._loaded)
 
     def generate(
         self,

@@ -195,6 +195,13 @@ def start_daemon_process(
     )
 
 
+def hold(gate: Path, prompt: str | None = None, step: int = 1) -> dict[str, Any]:
+    """Stand-in settings (for `start_daemon_process`) that hold the job with `prompt` (any job if None)
+    at `step` until `gate/release` exists; the held job shows as `gate/held-<job_id>`."""
+    gate.mkdir(exist_ok=True)
+    return {"hold": {"prompt": prompt, "step": step, "folder": str(gate)}}
+
+
 def wait_until_ready(config_path: Path, process: subprocess.Popen[str]) -> dict[str, Any]:
     """Wait for the daemon process's status.json to say `ready` (its signal handlers are installed by then)."""
     state = load_config(config_path).state / "status.json"

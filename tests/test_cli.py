@@ -84,6 +84,15 @@ def test_validate_reports_each_file(spool: Spool, tmp_path: Path) -> None:
     assert f"{bad} (job 2), field 'steps'" in result.stdout
 
 
+def test_validate_follows_a_link_the_user_names(spool: Spool, tmp_path: Path) -> None:
+    """Only the inbox refuses links; a path typed on the command line is the user's own."""
+    real = tmp_path / "real.yaml"
+    real.write_text("prompt: fine\n")
+    (tmp_path / "link.yaml").symlink_to(real)
+    result = cli("validate", str(tmp_path / "link.yaml"), "--config", str(spool.config_path))
+    assert result.returncode == 0 and "ok, 1 job(s)" in result.stdout, result.stdout + result.stderr
+
+
 def test_init_makes_folders_and_a_config_that_loads(tmp_path: Path) -> None:
     result = cli("init", str(tmp_path / "spool"))
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import CEILING_S, Spool, start_daemon_process, wait_for, wait_until_ready
+from tests.conftest import CEILING_S, Spool, hold, start_daemon_process, wait_for, wait_until_ready
 
 THREE_JOBS = (
     "prompt: quick one\nseed: 1\nsteps: 2\n---\n"
@@ -22,12 +22,6 @@ THREE_JOBS = (
 )
 STANDIN: dict[str, Any] = {}
 """The stand-in with no gate: every job runs straight through."""
-
-
-def hold(gate: Path, prompt: str | None = None) -> dict[str, Any]:
-    """Stand-in settings that hold the job with `prompt` (any job if None) at its first step."""
-    gate.mkdir(exist_ok=True)
-    return {"hold": {"prompt": prompt, "step": 1, "folder": str(gate)}}
 
 
 def held(gate: Path) -> list[Path]:
@@ -47,9 +41,9 @@ def stop(process: subprocess.Popen[str]) -> str:
     return output
 
 
-def run_oneshot(spool: Spool) -> None:
-    """The restart: the same config, once over what is there, on the stand-in."""
-    restarted = start_daemon_process(spool.config_path, "--oneshot", standin=STANDIN)
+def run_oneshot(spool: Spool, standin: dict[str, Any] | None = STANDIN) -> None:
+    """The restart: the same config, once over what is there, on the stand-in (None: real diffusers)."""
+    restarted = start_daemon_process(spool.config_path, "--oneshot", standin=standin)
     assert restarted.wait(CEILING_S) == 0, stop(restarted)
 
 
@@ -179,7 +173,7 @@ def test_a_rerun_clears_what_the_interrupted_run_left_and_nothing_else(spool: Sp
     from diffusiond.daemon.claim import Claim
 
     spool.drop("left.yaml", "prompt: interrupted\nseed: 4\ncount: 2\n")
-    run_oneshot(spool)
+    run_oneshot(spool, standin=None)  # real diffusers: the rerun in another process makes the same bytes
     [manifest] = spool.manifests()
     # Make it look as if the daemon died while writing: claim folder back, manifest gone.
     work = spool.root / "work" / "test" / manifest["job_id"]
@@ -191,7 +185,7 @@ def test_a_rerun_clears_what_the_interrupted_run_left_and_nothing_else(spool: Sp
     (spool.outbox / f".{manifest['job_id']}-2.png.999.tmp").write_bytes(b"half")
     unrelated = spool.outbox / f"{manifest['job_id']}-x-1.png"
     unrelated.write_bytes(b"another job's output")
-    run_oneshot(spool)
+    run_oneshot(spool, standin=None)
     [again] = spool.manifests()
     assert again["job_id"] == manifest["job_id"] and again["seeds"] == [4, 5]
     assert [o["sha256"] for o in again["outputs"]] == [o["sha256"] for o in manifest["outputs"]]

@@ -142,6 +142,9 @@ BAD_INPUTS = {
     "missing-image": ("task: img2img\nimage: nothere.png\nprompt: x\n", "missing_input", "image", "did not arrive"),
     "over-limit": ("prompt: x\nsteps: 1000\n", "over_limit", "steps", "limit of 150"),
     "second-job-bad": ("prompt: fine\n---\nprompt: x\nguidance: lots\n", "invalid_field", "guidance", "valid number"),
+    # PyYAML raises a bare ValueError for these: it stopped the daemon, at every start, before.
+    "no-such-date": ("prompt: x\nseed: 2001-02-30\n", "yaml_syntax", None, "day is out of range for month"),
+    "huge-number": ("prompt: x\nseed: 0x" + "f" * 6000 + "\n", "invalid_field", "seed", "an integer of 24000 bits"),
 }
 
 
@@ -204,6 +207,7 @@ def test_non_image_with_an_image_extension_fails_cleanly(spool: Spool, daemon) -
     spool.drop("fake.yaml", "task: img2img\nprompt: x\n")
     [report] = wait_for(spool.reports, what="error report")
     assert report["code"] == "bad_image" and report["field"] == "image"
+    assert (report["file"], report["value"]) == ("fake.yaml", "fake.png") and "'fake.png'" in report["error"]
     assert sorted(report["inputs"]) == ["fake.png", "fake.yaml"]
     assert (spool.failed / "fake.png").exists() and (spool.failed / "fake.yaml").exists()
 

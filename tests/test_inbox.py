@@ -11,6 +11,7 @@ import pytest
 from diffusiond.daemon.claim import claim, load_jobs
 from diffusiond.daemon.inbox import SettleTracker, is_candidate
 from diffusiond.daemon.pairing import Intent, Pairing, file_stamp, job_file_reader
+from diffusiond.pipeline.errors import JobFailed
 from diffusiond.pipeline.families import ModelKind
 from diffusiond.pipeline.job import Rules
 from tests.conftest import Spool
@@ -421,3 +422,19 @@ def test_a_limited_round_never_takes_a_later_jobs_image_for_a_bare_one(inbox: In
     later = PAIR_WAIT_S * 3  # long past pair_wait_s: bird.png is still second.yaml's image, not a bare one
     assert inbox.decide(stable, now=later, limit=1) == [Intent(first, (first,))]
     assert inbox.decide([second, bird], now=later, limit=1) == [Intent(second, (second, bird))]
+
+
+def test_a_bug_in_reading_a_job_file_fails_that_file_not_the_daemon(tmp_path: Path) -> None:
+    """Pairing runs on the main loop: whatever the reader raises becomes the file's error (then failed/)."""
+
+    def broken(relative: str) -> list:
+        raise RuntimeError(f"a bug reading {relative}")
+
+    pairing = Pairing(parse=broken, profiles={}, has_sketch_job=False, pair_wait_s=PAIR_WAIT_S)
+    job = "odd.yaml"
+    (tmp_path / job).write_text("prompt: x\n")
+    [intent] = pairing.decide([job], [job], 0.0, stamp=lambda rel: (tmp_path / rel).stat().st_mtime_ns)
+    assert intent.files == (job,) and intent.parsed is not None
+    with pytest.raises(JobFailed, match=r"internal error: RuntimeError: a bug reading odd\.yaml") as info:
+        intent.parsed.result()
+    assert info.value.path == job and "diffusiond bug" in info.value.fix

@@ -411,3 +411,31 @@ def test_depth2img_needs_a_depth_model() -> None:
     with pytest.raises(JobRejected) as caught:
         parse_job_text("task: depth2img\nmodel: test\nimage: a.png\n", path="j.yaml", rules=rules)
     assert caught.value.field == "model" and "depth" in caught.value.message
+
+
+# --- what a job runs at, and which jobs may share a call ------------------------------------------
+
+OWN_SIZES = Rules(models=MODELS, defaults={"all": {"model": "test"}, "upscale": {"model": "x4"}})
+"""No default `size:`, so img2img runs at its input's size."""
+
+
+def test_each_task_says_its_run_size_output_size_and_steps() -> None:
+    txt, img, up, lanczos = parse(
+        "prompt: a\nsize: 64x32\n---\ntask: img2img\nimage: a.png\nstrength: 0.5\nsteps: 10\n---\n"
+        "task: upscale\nimage: a.png\n---\ntask: upscale\nimage: a.png\nmethod: lanczos\nscale: 2.5\n",
+        rules=OWN_SIZES,
+    )
+    assert (txt.run_size(None), txt.output_size(None), txt.denoise_steps()) == ((64, 32), (64, 32), 30)
+    assert (img.run_size((103, 61)), img.denoise_steps(), img.input_image) == ((96, 56), 5, "a.png")
+    assert (up.run_size((103, 61)), up.output_size((103, 61))) == ((103, 61), (412, 244))
+    assert (lanczos.output_size((103, 61)), lanczos.uses_model) == ((258, 152), False)
+
+
+def test_inputs_that_crop_alike_share_an_img2img_call_but_the_x4_upscaler_takes_sizes_as_they_are() -> None:
+    """x4 runs on the input as it is: 100 and 103 px inputs in one call made the pipeline fail, both jobs."""
+    [img] = parse("task: img2img\nimage: a.png\n", rules=OWN_SIZES)
+    [up] = parse("task: upscale\nimage: a.png\n", rules=OWN_SIZES)
+    [lanczos] = parse("task: upscale\nimage: a.png\nmethod: lanczos\nscale: 2\n", rules=OWN_SIZES)
+    assert img.batch_key((100, 100)) == img.batch_key((103, 103))  # both run at 96x96
+    assert up.batch_key((100, 100)) != up.batch_key((103, 103))
+    assert lanczos.batch_key((100, 100)) is None  # no model call to share

@@ -103,6 +103,24 @@ def test_a_job_file_too_big_or_not_utf8_gets_one_clear_report(
     assert (spool.failed / "odd.yaml").read_bytes() == data
 
 
+def test_jobs_json_keeps_the_image_name_where_the_previous_version_reads_it(spool: Spool) -> None:
+    """The probe goes beside the name: a claim this version wrote still resumes under the previous one."""
+    from diffusiond.daemon.claim import claim, load_jobs
+    from diffusiond.daemon.pairing import Intent
+
+    config = spool.config
+    spool.drop("fox.png", sketch_png(size=(64, 48)))
+    spool.drop("fox.yaml", "task: img2img\nprompt: a fox\nseed: 5\n")
+    claimed = claim(Intent("fox.yaml", ("fox.yaml", "fox.png")), inbox=config.inbox, work=config.work_dir)
+    assert claimed is not None
+    [job] = load_jobs(claimed, config)
+    [record] = json.loads((claimed.folder / "jobs.json").read_text())
+    assert record["image"] == "fox.png"
+    assert record["probe"] == {"size": [64, 48], "sha256": job.image.sha256 if job.image else None}
+    [again] = load_jobs(claimed, config)  # read back, as a resumed claim
+    assert again == job
+
+
 def run_oneshot(spool: Spool, generator: StandInGenerator) -> None:
     """`diffusiond run --oneshot` in a thread (the main thread would take pytest's signals)."""
     daemon = Daemon(spool.config, oneshot=True, generator_factory=lambda _config: generator)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from diffusiond import __version__
 from diffusiond.pipeline.backend import Generated
-from diffusiond.pipeline.errors import ConfigError, JobFailed
+from diffusiond.pipeline.errors import ConfigError, JobFailed, JobRejected
 from diffusiond.pipeline.families import ModelEntry, ModelKind
 from diffusiond.pipeline.generate import DiffusersGenerator
 from diffusiond.pipeline.inputs import probe_image
@@ -269,6 +269,41 @@ def test_each_task_makes_the_pixels_it_made_when_recorded(
     [generated] = generator.generate([golden_jobs(square_sketch)[task]])
     corner = np.asarray(generated.images[0], dtype=np.int16)[-3:, -3:, :]
     assert np.abs(corner - np.array(GOLDEN[task])).max() <= 8  # another CPU's kernels may round a few levels apart
+
+
+def test_a_reload_during_a_job_keeps_what_the_job_ran_with(cache: ModelCache, test_models: TestModelPaths) -> None:
+    """SIGHUP updates the cache from the main thread while the worker generates: the manifest keeps the model."""
+    entries, memory, max_loaded = dict(cache.entries), cache.memory, cache.max_loaded
+
+    def reload_at_step(step: int, _total: int) -> None:
+        if step == 1:
+            cache.update({}, memory=memory, max_loaded=max_loaded)  # a config without the model
+
+    try:
+        [generated] = DiffusersGenerator(cache).generate([txt2img_job()], on_step=reload_at_step)
+    finally:
+        cache.update(entries, memory=memory, max_loaded=max_loaded)
+    assert generated.model is not None and generated.model.path == str(test_models.sd)
+
+
+def test_a_bad_image_in_a_batch_names_its_own_job(cache: ModelCache, tmp_path: Path) -> None:
+    jobs = []
+    for index in (1, 2):
+        path = tmp_path / f"in{index}.png"
+        Image.new("RGB", (32, 32), (index * 90, 40, 40)).save(path)
+        probe = probe_image(path, label=path.name, max_file_bytes=1 << 30)
+        spec = Img2ImgJob(task="img2img", model="test", steps=2, strength=0.5, seed=index)
+        jobs.append(Job(f"j{index}", "two.yaml", index, spec, probe))
+    assert jobs[0].spec.batch_key((32, 32)) == jobs[1].spec.batch_key((32, 32))
+    (tmp_path / "in2.png").write_bytes(b"changed after the pre-check")
+    with pytest.raises(JobRejected) as info:
+        DiffusersGenerator(cache).generate(jobs)
+    assert (info.value.path, info.value.job_index, info.value.field, info.value.value) == (
+        "two.yaml",
+        2,
+        "image",
+        "in2.png",
+    )
 
 
 def test_the_stand_in_makes_the_sizes_seeds_and_steps_the_pipeline_makes(cache: ModelCache, sketch: Path) -> None:

@@ -108,10 +108,20 @@ def test_image_bytes_differ_only_by_what_was_asked(spool: Spool, test_models) ->
 
 
 def test_the_schema_knows_the_marks_limits() -> None:
+    """job.py owns the limits that validation checks (watermark.py imports them): they are the mark's real ones."""
+    from imwatermark import WatermarkEncoder
+
     from diffusiond.pipeline import job, watermark
 
-    assert job.WATERMARK_PAYLOAD_MAX_BYTES == watermark.PAYLOAD_MAX_BYTES
-    assert job.WATERMARK_MIN_SIDE_PX == watermark.MIN_SIDE_PX
+    side = job.WATERMARK_MIN_SIDE_PX
+    encoder = WatermarkEncoder()
+    encoder.set_watermark("bits", watermark.frame_bits("diffusiond"))
+    encoder.encode(np.zeros((side, side, 3), np.uint8), "dwtDctSvd")  # the smallest square imwatermark takes
+    with pytest.raises(RuntimeError, match="too small"):
+        encoder.encode(np.zeros((side - 1, side - 1, 3), np.uint8), "dwtDctSvd")
+    assert len(watermark.frame_bits("x" * job.WATERMARK_PAYLOAD_MAX_BYTES)) == watermark.FRAME_BITS
+    with pytest.raises(ValueError, match="at most 10"):
+        watermark.frame_bits("x" * (job.WATERMARK_PAYLOAD_MAX_BYTES + 1))
 
 
 def test_c2pa_signed_outputs_carry_a_valid_created_action(spool: Spool, test_models, tmp_path: Path) -> None:
