@@ -310,10 +310,10 @@ def test_the_stand_in_makes_the_sizes_seeds_and_steps_the_pipeline_makes(cache: 
     """Lifecycle tests run on the stand-in: what they see of a job must be what the real pipeline gives."""
     probe = probe_image(sketch, label="sketch.png", max_file_bytes=1 << 30)  # 60x44: img2img crops it to 56x40
     jobs = [
-        txt2img_job(size=(64, 32), count=2, scheduler="ddim"),
+        txt2img_job(size=(64, 32), count=2),
         Job("j", "s.yaml", 1, Img2ImgJob(task="img2img", model="test", steps=4, strength=0.5, seed=3), probe),
         Job("j", "s.yaml", 1, Img2ImgJob(task="img2img", model="test", steps=2, size=(32, 32), seed=3), probe),
-        Job("j", "s.yaml", 1, UpscaleJob(task="upscale", model="test-x4", steps=2, seed=5, scheduler="ddim"), probe),
+        Job("j", "s.yaml", 1, UpscaleJob(task="upscale", model="test-x4", steps=2, seed=5), probe),
         Job("j", "s.yaml", 1, UpscaleJob(task="upscale", method="lanczos", scale=2.5), probe),
     ]
     for job in jobs:
