@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     )
     _config_args(status)
     status.add_argument("--state-dir", type=Path, help="the state_dir the daemon was run with (`run --state-dir`)")
+    status.add_argument("--instance", help="the instance the daemon was run with (`run --instance`)")
     status.add_argument("--json", action="store_true", help="print status.json as it is")
 
     args = parser.parse_args(argv)
@@ -291,7 +292,11 @@ def _status(args: argparse.Namespace) -> int:
     """Exit 0: the daemon runs; 1: it stopped, or its pid is gone; 2: no status file for this config."""
     from diffusiond.daemon.status import STATUS_FILE, format_status, is_running
 
-    path = (args.state_dir.absolute() if args.state_dir else _load(args).state) / STATUS_FILE
+    if args.state_dir:
+        state = args.state_dir.absolute()
+    else:
+        state = load_config(args.config, spool=args.spool, overrides={"instance": args.instance}).state
+    path = state / STATUS_FILE
     try:
         text = path.read_text(encoding="utf-8")
         status = json.loads(text)

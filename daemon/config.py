@@ -140,7 +140,7 @@ class Config(_Strict):
     batch_wait_s: float = Field(0.0, ge=0)
     """With batch_size > 1: how long the worker waits for more claims before starting a call."""
     state_dir: Path | None = None
-    """Local state (model hash cache); default `<spool>/.state`. Keep it off network shares."""
+    """Local state (status, events, model hash cache); default `<spool>/.state/<instance>`. Keep it off shares."""
     defaults: dict[str, dict[str, Any]] = {}
     """Field defaults for jobs: key `all`, then one key per task."""
     profiles: dict[str, dict[str, Any]] = {}
@@ -235,7 +235,8 @@ class Config(_Strict):
 
     @property
     def state(self) -> Path:
-        return self.state_dir or self.spool / ".state"
+        """This daemon's own: daemons sharing a spool must not interleave their status and events."""
+        return self.state_dir or self.spool / ".state" / self.instance
 
     def model_entries(self) -> dict[str, ModelEntry]:
         return {

@@ -73,6 +73,8 @@ def leftover_claims(config: Config) -> list[Claim]:
     if not config.work_dir.is_dir():
         return claims
     for folder in sorted(config.work_dir.iterdir()):
+        if folder.name.startswith(".") or not folder.is_dir():  # the lock (.owner), nothing claimed
+            continue
         try:
             found = Claim.load(folder)
         except (OSError, ValueError, KeyError, TypeError):

@@ -32,6 +32,7 @@ from diffusiond.daemon.status import DaemonState, StatusBoard
 from diffusiond.daemon.systemd import Notifier
 from diffusiond.daemon.threads import name_os_thread
 from diffusiond.daemon.worker import Worker, reject
+from diffusiond.daemon.worklock import lock_work_folder
 from diffusiond.pipeline.backend import Generator
 from diffusiond.pipeline.errors import ConfigError, DiffusiondError, internal_error
 
@@ -103,7 +104,18 @@ class Daemon:
         self._prefetch = max(config.prefetch, config.batch_size)
 
     def run(self) -> int:
-        """Serve until stopped (or, with `oneshot`, until the inbox is empty); returns the exit code."""
+        """Serve until stopped (or, with `oneshot`, until the inbox is empty); returns the exit code.
+
+        The work folder is this daemon's for the whole run: another live daemon with the same
+        instance makes this one refuse to start (ConfigError) before it touches anything.
+        """
+        owner = lock_work_folder(self.config.work_dir, instance=self.config.instance)
+        try:
+            return self._serve()
+        finally:
+            owner.release()
+
+    def _serve(self) -> int:
         config = self.config
         # 1. Bootstrap: the generator (the device is checked first), folders, the worker, claims left by a crash.
         generator = self.generator = self.generator_factory(config)

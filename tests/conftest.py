@@ -118,6 +118,11 @@ class Spool:
     def reports(self) -> list[dict[str, Any]]:
         return [yaml.safe_load(p.read_text()) for p in sorted(self.failed.glob("*.error.yaml"))]
 
+    def claims(self) -> list[Path]:
+        """The claim folders in the test instance's work folder (its `.owner` lock file is not one)."""
+        work = self.root / "work" / "test"
+        return sorted(p for p in work.iterdir() if p.is_dir() and not p.name.startswith(".")) if work.is_dir() else []
+
     def visible_outputs(self) -> list[str]:
         return sorted(p.name for p in self.outbox.iterdir() if not p.name.startswith("."))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ def test_no_file_gives_working_defaults(tmp_path: Path) -> None:
     config = load_config(None, spool=tmp_path / "spool")
     assert config.inbox == tmp_path / "spool" / "inbox"
     assert (config.device, config.dtype, config.memory, config.batch_size) == ("auto", "auto", "auto", 1)
-    assert config.state == tmp_path / "spool" / ".state"
+    assert config.state == tmp_path / "spool" / ".state" / socket.gethostname()  # each instance its own
     assert config.models == {}
 
 

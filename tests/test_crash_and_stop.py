@@ -29,7 +29,7 @@ def held(gate: Path) -> list[Path]:
 
 
 def claim_folder(spool: Spool) -> Path | None:
-    folders = list((spool.root / "work" / "test").glob("*"))
+    folders = spool.claims()
     return folders[0] if len(folders) == 1 else None
 
 
@@ -74,7 +74,7 @@ def test_kill_9_mid_job_then_restart_loses_nothing_and_doubles_nothing(spool: Sp
     assert spool.visible_outputs() == expected, "no duplicate and no partial output"
     assert not [p for p in spool.outbox.iterdir() if p.name.startswith(".")], "no temp files left behind"
     assert (spool.archive / "three.yaml").read_text() == THREE_JOBS
-    assert list((spool.root / "work" / "test").iterdir()) == []
+    assert spool.claims() == []
 
 
 def test_kill_9_before_any_output_reruns_with_the_recorded_seed(spool: Spool, tmp_path: Path) -> None:
@@ -102,7 +102,7 @@ def test_sigterm_stops_the_running_job_at_a_step_and_puts_everything_back(spool:
     try:
         wait_for(lambda: held(gate), what="the slow job held at step 1 of 60")
         spool.drop("queued.yaml", "prompt: waits its turn\nseed: 10\n")  # dropped after: it waits behind it
-        wait_for(lambda: len(list((spool.root / "work" / "test").glob("*"))) == 2, what="both claimed")
+        wait_for(lambda: len(spool.claims()) == 2, what="both claimed")
         process.send_signal(signal.SIGTERM)
         assert process.wait(CEILING_S) == 0
     finally:
@@ -110,7 +110,7 @@ def test_sigterm_stops_the_running_job_at_a_step_and_puts_everything_back(spool:
     assert "stopping the running job at its next step" in output
     assert spool.manifests() == [], "the slow job stopped between steps: nothing was written"
     assert sorted(p.name for p in spool.inbox.iterdir()) == ["queued.yaml", "slow.yaml"], "both back in the inbox"
-    assert list((spool.root / "work" / "test").iterdir()) == []
+    assert spool.claims() == []
     run_oneshot(spool)
     assert sorted(m["source"] for m in spool.manifests()) == ["queued.yaml", "slow.yaml"]
     assert next(m for m in spool.manifests() if m["source"] == "slow.yaml")["seeds"] == [9]
@@ -147,7 +147,7 @@ def test_crash_between_claim_record_and_rename_runs_the_job_once(spool: Spool) -
     run_oneshot(spool)
     assert sorted(m["source"] for m in spool.manifests()) == ["kept.yaml", "orphan.yaml"]
     assert spool.reports() == []
-    assert list(work.iterdir()) == []
+    assert spool.claims() == []
 
 
 def test_a_torn_jobs_json_after_a_power_cut_is_validated_again(spool: Spool) -> None:
@@ -165,7 +165,7 @@ def test_a_torn_jobs_json_after_a_power_cut_is_validated_again(spool: Spool) -> 
     manifests = sorted(spool.manifests(), key=lambda m: m["source"])
     assert [(m["source"], m["seeds"]) for m in manifests] == [("cut.yaml", [7]), ("empty.yaml", [7])]
     assert spool.reports() == []
-    assert list(work.iterdir()) == []
+    assert spool.claims() == []
 
 
 def test_a_rerun_clears_what_the_interrupted_run_left_and_nothing_else(spool: Spool) -> None:

@@ -45,7 +45,7 @@ def test_txt2img_writes_images_with_metadata_and_a_manifest_then_archives(spool:
         assert f"Seed: {output['seed']}" in parameters and "Steps: 4" in parameters
     wait_for(lambda: (spool.archive / "hamster.yaml").exists(), what="archived job file")
     assert not (spool.inbox / "hamster.yaml").exists()
-    wait_for(lambda: list((spool.root / "work" / "test").iterdir()) == [], what="the claim folder removed")
+    wait_for(lambda: spool.claims() == [], what="the claim folder removed")
 
 
 def test_same_seed_gives_the_same_image(spool: Spool, daemon) -> None:

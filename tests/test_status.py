@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -143,7 +144,8 @@ def _cli(spool: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_status_command_shows_the_running_job_and_exits_by_liveness(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
-    board = StatusBoard(spool / ".state")  # the default state dir; this test process plays the daemon
+    state = spool / ".state" / socket.gethostname()  # the default state dir (of the default instance)
+    board = StatusBoard(state)  # this test process plays the daemon
     board.state("ready")
     board.started("hamster-1", "hamster.yaml", "txt2img", "sd15", steps=30)
     board.progress("hamster-1", 12, 30)
@@ -158,8 +160,8 @@ def test_status_command_shows_the_running_job_and_exits_by_liveness(tmp_path: Pa
     as_json = _cli(spool, "--json")
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["current"]["step"] == 12
 
-    path = spool / ".state" / STATUS_FILE
-    path.write_text(json.dumps(_status(spool / ".state") | {"pid": _dead_pid()}))  # as if killed -9
+    path = state / STATUS_FILE
+    path.write_text(json.dumps(_status(state) | {"pid": _dead_pid()}))  # as if killed -9
     dead = _cli(spool)
     assert dead.returncode == 1, dead.stdout + dead.stderr
     assert "not running" in dead.stdout and "did not stop cleanly" in dead.stdout
