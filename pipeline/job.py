@@ -632,8 +632,8 @@ _SHOWN_CHARS = 200
 
 def shown(value: Any) -> Any:
     """A wrong value as the report's `value:` holds it: itself when short, else `shown_text(value)`."""
-    text = shown_text(value)
-    return value if text == _repr(value) else text
+    text = _repr(value)
+    return value if text is not None and len(text) <= _SHOWN_CHARS else shown_text(value)
 
 
 def shown_text(value: Any) -> str:

@@ -136,9 +136,10 @@ class StandInGenerator:
                 on_step(step, total)
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"cancelled after step {step} of {total}")
-            held = next((job for job in jobs if self.gate is not None and self.gate.holds(job, step)), None)
-            if self.gate is not None and held is not None:
-                self.gate.wait(held, cancel)
+            if self.gate is not None:
+                held = next((job for job in jobs if self.gate.holds(job, step)), None)
+                if held is not None:
+                    self.gate.wait(held, cancel)
         took = time.perf_counter() - started
         return [self._images(job, took, len(jobs)) for job in jobs]
 
