@@ -1,10 +1,15 @@
 """Claiming: rename the files of an intent out of the inbox, then turn them into jobs.
 
 The rename of the first file (the job file, or the bare image) is the claim: it
-succeeds for exactly one daemon, whichever shares the folder. A claim folder
-`work/<instance>/<claim_id>/` holds `claim.json`, the claimed files under
-`inbox/` (same relative paths as in the inbox) and, once validated, `jobs.json`
-with the seeds fixed, so a job re-run after a crash makes the same images.
+succeeds for exactly one daemon, whichever shares the folder. The rename cannot
+replace anything: its destination is in a claim folder this call has just made
+with `mkdir` (which fails when the name exists) under a claim id reserved in the
+outbox with `O_EXCL`. A claim folder `work/<instance>/<claim_id>/` (renamed to
+`<claim_id>~N` each time it is resumed: see daemon/lifecycle.py) holds
+`claim.json`, the claimed files under `inbox/` (same relative paths as in the
+inbox), once validated `jobs.json` with the seeds fixed, so a job re-run after a
+crash makes the same images, `stage/` for outputs not yet published, and
+`trail.log`, the claim's own log lines (a crashed claim's report quotes its tail).
 
 `jobs.json` is written atomically but not fsynced (two fewer disk flushes per
 job): a killed daemon finds it whole; only a power cut can leave it missing or
@@ -14,20 +19,22 @@ random seeds of images not made yet.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import secrets
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from diffusiond.daemon.config import Config
-from diffusiond.daemon.fsutil import atomic_write
+from diffusiond.daemon.faults import fault_point
+from diffusiond.daemon.fsutil import atomic_write, fsync_dir, rename_checked
 from diffusiond.daemon.pairing import Intent, Parsed, file_stamp, job_file_reader, profile_of, resolve_image
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobRejected, job_context
 from diffusiond.pipeline.inputs import probe_image
@@ -51,8 +58,16 @@ class Claim:
     bare_image: bool = False
     problem: dict[str, Any] | None = None
     claimed_at: float = 0.0
+    instance: str = ""
+    """The daemon instance whose work folder holds it."""
+    attempt: int = 0
+    """How many times a run of it has started (each manifest records its attempt)."""
+    running: bool = False
+    """A run started and has not stopped in order: found so at start, the last run crashed."""
+    crashes: int = 0
+    """Runs that ended in a crash; at `limits.max_crashes` the claim fails with code `crashed`."""
     resumed: bool = False
-    """Found in work/ at start: its jobs may have left partial outputs to clean first."""
+    """Found in work/ at start: some of its jobs may be published or staged already."""
     jobs: tuple[Job, ...] | None = field(default=None, compare=False, repr=False)
     """What `load_jobs` returned when the service validated the claim, so the worker does not read
     `jobs.json` back; None for a claim found in work/ (the worker loads it)."""
@@ -69,6 +84,7 @@ class Claim:
         return [f for f in self.files if os.path.lexists(self.inputs / f)]
 
     def save(self) -> None:
+        """Write claim.json (durably: it is the claim's state). In a fenced folder: FileNotFoundError."""
         record = asdict(self) | {"folder": None, "resumed": False}
         del record["jobs"]
         atomic_write(self.folder / "claim.json", json.dumps(record, indent=1).encode())
@@ -76,45 +92,131 @@ class Claim:
     @classmethod
     def load(cls, folder: Path) -> Claim:
         record = json.loads((folder / "claim.json").read_text(encoding="utf-8"))
-        record["folder"] = folder
+        known = {f.name for f in fields(cls)}
+        record = {k: v for k, v in record.items() if k in known} | {"folder": folder}
         record["files"] = tuple(record["files"])
         return cls(**record)
 
+    def trail(self, text: str) -> None:
+        """Append a line to the claim's own log; never fails the job (and never recreates a fenced folder)."""
+        line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} [{self.instance or '-'} pid {os.getpid()}] {text}\n"
+        with contextlib.suppress(OSError), open(self.folder / TRAIL, "a", encoding="utf-8") as handle:
+            handle.write(line)
+
+    def trail_tail(self, lines: int = 20) -> list[str]:
+        try:
+            return (self.folder / TRAIL).read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+        except OSError:
+            return []
+
+
+TRAIL = "trail.log"
+ID_RANDOM_BYTES = 6
+"""48 random bits per claim id; with the stem and the second also in it, a collision needs two
+same-stem files claimed in one second: p ~ n^2 / 2^49 for n of them (n = 1,000 in one second
+anywhere on a shared outbox: 1.8e-9), and the `O_EXCL` reservation turns even that into a retry."""
+_UNSAFE = re.compile(r"[^\w.+=@-]+")
+
 
 def new_claim_id(source: str) -> str:
-    """`<stem>-<YYYYmmdd-HHMMSS>-<4 hex>`: readable, sortable, and unique across daemons."""
-    stem = Path(source).stem
-    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    """`<stem>-<YYYYmmdd-HHMMSS>-<12 hex>`: readable, sortable, unique across daemons and hosts.
+
+    The stem keeps letters, digits and `._-+=@` (others become `_`, at most 64 characters):
+    output names stay printable and within NAME_MAX whatever the job file was called.
+    """
+    stem = _UNSAFE.sub("_", Path(source).stem)[:64].strip(".") or "job"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(ID_RANDOM_BYTES)}"
 
 
-def claim(intent: Intent, *, inbox: Path, work: Path) -> Claim | None:
-    """Move the intent's files into a new claim folder; None if another daemon was first."""
-    folder = work / new_claim_id(intent.source)
-    folder.mkdir(parents=True)
-    (folder / "inbox").mkdir()
+def reservation(outbox: Path, claim_id: str) -> Path:
+    """The hidden file in the outbox that reserves a claim id (the prefix of all its output names)."""
+    return outbox / f".{claim_id}.reserved"
+
+
+def reserve_id(outbox: Path, claim_id: str, instance: str) -> bool:
+    """Take `claim_id` for the whole outbox (`O_EXCL`, so for every daemon and host); False if taken."""
+    try:
+        fd = os.open(reservation(outbox, claim_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with open(fd, "w", encoding="utf-8") as handle:
+            handle.write(f"{instance}\n")
+    except BaseException:  # a full disk: no reservation, and nothing left behind
+        reservation(outbox, claim_id).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def claim(intent: Intent, config: Config) -> Claim | None:
+    """Move the intent's files into a new claim folder; None if another daemon was first.
+
+    OSError (a full disk, permissions) leaves the files in the inbox and nothing in work/.
+    """
+    inbox, work, outbox, instance = config.inbox, config.work_dir, config.outbox, config.instance
+    for _ in range(16):
+        claim_id = new_claim_id(intent.source)
+        if not reserve_id(outbox, claim_id, instance):
+            continue
+        try:
+            (work / claim_id).mkdir()
+        except FileExistsError:
+            continue
+        except BaseException:
+            reservation(outbox, claim_id).unlink(missing_ok=True)
+            raise
+        break
+    else:
+        raise FileExistsError(f"no free claim id for {intent.source} after 16 tries")
     found = Claim(
-        folder.name,
-        folder,
+        claim_id,
+        work / claim_id,
         intent.source,
         intent.files,
         bare_image=intent.bare_image,
         problem=intent.problem,
         claimed_at=time.time(),
+        instance=instance,
     )
-    found.save()  # the intent first: a crash right after the rename still finds the record
+    try:
+        found.inputs.mkdir()
+        found.save()  # the intent first: a crash right after the rename still finds the record
+    except BaseException:
+        abandon(found, outbox)
+        raise
     for index, relative in enumerate(intent.files):
-        dest = found.inputs / relative
-        if "/" in relative:  # a hot folder's file
-            dest.parent.mkdir(exist_ok=True)
+        source, dest = inbox / relative, found.inputs / relative
         try:
-            if (inbox / relative).is_symlink():
+            if "/" in relative:  # a hot folder's file
+                dest.parent.mkdir(exist_ok=True)
+            if source.is_symlink():
                 raise FileNotFoundError(relative)  # never follow a link out of the inbox
-            os.rename(inbox / relative, dest)
-        except FileNotFoundError:
-            if index == 0:
-                shutil.rmtree(folder)
-                return None
+            rename_checked(source, dest)
+        except OSError:
+            if index == 0:  # nothing claimed: the files stay where they are, for this or another daemon
+                abandon(found, outbox)
+                if not os.path.lexists(source) or source.is_symlink():
+                    return None
+                raise
+            # An image another daemon took (or one that cannot move): the job's validation names it.
+    for folder in {(found.inputs / r).parent for r in intent.files} | {(inbox / r).parent for r in intent.files}:
+        fsync_dir(folder)
+    found.trail(f"claimed {intent.source} ({len(intent.files)} file(s))")
+    fault_point("after_claim")
     return found
+
+
+def abandon(found: Claim, outbox: Path) -> None:
+    """Undo a claim that claimed nothing: remove only what `claim` made (rmdir: never a claimed file)."""
+    with contextlib.suppress(OSError):
+        (found.folder / "claim.json").unlink()
+    for relative in found.files:
+        parent = (found.inputs / relative).parent
+        while parent != found.folder.parent:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+            parent = parent.parent
+    reservation(outbox, found.claim_id).unlink(missing_ok=True)
 
 
 def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> list[Job]:
@@ -158,6 +260,7 @@ def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> lis
         for job in jobs
     ]
     atomic_write(saved, json.dumps(records, indent=1).encode(), durable=False)
+    fault_point("after_validate")
     return jobs
 
 

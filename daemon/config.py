@@ -112,6 +112,8 @@ class LimitsConfig(_Strict):
     max_steps: int = Field(150, gt=0)
     max_count: int = Field(16, gt=0)
     max_file_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    max_crashes: int = Field(3, gt=0)
+    """Runs of one claim that may end in a crash of the daemon before it goes to failed/ (`crashed`)."""
 
 
 class Config(_Strict):
@@ -156,6 +158,8 @@ class Config(_Strict):
     """A running job that finishes no step for this long counts as hung: systemd watchdog pings stop."""
     prefetch: int = Field(2, ge=1)
     """Jobs claimed ahead of the running one; small, so other daemons on the spool get work too."""
+    disk_full_retry_s: float = Field(30.0, gt=0)
+    """A job that found the disk full waits this long in work/ before it is tried again (it is not failed)."""
 
     _rules: Rules | None = PrivateAttr(None)
 

@@ -1,4 +1,10 @@
-"""The two file operations every stage relies on: an atomic write and a collision-free move."""
+"""The file operations every stage relies on: an atomic write, a move that never replaces, durable renames.
+
+Written by hand because no well-kept library moves a file without replacing what is
+there: `os.rename` and `shutil.move` replace silently, and `renameat2(RENAME_NOREPLACE)`
+is Linux-only and refused by NFS and SMB. A hard link, in contrast, fails with EEXIST
+on every filesystem that has links, atomically, on the server (NFS included).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,18 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
+from collections.abc import Iterator
 from pathlib import Path
+
+NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+"""What `link()` reports where a filesystem has no hard links (SMB, FAT, some FUSE) or the
+file cannot have one more (a directory is EPERM on Linux)."""
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
 
 
 def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -16,47 +33,164 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
     Temp names start with a dot, which every inbox filter (ours too) ignores.
     `durable=False` skips the fsyncs, for files rewritten all the time whose
     loss in a power cut does not matter (status.json): readers still never see a part.
+    On any error the temp file is removed (a full disk leaves nothing behind).
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     if durable:
         fsync_dir(path.parent)
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Create `path` (it must not exist: FileExistsError), write and fsync it; removed again on error."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with open(fd, "wb", closefd=True) as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
 
 
 def fsync_dir(folder: Path) -> None:
     """Make renames in `folder` durable (a no-op where directories cannot be opened)."""
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
 
-def unique_path(folder: Path, name: str) -> Path:
-    """`folder/name`, or `folder/stem-2.ext`, `-3`, ... when that is taken."""
-    candidate = folder / name
+def candidates(folder: Path, name: str) -> Iterator[Path]:
+    """`folder/name`, then `folder/stem-2.ext`, `-3`, ...: the names a move may take."""
+    yield folder / name
     stem, dot, suffix = name.partition(".")
     n = 2
-    while candidate.exists():
-        candidate = folder / f"{stem}-{n}{dot}{suffix}"
+    while True:
+        yield folder / f"{stem}-{n}{dot}{suffix}"
         n += 1
-    return candidate
 
 
-def move_unique(src: Path, folder: Path, name: str | None = None) -> Path:
-    """Rename `src` into `folder` without overwriting anything there; returns the new path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    dest = unique_path(folder, name or src.name)
+def unique_path(folder: Path, name: str) -> Path:
+    """The first free name of `candidates` (a check: only for files no one else writes, like reports)."""
+    return next(c for c in candidates(folder, name) if not os.path.lexists(c))
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def move_unique(src: Path, folder: Path, name: str | None = None, *, keep_source: bool = False) -> Path:
+    """Move `src` into `folder` under a free name, never replacing anything there; returns the new path.
+
+    With `keep_source` the old name stays too (a link, where links exist): a repeat finds the
+    new name again, so a file can be delivered once even when the caller dies after delivering it.
+
+    Link the new name, then unlink the old: the link fails with EEXIST when the name is
+    taken, even by another daemon in the same instant, and then the next name is tried.
+    A crash between the two leaves both names on one file; moving it again finds the
+    name that is already the same file and only unlinks the old one, so a move is
+    repeatable. Without links (SMB, FAT, directories) an `O_EXCL` placeholder (an empty
+    folder for a folder) reserves the name and the rename replaces only that; a crash in
+    between can leave an empty placeholder. Across filesystems (EXDEV) the file is copied
+    to a hidden temp name in `folder` and moved into its reserved name. Both folders are
+    fsynced: the move survives a power cut.
+    """
+    folder.mkdir(parents=True, exist_ok=True)  # archive/, failed/, inbox/<profile>/: never a claim's path
+    for dest in candidates(folder, name or src.name):
+        try:
+            os.link(src, dest, follow_symlinks=False)
+        except FileExistsError:
+            if not same_file(src, dest):  # taken by another file: try the next name
+                continue
+            # else an earlier move of this very file stopped after its link: finish it
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                return _copy_across(src, folder, name or src.name)
+            if exc.errno not in NO_LINKS:
+                raise
+            if not _reserve(dest, is_dir=stat.S_ISDIR(os.lstat(src).st_mode)):
+                continue
+            os.rename(src, dest)  # replaces only the placeholder this call made
+            _sync_both(src, dest)
+            return dest
+        if not keep_source:
+            os.unlink(src)
+        _sync_both(src, dest)
+        return dest
+    raise AssertionError("unreachable: candidates() never ends")
+
+
+def rename_checked(src: Path, dest: Path) -> None:
+    """`os.rename`, where an ENOENT is believed only when `dest` did not appear.
+
+    An NFSv3 client retransmits a RENAME whose reply was lost; the retry finds no
+    source and reports ENOENT although the first one moved the file. Then `dest` exists
+    and the rename counts as done.
+    """
     try:
         os.rename(src, dest)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
+    except FileNotFoundError:
+        if os.path.lexists(src) or not os.path.lexists(dest):
             raise
-        shutil.move(src, dest)  # archive/failed on another filesystem: copy, then delete
+
+
+def _reserve(dest: Path, *, is_dir: bool) -> bool:
+    """Create an empty placeholder at `dest`; False when the name is taken."""
+    try:
+        if is_dir:
+            dest.mkdir()
+        else:
+            os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _copy_across(src: Path, folder: Path, name: str) -> Path:
+    """EXDEV: copy to a hidden temp name in `folder`, fsync, move it into a free name, then drop `src`."""
+    tmp = folder / f".{name}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+    mode = os.lstat(src).st_mode
+    if stat.S_ISDIR(mode):
+        shutil.copytree(src, tmp, symlinks=True)
+    elif stat.S_ISREG(mode):
+        shutil.copy2(src, tmp)  # never opens a FIFO: only regular files are read
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+    elif stat.S_ISLNK(mode):
+        os.symlink(os.readlink(src), tmp)
+    else:  # a FIFO, socket or device: made again, empty, with the same type (reading it could block)
+        os.mknod(tmp, mode, os.lstat(src).st_rdev)
+    dest = move_unique(tmp, folder, name)
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(src)
+    else:
+        os.unlink(src)
+    fsync_dir(src.parent)
     return dest
+
+
+def _sync_both(src: Path, dest: Path) -> None:
+    fsync_dir(dest.parent)
+    if src.parent != dest.parent:
+        fsync_dir(src.parent)

@@ -1,98 +1,300 @@
-"""Where a claim's files go when it ends: archive/, failed/ (with its report) or back to the inbox.
+"""How a claim ends, the only code that moves a claim's files after the claim (R1), and its resumption.
 
-The only code that moves claimed files after the claim. Each ending moves the
-inputs first and deletes the claim folder last, so a crash in between leaves a
-claim folder that recovery finishes on the next start.
+| State     | On disk (in `work/<instance>/<folder>/`)       | Next                                 |
+|-----------|------------------------------------------------|--------------------------------------|
+| claimed   | `claim.json`, the inputs under `inbox/`        | validated, or rejected               |
+| validated | `jobs.json` (seeds fixed, images probed)       | running                              |
+| running   | `claim.json` says `running`; `stage/<job_id>/` | staged                               |
+| staged    | `stage/<job_id>/<job_id>.json` written last    | published                            |
+| published | `outbox/<job_id>.json` (the manifest): DONE    | the next job, or the claim ends      |
+| ending    | `claim.json` names its `ending`                | inputs moved, then the folder goes   |
+
+`end_claim` is the one way a claim ends: it records the ending in `claim.json`
+first, then moves the inputs (and the report), then removes the folder, so a
+crash anywhere in between leaves a claim that `leftover_claims` finishes the
+same way on the next start. The same call tells the status board and writes the
+one log line for that ending; `Ending` lists them.
+
+A claim found in work/ at start is first fenced: its folder is renamed (to
+`<claim_id>~N`), so a process that still holds the old paths (a paused or hung
+predecessor) can no longer stage, publish, archive or release through them;
+nothing here creates a claim folder's parents (no `mkdir(parents=True)`), so a
+fenced path stays dead. Such a process finds its folder gone and drops the claim
+(`Ending.FENCED`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-from diffusiond.daemon.claim import Claim
+from diffusiond.daemon.claim import Claim, reservation
 from diffusiond.daemon.config import Config
-from diffusiond.daemon.fsutil import move_unique
-from diffusiond.daemon.report import write_report
-from diffusiond.pipeline.errors import DiffusiondError
+from diffusiond.daemon.faults import fault_point
+from diffusiond.daemon.fsutil import atomic_write, fsync_dir, move_unique
+from diffusiond.daemon.journal import job_fields
+from diffusiond.daemon.report import report_text
+from diffusiond.daemon.status import StatusBoard
+from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
 
 log = logging.getLogger(__name__)
+ENDED = ".ended-"
+"""A claim folder renamed so for removal: whatever is left of it at start is deleted."""
 
 
-def mark_done(claim: Claim, job_id: str) -> None:
-    """Record locally that a job's manifest is written, so recovery never runs it twice."""
-    os.close(os.open(claim.folder / f"done-{job_id}", os.O_WRONLY | os.O_CREAT, 0o644))
+class Ending(StrEnum):
+    """How a claim ended; `end_claim` does what each one means."""
+
+    DONE = "done"
+    """Every job's manifest is published: inputs to archive/ (or deleted with `on_success: delete`)."""
+    FAILED = "failed"
+    """A job failed while running (model, device, disk, a bug, or crashes): inputs and report to failed/."""
+    REJECTED = "rejected"
+    """The job file or its images are wrong, found before anything ran: inputs and report to failed/."""
+    RELEASED = "released"
+    """Stopped before any job was published (a warm stop): inputs back to the inbox, for any daemon."""
+    RESUMES = "resumes"
+    """Stopped after some jobs were published: stays in work/, the rest run on the next start."""
+    DEFERRED = "deferred"
+    """The disk was full: stays in work/ and is tried again after `disk_full_retry_s` (the input is fine)."""
+    FENCED = "fenced"
+    """Another process took the claim over (its folder was renamed): nothing of it is this process's."""
 
 
-def is_done(claim: Claim, job_id: str) -> bool:
-    """Only a claim resumed after a stop or crash can have done jobs: a new one is not looked at."""
-    return claim.resumed and (claim.folder / f"done-{job_id}").exists()
+MOVES_INPUTS = {Ending.DONE, Ending.FAILED, Ending.REJECTED, Ending.RELEASED}
 
 
-def done_jobs(claim: Claim) -> list[str]:
-    return sorted(p.name.removeprefix("done-") for p in claim.folder.glob("done-*"))
+def fenced(claim: Claim) -> bool:
+    return not claim.folder.is_dir()
 
 
-def archive(claim: Claim, config: Config) -> list[Path]:
-    """Success: inputs to archive/ (or deleted, with `on_success: delete`)."""
-    moved = []
-    for relative in claim.present():
-        source = claim.inputs / relative
-        if config.on_success == "delete":
-            source.unlink()
-        else:
-            moved.append(move_unique(source, config.folder("archive"), Path(relative).name))
-    shutil.rmtree(claim.folder)
-    return moved
+def end_claim(
+    claim: Claim,
+    ending: Ending,
+    *,
+    config: Config,
+    board: StatusBoard | None,
+    error: DiffusiondError | None = None,
+    done: tuple[str, ...] = (),
+    reason: str = "",
+) -> Ending:
+    """End `claim` as `ending`; returns the ending it had (FENCED when its folder is gone).
+
+    `error` is the why of FAILED and REJECTED (the report), `done` the job ids already
+    published (for the report), `reason` the why of a DEFERRED, RESUMES or RELEASED ending.
+    """
+    if ending is not Ending.FENCED and fenced(claim):
+        ending = Ending.FENCED
+    fields = job_fields(job_file=claim.source)
+    if ending is Ending.FENCED:
+        log.warning("fenced: %s was taken over by another process; dropping it", claim.source, extra=fields)
+        if board is not None:
+            board.set_aside(claim.source, ending, "taken over by another process")
+        return ending
+    if ending not in MOVES_INPUTS:  # it stays in work/: this run stopped in order (no crash)
+        claim = dataclasses.replace(claim, running=False)
+        claim.save()
+        claim.trail(f"{ending}: {reason}")
+        log.info("%s %s: %s", ending, claim.source, reason, extra=fields)
+        if board is not None:
+            board.set_aside(claim.source, ending, reason)
+        return ending
+    if ending in (Ending.FAILED, Ending.REJECTED) and error is None:
+        raise ValueError(f"ending {ending} needs the error")
+    _record_ending(claim, ending, error, done)
+    report = _finish(claim, config, ending, error, done)
+    if ending is Ending.DONE:
+        log.debug("archived the inputs of %s", claim.source, extra=fields)
+    elif ending is Ending.RELEASED:
+        log.info("put %s back in the inbox: %s", claim.source, reason or "stopped", extra=fields)
+        if board is not None:
+            board.set_aside(claim.source, ending, reason or "stopped")
+    else:
+        assert error is not None
+        verb = "rejected" if ending is Ending.REJECTED else "failed"
+        log.warning("%s %s: %s (report: %s)", verb, claim.source, error, report, extra=fields)
+        if board is not None:
+            board.failed(claim.source, str(error.code), str(error), str(report))
+    return ending
 
 
-def fail(claim: Claim, config: Config, error: DiffusiondError) -> Path:
-    """Failure: inputs to failed/, then `<stem>.error.yaml` beside them; returns the report's path."""
-    failed = config.folder("failed")
-    moved = [move_unique(claim.inputs / r, failed, Path(r).name) for r in claim.present()]
-    stem = Path(moved[0].name if moved else claim.source).stem
-    report = write_report(failed, stem, error, inputs=[p.name for p in moved], done_jobs=done_jobs(claim))
-    shutil.rmtree(claim.folder)
+def begin_run(claim: Claim) -> Claim:
+    """Record that a run of `claim` starts: a crash from now on counts (FileNotFoundError: fenced)."""
+    started = dataclasses.replace(claim, attempt=claim.attempt + 1, running=True)
+    started.save()
+    started.trail(f"run {started.attempt} starts")
+    return started
+
+
+def _record_ending(claim: Claim, ending: Ending, error: DiffusiondError | None, done: tuple[str, ...]) -> None:
+    """The ending goes into claim.json before anything moves: recovery finishes the same ending."""
+    record = json.loads((claim.folder / "claim.json").read_text(encoding="utf-8"))
+    record["ending"] = {"ending": str(ending), "error": error.report() if error else None, "done": list(done)}
+    atomic_write(claim.folder / "claim.json", json.dumps(record, indent=1).encode())
+
+
+def _finish(
+    claim: Claim, config: Config, ending: Ending, error: DiffusiondError | None, done: tuple[str, ...]
+) -> Path | None:
+    """Move every input still in the claim folder to the ending's place, then remove the folder."""
+    report: Path | None = None
+    if ending in (Ending.FAILED, Ending.REJECTED):
+        assert error is not None
+        failed = config.folder("failed")
+        moved = [_move(claim.inputs / r, failed, Path(r).name) for r in claim.present()]
+        staged = next(claim.folder.glob("*.error.yaml"), None)  # written by an interrupted run of this ending
+        if staged is None:
+            stem = Path(moved[0].name if moved else claim.source).stem
+            extra: dict[str, Any] = {"inputs": [p.name for p in moved], "finished_jobs": list(done)}
+            if error.code is Code.CRASHED:
+                extra["log_tail"] = claim.trail_tail()
+            staged = claim.folder / f"{stem}.error.yaml"
+            atomic_write(staged, report_text(error, **extra).encode())
+        report = move_unique(staged, failed, keep_source=True)  # a repeat finds it delivered: one report
+    else:
+        fault_point("before_archive")
+        for relative in claim.present():
+            source = claim.inputs / relative
+            if ending is Ending.RELEASED:
+                target = config.inbox / relative
+                _move(source, target.parent, target.name)
+            elif config.on_success == "delete":
+                source.unlink()
+                fsync_dir(source.parent)
+            else:
+                _move(source, config.folder("archive"), Path(relative).name)
+    fault_point("before_remove_claim")
+    reservation(config.outbox, claim.claim_id).unlink(missing_ok=True)
+    _remove(claim.folder)
     return report
 
 
-def release(claim: Claim, config: Config) -> None:
-    """Put a claim that has not started back into the inbox (warm stop), for this or another daemon."""
-    for relative in claim.present():
-        target = config.inbox / relative
-        move_unique(claim.inputs / relative, target.parent, target.name)
-    shutil.rmtree(claim.folder)
+def _remove(folder: Path) -> None:
+    """Remove a claim folder in one step: renamed out of the way first (an rmtree is many steps, and a
+    crash half-way would leave a claim.json without the report it had written), then deleted."""
+    gone = folder.with_name(f"{ENDED}{folder.name}")
+    shutil.rmtree(gone, ignore_errors=True)  # what a crash left of an earlier removal of this name
+    os.rename(folder, gone)
+    fsync_dir(folder.parent)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
-def leftover_claims(config: Config) -> list[Claim]:
-    """Claims this daemon had when it stopped or crashed, oldest first."""
+def _move(source: Path, folder: Path, name: str) -> Path:
+    dest = move_unique(source, folder, name)
+    fault_point("after_archive_input")
+    return dest
+
+
+def leftover_claims(config: Config, board: StatusBoard | None = None) -> list[Claim]:
+    """The claims this instance had when it stopped or crashed, fenced and counted, oldest first.
+
+    A claim that was ending is finished as it was ending; one whose first file was never
+    renamed is removed (nothing was claimed); one that crashed `limits.max_crashes` times
+    fails with `crashed`.
+    """
     claims: list[Claim] = []
-    if not config.work_dir.is_dir():
+    work = config.work_dir
+    if not work.is_dir():
         return claims
-    for folder in sorted(config.work_dir.iterdir()):
+    for folder in sorted(work.iterdir()):
+        if folder.name.startswith(ENDED) and folder.is_dir():  # a removal a crash interrupted
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
         if folder.name.startswith(".") or not folder.is_dir():  # the lock (.owner), nothing claimed
             continue
         try:
             found = Claim.load(folder)
+            recorded = recorded_ending(found)
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("claim folder %s has no readable claim.json; its files go back to the inbox", folder)
             _return_orphans(folder, config)
             continue
-        if found.source not in found.present():
-            # Stopped between writing the record and the claiming rename: nothing was claimed.
-            _return_orphans(folder, config)
+        if recorded is not None:
+            finish_recorded(found, config, board)
             continue
-        claims.append(dataclasses.replace(found, resumed=True))
+        if found.source not in found.present():  # stopped between the record and the claiming rename
+            _return_orphans(folder, config)
+            reservation(config.outbox, found.claim_id).unlink(missing_ok=True)
+            continue
+        resumed = _fence(found)
+        crashes = resumed.crashes + (1 if resumed.running else 0)
+        resumed = dataclasses.replace(resumed, crashes=crashes, running=False, resumed=True)
+        resumed.save()
+        if crashes:
+            resumed.trail(f"found after a crash ({crashes} of {config.limits.max_crashes})")
+        if crashes >= config.limits.max_crashes:
+            error = JobFailed(
+                f"the daemon crashed {crashes} times while running this job; it is not tried again",
+                code=Code.CRASHED,
+                path=found.source,
+                fix="see log_tail below and the journal for what was running; if the job is fine, drop it again",
+            )
+            end_claim(resumed, Ending.FAILED, config=config, board=board, error=error)
+            continue
+        claims.append(resumed)
+    _drop_stale_reservations(config, keep={c.claim_id for c in claims})
     return sorted(claims, key=lambda c: c.claimed_at)
+
+
+def _drop_stale_reservations(config: Config, keep: set[str]) -> None:
+    """Remove this instance's outbox reservations that have no claim (a kill between reserving and mkdir)."""
+    with os.scandir(config.outbox) as entries:
+        stale = [
+            Path(e.path) for e in entries if e.name.startswith(".") and e.name.endswith(".reserved") and e.is_file()
+        ]
+    for path in stale:
+        claim_id = path.name[1 : -len(".reserved")]
+        try:
+            owner = path.read_text(encoding="utf-8").strip()
+        except OSError:
+            continue
+        if owner == config.instance and claim_id not in keep:
+            path.unlink(missing_ok=True)
+
+
+def _fence(found: Claim) -> Claim:
+    """Rename the claim's folder to a new name: the old paths die for whoever still holds them."""
+    base = found.folder.name.partition("~")[0]
+    n = int(found.folder.name.partition("~")[2] or 1) + 1
+    while os.path.lexists(target := found.folder.with_name(f"{base}~{n}")):
+        n += 1
+    os.rename(found.folder, target)
+    fsync_dir(target.parent)
+    fault_point("after_fence")
+    return dataclasses.replace(found, folder=target)
+
+
+def recorded_ending(claim: Claim) -> dict[str, Any] | None:
+    """The ending `end_claim` recorded in claim.json before it was interrupted (a crash, a full disk)."""
+    record = json.loads((claim.folder / "claim.json").read_text(encoding="utf-8"))
+    recorded = record.get("ending")
+    return recorded if isinstance(recorded, dict) else None
+
+
+def finish_recorded(claim: Claim, config: Config, board: StatusBoard | None = None) -> Ending | None:
+    """Finish the ending recorded in claim.json, if there is one: the same moves, the same report."""
+    recorded = recorded_ending(claim)
+    if recorded is None:
+        return None
+    ending = Ending(recorded["ending"])
+    error = DiffusiondError.from_report(recorded["error"]) if recorded.get("error") else None
+    log.info("finishing the %s ending of %s, which was interrupted", ending, claim.source)
+    report = _finish(claim, config, ending, error, tuple(recorded.get("done", ())))
+    if board is not None and error is not None:
+        board.failed(claim.source, str(error.code), str(error), str(report))
+    return ending
 
 
 def _return_orphans(folder: Path, config: Config) -> None:
     inputs = folder / "inbox"
     for path in sorted(inputs.rglob("*")) if inputs.is_dir() else []:
-        if path.is_file():
+        if not path.is_dir() or path.is_symlink():
             target = config.inbox / path.relative_to(inputs)
             move_unique(path, target.parent, target.name)
-    shutil.rmtree(folder, ignore_errors=True)
+    _remove(folder)

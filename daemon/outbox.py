@@ -1,135 +1,164 @@
-"""Committing a job's results: every image atomically, then the manifest last.
+"""Committing a job: stage its files in the claim folder, then publish them into the outbox, manifest last.
 
-A tool downstream that waits for `<job_id>.json` never sees half a job; images
-are written under hidden temp names and renamed into place one by one.
+1. `stage` writes every file (fsynced) under `<claim folder>/stage/<job_id>/`, then the
+   manifest there last, by rename: a stage with its manifest is complete.
+2. `publish` links each staged file into the outbox under its name (a link never
+   replaces: a name already taken fails, unless it is this very file, from an
+   interrupted publish), fsyncs the outbox, then links the manifest, fsyncs again,
+   and removes the stage. The manifest's appearance is the job's commit: a tool
+   that waits for `<job_id>.json` never sees half a job, and a job whose manifest
+   exists is never run again.
+
+When the outbox is on another filesystem than work/ (EXDEV), each file is copied to
+a hidden temp name in the outbox, fsynced, and linked into place: files still appear
+whole and the manifest last, but a crash can leave a hidden temp file, removed when
+that job is published again. Where the outbox has no links (SMB, FAT), a file takes
+its name by an `O_EXCL` placeholder and a rename.
+
+A fenced claim (its folder renamed by the process that resumed it) finds its stage
+gone: `FileNotFoundError`, which the worker turns into the FENCED ending.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
-import hashlib
-import json
-import platform
-import time
+import os
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from diffusiond import __version__
-from diffusiond.daemon.fsutil import atomic_write
-from diffusiond.pipeline.backend import Generated
-from diffusiond.pipeline.errors import Code, JobFailed, job_context
-from diffusiond.pipeline.job import Job
-from diffusiond.pipeline.metadata import SUFFIXES, MetadataOptions, infotext, sidecar_files
-from diffusiond.pipeline.provenance import Marks, stamp
+from diffusiond.daemon.faults import fault_point
+from diffusiond.daemon.fsutil import NO_LINKS, atomic_write, fsync_dir, same_file, write_new
+from diffusiond.pipeline.errors import Code, JobFailed
 
-if TYPE_CHECKING:
-    from diffusiond.pipeline.c2pa_sign import C2paConfig
+STAGE = "stage"
 
 
-def output_name(job: Job, number: int) -> str:
-    return f"{job.job_id}-{number}{SUFFIXES[job.spec.output.format]}"
+class OutboxConflict(JobFailed):
+    """A name in the outbox is taken by a file this job did not make: nothing of the job was published."""
+
+    code = Code.OUTPUT_FAILED
 
 
-def manifest_path(outbox: Path, job: Job) -> Path:
-    return outbox / f"{job.job_id}.json"
+def stage_dir(claim_folder: Path, job_id: str) -> Path:
+    return claim_folder / STAGE / job_id
 
 
-def discard_partial(outbox: Path, job: Job) -> None:
-    """Remove what an interrupted run of this job left, so a re-run starts clean."""
-    images = [output_name(job, n) for n in range(1, job.spec.count + 1)]
-    sidecars = [f"{Path(name).stem}{suffix}" for name in images for suffix in (".txt", ".json")]
-    names = [f"{job.job_id}.json", *images, *sidecars]
-    for name in names[1:]:
-        (outbox / name).unlink(missing_ok=True)
-    for name in names:  # atomic_write's temp files: `.<name>.<pid>.tmp`
-        for leftover in outbox.glob(f".{glob.escape(name)}.*.tmp"):
-            leftover.unlink(missing_ok=True)
+def staged(claim_folder: Path, job_id: str) -> Path | None:
+    """The job's stage when it is complete (its manifest written), else None."""
+    folder = stage_dir(claim_folder, job_id)
+    return folder if (folder / f"{job_id}.json").is_file() else None
 
 
-def commit(
-    outbox: Path,
-    job: Job,
-    generated: Generated,
-    *,
-    context: dict[str, Any],
-    marks: Marks,
-    options: MetadataOptions,
-    c2pa: C2paConfig | None = None,
-) -> dict[str, Any]:
-    """Stamp and write the images (and sidecars), then the manifest; returns the manifest.
+def is_published(outbox: Path, job_id: str) -> bool:
+    return os.path.lexists(outbox / f"{job_id}.json")
 
-    `context` holds what the daemon knows and the pipeline does not: input image
-    and its hash, model path, device, claim time.
+
+def stage(claim_folder: Path, job_id: str, files: list[tuple[str, bytes]], manifest: bytes) -> Path:
+    """Write the job's files into its stage, the manifest last; returns the stage folder.
+
+    An earlier incomplete stage of the job is removed first. Never creates the claim
+    folder: in a fenced one this raises FileNotFoundError. On any error the incomplete
+    stage is removed again, so a full disk leaves nothing behind.
     """
-    started = time.perf_counter()
-    spec = job.spec
-    record = {"job_id": job.job_id, "source": job.source, "index": job.index, "job": spec.model_dump(mode="json")}
-    # 1. Stamp every image in memory first: a failure here leaves nothing in the outbox.
-    files: list[tuple[str, bytes]] = []
-    outputs = []
-    with job_context(path=job.source, job_index=job.index):
-        for number, (image, seed) in enumerate(zip(generated.images, generated.seeds, strict=True), start=1):
-            parameters = infotext(
-                spec,
-                seed=seed,
-                size=image.size,
-                model_name=spec.model,
-                sampler=generated.scheduler,
-                model_hash=generated.model.hash if generated.model else None,
-            )
-            image_record = record | {"seed": seed}
-            stamped = stamp(
-                image,
-                spec.output,
-                marks,
-                parameters=parameters,
-                record=image_record,
-                spec=spec,
-                options=options,
-                c2pa=c2pa,
-            )
-            name = output_name(job, number)
-            files.append((name, stamped.data))
-            files += sidecar_files(name, parameters=parameters, record=image_record, options=options)
-            outputs.append(
-                {
-                    "file": name,
-                    "sha256": hashlib.sha256(stamped.data).hexdigest(),
-                    "seed": seed,
-                    "width": image.width,
-                    "height": image.height,
-                    "watermark": stamped.watermark,
-                }
-            )
-    manifest = {
-        "diffusiond": __version__,
-        **record,
-        "task": spec.task,
-        "seeds": generated.seeds,
-        "scheduler": generated.scheduler,
-        **context,
-        "timings": {
-            "load_s": round(generated.load_s, 4),
-            "generate_s": round(generated.generate_s, 4),
-            "stamp_s": round(time.perf_counter() - started, 4),
-        },
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": platform.node(),
-        "outputs": outputs,
-    }
-    # 2. Write each file atomically, then the manifest last.
+    (claim_folder / STAGE).mkdir(exist_ok=True)  # no parents=True: a fenced claim folder stays gone
+    folder = stage_dir(claim_folder, job_id)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(folder)
+    folder.mkdir()
     try:
-        outbox.mkdir(parents=True, exist_ok=True)
         for name, data in files:
-            atomic_write(outbox / name, data)
-        atomic_write(manifest_path(outbox, job), json.dumps(manifest, indent=1, ensure_ascii=False).encode())
+            write_new(folder / name, data)
+            fault_point("after_stage_image")
+        fault_point("before_manifest")
+        atomic_write(folder / f"{job_id}.json", manifest)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    fault_point("after_stage")
+    return folder
+
+
+def publish(folder: Path, outbox: Path, job_id: str) -> list[str]:
+    """Link the staged files into the outbox, the manifest last, then drop the stage; returns the names.
+
+    Repeatable: a publish interrupted by a crash is finished by publishing the same stage
+    again. On an error before the manifest, the files this call linked are unlinked again
+    (no manifest, so nothing was published); the stage is kept for the next try.
+    """
+    manifest = f"{job_id}.json"
+    names = sorted(p.name for p in folder.iterdir() if p.name != manifest and not p.name.startswith("."))
+    linked: list[Path] = []
+    try:
+        for name in names:
+            if _place(folder / name, outbox / name):
+                linked.append(outbox / name)
+            fault_point("after_publish_image")
+        fsync_dir(outbox)
+        _place(folder / manifest, outbox / manifest)
+    except BaseException:
+        for path in linked:  # unpublished: no manifest names them
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
+    fsync_dir(outbox)
+    fault_point("after_manifest")
+    shutil.rmtree(folder, ignore_errors=True)
+    return names
+
+
+def _place(src: Path, dest: Path) -> bool:
+    """Give `src`'s file the name `dest`, never replacing another file; False if it already had it."""
+    try:
+        os.link(src, dest, follow_symlinks=False)
+        return True
+    except FileExistsError:
+        if same_file(src, dest) or _copied(src, dest):
+            return False
+        raise OutboxConflict(
+            f"the outbox already has {dest.name}, which this job did not make; nothing of the job was published",
+            fix=f"move {dest} out of the outbox; the job runs again when dropped again",
+        ) from None
     except OSError as exc:
-        discard_partial(outbox, job)
-        raise JobFailed(
-            f"cannot write the results to {outbox}: {exc}",
-            code=Code.OUTPUT_FAILED,
-            path=job.source,
-            job_index=job.index,
-            fix="free disk space or fix the outbox's permissions; the job runs again when dropped again",
-        ) from exc
-    return manifest
+        if exc.errno == errno.EXDEV:
+            return _copy_into(src, dest)
+        if exc.errno not in NO_LINKS:
+            raise
+    # No links here: reserve the name with O_EXCL, then rename the staged file over the placeholder.
+    try:
+        os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+    except FileExistsError:
+        if os.path.getsize(dest) != 0 and not _copied(src, dest):  # an empty one is our placeholder
+            raise OutboxConflict(
+                f"the outbox already has {dest.name}, which this job did not make; nothing of the job was published",
+                fix=f"move {dest} out of the outbox; the job runs again when dropped again",
+            ) from None
+    shutil.copyfile(src, dest.with_name(f".{dest.name}.{os.getpid()}.tmp"))
+    os.replace(dest.with_name(f".{dest.name}.{os.getpid()}.tmp"), dest)
+    return True
+
+
+def _copy_into(src: Path, dest: Path) -> bool:
+    """EXDEV: a whole, fsynced copy under a hidden name, then linked into place."""
+    for leftover in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):
+        leftover.unlink(missing_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    try:
+        return _place(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copied(src: Path, dest: Path) -> bool:
+    """`dest` holds the same bytes as `src` (a copy published across filesystems before a crash)."""
+    try:
+        if os.path.getsize(src) != os.path.getsize(dest):
+            return False
+        with open(src, "rb") as a, open(dest, "rb") as b:
+            return a.read() == b.read()
+    except OSError:
+        return False

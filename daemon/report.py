@@ -4,31 +4,22 @@ from __future__ import annotations
 
 import platform
 import time
-from pathlib import Path
+from typing import Any
 
 import yaml
 
 from diffusiond import __version__
-from diffusiond.daemon.fsutil import atomic_write, unique_path
 from diffusiond.pipeline.errors import DiffusiondError
 
 
-def write_report(
-    failed: Path,
-    stem: str,
-    error: DiffusiondError,
-    *,
-    inputs: list[str],
-    done_jobs: list[str],
-) -> Path:
-    """Write `failed/<stem>.error.yaml` (a free name) last, after the inputs moved there."""
-    report = error.report() | {
-        "inputs": inputs,
-        "finished_jobs": done_jobs,
-        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "daemon": f"diffusiond {__version__} on {platform.node()}",
-    }
-    path = unique_path(failed, f"{stem}.error.yaml")
-    text = yaml.safe_dump(report, sort_keys=False, allow_unicode=True, width=100)
-    atomic_write(path, text.encode())
-    return path
+def report_text(error: DiffusiondError, **extra: Any) -> str:
+    """`<name>.error.yaml`'s text: the error's fields, then `extra` (inputs, finished jobs, ...)."""
+    report = (
+        error.report()
+        | extra
+        | {
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "daemon": f"diffusiond {__version__} on {platform.node()}",
+        }
+    )
+    return yaml.safe_dump(report, sort_keys=False, allow_unicode=True, width=100)

@@ -25,13 +25,15 @@ from pathlib import Path
 from diffusiond.daemon import lifecycle
 from diffusiond.daemon.claim import Claim, claim, load_jobs
 from diffusiond.daemon.config import Config
+from diffusiond.daemon.fsutil import is_disk_full
 from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
 from diffusiond.daemon.journal import job_fields
+from diffusiond.daemon.lifecycle import Ending
 from diffusiond.daemon.pairing import Pairing, file_stamp, job_file_reader
 from diffusiond.daemon.status import DaemonState, StatusBoard
 from diffusiond.daemon.systemd import Notifier
 from diffusiond.daemon.threads import name_os_thread
-from diffusiond.daemon.worker import Worker, reject
+from diffusiond.daemon.worker import Worker
 from diffusiond.daemon.worklock import lock_work_folder
 from diffusiond.pipeline.backend import Generator
 from diffusiond.pipeline.errors import ConfigError, DiffusiondError, internal_error
@@ -141,7 +143,7 @@ class Daemon:
         worker.preloaded.wait()
         if worker.preload_error is not None:
             raise worker.preload_error
-        for leftover in lifecycle.leftover_claims(config):
+        for leftover in lifecycle.leftover_claims(config, self.board):
             log.info("resuming %s, claimed before the last stop", leftover.source)
             self.claims.put(leftover)
         watcher = InboxWatcher(config.inbox, mode=config.watch.mode, poll_interval_s=config.watch.poll_interval_s)
@@ -294,26 +296,41 @@ class Daemon:
             if not intents:
                 return
             for intent in intents:
-                claimed = claim(intent, inbox=inbox, work=self.config.work_dir)
+                config = self.config
                 for relative in intent.files:
-                    tracker.forget(inbox / relative)
+                    tracker.forget(inbox / relative)  # claimed, or left for the next rescan
+                try:
+                    claimed = claim(intent, config)
+                except OSError as exc:  # a full disk, permissions: the files stay in the inbox for the next rescan
+                    log.error("cannot claim %s: %s; trying again at the next rescan", intent.source, exc)
+                    if is_disk_full(exc):
+                        self.board.set_aside(intent.source, Ending.DEFERRED, f"disk full claiming it: {exc}")
+                    return
                 if claimed is None:
                     continue
                 log.info("claimed %s as %s", intent.source, claimed.claim_id, extra=job_fields(job_file=intent.source))
                 self.board.claimed(claimed.claim_id, intent.source)
                 # Validate now, while the worker runs the previous job: a wrong file fails without waiting its turn.
                 try:
-                    jobs = load_jobs(claimed, self.config, parsed=intent.parsed)
+                    jobs = load_jobs(claimed, config, parsed=intent.parsed)
                 except DiffusiondError as exc:
-                    reject(claimed, self.config, exc, self.board)
-                    self.rejected += 1
+                    self._reject(claimed, exc)
                     continue
                 except Exception as exc:  # a bug must not stop the daemon, nor stop it again on every start
                     log.exception("internal error validating %s", intent.source)
-                    reject(claimed, self.config, internal_error(exc, path=claimed.source), self.board)
-                    self.rejected += 1
+                    self._reject(claimed, internal_error(exc, path=claimed.source))
                     continue
                 self.claims.put(replace(claimed, jobs=tuple(jobs)))
+
+    def _reject(self, claimed: Claim, error: DiffusiondError) -> None:
+        try:
+            ending = lifecycle.end_claim(claimed, Ending.REJECTED, config=self.config, board=self.board, error=error)
+        except OSError as exc:  # the worker validates it again and ends it, waiting for space if it must
+            log.error("cannot move %s to failed/ now: %s; it waits in work/", claimed.source, exc)
+            self.claims.put(replace(claimed, jobs=None))
+            return
+        if ending is Ending.REJECTED:
+            self.rejected += 1
 
     def _release_queued(self) -> None:
         while True:
@@ -322,8 +339,12 @@ class Daemon:
             except queue.Empty:
                 return
             if queued is not None:
-                lifecycle.release(queued, self.config)
-                log.info("put %s back in the inbox", queued.source)
+                try:
+                    lifecycle.end_claim(
+                        queued, Ending.RELEASED, config=self.config, board=self.board, reason="stopping before it ran"
+                    )
+                except OSError as exc:  # it stays in work/: the next start runs it
+                    log.error("cannot put %s back in the inbox: %s; it runs on the next start", queued.source, exc)
             self.claims.task_done()
 
 

@@ -112,6 +112,7 @@ class StatusBoard:
             "since": timestamp(),
             "updated": None,
             "queue": 0,
+            "waiting": None,
             "current": None,
             "running": [],
             "last_results": deque(maxlen=keep),
@@ -177,6 +178,7 @@ class StatusBoard:
         result = {"job_id": job_id, "source": source, "outputs": list(outputs), "seconds": round(seconds, 3)}
         with self._lock:
             self._finish(job_id=job_id)
+            self._status["waiting"] = None
             counters = self._status["counters"]
             counters["done"] += 1
             counters["images"] += len(outputs)
@@ -192,6 +194,14 @@ class StatusBoard:
             self._status["counters"]["failed"] += 1
             self._status["last_failures"].append({"time": timestamp(), **failure})
             self._event("failed", **failure)
+            self._changed()
+
+    def set_aside(self, source: str, ending: str, reason: str) -> None:
+        """A claim that ended without a result: released to the inbox, kept in work/ for later, or fenced."""
+        with self._lock:
+            self._finish(job_id=None, source=source)
+            self._status["waiting"] = reason if ending == "deferred" else None
+            self._event(ending, source=source, reason=reason[:_TEXT_MAX])
             self._changed()
 
     def flush(self) -> None:

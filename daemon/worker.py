@@ -16,27 +16,35 @@ SD 1.5 loaded on the main thread (`bench/torch_threads.py`).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from diffusiond.daemon import lifecycle
 from diffusiond.daemon.claim import Claim, load_jobs
 from diffusiond.daemon.config import Config
+from diffusiond.daemon.fsutil import is_disk_full
 from diffusiond.daemon.journal import job_fields
-from diffusiond.daemon.outbox import commit, discard_partial
+from diffusiond.daemon.lifecycle import Ending
+from diffusiond.daemon.manifest import build_manifest
+from diffusiond.daemon.outbox import is_published, publish, stage, staged
 from diffusiond.daemon.scheduler import Pending, plan_batches
 from diffusiond.daemon.status import StatusBoard
 from diffusiond.daemon.threads import name_os_thread
 from diffusiond.pipeline.backend import Cancelled, Generated, Generator, StepHook
-from diffusiond.pipeline.errors import DiffusiondError, internal_error
+from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed, internal_error
+from diffusiond.pipeline.provenance import StampPolicy, stamp_job
 
 log = logging.getLogger(__name__)
 WriteTask = Callable[[], None]
-EndHook = Callable[[Claim, bool], None]
+EndHook = Callable[[Claim, Ending], None]
 
 
 class Writer:
@@ -73,6 +81,31 @@ class Writer:
         self._tasks.task_done()
 
 
+@dataclass
+class ClaimRun:
+    """What became of one claim's jobs in this run; the end stage turns it into the claim's `Ending`."""
+
+    claim: Claim
+    jobs: int
+    published: list[str] = field(default_factory=list)
+    errors: list[DiffusiondError] = field(default_factory=list)
+    deferred: str | None = None
+    """Why it must wait (a full disk), when it must."""
+    fenced: bool = False
+
+    def ending(self, stopped: bool) -> Ending:
+        if self.fenced:
+            return Ending.FENCED
+        if self.errors:
+            return Ending.FAILED
+        if self.deferred is not None:
+            return Ending.DEFERRED
+        if len(self.published) < self.jobs:
+            assert stopped, "every job ran: each one is published or has an error"
+            return Ending.RESUMES if self.published else Ending.RELEASED
+        return Ending.DONE
+
+
 def run_claims(
     claims: list[Claim],
     config: Config,
@@ -84,79 +117,122 @@ def run_claims(
     writer: Writer,
     on_end: EndHook,
 ) -> None:
-    """Pre-check, run every job not yet done (batched), then archive or fail each claim.
+    """Pre-check, run every job not yet done (batched), then end each claim (daemon/lifecycle.py).
 
-    Stages 3b and 4 run on `writer`, in order; `on_end(claim, ok)` is called once per claim
-    when it has ended. Raises `Cancelled` when `cancel` is set during a step: the claims then
-    stay in `work/` as they are (drain the writer first).
+    Stages 3b and 4 run on `writer`, in order; `on_end(claim, ending)` is called once per claim
+    when it has ended. When `cancel` is set during a step, the jobs not made yet stay undone: a
+    claim with published jobs stays in work/ (RESUMES), one without goes back to the inbox.
     """
-    # 1. Pre-check each claim: validate the claimed copy and its images; a wrong one goes to failed/ now.
-    #    (The service validated it when it claimed it and passes the jobs along; a claim resumed after a
-    #    crash is validated here, or read back from its jobs.json.)
-    ready: list[Claim] = []
+    # 1. Start each claim's run (counted in claim.json: a crash from here on counts against it), and
+    #    pre-check it: the service validated a new claim and passes its jobs; a claim resumed after a
+    #    stop or crash is read back from its jobs.json (or validated again). A wrong one fails now.
+    runs: list[ClaimRun] = []
     pending: list[Pending] = []
-    totals: dict[str, int] = {}
+    staged_jobs: list[tuple[ClaimRun, str, Path]] = []
     for claim in claims:
+        try:
+            if (recorded := lifecycle.finish_recorded(claim, config, board)) is not None:
+                on_end(claim, recorded)  # a claim whose ending waited for disk space
+                continue
+            claim = lifecycle.begin_run(claim)
+        except OSError as exc:
+            if not lifecycle.fenced(claim) and not is_disk_full(exc):
+                raise
+            on_end(claim, _end(claim, Ending.DEFERRED, config, board, None, (), f"disk full: {exc}"))
+            continue
         try:
             jobs = list(claim.jobs) if claim.jobs is not None else load_jobs(claim, config)
         except DiffusiondError as exc:
-            reject(claim, config, exc, board)
-            on_end(claim, False)
+            on_end(claim, _end(claim, Ending.REJECTED, config, board, exc, (), ""))
             continue
-        ready.append(claim)
-        totals[claim.claim_id] = len(jobs)
-        # A claim re-run after a crash skips the jobs whose manifest is written.
-        pending += [Pending(claim, job) for job in jobs if not lifecycle.is_done(claim, job.job_id)]
+        run = ClaimRun(claim, len(jobs))
+        runs.append(run)
+        for job in jobs:
+            # A resumed claim: a published job is done; a staged one only needs publishing.
+            if claim.resumed and is_published(config.outbox, job.job_id):
+                run.published.append(job.job_id)
+            elif claim.resumed and (folder := staged(claim.folder, job.job_id)) is not None:
+                staged_jobs.append((run, job.job_id, folder))
+            else:
+                pending.append(Pending(claim, job))
+    by_id = {run.claim.claim_id: run for run in runs}
+
+    def publish_staged() -> None:  # made by the run a crash interrupted: only the publishing is left
+        for run, job_id, folder in staged_jobs:
+            if _publish(run, job_id, folder, config):
+                log.info("done %s: published what the interrupted run staged", job_id)
+                if board is not None:
+                    board.done(job_id, run.claim.source, [], 0.0)
+
+    if staged_jobs:
+        writer.submit(publish_staged)
+
     # 2. Plan: jobs that can share a pipeline call go together, in arrival order.
-    errors: dict[str, list[DiffusiondError]] = {claim.claim_id: [] for claim in ready}
+    stopped = False
     for batch in plan_batches(pending, config.batch_size):
         # 3a. Run the batch on the device (this thread) ...
         started = time.perf_counter()
-        results = _generate(batch, config, generator, cancel, on_step, board)
+        try:
+            results = _generate(batch, config, generator, cancel, on_step, board)
+        except Cancelled:
+            stopped = True
+            break
 
-        # 3b. ... and commit each job, images first, manifest last, while the next batch runs.
+        # 3b. ... and commit each job, staged then published, manifest last, while the next batch runs.
         def write(batch: list[Pending] = batch, results: Any = results, started: float = started) -> None:
             for item, result in zip(batch, results, strict=True):
-                error = result if isinstance(result, DiffusiondError) else _commit(item, result, config, board, started)
-                if error is not None:
-                    errors[item.claim.claim_id].append(error)
+                run = by_id[item.claim.claim_id]
+                if isinstance(result, DiffusiondError):
+                    run.errors.append(result)
+                elif not run.fenced:
+                    _commit(run, item, result, config, board, started)
 
         writer.submit(write)
 
-    # 4. End each claim: inputs to archive/ when every job finished, else to failed/ with the report.
+    # 4. End each claim: DONE (inputs to archive/), FAILED (to failed/ with the report), DEFERRED,
+    #    RESUMES or RELEASED after a stop, FENCED when another process took it over.
     def end() -> None:
-        for claim in ready:
-            failed = errors[claim.claim_id]
-            try:
-                if failed:
-                    report = lifecycle.fail(claim, config, failed[0])
-                    if board is not None:
-                        board.failed(claim.source, str(failed[0].code), str(failed[0]), str(report))
-                    log.warning(
-                        "failed %s: %d of %d jobs failed (report: %s)",
-                        claim.source,
-                        len(failed),
-                        totals[claim.claim_id],
-                        report,
-                    )
-                else:
-                    lifecycle.archive(claim, config)
-            except Exception as exc:  # a bug must not lose the claim: it still gets a report
-                log.exception("internal error ending %s", claim.source)
-                failed = [internal_error(exc, path=claim.source)]
-                if claim.folder.exists():
-                    lifecycle.fail(claim, config, failed[0])
-            on_end(claim, not failed)
+        for run in runs:
+            ending = run.ending(stopped)
+            error = run.errors[0] if run.errors else None
+            reason = run.deferred or ("stopped at a step boundary" if stopped else "")
+            if error is not None and len(run.errors) > 1:
+                log.warning("%s: %d of %d jobs failed", run.claim.source, len(run.errors), run.jobs)
+            on_end(run.claim, _end(run.claim, ending, config, board, error, tuple(run.published), reason))
 
     writer.submit(end)
 
 
-def reject(claim: Claim, config: Config, exc: DiffusiondError, board: StatusBoard | None) -> None:
-    """A claim whose job file or images are wrong: to failed/ with its report, before anything runs."""
-    report = lifecycle.fail(claim, config, exc)
-    log.warning("rejected %s: %s (report: %s)", claim.source, exc, report, extra=job_fields(job_file=claim.source))
-    if board is not None:
-        board.failed(claim.source, str(exc.code), str(exc), str(report))
+def _end(
+    claim: Claim,
+    ending: Ending,
+    config: Config,
+    board: StatusBoard | None,
+    error: DiffusiondError | None,
+    done: tuple[str, ...],
+    reason: str,
+) -> Ending:
+    """`end_claim`, where a full disk keeps the claim in work/ and a bug still fails the claim with a report."""
+    try:
+        return lifecycle.end_claim(claim, ending, config=config, board=board, error=error, done=done, reason=reason)
+    except OSError as exc:
+        if lifecycle.fenced(claim):
+            return Ending.FENCED
+        if is_disk_full(exc):  # its ending is recorded in claim.json: the next start completes it
+            log.error("cannot end %s, the disk is full (%s); it stays in work/", claim.source, exc)
+            if board is not None:
+                board.set_aside(claim.source, Ending.DEFERRED, f"disk full: {exc}")
+            return Ending.DEFERRED
+        log.exception("internal error ending %s", claim.source)
+        failure: Exception = exc
+    except Exception as exc:  # a bug must not lose the claim: it still gets a report
+        log.exception("internal error ending %s", claim.source)
+        failure = exc
+    with contextlib.suppress(Exception):
+        lifecycle.end_claim(
+            claim, Ending.FAILED, config=config, board=board, error=internal_error(failure, path=claim.source)
+        )
+    return Ending.FAILED
 
 
 def _generate(
@@ -169,8 +245,7 @@ def _generate(
 ) -> list[Generated] | list[DiffusiondError]:
     """One pipeline call for the batch; an error of the call is every job's error."""
     for item in batch:
-        if item.claim.resumed:  # a job id is new with each claim: only a resumed one can have left parts
-            discard_partial(config.outbox, item.job)
+        item.claim.trail(f"generating job {item.job.job_id}")
         if board is not None:
             board.started(item.job.job_id, item.claim.source, item.job.task, item.job.spec.model, item.job.spec.steps)
 
@@ -190,51 +265,77 @@ def _generate(
 
 
 def _commit(
+    run: ClaimRun,
     item: Pending,
     generated: Generated,
     config: Config,
     board: StatusBoard | None,
     started: float,
-) -> DiffusiondError | None:
-    """Stamp and write one job's images and manifest; the job's error, or None when it is done."""
+) -> None:
+    """Stamp one job's images, stage them with the manifest in the claim folder, then publish them."""
     job, claim = item.job, item.claim
     try:
-        context: dict[str, Any] = {
-            "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(claim.claimed_at)),
-            "input_image": {"file": job.image.name, "sha256": job.image.sha256} if job.image else None,
-            "model": generated.model.record() if generated.model else None,
-            "prediction": generated.prediction,
-            "device": generated.device,
-            "dtype": generated.dtype,
-            "memory": generated.memory,
-            "batch_size": generated.batch_size,
-        }
-        manifest = commit(
-            config.outbox,
-            job,
-            generated,
-            context=context,
-            marks=config.marks(job.spec.watermark),
-            options=config.metadata_options(),
-            c2pa=config.c2pa(),
-        )
+        policy = StampPolicy(config.marks(job.spec.watermark), config.metadata_options(), config.c2pa())
+        stamped = stamp_job(job, generated, policy)
+        manifest = build_manifest(job, claim, generated, stamped)
     except DiffusiondError as exc:
-        return exc
-    except Exception as exc:  # a bug in stamping or writing fails this job, not the daemon
-        log.exception("internal error writing %s", job.job_id, extra=_fields(item))
-        return internal_error(exc, path=claim.source)
-    lifecycle.mark_done(claim, job.job_id)
-    files = [o["file"] for o in manifest["outputs"]]
-    seconds = time.perf_counter() - started
-    log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, seconds, ", ".join(files), extra=_fields(item))
-    if board is not None:
-        board.done(job.job_id, claim.source, files, seconds)
-    return None
+        run.errors.append(exc)
+        return
+    except Exception as exc:  # a bug in stamping fails this job, not the daemon
+        log.exception("internal error stamping %s", job.job_id, extra=_fields(item))
+        run.errors.append(internal_error(exc, path=claim.source))
+        return
+    try:
+        folder = stage(claim.folder, job.job_id, stamped.files, manifest.to_json())
+    except OSError as exc:
+        _write_failed(run, job.job_id, exc, config)
+        return
+    claim.trail(f"staged job {job.job_id}")
+    if _publish(run, job.job_id, folder, config):
+        files = [o.file for o in manifest.outputs]
+        seconds = time.perf_counter() - started
+        log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, seconds, ", ".join(files), extra=_fields(item))
+        if board is not None:
+            board.done(job.job_id, claim.source, files, seconds)
+
+
+def _publish(run: ClaimRun, job_id: str, folder: Path, config: Config) -> bool:
+    """Publish a complete stage; False (with the reason recorded in `run`) when it could not be."""
+    try:
+        publish(folder, config.outbox, job_id)
+    except DiffusiondError as exc:
+        run.errors.append(exc)
+        return False
+    except OSError as exc:
+        _write_failed(run, job_id, exc, config)
+        return False
+    run.published.append(job_id)
+    run.claim.trail(f"published job {job_id}")
+    return True
 
 
 def _fields(item: Pending) -> dict[str, str]:
     """Journal fields for a job's log lines (`journalctl JOB_ID=...`)."""
     return job_fields(job_id=item.job.job_id, job_file=item.claim.source, task=item.job.task, model=item.job.spec.model)
+
+
+def _write_failed(run: ClaimRun, job_id: str, exc: OSError, config: Config) -> None:
+    """Why staging or publishing failed: fenced, a full disk (retried later), or an outbox that refuses files."""
+    claim = run.claim
+    if lifecycle.fenced(claim):
+        run.fenced = True
+    elif is_disk_full(exc):
+        run.deferred = f"disk full writing job {job_id}: {exc}; retrying in {config.disk_full_retry_s:g} s"
+        log.error("job %s: %s", job_id, run.deferred, extra=job_fields(job_id=job_id, job_file=claim.source))
+    else:
+        run.errors.append(
+            JobFailed(
+                f"cannot write the results to {config.outbox}: {exc}",
+                code=Code.OUTPUT_FAILED,
+                path=claim.source,
+                fix="fix the outbox's permissions (or free space); the job runs again when dropped again",
+            )
+        )
 
 
 class Worker(threading.Thread):
@@ -270,6 +371,9 @@ class Worker(threading.Thread):
         self.last_progress_s = time.monotonic()
         self.finished = 0
         self.failed = 0
+        self.stopping = False
+        """Set when the queue's end (None) is taken: deferred claims then stay in work/ for the next start."""
+        self._timers: list[threading.Timer] = []
 
     def run(self) -> None:
         name_os_thread("worker")  # before the first generation: torch's OpenMP threads inherit it
@@ -289,6 +393,7 @@ class Worker(threading.Thread):
             while not stopping:
                 first = self.claims.get()
                 if first is None:
+                    self.stopping = True
                     return
                 taken = [first]
                 deadline = time.monotonic() + self.config.batch_wait_s
@@ -298,27 +403,20 @@ class Worker(threading.Thread):
                     except queue.Empty:
                         break
                     if more is None:
-                        stopping = True
+                        stopping = self.stopping = True
                         self.claims.task_done()
                         break
                     taken.append(more)
                 self._run(taken, writer)
         finally:
+            for timer in self._timers:
+                timer.cancel()
             writer.close()  # a warm stop writes every image already made
 
     def _run(self, claims: list[Claim], writer: Writer) -> None:
         self.current = claims
         self.last_progress_s = time.monotonic()
         ended: set[str] = set()
-
-        def on_end(claim: Claim, ok: bool) -> None:
-            ended.add(claim.claim_id)
-            if ok:
-                self.finished += 1
-            else:
-                self.failed += 1
-            self.claims.task_done()
-
         try:
             run_claims(
                 claims,
@@ -328,30 +426,40 @@ class Worker(threading.Thread):
                 on_step=self._on_step,
                 board=self.board,
                 writer=writer,
-                on_end=on_end,
+                on_end=lambda claim, ending: self._ended(claim, ending, ended),
             )
-        except Cancelled:
-            writer.drain()  # the batches made before the cancel are written: their jobs count as done
-            for claim in claims:
-                if claim.claim_id in ended or not claim.folder.exists():
-                    continue
-                if lifecycle.done_jobs(claim):
-                    log.info("stopped %s mid-way; its remaining jobs run on the next start", claim.source)
-                else:
-                    lifecycle.release(claim, self.config)
-                    log.info("stopped %s at a step boundary; it is back in the inbox", claim.source)
-                ended.add(claim.claim_id)
-                self.claims.task_done()
+            writer.drain()  # the end stage has run: every claim taken here has ended
         except Exception as exc:  # a bug must not stop the daemon; each claim still gets a report
             log.exception("internal error on %s", ", ".join(c.source for c in claims))
             writer.drain()
             for claim in claims:
                 if claim.claim_id not in ended:
-                    if claim.folder.exists():
-                        lifecycle.fail(claim, self.config, internal_error(exc, path=claim.source))
-                    on_end(claim, False)
+                    error = internal_error(exc, path=claim.source)
+                    self._ended(claim, _end(claim, Ending.FAILED, self.config, self.board, error, (), ""), ended)
         finally:
             self.current, self.progress = [], None
+
+    def _ended(self, claim: Claim, ending: Ending, ended: set[str]) -> None:
+        """Count one claim's ending: every claim taken from the queue ends here exactly once, and
+        `task_done` is called once for it, so `claims.unfinished_tasks` is the claims not ended yet.
+        A DEFERRED claim is put back in the queue after `disk_full_retry_s`, as a new task."""
+        ended.add(claim.claim_id)
+        if ending is Ending.DONE:
+            self.finished += 1
+        elif ending in (Ending.FAILED, Ending.REJECTED):
+            self.failed += 1
+        elif ending is Ending.DEFERRED:
+            again = dataclasses.replace(claim, jobs=None, resumed=True, running=False)
+            timer = threading.Timer(self.config.disk_full_retry_s, self._retry, [again])
+            timer.daemon = True
+            self._timers = [t for t in self._timers if t.is_alive()] + [timer]
+            timer.start()
+        self.claims.task_done()
+
+    def _retry(self, claim: Claim) -> None:
+        if not self.stopping:
+            log.info("trying %s again (it waited for disk space)", claim.source)
+            self.claims.put(claim)
 
     def _on_step(self, step: int, steps: int) -> None:
         self.progress = (step, steps)

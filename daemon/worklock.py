@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import platform
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from diffusiond.pipeline.errors import ConfigError
 
+log = logging.getLogger(__name__)
 OWNER_FILE = ".owner"
 """In the work folder; a dotfile, so no claim folder can be named like it."""
 
@@ -68,8 +70,11 @@ def lock_work_folder(folder: Path, *, instance: str) -> WorkLock:
             "(or `instance:` in the config)",
         ) from exc
     record = {"pid": os.getpid(), "host": platform.node(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    except OSError as exc:  # a full disk: the lock holds all the same, only the message would name no one
+        log.warning("cannot write who holds %s (%s); the lock is held", folder / OWNER_FILE, exc)
     return WorkLock(folder, fd)
 
 

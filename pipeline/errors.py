@@ -54,6 +54,8 @@ class Code(StrEnum):
     """The outputs could not be written (disk full, permissions)."""
     CONFIG = "config"
     """The daemon's config is wrong."""
+    CRASHED = "crashed"
+    """The daemon died while running the job, `limits.max_crashes` times: the job is not tried again."""
 
 
 class DiffusiondError(Exception):
@@ -152,6 +154,7 @@ _CLASS_OF_CODE: dict[Code, type[DiffusiondError]] = {
     Code.GENERATION_FAILED: JobFailed,
     Code.WATERMARK_FAILED: JobFailed,
     Code.OUTPUT_FAILED: JobFailed,
+    Code.CRASHED: JobFailed,
     Code.CONFIG: ConfigError,
 }
 """Every other code is a rejection of the user's file."""

@@ -8,7 +8,9 @@ lose a mark that held in memory.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from diffusiond.pipeline.errors import Code, JobFailed
-from diffusiond.pipeline.job import InvisibleWatermark, OutputSpec, Spec, VisibleWatermark, WatermarkSpec
-from diffusiond.pipeline.metadata import MetadataOptions, digital_source_type, encode
+from diffusiond.pipeline.backend import Generated
+from diffusiond.pipeline.errors import Code, JobFailed, job_context
+from diffusiond.pipeline.job import InvisibleWatermark, Job, OutputSpec, Spec, VisibleWatermark, WatermarkSpec
+from diffusiond.pipeline.metadata import SUFFIXES, MetadataOptions, digital_source_type, encode, infotext, sidecar_files
 from diffusiond.pipeline.watermark import InvisibleMark, VisibleMark, apply_visible, embed_invisible, verify_invisible
 
 if TYPE_CHECKING:
@@ -139,3 +142,77 @@ def stamp(
             "or set watermark.required: false in the config",
         )
     return Stamped(data, watermark)
+
+
+@dataclass(frozen=True)
+class StampPolicy:
+    """What every image of a job gets: its marks, the metadata options, the signer (built from the config)."""
+
+    marks: Marks
+    options: MetadataOptions
+    c2pa: C2paConfig | None = None
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """One image as the manifest lists it."""
+
+    file: str
+    sha256: str
+    seed: int
+    width: int
+    height: int
+    watermark: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StampedJob:
+    """A job's files (images and sidecars, in writing order) and what the manifest says of each image."""
+
+    files: list[tuple[str, bytes]]
+    outputs: list[OutputRecord]
+    stamp_s: float
+
+
+def output_name(job: Job, number: int) -> str:
+    return f"{job.job_id}-{number}{SUFFIXES[job.spec.output.format]}"
+
+
+def job_record(job: Job) -> dict[str, Any]:
+    """What every image's embedded record and the manifest start with."""
+    return {"job_id": job.job_id, "source": job.source, "index": job.index, "job": job.spec.model_dump(mode="json")}
+
+
+def stamp_job(job: Job, generated: Generated, policy: StampPolicy) -> StampedJob:
+    """Stamp every image of `job` in memory (infotext, marks, metadata, sidecars): a failure writes nothing."""
+    started = time.perf_counter()
+    spec, record = job.spec, job_record(job)
+    files: list[tuple[str, bytes]] = []
+    outputs: list[OutputRecord] = []
+    with job_context(path=job.source, job_index=job.index):
+        for number, (image, seed) in enumerate(zip(generated.images, generated.seeds, strict=True), start=1):
+            parameters = infotext(
+                spec,
+                seed=seed,
+                size=image.size,
+                model_name=spec.model,
+                sampler=generated.scheduler,
+                model_hash=generated.model.hash if generated.model else None,
+            )
+            image_record = record | {"seed": seed}
+            stamped = stamp(
+                image,
+                spec.output,
+                policy.marks,
+                parameters=parameters,
+                record=image_record,
+                spec=spec,
+                options=policy.options,
+                c2pa=policy.c2pa,
+            )
+            name = output_name(job, number)
+            files.append((name, stamped.data))
+            files += sidecar_files(name, parameters=parameters, record=image_record, options=policy.options)
+            digest = hashlib.sha256(stamped.data).hexdigest()
+            outputs.append(OutputRecord(name, digest, seed, image.width, image.height, stamped.watermark))
+    return StampedJob(files, outputs, time.perf_counter() - started)

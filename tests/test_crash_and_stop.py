@@ -54,7 +54,7 @@ def test_kill_9_mid_job_then_restart_loses_nothing_and_doubles_nothing(spool: Sp
     try:
         folder = wait_for(lambda: claim_folder(spool), what="the claim folder")
         wait_for(lambda: held(gate), what="job 2 held at its first step")
-        wait_for(lambda: list(folder.glob("done-*")), what="job 1 finished")
+        wait_for(lambda: list(spool.outbox.glob("*.json")), what="job 1 published")
         first = json.loads(next(spool.outbox.glob("*.json")).read_text())
         process.send_signal(signal.SIGKILL)  # while job 2 is held mid-way
         process.wait(CEILING_S)
@@ -166,28 +166,3 @@ def test_a_torn_jobs_json_after_a_power_cut_is_validated_again(spool: Spool) -> 
     assert [(m["source"], m["seeds"]) for m in manifests] == [("cut.yaml", [7]), ("empty.yaml", [7])]
     assert spool.reports() == []
     assert spool.claims() == []
-
-
-def test_a_rerun_clears_what_the_interrupted_run_left_and_nothing_else(spool: Spool) -> None:
-    """Leftovers of a killed write (a renamed image, temp files), made by hand, then a real restart."""
-    from diffusiond.daemon.claim import Claim
-
-    spool.drop("left.yaml", "prompt: interrupted\nseed: 4\ncount: 2\n")
-    run_oneshot(spool, standin=None)  # real diffusers: the rerun in another process makes the same bytes
-    [manifest] = spool.manifests()
-    # Make it look as if the daemon died while writing: claim folder back, manifest gone.
-    work = spool.root / "work" / "test" / manifest["job_id"]
-    (work / "inbox").mkdir(parents=True)
-    os.rename(spool.archive / "left.yaml", work / "inbox" / "left.yaml")
-    Claim(manifest["job_id"], work, "left.yaml", ("left.yaml",), claimed_at=1.0).save()
-    (spool.outbox / f"{manifest['job_id']}.json").unlink()
-    (spool.outbox / f".{manifest['job_id']}.json.999.tmp").write_text("{half")
-    (spool.outbox / f".{manifest['job_id']}-2.png.999.tmp").write_bytes(b"half")
-    unrelated = spool.outbox / f"{manifest['job_id']}-x-1.png"
-    unrelated.write_bytes(b"another job's output")
-    run_oneshot(spool, standin=None)
-    [again] = spool.manifests()
-    assert again["job_id"] == manifest["job_id"] and again["seeds"] == [4, 5]
-    assert [o["sha256"] for o in again["outputs"]] == [o["sha256"] for o in manifest["outputs"]]
-    assert not [p for p in spool.outbox.iterdir() if p.name.startswith(".")]
-    assert unrelated.read_bytes() == b"another job's output"

@@ -370,7 +370,9 @@ def test_a_job_file_changed_after_pairing_runs_as_claimed(spool: Spool, edit: st
         spool.drop("fox.yaml", "prompt: a cat\nseed: 3\n")
         os.utime(path, ns=(mtime_ns, mtime_ns))
         expected = ("a cat", 3)
-    claimed = claim(intent, inbox=config.inbox, work=config.work_dir)
+    for folder in (config.outbox, config.work_dir):  # the daemon makes them at start
+        folder.mkdir(parents=True, exist_ok=True)
+    claimed = claim(intent, config)
     assert claimed is not None
     [job] = load_jobs(claimed, config, parsed=intent.parsed)
     assert (job.spec.prompt, job.spec.seed) == expected

@@ -110,7 +110,9 @@ def test_jobs_json_keeps_the_image_name_where_the_previous_version_reads_it(spoo
     config = spool.config
     spool.drop("fox.png", sketch_png(size=(64, 48)))
     spool.drop("fox.yaml", "task: img2img\nprompt: a fox\nseed: 5\n")
-    claimed = claim(Intent("fox.yaml", ("fox.yaml", "fox.png")), inbox=config.inbox, work=config.work_dir)
+    for folder in (config.outbox, config.work_dir):  # the daemon makes them at start
+        folder.mkdir(parents=True, exist_ok=True)
+    claimed = claim(Intent("fox.yaml", ("fox.yaml", "fox.png")), config)
     assert claimed is not None
     [job] = load_jobs(claimed, config)
     [record] = json.loads((claimed.folder / "jobs.json").read_text())
