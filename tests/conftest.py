@@ -183,17 +183,22 @@ def standin_daemon(spool: Spool, standin: StandInGenerator) -> Iterator[Daemon]:
 
 
 def start_daemon_process(
-    config_path: Path, *extra: str, standin: dict[str, Any] | None = None, env: dict[str, str] | None = None
+    config_path: Path,
+    *extra: str,
+    standin: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
 ) -> subprocess.Popen[str]:
     """`diffusiond run` as a real subprocess (for kill -9 and signal tests).
 
     With `standin` (the settings tests/standin_daemon.py takes: `hold`, `fail`, `step_s`), the
-    same command line runs on the stand-in generator.
+    same command line runs on the stand-in generator. Its output is a pipe the test reads at the
+    end, or the file `log` for a daemon that logs more than a pipe holds (64 KiB) before then.
     """
     entry = ["diffusiond.daemon.cli"] if standin is None else ["tests.standin_daemon", json.dumps(standin)]
     return subprocess.Popen(
         [sys.executable, "-m", *entry, "run", "--config", str(config_path), *extra],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if log is None else log.open("w"),
         stderr=subprocess.STDOUT,
         text=True,
         cwd=REPO,

@@ -94,14 +94,17 @@ def test_two_instances_share_a_spool_each_with_its_own_state(spool: Spool, test_
 
 
 @pytest.mark.parametrize("mode", ["auto", "poll"])
-def test_two_daemons_share_500_jobs_and_none_is_done_twice(spool: Spool, test_models, mode: str) -> None:
+def test_two_daemons_share_500_jobs_and_none_is_done_twice(tmp_path: Path, test_models, mode: str) -> None:
     """Two instances on one spool (inotify, then polling as on NFS) race for a stream of 500 job files."""
-    write_config(spool.root, test_models, watch={"mode": mode})
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    spool = Spool(root, write_config(root, test_models, watch={"mode": mode}))
     config_b = spool.root / "config-b.yaml"
     config_b.write_text(
         spool.config_path.read_text().replace("instance: test", "instance: other").replace("/state", "/state-b")
     )
-    daemons = [start_daemon_process(path, standin={}) for path in (spool.config_path, config_b)]
+    configs, logs = (spool.config_path, config_b), (tmp_path / "a.log", tmp_path / "b.log")
+    daemons = [start_daemon_process(c, standin={}, log=log) for c, log in zip(configs, logs, strict=True)]
     dropped: dict[str, bytes] = {}
     try:
         for path, process in zip((spool.config_path, config_b), daemons, strict=True):
