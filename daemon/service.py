@@ -124,6 +124,13 @@ class Daemon:
         for name in FOLDERS:
             config.folder(name).mkdir(parents=True, exist_ok=True)
         config.work_dir.mkdir(parents=True, exist_ok=True)
+        if os.stat(config.outbox).st_dev != os.stat(config.work_dir).st_dev:
+            log.warning(
+                "the outbox %s is on another filesystem than %s: each output is copied in (still whole, the "
+                "manifest last), and a crash mid-copy can leave a hidden temp file until that job is published",
+                config.outbox,
+                config.work_dir,
+            )
         self.board.state(DaemonState.STARTING)
         # Preloaded models load on the worker thread, which runs every model: torch on a second thread
         # slows CPU generation 1.2-3x for good (see daemon/worker.py). Before ready: the first job finds
@@ -290,12 +297,14 @@ class Daemon:
         """Claim (and validate) files until the queue holds `prefetch` claims or nothing is ready."""
         inbox = self.config.inbox
         present = _Present(tracker, inbox)
-        while (room := self._prefetch - self.claims.qsize()) > 0:
+        while (room := self._prefetch - self.claims.qsize()) > 0 and not self.stop.is_set():
             stable = [p.relative_to(inbox).as_posix() for p in tracker.stable(now, limit=CLAIM_WINDOW)]
             intents = pairing.decide(stable, present, now, stamp=lambda rel: file_stamp(inbox / rel), limit=room)
             if not intents:
                 return
             for intent in intents:
+                if self.stop.is_set():  # stopping: what is released to the inbox now must stay there
+                    return
                 config = self.config
                 for relative in intent.files:
                     tracker.forget(inbox / relative)  # claimed, or left for the next rescan

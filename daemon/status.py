@@ -1,14 +1,17 @@
 """What the daemon is doing, for people and scripts: `<state>/status.json` and `<state>/events.jsonl`.
 
-- `status.json` is the whole picture (state, queue, running job with its step, last results and
-  failures, counters), replaced atomically, so a reader never sees half of it. It is rewritten at
-  most every `write_interval_s` (0.5 s): a change within that time is written by the next
-  `flush_due()` (the service loop calls it at least that often), so a stream of short jobs costs
-  two writes a second, not five per job. A change of state (ready, stopping, ...) is written at once.
+- `status.json` is the whole picture (state, queue, running job with its step, `waiting`: why a
+  job waits in work/, e.g. a full disk, last results and failures, counters), replaced atomically,
+  so a reader never sees half of it. It is rewritten at most every `write_interval_s` (0.5 s): a
+  change within that time is written by the next `flush_due()` (the service loop calls it at least
+  that often), so a stream of short jobs costs two writes a second, not five per job. A change of
+  state (ready, stopping, ...) is written at once.
 - `events.jsonl` is append-only, one JSON object a line (`{"time": ..., "event": "done", ...}`), for
-  tools that tail it. Progress lines: at most one per `progress_interval_s` per job, plus the last
-  step. Over `events_max_bytes` the file moves to `events.jsonl.1` (replacing the older one), so
-  `tail -F` follows it and the disk holds at most two files' worth.
+  tools that tail it. Every claim's end is one event: `done` per job, then `failed`, or `released`,
+  `resumes`, `deferred` or `fenced` (daemon/lifecycle.py, `Ending`). Progress lines: at most one per
+  `progress_interval_s` per job, plus the last step. Over `events_max_bytes` the file moves to
+  `events.jsonl.1` (replacing the older one), so `tail -F` follows it and the disk holds at most two
+  files' worth.
 
 Writing status never stops a job: a failed write is logged once and the daemon goes on.
 """
@@ -317,6 +320,8 @@ def format_status(status: dict[str, Any], *, running: bool) -> str:
             f"  running  {job.get('job_id')} ({job.get('task')}, model {job.get('model')}) from {job.get('source')}: "
             f"{step}, started {_clock(job.get('started_at'))}"
         )
+    if status.get("waiting"):
+        lines.append(f"  waiting  {status['waiting']}")
     counters = status.get("counters", {})
     lines.append(
         f"  queue    {status.get('queue', 0)} claimed, waiting; so far {counters.get('done', 0)} done "

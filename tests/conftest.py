@@ -228,3 +228,19 @@ def wait_until_ready(config_path: Path, process: subprocess.Popen[str]) -> dict[
         return status if status.get("state") == "ready" and status.get("pid") == process.pid else None
 
     return wait_for(ready, what=f"{state} to say ready")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real filesystem of 8 MiB (a tmpfs), to fill up or to move across; skipped where it cannot be mounted."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -111,6 +111,11 @@ def test_sigterm_stops_the_running_job_at_a_step_and_puts_everything_back(spool:
     assert spool.manifests() == [], "the slow job stopped between steps: nothing was written"
     assert sorted(p.name for p in spool.inbox.iterdir()) == ["queued.yaml", "slow.yaml"], "both back in the inbox"
     assert spool.claims() == []
+    # The status agrees (R1): nothing listed as running, each claim's end one `released` event.
+    state = spool.root / "state"
+    assert json.loads((state / "status.json").read_text())["running"] == []
+    events = [json.loads(line) for line in (state / "events.jsonl").read_text().splitlines()]
+    assert sorted(e["source"] for e in events if e["event"] == "released") == ["queued.yaml", "slow.yaml"]
     run_oneshot(spool)
     assert sorted(m["source"] for m in spool.manifests()) == ["queued.yaml", "slow.yaml"]
     assert next(m for m in spool.manifests() if m["source"] == "slow.yaml")["seeds"] == [9]

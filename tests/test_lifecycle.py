@@ -29,11 +29,17 @@ def after(spool: Spool) -> dict:
 
 def test_an_internal_error_in_generation_fails_the_claim_with_a_report_and_the_daemon_goes_on(spool: Spool) -> None:
     standin = StandInGenerator(fail_with={"boom": RuntimeError("injected bug")})
-    with start_daemon_thread(spool, standin):
+    with start_daemon_thread(spool, standin) as daemon:
         spool.drop("boom.yaml", "prompt: boom\n")
         [report] = wait_for(spool.reports, what="the report")
         after(spool)
+        status = daemon.board.snapshot()
     assert report["code"] == "generation_failed" and report["file"] == "boom.yaml"
+    # The status agrees with the files (R1): one failure, counted, its event written, nothing left running.
+    assert (status["counters"]["failed"], status["counters"]["done"], status["running"]) == (1, 1, [])
+    assert [f["source"] for f in status["last_failures"]] == ["boom.yaml"]
+    events = [json.loads(line) for line in (spool.root / "state" / "events.jsonl").read_text().splitlines()]
+    assert [e["source"] for e in events if e["event"] == "failed"] == ["boom.yaml"]
     assert report["error"] == "internal error: RuntimeError: injected bug"
     assert "diffusiond bug" in report["fix"]
     assert (spool.failed / "boom.yaml").read_text() == "prompt: boom\n"
