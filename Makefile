@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO := demo
 
-.PHONY: setup demo serve test lint typecheck clean
+.PHONY: setup demo serve test soak lint typecheck clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ serve: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The crash and race tests, longer: 1,000 randomized kill -9s over streams of jobs (about 15 minutes on 2 cores).
+soak: setup
+	DIFFUSIOND_SOAK_KILLS=1000 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_fault_points.py \
+		tests/test_shared_spool.py -k "randomized or 500 or race"
 
 lint: setup typecheck
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
