@@ -75,13 +75,21 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+NAME_MAX = 255
+
+
 def candidates(folder: Path, name: str) -> Iterator[Path]:
-    """`folder/name`, then `folder/stem-2.ext`, `-3`, ...: the names a move may take."""
+    """`folder/name`, then `folder/stem-2.ext`, `-3`, ...: the names a move may take.
+
+    A name at the filesystem's limit (255 bytes) has its stem cut to make room for the number.
+    """
     yield folder / name
     stem, dot, suffix = name.partition(".")
     n = 2
     while True:
-        yield folder / f"{stem}-{n}{dot}{suffix}"
+        tail = f"-{n}{dot}{suffix}"
+        room = NAME_MAX - len(os.fsencode(tail))
+        yield folder / (os.fsdecode(os.fsencode(stem)[: max(room, 1)]) + tail)
         n += 1
 
 

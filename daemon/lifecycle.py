@@ -150,7 +150,7 @@ def _finish(
         moved = [_move(claim.inputs / r, failed, Path(r).name) for r in claim.present()]
         staged = next(claim.folder.glob("*.error.yaml"), None)  # written by an interrupted run of this ending
         if staged is None:
-            stem = Path(moved[0].name if moved else claim.source).stem
+            stem = os.fsdecode(os.fsencode(Path(moved[0].name if moved else claim.source).stem)[:200])
             extra: dict[str, Any] = {"inputs": [p.name for p in moved], "finished_jobs": list(done)}
             if error.code is Code.CRASHED:
                 extra["log_tail"] = claim.trail_tail()
@@ -209,37 +209,53 @@ def leftover_claims(config: Config, board: StatusBoard | None = None) -> list[Cl
         if folder.name.startswith(".") or not folder.is_dir():  # the lock (.owner), nothing claimed
             continue
         try:
-            found = Claim.load(folder)
-            recorded = recorded_ending(found)
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warning("claim folder %s has no readable claim.json; its files go back to the inbox", folder)
-            _return_orphans(folder, config)
+            resumed = _leftover(folder, config, board)
+        except Exception:  # one broken claim must not stop the start (and so every start after it)
+            log.exception("cannot resume the claim in %s; it stays there for a person to look at", folder)
             continue
-        if recorded is not None:
-            finish_recorded(found, config, board)
-            continue
-        if found.source not in found.present():  # stopped between the record and the claiming rename
-            _return_orphans(folder, config)
-            reservation(config.outbox, found.claim_id).unlink(missing_ok=True)
-            continue
-        resumed = _fence(found)
-        crashes = resumed.crashes + (1 if resumed.running else 0)
-        resumed = dataclasses.replace(resumed, crashes=crashes, running=False, resumed=True)
-        resumed.save()
-        if crashes:
-            resumed.trail(f"found after a crash ({crashes} of {config.limits.max_crashes})")
-        if crashes >= config.limits.max_crashes:
-            error = JobFailed(
-                f"the daemon crashed {crashes} times while running this job; it is not tried again",
-                code=Code.CRASHED,
-                path=found.source,
-                fix="see log_tail below and the journal for what was running; if the job is fine, drop it again",
-            )
-            end_claim(resumed, Ending.FAILED, config=config, board=board, error=error)
-            continue
-        claims.append(resumed)
-    _drop_stale_reservations(config, keep={c.claim_id for c in claims})
+        if resumed is not None:
+            claims.append(resumed)
+    _drop_stale_reservations(config, keep={c.claim_id for c in claims} | _claim_ids(work))
     return sorted(claims, key=lambda c: c.claimed_at)
+
+
+def _claim_ids(work: Path) -> set[str]:
+    """The claim ids of the folders in work/ (a claim left there must keep its reservation)."""
+    return {p.name.partition("~")[0] for p in work.iterdir() if not p.name.startswith(".")}
+
+
+def _leftover(folder: Path, config: Config, board: StatusBoard | None) -> Claim | None:
+    """One claim folder found at start: finished, removed, failed as crashed, or fenced and returned."""
+    try:
+        found = Claim.load(folder)
+        recorded = recorded_ending(found)
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("claim folder %s has no readable claim.json; its files go back to the inbox", folder)
+        _return_orphans(folder, config)
+        return None
+    if recorded is not None:
+        finish_recorded(found, config, board)
+        return None
+    if found.source not in found.present():  # stopped between the record and the claiming rename
+        _return_orphans(folder, config)
+        reservation(config.outbox, found.claim_id).unlink(missing_ok=True)
+        return None
+    resumed = _fence(found)
+    crashes = resumed.crashes + (1 if resumed.running else 0)
+    resumed = dataclasses.replace(resumed, crashes=crashes, running=False, resumed=True)
+    resumed.save()
+    if crashes:
+        resumed.trail(f"found after a crash ({crashes} of {config.limits.max_crashes})")
+    if crashes >= config.limits.max_crashes:
+        error = JobFailed(
+            f"the daemon crashed {crashes} times while running this job; it is not tried again",
+            code=Code.CRASHED,
+            path=found.source,
+            fix="see log_tail below and the journal for what was running; if the job is fine, drop it again",
+        )
+        end_claim(resumed, Ending.FAILED, config=config, board=board, error=error)
+        return None
+    return resumed
 
 
 def _drop_stale_reservations(config: Config, keep: set[str]) -> None:

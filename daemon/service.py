@@ -315,6 +315,9 @@ class Daemon:
                     if is_disk_full(exc):
                         self.board.set_aside(intent.source, Ending.DEFERRED, f"disk full claiming it: {exc}")
                     return
+                except Exception:  # a bug must not stop the daemon: the files stay in the inbox
+                    log.exception("internal error claiming %s; trying again at the next rescan", intent.source)
+                    continue
                 if claimed is None:
                     continue
                 log.info("claimed %s as %s", intent.source, claimed.claim_id, extra=job_fields(job_file=intent.source))

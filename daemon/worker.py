@@ -159,10 +159,10 @@ def run_claims(
 
     def publish_staged() -> None:  # made by the run a crash interrupted: only the publishing is left
         for run, job_id, folder in staged_jobs:
-            if _publish(run, job_id, folder, config):
+            if (names := _publish(run, job_id, folder, config)) is not None:
                 log.info("done %s: published what the interrupted run staged", job_id)
                 if board is not None:
-                    board.done(job_id, run.claim.source, [], 0.0)
+                    board.done(job_id, run.claim.source, names, 0.0)
 
     if staged_jobs:
         writer.submit(publish_staged)
@@ -291,7 +291,7 @@ def _commit(
         _write_failed(run, job.job_id, exc, config)
         return
     claim.trail(f"staged job {job.job_id}")
-    if _publish(run, job.job_id, folder, config):
+    if _publish(run, job.job_id, folder, config) is not None:
         files = [o.file for o in manifest.outputs]
         seconds = time.perf_counter() - started
         log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, seconds, ", ".join(files), extra=_fields(item))
@@ -299,19 +299,19 @@ def _commit(
             board.done(job.job_id, claim.source, files, seconds)
 
 
-def _publish(run: ClaimRun, job_id: str, folder: Path, config: Config) -> bool:
-    """Publish a complete stage; False (with the reason recorded in `run`) when it could not be."""
+def _publish(run: ClaimRun, job_id: str, folder: Path, config: Config) -> list[str] | None:
+    """Publish a complete stage; its images (not the manifest), or None (the reason recorded in `run`)."""
     try:
-        publish(folder, config.outbox, job_id)
+        names = publish(folder, config.outbox, job_id)
     except DiffusiondError as exc:
         run.errors.append(exc)
-        return False
+        return None
     except OSError as exc:
         _write_failed(run, job_id, exc, config)
-        return False
+        return None
     run.published.append(job_id)
     run.claim.trail(f"published job {job_id}")
-    return True
+    return [name for name in names if not name.endswith((".txt", ".json"))]
 
 
 def _fields(item: Pending) -> dict[str, str]:
