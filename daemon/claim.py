@@ -87,7 +87,11 @@ class Claim:
         """Write claim.json (durably: it is the claim's state). In a fenced folder: FileNotFoundError."""
         record = asdict(self) | {"folder": None, "resumed": False}
         del record["jobs"]
-        atomic_write(self.folder / "claim.json", json.dumps(record, indent=1).encode())
+        path = self.folder / "claim.json"
+        with contextlib.suppress(OSError, ValueError):  # an ending recorded on disk stays (lifecycle.end_claim)
+            if ending := json.loads(path.read_text(encoding="utf-8")).get("ending"):
+                record["ending"] = ending
+        atomic_write(path, json.dumps(record, indent=1).encode())
 
     @classmethod
     def load(cls, folder: Path) -> Claim:

@@ -9,6 +9,7 @@ on every filesystem that has links, atomically, on the server (NFS included).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
@@ -85,11 +86,13 @@ def candidates(folder: Path, name: str) -> Iterator[Path]:
     """
     yield folder / name
     stem, dot, suffix = name.partition(".")
+    if len(os.fsencode(dot + suffix)) > NAME_MAX // 2:  # `a.<250 bytes>.yaml`: number the whole name
+        stem, dot, suffix = name, "", ""
     n = 2
     while True:
         tail = f"-{n}{dot}{suffix}"
         room = NAME_MAX - len(os.fsencode(tail))
-        yield folder / (os.fsdecode(os.fsencode(stem)[: max(room, 1)]) + tail)
+        yield folder / (os.fsdecode(os.fsencode(stem)[:room]) + tail)
         n += 1
 
 
@@ -109,42 +112,61 @@ def same_file(a: Path, b: Path) -> bool:
 def move_unique(src: Path, folder: Path, name: str | None = None, *, keep_source: bool = False) -> Path:
     """Move `src` into `folder` under a free name, never replacing anything there; returns the new path.
 
-    With `keep_source` the old name stays too (a link, where links exist): a repeat finds the
-    new name again, so a file can be delivered once even when the caller dies after delivering it.
+    One `renameat2(RENAME_NOREPLACE)` where the filesystem has it (ext4, xfs, btrfs, tmpfs):
+    atomic, and EEXIST when the name is taken, even by another daemon in the same instant;
+    then the next name is tried. Where it has not (NFS): link the new name, then unlink the
+    old; a crash between the two leaves both names on one file, and moving it again finds
+    the name that is already this very file and only unlinks the old one. Without links
+    (SMB, FAT) an `O_EXCL` placeholder (an empty folder for a folder) reserves the name and
+    the rename replaces only that; a crash in between can leave an empty placeholder. Across
+    filesystems (EXDEV) the file is copied to a hidden temp name in `folder` and moved into
+    a free name. Both folders are fsynced: the move survives a power cut.
 
-    Link the new name, then unlink the old: the link fails with EEXIST when the name is
-    taken, even by another daemon in the same instant, and then the next name is tried.
-    A crash between the two leaves both names on one file; moving it again finds the
-    name that is already the same file and only unlinks the old one, so a move is
-    repeatable. Without links (SMB, FAT, directories) an `O_EXCL` placeholder (an empty
-    folder for a folder) reserves the name and the rename replaces only that; a crash in
-    between can leave an empty placeholder. Across filesystems (EXDEV) the file is copied
-    to a hidden temp name in `folder` and moved into its reserved name. Both folders are
-    fsynced: the move survives a power cut.
+    With `keep_source` the old name stays too (a link): a repeat finds the new name again,
+    so a file is delivered once even when the caller dies right after delivering it.
     """
     folder.mkdir(parents=True, exist_ok=True)  # archive/, failed/, inbox/<profile>/: never a claim's path
     for dest in candidates(folder, name or src.name):
         try:
-            os.link(src, dest, follow_symlinks=False)
+            if keep_source:
+                os.link(src, dest, follow_symlinks=False)
+            elif not _rename_noreplace(src, dest):
+                os.link(src, dest, follow_symlinks=False)
+                os.unlink(src)
         except FileExistsError:
             if not same_file(src, dest):  # taken by another file: try the next name
                 continue
-            # else an earlier move of this very file stopped after its link: finish it
+            if not keep_source:  # an earlier move of this very file stopped after its link: finish it
+                os.unlink(src)
         except OSError as exc:
             if exc.errno == errno.EXDEV:
-                return _copy_across(src, folder, name or src.name)
+                return _copy_across(src, folder, name or src.name, keep_source=keep_source)
             if exc.errno not in NO_LINKS:
                 raise
             if not _reserve(dest, is_dir=stat.S_ISDIR(os.lstat(src).st_mode)):
                 continue
             os.rename(src, dest)  # replaces only the placeholder this call made
-            _sync_both(src, dest)
-            return dest
-        if not keep_source:
-            os.unlink(src)
         _sync_both(src, dest)
         return dest
     raise AssertionError("unreachable: candidates() never ends")
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28+; Python's os.rename takes no flags
+
+
+def _rename_noreplace(src: Path, dest: Path) -> bool:
+    """rename(2) that fails with EEXIST instead of replacing; False where the filesystem lacks it."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dest), _RENAME_NOREPLACE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # NFS, SMB, FUSE: the link-then-unlink way
+    raise OSError(code, os.strerror(code), str(src), None, str(dest))
 
 
 def rename_checked(src: Path, dest: Path) -> None:
@@ -173,12 +195,25 @@ def _reserve(dest: Path, *, is_dir: bool) -> bool:
     return True
 
 
-def _copy_across(src: Path, folder: Path, name: str) -> Path:
-    """EXDEV: copy to a hidden temp name in `folder`, fsync, move it into a free name, then drop `src`."""
+def _copy_across(src: Path, folder: Path, name: str, *, keep_source: bool = False) -> Path:
+    """EXDEV: copy to a hidden temp name in `folder`, fsync, move it into a free name, then drop `src`.
+
+    Repeatable: a regular file whose copy is already under one of the names (a crash after the
+    copy, before `src` was removed) is not copied again.
+    """
+    mode = os.lstat(src).st_mode
+    if stat.S_ISREG(mode):
+        for dest in candidates(folder, name):
+            if not os.path.lexists(dest):
+                break
+            if _same_bytes(src, dest):
+                if not keep_source:
+                    os.unlink(src)
+                    fsync_dir(src.parent)
+                return dest
     tmp = folder / f".{name}.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
-    mode = os.lstat(src).st_mode
     if stat.S_ISDIR(mode):
         shutil.copytree(src, tmp, symlinks=True)
     elif stat.S_ISREG(mode):
@@ -190,12 +225,26 @@ def _copy_across(src: Path, folder: Path, name: str) -> Path:
     else:  # a FIFO, socket or device: made again, empty, with the same type (reading it could block)
         os.mknod(tmp, mode, os.lstat(src).st_rdev)
     dest = move_unique(tmp, folder, name)
-    if stat.S_ISDIR(mode):
-        shutil.rmtree(src)
-    else:
-        os.unlink(src)
-    fsync_dir(src.parent)
+    if not keep_source:
+        if stat.S_ISDIR(mode):
+            shutil.rmtree(src)
+        else:
+            os.unlink(src)
+        fsync_dir(src.parent)
     return dest
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        if not stat.S_ISREG(os.lstat(b).st_mode) or os.path.getsize(a) != os.path.getsize(b):
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while chunk := fa.read(1 << 20):
+                if chunk != fb.read(1 << 20):
+                    return False
+        return True
+    except OSError:
+        return False
 
 
 def _sync_both(src: Path, dest: Path) -> None:

@@ -25,6 +25,7 @@ fenced path stays dead. Such a process finds its folder gone and drops the claim
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,7 +38,7 @@ from typing import Any
 from diffusiond.daemon.claim import Claim, reservation
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.faults import fault_point
-from diffusiond.daemon.fsutil import atomic_write, fsync_dir, move_unique
+from diffusiond.daemon.fsutil import atomic_write, fsync_dir, is_disk_full, move_unique, rename_checked
 from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.report import report_text
 from diffusiond.daemon.status import StatusBoard
@@ -124,6 +125,15 @@ def end_claim(
     return ending
 
 
+def mark_stopped(claim: Claim) -> None:
+    """An operator's second SIGTERM ends the process on purpose: its running claim is no crash."""
+    path = claim.folder / "claim.json"
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        record["running"] = False
+        atomic_write(path, json.dumps(record, indent=1).encode())
+
+
 def begin_run(claim: Claim) -> Claim:
     """Record that a run of `claim` starts: a crash from now on counts (FileNotFoundError: fenced)."""
     started = dataclasses.replace(claim, attempt=claim.attempt + 1, running=True)
@@ -147,7 +157,9 @@ def _finish(
     if ending in (Ending.FAILED, Ending.REJECTED):
         assert error is not None
         failed = config.folder("failed")
-        moved = [_move(claim.inputs / r, failed, Path(r).name) for r in claim.present()]
+        for relative in claim.present():
+            _note_moved(claim, relative, _move(claim.inputs / relative, failed, Path(relative).name))
+        moved = [Path(name) for name in _moved(claim).values()]  # this run's moves and an interrupted one's
         staged = next(claim.folder.glob("*.error.yaml"), None)  # written by an interrupted run of this ending
         if staged is None:
             stem = os.fsdecode(os.fsencode(Path(moved[0].name if moved else claim.source).stem)[:200])
@@ -183,6 +195,20 @@ def _remove(folder: Path) -> None:
     os.rename(folder, gone)
     fsync_dir(folder.parent)
     shutil.rmtree(gone, ignore_errors=True)
+
+
+def _note_moved(claim: Claim, relative: str, dest: Path) -> None:
+    """Where an input went, in the ending's record: a report written after a crash still names it."""
+    path = claim.folder / "claim.json"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    record["ending"].setdefault("moved", {})[relative] = dest.name
+    atomic_write(path, json.dumps(record, indent=1).encode(), durable=False)  # a power cut loses only the name
+
+
+def _moved(claim: Claim) -> dict[str, str]:
+    recorded = recorded_ending(claim) or {}
+    moved = recorded.get("moved")
+    return {str(k): str(v) for k, v in moved.items()} if isinstance(moved, dict) else {}
 
 
 def _move(source: Path, folder: Path, name: str) -> Path:
@@ -225,37 +251,73 @@ def _claim_ids(work: Path) -> set[str]:
 
 
 def _leftover(folder: Path, config: Config, board: StatusBoard | None) -> Claim | None:
-    """One claim folder found at start: finished, removed, failed as crashed, or fenced and returned."""
+    """One claim folder found at start: fenced first, then finished, removed, failed as crashed, or returned."""
     try:
-        found = Claim.load(folder)
+        found = _fence(Claim.load(folder))  # first: a predecessor still holding the old paths is shut out
         recorded = recorded_ending(found)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if is_disk_full(exc):
+            raise
         log.warning("claim folder %s has no readable claim.json; its files go back to the inbox", folder)
         _return_orphans(folder, config)
         return None
+    resumed = dataclasses.replace(found, resumed=True)
     if recorded is not None:
-        finish_recorded(found, config, board)
+        try:
+            finish_recorded(resumed, config, board)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            return resumed  # the worker finishes it, waiting for space
         return None
     if found.source not in found.present():  # stopped between the record and the claiming rename
-        _return_orphans(folder, config)
+        _return_orphans(found.folder, config)
         reservation(config.outbox, found.claim_id).unlink(missing_ok=True)
         return None
-    resumed = _fence(found)
+    for relative in found.files:  # stopped between two renames of the claim: take the rest now
+        source = config.inbox / relative
+        if not os.path.lexists(found.inputs / relative) and os.path.lexists(source) and not source.is_symlink():
+            with contextlib.suppress(OSError):
+                (found.inputs / relative).parent.mkdir(exist_ok=True)
+                rename_checked(source, found.inputs / relative)
     crashes = resumed.crashes + (1 if resumed.running else 0)
-    resumed = dataclasses.replace(resumed, crashes=crashes, running=False, resumed=True)
-    resumed.save()
+    resumed = dataclasses.replace(resumed, crashes=crashes, running=False)
+    try:
+        resumed.save()
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        return resumed  # counted again at the next start; the worker waits for space
     if crashes:
         resumed.trail(f"found after a crash ({crashes} of {config.limits.max_crashes})")
-    if crashes >= config.limits.max_crashes:
+    published = _published_jobs(resumed, config)
+    if crashes >= config.limits.max_crashes and not published.all:
         error = JobFailed(
             f"the daemon crashed {crashes} times while running this job; it is not tried again",
             code=Code.CRASHED,
             path=found.source,
             fix="see log_tail below and the journal for what was running; if the job is fine, drop it again",
         )
-        end_claim(resumed, Ending.FAILED, config=config, board=board, error=error)
+        end_claim(resumed, Ending.FAILED, config=config, board=board, error=error, done=published.ids)
         return None
     return resumed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Published:
+    ids: tuple[str, ...]
+    all: bool
+    """Every job of the claim is published (known only once jobs.json was written)."""
+
+
+def _published_jobs(claim: Claim, config: Config) -> _Published:
+    """Which of the claim's jobs have their manifest in the outbox, from its jobs.json."""
+    try:
+        job_ids = [str(r["job_id"]) for r in json.loads((claim.folder / "jobs.json").read_text("utf-8"))]
+    except (OSError, ValueError, KeyError, TypeError):
+        return _Published((), False)
+    ids = tuple(j for j in job_ids if os.path.lexists(config.outbox / f"{j}.json"))
+    return _Published(ids, bool(job_ids) and len(ids) == len(job_ids))
 
 
 def _drop_stale_reservations(config: Config, keep: set[str]) -> None:
@@ -268,7 +330,7 @@ def _drop_stale_reservations(config: Config, keep: set[str]) -> None:
         claim_id = path.name[1 : -len(".reserved")]
         try:
             owner = path.read_text(encoding="utf-8").strip()
-        except OSError:
+        except (OSError, ValueError):  # not one of ours (or not readable): leave it
             continue
         if owner == config.instance and claim_id not in keep:
             path.unlink(missing_ok=True)

@@ -31,6 +31,8 @@ from pathlib import Path
 from diffusiond.daemon.faults import fault_point
 from diffusiond.daemon.fsutil import NO_LINKS, atomic_write, fsync_dir, same_file, write_new
 from diffusiond.pipeline.errors import Code, JobFailed
+from diffusiond.pipeline.job import Job
+from diffusiond.pipeline.provenance import output_name
 
 STAGE = "stage"
 
@@ -52,7 +54,25 @@ def staged(claim_folder: Path, job_id: str) -> Path | None:
 
 
 def is_published(outbox: Path, job_id: str) -> bool:
-    return os.path.lexists(outbox / f"{job_id}.json")
+    """The job's manifest is in the outbox (an empty file is an SMB placeholder a crash left, not one)."""
+    try:
+        return os.lstat(outbox / f"{job_id}.json").st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def discard_unpublished(outbox: Path, job: Job) -> None:
+    """Remove what the previous version left of an interrupted job (it wrote images straight into the
+    outbox, then the manifest): only for a claim it left, whose job has no manifest."""
+    if is_published(outbox, job.job_id):
+        return
+    images = [output_name(job, n) for n in range(1, job.spec.count + 1)]
+    names = [f"{job.job_id}.json", *images, *(f"{Path(i).stem}{x}" for i in images for x in (".txt", ".json"))]
+    for name in names[1:]:
+        (outbox / name).unlink(missing_ok=True)
+    for name in names:  # its temp files: `.<name>.<pid>.tmp`
+        for leftover in outbox.glob(f".{glob.escape(name)}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def stage(claim_folder: Path, job_id: str, files: list[tuple[str, bytes]], manifest: bytes) -> Path:
@@ -125,17 +145,33 @@ def _place(src: Path, dest: Path) -> bool:
             return _copy_into(src, dest)
         if exc.errno not in NO_LINKS:
             raise
-    # No links here: reserve the name with O_EXCL, then rename the staged file over the placeholder.
+    # No links here (SMB, FAT): a whole, fsynced copy first, then the name reserved with O_EXCL, then
+    # the copy renamed over the placeholder; an error after reserving removes the placeholder again.
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    reserved = False
     try:
         os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+        reserved = True
     except FileExistsError:
-        if os.path.getsize(dest) != 0 and not _copied(src, dest):  # an empty one is our placeholder
+        if _copied(src, dest):
+            tmp.unlink()
+            return False
+        if os.path.getsize(dest) != 0:  # an empty one is a placeholder a crash left
+            tmp.unlink()
             raise OutboxConflict(
                 f"the outbox already has {dest.name}, which this job did not make; nothing of the job was published",
                 fix=f"move {dest} out of the outbox; the job runs again when dropped again",
             ) from None
-    shutil.copyfile(src, dest.with_name(f".{dest.name}.{os.getpid()}.tmp"))
-    os.replace(dest.with_name(f".{dest.name}.{os.getpid()}.tmp"), dest)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        if reserved:
+            dest.unlink(missing_ok=True)
+        raise
     return True
 
 

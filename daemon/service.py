@@ -229,6 +229,8 @@ class Daemon:
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.stop.is_set():
             log.warning("second %s: stopping now; the running job resumes on the next start", signal.strsignal(signum))
+            for running in self._worker.current if self._worker is not None else []:
+                lifecycle.mark_stopped(running)  # stopped on purpose: not counted as a crash
             os._exit(1)
         self.stop.set()
         progress = self._worker.progress if self._worker is not None else None
@@ -329,6 +331,10 @@ class Daemon:
                     self._reject(claimed, exc)
                     continue
                 except Exception as exc:  # a bug must not stop the daemon, nor stop it again on every start
+                    if is_disk_full(exc):  # the worker validates it again, waiting for space if it must
+                        log.error("cannot validate %s now: %s; it waits in work/", intent.source, exc)
+                        self.claims.put(replace(claimed, jobs=None))
+                        continue
                     log.exception("internal error validating %s", intent.source)
                     self._reject(claimed, internal_error(exc, path=claimed.source))
                     continue
@@ -351,9 +357,11 @@ class Daemon:
             except queue.Empty:
                 return
             if queued is not None:
+                # A claim resumed from work/ may have published jobs: it stays there for the next start.
+                ending = Ending.RESUMES if queued.resumed else Ending.RELEASED
                 try:
                     lifecycle.end_claim(
-                        queued, Ending.RELEASED, config=self.config, board=self.board, reason="stopping before it ran"
+                        queued, ending, config=self.config, board=self.board, reason="stopping before it ran"
                     )
                 except OSError as exc:  # it stays in work/: the next start runs it
                     log.error("cannot put %s back in the inbox: %s; it runs on the next start", queued.source, exc)

@@ -34,12 +34,13 @@ from diffusiond.daemon.fsutil import is_disk_full
 from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.lifecycle import Ending
 from diffusiond.daemon.manifest import build_manifest
-from diffusiond.daemon.outbox import is_published, publish, stage, staged
+from diffusiond.daemon.outbox import discard_unpublished, is_published, publish, stage, staged
 from diffusiond.daemon.scheduler import Pending, plan_batches
 from diffusiond.daemon.status import StatusBoard
 from diffusiond.daemon.threads import name_os_thread
 from diffusiond.pipeline.backend import Cancelled, Generated, Generator, StepHook
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed, internal_error
+from diffusiond.pipeline.job import Job
 from diffusiond.pipeline.provenance import StampPolicy, stamp_job
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class ClaimRun:
     deferred: str | None = None
     """Why it must wait (a full disk), when it must."""
     fenced: bool = False
+    begun: bool = False
+    """Its run is counted in claim.json (`lifecycle.begin_run`); `claim` is the record as saved then."""
 
     def ending(self, stopped: bool) -> Ending:
         if self.fenced:
@@ -101,8 +104,10 @@ class ClaimRun:
         if self.deferred is not None:
             return Ending.DEFERRED
         if len(self.published) < self.jobs:
-            assert stopped, "every job ran: each one is published or has an error"
-            return Ending.RESUMES if self.published else Ending.RELEASED
+            if not stopped:
+                missing = self.jobs - len(self.published)
+                raise RuntimeError(f"{missing} job(s) of {self.claim.source} neither ran nor failed")
+            return Ending.RESUMES if self.published or self.claim.resumed else Ending.RELEASED
         return Ending.DONE
 
 
@@ -123,9 +128,10 @@ def run_claims(
     when it has ended. When `cancel` is set during a step, the jobs not made yet stay undone: a
     claim with published jobs stays in work/ (RESUMES), one without goes back to the inbox.
     """
-    # 1. Start each claim's run (counted in claim.json: a crash from here on counts against it), and
-    #    pre-check it: the service validated a new claim and passes its jobs; a claim resumed after a
-    #    stop or crash is read back from its jobs.json (or validated again). A wrong one fails now.
+    # 1. Pre-check each claim: the service validated a new claim and passes its jobs; a claim resumed
+    #    after a stop or crash is read back from its jobs.json (or validated again). A wrong one fails
+    #    now. A run is counted in claim.json (`begin_run`) before anything of the claim can crash the
+    #    process: before validating it again, or else before its first batch.
     runs: list[ClaimRun] = []
     pending: list[Pending] = []
     staged_jobs: list[tuple[ClaimRun, str, Path]] = []
@@ -134,18 +140,18 @@ def run_claims(
             if (recorded := lifecycle.finish_recorded(claim, config, board)) is not None:
                 on_end(claim, recorded)  # a claim whose ending waited for disk space
                 continue
-            claim = lifecycle.begin_run(claim)
+            if claim.jobs is None:
+                claim = lifecycle.begin_run(claim)
+            jobs = list(claim.jobs) if claim.jobs is not None else load_jobs(claim, config)
+        except DiffusiondError as exc:
+            on_end(claim, _end(claim, Ending.REJECTED, config, board, exc, (), ""))
+            continue
         except OSError as exc:
             if not lifecycle.fenced(claim) and not is_disk_full(exc):
                 raise
             on_end(claim, _end(claim, Ending.DEFERRED, config, board, None, (), f"disk full: {exc}"))
             continue
-        try:
-            jobs = list(claim.jobs) if claim.jobs is not None else load_jobs(claim, config)
-        except DiffusiondError as exc:
-            on_end(claim, _end(claim, Ending.REJECTED, config, board, exc, (), ""))
-            continue
-        run = ClaimRun(claim, len(jobs))
+        run = ClaimRun(claim, len(jobs), begun=claim.jobs is None)
         runs.append(run)
         for job in jobs:
             # A resumed claim: a published job is done; a staged one only needs publishing.
@@ -154,6 +160,8 @@ def run_claims(
             elif claim.resumed and (folder := staged(claim.folder, job.job_id)) is not None:
                 staged_jobs.append((run, job.job_id, folder))
             else:
+                if claim.resumed and claim.attempt == 0:  # left by the previous version: its partial images
+                    discard_unpublished(config.outbox, job)
                 pending.append(Pending(claim, job))
     by_id = {run.claim.claim_id: run for run in runs}
 
@@ -172,8 +180,9 @@ def run_claims(
     for batch in plan_batches(pending, config.batch_size):
         # 3a. Run the batch on the device (this thread) ...
         started = time.perf_counter()
+        batch = [item for item in batch if _begin(by_id[item.claim.claim_id])]
         try:
-            results = _generate(batch, config, generator, cancel, on_step, board)
+            results = _generate(batch, config, generator, cancel, on_step, board) if batch else []
         except Cancelled:
             stopped = True
             break
@@ -182,10 +191,14 @@ def run_claims(
         def write(batch: list[Pending] = batch, results: Any = results, started: float = started) -> None:
             for item, result in zip(batch, results, strict=True):
                 run = by_id[item.claim.claim_id]
-                if isinstance(result, DiffusiondError):
-                    run.errors.append(result)
-                elif not run.fenced:
-                    _commit(run, item, result, config, board, started)
+                try:
+                    if isinstance(result, DiffusiondError):
+                        run.errors.append(result)
+                    elif not run.fenced and run.deferred is None:
+                        _commit(run, item.job, result, config, board, started)
+                except Exception as exc:  # a bug fails this job; the claim still ends, with a report
+                    log.exception("internal error writing %s", item.job.job_id, extra=_fields(item))
+                    run.errors.append(internal_error(exc, path=run.claim.source))
 
         writer.submit(write)
 
@@ -193,7 +206,12 @@ def run_claims(
     #    RESUMES or RELEASED after a stop, FENCED when another process took it over.
     def end() -> None:
         for run in runs:
-            ending = run.ending(stopped)
+            try:
+                ending = run.ending(stopped)
+            except Exception as exc:  # a bug: the claim still ends, with a report
+                log.exception("internal error ending %s", run.claim.source)
+                run.errors.append(internal_error(exc, path=run.claim.source))
+                ending = Ending.FAILED
             error = run.errors[0] if run.errors else None
             reason = run.deferred or ("stopped at a step boundary" if stopped else "")
             if error is not None and len(run.errors) > 1:
@@ -201,6 +219,24 @@ def run_claims(
             on_end(run.claim, _end(run.claim, ending, config, board, error, tuple(run.published), reason))
 
     writer.submit(end)
+
+
+def _begin(run: ClaimRun) -> bool:
+    """Count the claim's run before its first batch; False when it cannot run now (fenced, disk full)."""
+    if run.begun:
+        return not (run.fenced or run.deferred)
+    run.begun = True
+    try:
+        run.claim = lifecycle.begin_run(run.claim)
+    except OSError as exc:
+        if lifecycle.fenced(run.claim):
+            run.fenced = True
+        elif is_disk_full(exc):
+            run.deferred = f"disk full: {exc}; retrying"
+        else:
+            raise
+        return False
+    return True
 
 
 def _end(
@@ -266,24 +302,20 @@ def _generate(
 
 def _commit(
     run: ClaimRun,
-    item: Pending,
+    job: Job,
     generated: Generated,
     config: Config,
     board: StatusBoard | None,
     started: float,
 ) -> None:
     """Stamp one job's images, stage them with the manifest in the claim folder, then publish them."""
-    job, claim = item.job, item.claim
+    claim = run.claim  # as `begin_run` saved it: its attempt goes into the manifest
     try:
         policy = StampPolicy(config.marks(job.spec.watermark), config.metadata_options(), config.c2pa())
         stamped = stamp_job(job, generated, policy)
         manifest = build_manifest(job, claim, generated, stamped)
     except DiffusiondError as exc:
         run.errors.append(exc)
-        return
-    except Exception as exc:  # a bug in stamping fails this job, not the daemon
-        log.exception("internal error stamping %s", job.job_id, extra=_fields(item))
-        run.errors.append(internal_error(exc, path=claim.source))
         return
     try:
         folder = stage(claim.folder, job.job_id, stamped.files, manifest.to_json())
@@ -294,7 +326,8 @@ def _commit(
     if _publish(run, job.job_id, folder, config) is not None:
         files = [o.file for o in manifest.outputs]
         seconds = time.perf_counter() - started
-        log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, seconds, ", ".join(files), extra=_fields(item))
+        fields = job_fields(job_id=job.job_id, job_file=claim.source, task=job.task, model=job.spec.model)
+        log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, seconds, ", ".join(files), extra=fields)
         if board is not None:
             board.done(job.job_id, claim.source, files, seconds)
 
@@ -467,4 +500,6 @@ class Worker(threading.Thread):
 
     @property
     def idle(self) -> bool:
-        return not self.current and self.claims.unfinished_tasks == 0
+        """Nothing running, queued or waiting to be tried again (a claim deferred for disk space)."""
+        waiting = any(timer.is_alive() for timer in self._timers)
+        return not self.current and self.claims.unfinished_tasks == 0 and not waiting

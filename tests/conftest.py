@@ -244,3 +244,19 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+FIGURES: list[str] = []
+"""Lines the crash, race and full-disk tests report (kills survived, jobs, lost, duplicated)."""
+
+
+def figure(line: str) -> None:
+    """Report a measured figure: printed at the end of the test run, passed or not, `-q` or not."""
+    FIGURES.append(line)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("spool protocol figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -20,7 +20,7 @@ from diffusiond.daemon.config import load_config
 from diffusiond.daemon.faults import ENV, POINTS
 from diffusiond.daemon.service import Daemon
 from diffusiond.pipeline.standin import StandInGenerator
-from tests.conftest import CEILING_S, Spool, start_daemon_process, write_config
+from tests.conftest import CEILING_S, Spool, figure, start_daemon_process, write_config
 from tests.spool_checks import check_spool, check_status
 from tests.test_crash_and_stop import run_oneshot, stop
 from tests.test_end_to_end import sketch_png
@@ -64,7 +64,7 @@ def test_a_kill_at_a_fault_point_then_a_restart_completes_every_job_once(spool: 
     crash_at(spool, point)
     run_oneshot(spool)
     check_after_restart(spool, dropped)
-    print(f"\nfault point {point}: 1 kill survived, 3 jobs, 0 lost, 0 duplicated")
+    figure(f"fault point {point}: 1 kill survived, 3 jobs, 0 lost, 0 duplicated")
 
 
 def test_a_kill_while_resuming_a_fenced_claim_then_a_restart_completes_it(spool: Spool) -> None:
@@ -91,6 +91,7 @@ def test_a_job_that_kills_the_daemon_every_time_goes_to_failed_after_max_crashes
     spool.drop("after.yaml", "prompt: fine\n")
     run_oneshot(spool)
     assert [m["source"] for m in spool.manifests()] == ["after.yaml"]
+    figure("poison job: 3 crashes, then failed/ with code crashed and its log tail; the next job done")
 
 
 def _run_forked(config_path: Path, fault: str | None, kill_after_s: float | None) -> int:
@@ -148,7 +149,7 @@ def test_randomized_kills_over_a_stream_lose_nothing_and_double_nothing(spool: S
         assert runs < 40 * KILLS, "the stream never finished"
     manifests = check_spool(spool, dropped, jobs=jobs, failed=failed)
     check_status(spool, manifests)
-    print(f"\nrandomized kills: {kills} kills survived over {runs} runs, {jobs} jobs, 0 lost, 0 duplicated")
+    figure(f"randomized kills: {kills} kills survived over {runs} runs, {jobs} jobs, 0 lost, 0 duplicated")
 
 
 def test_a_publish_interrupted_by_a_kill_is_finished_with_the_same_bytes_on_real_diffusers(spool: Spool) -> None:

@@ -69,6 +69,7 @@ def test_where_links_are_refused_a_placeholder_reserves_the_name(tmp_path: Path,
     src = tmp_path / "job.yaml"
     src.write_text("new")
     monkeypatch.setattr(fsutil.os, "link", no_links)
+    monkeypatch.setattr(fsutil, "_renameat2", None)  # nor renameat2's RENAME_NOREPLACE
     assert move_unique(src, dest) == dest / "job-2.yaml"
     assert (dest / "job.yaml").read_text() == "taken" and (dest / "job-2.yaml").read_text() == "new"
 

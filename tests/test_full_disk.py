@@ -16,7 +16,7 @@ import pytest
 
 from diffusiond.pipeline.errors import Code, JobFailed
 from diffusiond.pipeline.standin import Gate, StandInGenerator
-from tests.conftest import CEILING_S, Spool, start_daemon_thread, wait_for, write_config
+from tests.conftest import CEILING_S, Spool, figure, start_daemon_thread, wait_for, write_config
 from tests.spool_checks import check_spool
 
 
@@ -67,6 +67,10 @@ def test_a_disk_full_while_staging_and_failing_loses_nothing_and_goes_on_once_sp
     assert len(report["finished_jobs"]) == 1, "job 1 was published once space returned"
     check_spool(spool, {"full.yaml": text}, jobs=1, failed={"full.yaml"})
     assert any("disk full" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    tries = sum("disk full" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    figure(
+        f"full disk while staging and failing: {tries} deferrals, then 1 job published, 1 failed as it should, 0 lost"
+    )
 
 
 def test_a_job_dropped_on_a_full_disk_waits_in_the_inbox_then_runs(
@@ -85,3 +89,5 @@ def test_a_job_dropped_on_a_full_disk_waits_in_the_inbox_then_runs(
         wait_for(spool.manifests, what="the job once space returned")
     [manifest] = check_spool(spool, {"later.yaml": text}, jobs=1)
     assert manifest["seeds"] == [6]
+    tries = sum("cannot claim later.yaml" in r.getMessage() for r in caplog.records)
+    figure(f"full disk while claiming: {tries} claims refused, the file kept in the inbox, then done once")

@@ -19,6 +19,7 @@ from tests.conftest import (
     CEILING_S,
     REPO,
     Spool,
+    figure,
     hold,
     start_daemon_process,
     start_daemon_thread,
@@ -124,14 +125,17 @@ def test_two_daemons_share_500_jobs_and_none_is_done_twice(tmp_path: Path, test_
     doubled = sum(n - 1 for n in sources.values())
     assert doubled == 0 and sorted(sources) == sorted(dropped)
     assert set(by_instance) == {"test", "other"}, f"both daemons took jobs: {by_instance}"
-    print(f"\ntwo daemons, {mode} mode: 500 jobs, {dict(by_instance)}, 0 lost, {doubled} double-processed")
+    figure(f"two daemons, {mode} mode: 500 jobs, {dict(by_instance)}, 0 lost, {doubled} double-processed")
 
 
 MOVER = """
 import sys
 from pathlib import Path
+from diffusiond.daemon import fsutil
 from diffusiond.daemon.fsutil import move_unique
 src, dest = Path(sys.argv[1]), Path(sys.argv[2])
+if sys.argv[3] == "link":
+    fsutil._renameat2 = None  # as on NFS, which has no RENAME_NOREPLACE: link, then unlink
 names = sorted(p.name for p in src.iterdir())
 (src.parent / (src.name + ".ready")).touch()
 while not (src.parent / "go").exists():
@@ -141,15 +145,17 @@ for name in names:
 """
 
 
-def test_two_processes_moving_the_same_names_at_once_lose_nothing(tmp_path: Path) -> None:
-    """move_unique never replaces: 2 x 2,000 same-named files moved into one folder at the same instant."""
+@pytest.mark.parametrize("way", ["renameat2", "link"])
+def test_two_processes_moving_the_same_names_at_once_lose_nothing(tmp_path: Path, way: str) -> None:
+    """move_unique never replaces: 2 x 2,000 same-named files moved into one folder at the same instant,
+    by RENAME_NOREPLACE (local filesystems) and by link-then-unlink (NFS)."""
     dest = tmp_path / "archive"
     sources = [tmp_path / "a", tmp_path / "b"]
     for who, folder in enumerate(sources):
         folder.mkdir()
         for n in range(2_000):
             (folder / f"job{n}.yaml").write_text(f"{who} {n}")
-    movers = [subprocess.Popen([sys.executable, "-c", MOVER, str(s), str(dest)], cwd=REPO) for s in sources]
+    movers = [subprocess.Popen([sys.executable, "-c", MOVER, str(s), str(dest), way], cwd=REPO) for s in sources]
     wait_for(lambda: all((s.parent / f"{s.name}.ready").exists() for s in sources), what="both movers ready")
     (tmp_path / "go").touch()
     for mover in movers:
@@ -157,7 +163,7 @@ def test_two_processes_moving_the_same_names_at_once_lose_nothing(tmp_path: Path
     contents = sorted(p.read_text() for p in dest.iterdir())
     assert len(contents) == 4_000, f"{4_000 - len(contents)} files lost"
     assert contents == sorted(f"{who} {n}" for who in (0, 1) for n in range(2_000))
-    print("\nmove race: 4000 moves, 0 lost")
+    figure(f"move race ({way}): 2 processes x 2,000 same-named files moved into one folder, 0 lost")
 
 
 def test_a_predecessor_that_lost_its_lock_is_fenced_and_publishes_nothing(spool: Spool, tmp_path: Path) -> None:
