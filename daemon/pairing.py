@@ -154,7 +154,10 @@ def _refused_image(
     for index, (spec, image) in enumerate(zip(specs, wanted, strict=True), start=1):
         if image is None or image in stable:
             continue
-        stamped = stamp(image)
+        try:
+            stamped = stamp(image)
+        except OSError:  # a stamp function may raise for a file that is not there; `file_stamp` says None
+            continue
         kind = file_kind(stamped.mode) if isinstance(stamped, Stamp) else None
         if kind == "a symbolic link":
             message, fix = (
