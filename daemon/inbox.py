@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -61,6 +62,12 @@ IGNORED_PREFIXES = (
 )
 
 
+MAX_NAME_BYTES = 200
+"""Longer names are left alone: a job's claim folder, outputs and their temp names add up to 47
+bytes to the stem (`-<date>-<time>-<hex>-<job>-<image>.webp`, `.<name>.<pid>.tmp`), and a name
+over the file system's 255 bytes cannot be made."""
+
+
 def is_candidate(relative: Path) -> bool:
     """Whether a path (relative to the inbox) may be a job file or image.
 
@@ -69,10 +76,25 @@ def is_candidate(relative: Path) -> bool:
     """
     if len(relative.parts) not in (1, 2) or any(p.startswith(IGNORED_PREFIXES) for p in relative.parts):
         return False
+    if len(os.fsencode(relative.name)) > MAX_NAME_BYTES or not _is_utf8(str(relative)):
+        return False
     name = relative.name.lower()
     if name in IGNORED_NAMES or name.endswith(IGNORED_SUFFIXES):
         return False
     return name.endswith(JOB_SUFFIXES + IMAGE_SUFFIXES)
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (Python holds them as lone surrogates).
+
+    Left in the inbox for now: the status board writes each claimed name into events.jsonl as
+    UTF-8 and stops the daemon on such a name; pairing has the report (`bad_name`) ready for it.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass
@@ -98,11 +120,10 @@ class SettleTracker:
         self._seen: dict[Path, _Seen] = {}
 
     def touch(self, path: Path, *, renamed: bool = False, now: float | None = None) -> None:
-        """Note an event (or a scan hit) for `path`."""
+        """Note an event (or a scan hit) for `path`. Links and folders are never jobs: not noted."""
         now = time.monotonic() if now is None else now
-        try:
-            st = path.stat()
-        except OSError:
+        st = _lstat_file(path)
+        if st is None:
             self._seen.pop(path, None)
             return
         old = self._seen.get(path)
@@ -142,9 +163,8 @@ class SettleTracker:
         for path, seen in list(self._seen.items()):
             if limit is not None and len(out) >= limit:
                 break
-            try:
-                st = path.stat()
-            except OSError:
+            st = _lstat_file(path)
+            if st is None:
                 del self._seen[path]
                 continue
             if (st.st_size, st.st_mtime_ns) != (seen.size, seen.mtime_ns):
@@ -152,6 +172,18 @@ class SettleTracker:
             elif now - seen.quiet_since >= self.settle_s:
                 out.append((seen.quiet_since, path))
         return [path for _, path in sorted(out)]
+
+
+def _lstat_file(path: Path) -> os.stat_result | None:
+    """The path's own stat, not its target's; None for a link, a folder or a file gone.
+
+    A pipe, socket or device stays: it goes to failed/ with a report (reading it never blocks).
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return None if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode) else st
 
 
 WANTED_EVENTS = [

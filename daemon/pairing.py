@@ -10,13 +10,22 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-from collections.abc import Callable, Collection, Container, Mapping
+from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobRejected, internal_error
-from diffusiond.pipeline.job import IMAGE_SUFFIXES, JOB_SUFFIXES, Rules, Spec, inbox_relative, read_job_file
+from diffusiond.pipeline.job import (
+    IMAGE_SUFFIXES,
+    JOB_SUFFIXES,
+    Rules,
+    Spec,
+    file_kind,
+    inbox_relative,
+    name_problem,
+    read_job_file,
+)
 
 log = logging.getLogger(__name__)
 Parse = Callable[[str], list[Spec]]
@@ -87,17 +96,27 @@ class ParseCache:
         self._by_path.pop(path, None)
 
 
-def file_stamp(path: str | os.PathLike[str]) -> object:
+class Stamp(NamedTuple):
+    """What `file_stamp` says of a file: enough to tell it changed, and what kind of file it is."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+    mode: int
+    """`st_mode` of the path itself (a link is a link, not its target)."""
+
+
+def file_stamp(path: str | os.PathLike[str]) -> Stamp | None:
     """Size, modification time and inode: a file with the same stamp still holds what was read.
 
     A rename keeps all three, so the claimed copy of a job file can be matched to its parse.
-    None where the file cannot be read.
+    A link is stamped as itself, never followed. None where there is no such file.
     """
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except OSError:
         return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
+    return Stamp(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode)
 
 
 def is_job_file(name: str) -> bool:
@@ -125,6 +144,38 @@ def _same_stem_image(job_path: str, exists: Callable[[str], bool]) -> str | None
         for candidate in (stem + suffix, stem + suffix.upper()):
             if exists(candidate):
                 return candidate
+    return None
+
+
+def _refused_image(
+    specs: Sequence[Spec], wanted: Sequence[str | None], stable: Container[str], stamp: Callable[[str], object]
+) -> JobRejected | None:
+    """A named image that is a link or a folder: never tracked, so never stable; waiting for it is pointless."""
+    for index, (spec, image) in enumerate(zip(specs, wanted, strict=True), start=1):
+        if image is None or image in stable:
+            continue
+        try:
+            stamped = stamp(image)
+        except OSError:  # a stamp function may raise for a file that is not there; `file_stamp` says None
+            continue
+        kind = file_kind(stamped.mode) if isinstance(stamped, Stamp) else None
+        if kind == "a symbolic link":
+            message, fix = (
+                "is a symbolic link, which the daemon does not follow",
+                "drop the image itself, not a link to it",
+            )
+        elif kind == "a folder":
+            message, fix = "is a folder, not an image file", "name a plain image file in `image:`"
+        else:
+            continue
+        return JobRejected(
+            f"the image {spec.input_image or image!r} {message}",
+            code=Code.BAD_IMAGE,
+            job_index=index,
+            field="image",
+            value=spec.input_image or image,
+            fix=fix,
+        )
     return None
 
 
@@ -166,6 +217,10 @@ class Pairing:
         for path in [p for p in stable if is_job_file(p)]:
             if limit is not None and len(intents) >= limit:
                 return intents  # the images of the files not looked at yet must not pass for bare ones
+            if (bad_name := name_problem(path)) is not None:
+                bad_name.add_context(path=path)
+                intents.append(Intent(path, (path,), problem=bad_name.report()))
+                continue
             stamped = stamp(path)
             parsed = self._parsed.get(path, stamped)
             usable = parsed if stamped is not None else None  # a file gone meanwhile: the claim reads it
@@ -174,6 +229,12 @@ class Pairing:
                 continue
             specs = parsed.outcome
             wanted = [resolve_image(s, path, present.__contains__) for s in specs]
+            refused = _refused_image(specs, wanted, stable_set, stamp)
+            if refused is not None:
+                refused.add_context(path=path)
+                images = tuple(dict.fromkeys(w for w in wanted if w is not None and w in stable_set))
+                intents.append(Intent(path, (path, *images), problem=refused.report()))
+                continue
             missing = [
                 s.input_image or "(same-stem image)"
                 for s, w in zip(specs, wanted, strict=True)
@@ -216,6 +277,9 @@ class Pairing:
         return any(stem + s in present or stem + s.upper() in present for s in JOB_SUFFIXES)
 
     def _bare_problem(self, image: str) -> dict[str, Any] | None:
+        if (bad_name := name_problem(image)) is not None:
+            bad_name.add_context(path=image)
+            return bad_name.report()
         profile = profile_of(image)
         if profile is None and self.has_sketch_job:
             return None

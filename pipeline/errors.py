@@ -42,6 +42,8 @@ class Code(StrEnum):
     """An image path points outside the inbox."""
     BAD_IMAGE = "bad_image"
     """A file with an image extension is not a readable image."""
+    BAD_NAME = "bad_name"
+    """A file's name cannot be carried into reports and outputs: a control character, or not UTF-8."""
     NO_JOB_FOR_IMAGE = "no_job_for_image"
     """A bare image arrived with no YAML, no profile folder and no default sketch job."""
     MODEL_FAILED = "model_failed"

@@ -16,6 +16,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from diffusiond.pipeline.errors import Code, JobRejected, job_context
 from diffusiond.pipeline.job import InputImage, fit_multiple_of_8, read_plain_file
 
+MAX_DECODE_PIXELS = 89_478_485
+"""Pillow's own bomb threshold, where it only warns (it refuses at twice this): an image this big
+takes 256 MiB as RGB, and a 100-byte PNG can declare it."""
+
 
 def probe_image(path: Path, *, label: str, max_file_bytes: int) -> InputImage:
     """Check that an input is a plain, whole, decodable image within the size limit; its size and hash.
@@ -31,6 +35,12 @@ def probe_image(path: Path, *, label: str, max_file_bytes: int) -> InputImage:
             code=Code.BAD_IMAGE,
             fix_size="shrink the image, or raise limits.max_file_bytes in the config",
         )
+        if not data:
+            raise JobRejected(
+                "the image is empty (0 bytes)",
+                code=Code.BAD_IMAGE,
+                fix="drop the image again: it was saved or copied empty",
+            )
         image = _decode(io.BytesIO(data), name=label)
     return InputImage(label, path, image.size, hashlib.sha256(data).hexdigest())
 
@@ -45,6 +55,14 @@ def _decode(source: Path | io.BytesIO, *, name: str) -> Image.Image:
     """Decoding everything here means a truncated or fake image fails at pre-check, before any model runs."""
     try:
         with Image.open(source) as opened:
+            width, height = opened.size
+            if width * height > MAX_DECODE_PIXELS:  # refused on its header, before the pixels take memory
+                raise JobRejected(
+                    f"image is too large to decode safely ({width}x{height}, {width * height} pixels; "
+                    f"the limit is {MAX_DECODE_PIXELS})",
+                    code=Code.OVER_LIMIT,
+                    fix="scale the image down before dropping it",
+                )
             opened.load()
             return ImageOps.exif_transpose(opened).convert("RGB")
     except UnidentifiedImageError as exc:  # its text names what was opened: here, bytes in memory
@@ -59,7 +77,7 @@ def _decode(source: Path | io.BytesIO, *, name: str) -> Image.Image:
             code=Code.BAD_IMAGE,
             fix="save the file again as a real PNG, JPEG or WebP image",
         ) from exc
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning under -W error
         raise JobRejected(
             f"image is too large to decode safely ({exc})",
             code=Code.OVER_LIMIT,

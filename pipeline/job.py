@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import difflib
 import errno
+import itertools
 import os
 import posixpath
+import reprlib
 import secrets
 import stat
 import typing
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -344,6 +347,8 @@ class Limits:
     max_count: int = 16
     max_file_bytes: int = 50 * 1024 * 1024
     """Per job file and per input image."""
+    max_jobs_per_file: int = 1_000
+    """YAML documents per job file: tiny ones (`{}` and `---`) could pack millions into `max_file_bytes`."""
 
 
 @dataclass(frozen=True)
@@ -432,6 +437,13 @@ def read_job_file(
             code=Code.NOT_A_JOB,
             fix_size="split the file, or raise limits.max_file_bytes in the config",
         )
+    if not data:
+        raise JobRejected(
+            "the job file is empty (0 bytes)",
+            code=Code.NOT_A_JOB,
+            path=label,
+            fix="write at least one job, e.g. `task: txt2img` and `prompt: ...`, and drop the file again",
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -454,27 +466,24 @@ def read_plain_file(path: Path, *, what: str, max_bytes: int, code: Code, fix_si
     `job_context` says which file it was.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        # Looked at first so that what it is can be named: open() fails on a socket with "No such
+        # device or address", which reads like a permission problem.
+        kind = file_kind(os.lstat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC) if kind is None else -1
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        if exc.errno != errno.ELOOP:
             raise JobRejected(
-                f"the {what} is a symbolic link, which the daemon does not follow",
+                f"cannot read the {what}: {exc.strerror or exc}",
                 code=code,
-                fix=f"drop the {what} itself, not a link to it",
+                fix=f"make the {what} readable by the daemon's user (on a service install: the group diffusiond)",
             ) from exc
-        raise JobRejected(
-            f"cannot read the {what}: {exc.strerror or exc}",
-            code=code,
-            fix=f"make the {what} readable by the daemon's user (on a service install: the group diffusiond)",
-        ) from exc
+        kind = "a symbolic link"  # replaced by a link between the two calls
+    if kind is not None:
+        raise _not_plain(what, kind, code)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise JobRejected(
-                f"the {what} is not a plain file (a pipe, device or folder)",
-                code=code,
-                fix=f"drop a plain {what}",
-            )
+        if (kind := file_kind(st.st_mode)) is not None:  # replaced between lstat and open
+            raise _not_plain(what, kind, code)
         chunks: list[bytes] = []
         size = 0
         while size <= max_bytes and (chunk := os.read(fd, min(1 << 20, max_bytes + 1 - size))):
@@ -495,6 +504,32 @@ def read_plain_file(path: Path, *, what: str, max_bytes: int, code: Code, fix_si
     return b"".join(chunks)
 
 
+def file_kind(mode: int) -> str | None:
+    """What a file that is not a plain file is, for a message (`a socket`); None for a plain file."""
+    for test, kind in (
+        (stat.S_ISREG, None),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "an unknown kind of file"
+
+
+def _not_plain(what: str, kind: str, code: Code) -> JobRejected:
+    if kind == "a symbolic link":
+        return JobRejected(
+            f"the {what} is a symbolic link, which the daemon does not follow",
+            code=code,
+            fix=f"drop the {what} itself, not a link to it",
+        )
+    return JobRejected(f"the {what} is {kind}, not a plain file", code=code, fix=f"drop a plain {what}")
+
+
 def parse_job_text(
     text: str,
     *,
@@ -507,8 +542,10 @@ def parse_job_text(
     `path` is the job file relative to the inbox; image paths are resolved against
     its folder and must stay inside the inbox. Seeds are not filled in here.
     """
+    limit = rules.limits.max_jobs_per_file
     try:
-        documents = [doc for doc in yaml.load_all(text, Loader=SAFE_LOADER) if doc is not None]
+        # Read one document past the limit and no further: the rest of a flood is never parsed.
+        read = list(itertools.islice(yaml.load_all(text, Loader=SAFE_LOADER), limit + 1))
     # PyYAML raises a bare ValueError for values it cannot build: `2001-02-30`, an integer of 5,000 digits.
     except (yaml.YAMLError, ValueError) as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -520,6 +557,14 @@ def parse_job_text(
             path=path,
             fix="fix the YAML syntax (a YAML linter shows the spot) and drop the file again",
         ) from exc
+    if len(read) > limit:
+        raise JobRejected(
+            f"the file holds more than {limit} jobs (YAML documents), the limit per job file",
+            code=Code.OVER_LIMIT,
+            path=path,
+            fix=f"split the jobs into files of at most {limit} each",
+        )
+    documents = [doc for doc in read if doc is not None]
     if not documents:
         raise JobRejected(
             "the file holds no job",
@@ -548,7 +593,7 @@ def validate_job(
 def _validate(document: Any, path: str, rules: Rules, profile: Mapping[str, Any] | None) -> Spec:
     if not isinstance(document, dict):
         raise JobRejected(
-            f"a job must be a mapping of fields, got {type(document).__name__} {document!r}",
+            f"a job must be a mapping of fields, got {type(document).__name__} {shown_text(document)}",
             code=Code.NOT_A_JOB,
             fix="write each job as `field: value` lines, e.g. `prompt: a red fox`",
         )
@@ -632,6 +677,8 @@ _SHOWN_CHARS = 200
 
 def shown(value: Any) -> Any:
     """A wrong value as the report's `value:` holds it: itself when short, else `shown_text(value)`."""
+    if _too_many_nodes(value):
+        return shown_text(value)
     text = _repr(value)
     return value if text is not None and len(text) <= _SHOWN_CHARS else shown_text(value)
 
@@ -648,11 +695,42 @@ def shown_text(value: Any) -> str:
     return text if len(text) <= _SHOWN_CHARS else f"{text[: _SHOWN_CHARS - 3]}..."
 
 
+_SHOWN_NODES = 1_000
+
+
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()  # keyword arguments only from Python 3.12
+    short.maxlevel, short.maxstring, short.maxother = 3, 60, 60
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 4
+    return short
+
+
+_SHORT_REPR = _short_repr()
+"""For values too big to repr whole: a few items of a few levels, whatever the size."""
+
+
 def _repr(value: Any) -> str | None:
+    """The full repr, or None where it would be huge or fail: an alias bomb (`&a [*b, *b, ...]`) is
+    a few hundred bytes of YAML whose repr runs to gigabytes; an integer of 5,000 digits raises."""
+    if _too_many_nodes(value):
+        return _SHORT_REPR.repr(value)
     try:
         return repr(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
+
+
+def _too_many_nodes(value: Any) -> bool:
+    """Whether `value` holds more than `_SHOWN_NODES` values, counting a shared one each time it appears."""
+    todo, count = [value], 0
+    while todo:
+        item = todo.pop()
+        count += 1
+        if isinstance(item, dict | list | tuple | set):
+            if count + len(item) > _SHOWN_NODES:
+                return True
+            todo.extend(item.values() if isinstance(item, dict) else item)
+    return False
 
 
 def _section_model(model: type[BaseModel], path: list[str]) -> type[BaseModel]:
@@ -759,19 +837,48 @@ def _check_image_path(spec: Spec, path: str) -> None:
         return
     if posixpath.isabs(image) or "\\" in image or inbox_relative(path, image) is None:
         raise JobRejected(
-            f"image path {image!r} leaves the inbox",
+            f"image path {shown_text(image)} leaves the inbox",
             code=Code.PATH_ESCAPES,
             field="image",
             value=image,
             fix="put the image in the inbox and name it relative to the job file, e.g. `image: sketch.png`",
         )
+    if (problem := name_problem(image)) is not None:
+        problem.add_context(field="image", value=shown(image))
+        raise problem
     if not image.lower().endswith(IMAGE_SUFFIXES):
         raise JobRejected(
-            f"image {image!r} is not a {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} file",
+            f"image {shown_text(image)} is not a {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} file",
             field="image",
             value=image,
             fix="convert the image to PNG, JPEG or WebP",
         )
+
+
+def name_problem(name: str) -> JobRejected | None:
+    """Why a file's inbox-relative name cannot be used, or None.
+
+    A newline, tab or terminal escape in a name would travel into every output name, manifest,
+    log line and `ls` after it; bytes that are not UTF-8 (Python holds them as lone surrogates)
+    cannot be written into a JSON manifest at all.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = os.fsencode(name[exc.start])[0]
+        return JobRejected(
+            f"the file name is not UTF-8 text (byte 0x{byte:02x} at position {exc.start + 1})",
+            code=Code.BAD_NAME,
+            fix="rename the file so that its name is UTF-8 text (as most tools write it), and drop it again",
+        )
+    for position, char in enumerate(name, start=1):
+        if unicodedata.category(char) == "Cc":
+            return JobRejected(
+                f"the file name holds a control character ({char!r} at position {position})",
+                code=Code.BAD_NAME,
+                fix="rename the file without control characters (newlines, tabs, escapes), and drop it again",
+            )
+    return None
 
 
 def inbox_relative(job_path: str, image: str) -> str | None:
