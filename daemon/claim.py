@@ -104,7 +104,10 @@ class Claim:
     def trail(self, text: str) -> None:
         """Append a line to the claim's own log; never fails the job (and never recreates a fenced folder)."""
         line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} [{self.instance or '-'} pid {os.getpid()}] {text}\n"
-        with contextlib.suppress(OSError), open(self.folder / TRAIL, "a", encoding="utf-8") as handle:
+        with (
+            contextlib.suppress(OSError),
+            open(self.folder / TRAIL, "a", encoding="utf-8", errors="backslashreplace") as handle,
+        ):
             handle.write(line)
 
     def trail_tail(self, lines: int = 20) -> list[str]:

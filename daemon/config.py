@@ -112,6 +112,8 @@ class LimitsConfig(_Strict):
     max_steps: int = Field(150, gt=0)
     max_count: int = Field(16, gt=0)
     max_file_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    max_jobs_per_file: int = Field(1_000, gt=0)
+    """Jobs (YAML documents) in one file; the rest of a larger file is not even parsed."""
     max_crashes: int = Field(3, gt=0)
     """Runs of one claim that may end in a crash of the daemon before it goes to failed/ (`crashed`)."""
 
@@ -269,6 +271,7 @@ class Config(_Strict):
                 max_steps=self.limits.max_steps,
                 max_count=self.limits.max_count,
                 max_file_bytes=self.limits.max_file_bytes,
+                max_jobs_per_file=self.limits.max_jobs_per_file,
             ),
             model_defaults={name: spec.defaults for name, spec in self.models.items() if spec.defaults},
             native_sizes={name: size for name, size in sizes.items() if size},

@@ -62,12 +62,6 @@ IGNORED_PREFIXES = (
 )
 
 
-MAX_NAME_BYTES = 200
-"""Longer names are left alone: a job's claim folder, outputs and their temp names add up to 47
-bytes to the stem (`-<date>-<time>-<hex>-<job>-<image>.webp`, `.<name>.<pid>.tmp`), and a name
-over the file system's 255 bytes cannot be made."""
-
-
 def is_candidate(relative: Path) -> bool:
     """Whether a path (relative to the inbox) may be a job file or image.
 
@@ -76,25 +70,10 @@ def is_candidate(relative: Path) -> bool:
     """
     if len(relative.parts) not in (1, 2) or any(p.startswith(IGNORED_PREFIXES) for p in relative.parts):
         return False
-    if len(os.fsencode(relative.name)) > MAX_NAME_BYTES or not _is_utf8(str(relative)):
-        return False
     name = relative.name.lower()
     if name in IGNORED_NAMES or name.endswith(IGNORED_SUFFIXES):
         return False
     return name.endswith(JOB_SUFFIXES + IMAGE_SUFFIXES)
-
-
-def _is_utf8(name: str) -> bool:
-    """False for a name with bytes that are not UTF-8 (Python holds them as lone surrogates).
-
-    Left in the inbox for now: the status board writes each claimed name into events.jsonl as
-    UTF-8 and stops the daemon on such a name; pairing has the report (`bad_name`) ready for it.
-    """
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 @dataclass

@@ -167,7 +167,7 @@ def _finish(
             if error.code is Code.CRASHED:
                 extra["log_tail"] = claim.trail_tail()
             staged = claim.folder / f"{stem}.error.yaml"
-            atomic_write(staged, report_text(error, **extra).encode())
+            atomic_write(staged, report_text(error, **extra).encode(errors="backslashreplace"))
         report = move_unique(staged, failed, keep_source=True)  # a repeat finds it delivered: one report
     else:
         fault_point("before_archive")

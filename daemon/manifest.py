@@ -66,7 +66,8 @@ class Manifest:
     """Each image: file (in the outbox), sha256 of its bytes, seed, width, height, watermark."""
 
     def to_json(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False).encode()
+        # A source name that is not UTF-8 (lone surrogates) is written as the JSON escape `\udcxx`.
+        return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False).encode(errors="backslashreplace")
 
 
 def build_manifest(job: Job, claim: Claim, generated: Generated, stamped: StampedJob) -> Manifest:

@@ -250,11 +250,14 @@ class StatusBoard:
         self._dirty = False
         self._status["updated"] = timestamp()
         self._last_write = time.monotonic()
-        self._guard(lambda: atomic_write(self.status_path, self._render().encode(), durable=False))
+        # A file name that is not UTF-8 (lone surrogates) is written as `\udcxx`, which JSON reads back.
+        self._guard(
+            lambda: atomic_write(self.status_path, self._render().encode(errors="backslashreplace"), durable=False)
+        )
 
     def _event(self, event: str, **fields: Any) -> None:
         line = json.dumps({"time": timestamp(), "event": event, **fields}, ensure_ascii=False) + "\n"
-        self._guard(lambda: self._append(line.encode()))
+        self._guard(lambda: self._append(line.encode(errors="backslashreplace")))
 
     def _append(self, data: bytes) -> None:
         path = self.events_path

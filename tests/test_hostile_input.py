@@ -28,10 +28,10 @@ from PIL import Image
 
 from diffusiond.daemon.claim import claim, load_jobs
 from diffusiond.daemon.inbox import SettleTracker
+from diffusiond.daemon.lifecycle import Ending, end_claim
 from diffusiond.daemon.pairing import Pairing, file_stamp, job_file_reader
 from diffusiond.daemon.service import Daemon
 from diffusiond.daemon.status import StatusBoard
-from diffusiond.daemon.worker import reject
 from diffusiond.pipeline.errors import JobRejected
 from tests.conftest import Spool, wait_for
 from tests.test_end_to_end import sketch_png
@@ -418,19 +418,16 @@ def drop_raw(spool: Spool, name: bytes, data: bytes) -> bytes:
     return inbox + b"/" + name
 
 
-def test_a_name_that_is_not_utf8_is_left_in_the_inbox(spool: Spool, standin_daemon: Daemon) -> None:
-    """Documented (for now, see the next test): such a name is not taken, so it cannot stop the daemon."""
-    path = drop_raw(spool, b"caf\xe9.yaml", b"prompt: a cafe\n")
-    untouched(spool)
-    assert os.path.exists(path) and spool.claims() == []
+def test_a_name_that_is_not_utf8_lands_in_failed_with_a_readable_report(spool: Spool, standin_daemon: Daemon) -> None:
+    """Through the running daemon: status, events, the claim's log and the report all take the name."""
+    drop_raw(spool, b"caf\xe9.yaml", b"prompt: a cafe\n")
+    name = os.fsdecode(b"caf\xe9.yaml")
+    report = report_on(spool, name)
+    assert report["code"] == "bad_name" and "not UTF-8" in report["error"]
+    assert os.path.lexists(os.fsencode(spool.failed) + b"/caf\xe9.yaml")
+    after(spool)
 
 
-@pytest.mark.xfail(
-    reason="needs daemon/status.py StatusBoard._event (and _write) to write names that are not UTF-8 "
-    "(encode with errors='backslashreplace'); then drop the not-UTF-8 rule of daemon/inbox.is_candidate",
-    raises=UnicodeEncodeError,
-    strict=True,
-)
 def test_a_name_that_is_not_utf8_fails_with_a_readable_report(spool: Spool) -> None:
     """Pairing, claim and rejection as the daemon runs them, past the inbox's filter."""
     config = spool.config
@@ -443,13 +440,15 @@ def test_a_name_that_is_not_utf8_fails_with_a_readable_report(spool: Spool) -> N
         pair_wait_s=config.watch.pair_wait_s,
     )
     [intent] = pairing.decide([name], [name], 0.0, stamp=lambda rel: file_stamp(config.inbox / rel))
-    claimed = claim(intent, inbox=config.inbox, work=config.work_dir)
+    for folder in (config.outbox, config.work_dir):  # the daemon makes them at start
+        folder.mkdir(parents=True, exist_ok=True)
+    claimed = claim(intent, config)
     assert claimed is not None
     board = StatusBoard(config.state)
     board.claimed(claimed.claim_id, intent.source)  # what the daemon does next: this raises today
     with pytest.raises(JobRejected) as caught:
         load_jobs(claimed, config, parsed=intent.parsed)
-    reject(claimed, config, caught.value, board)
+    end_claim(claimed, Ending.REJECTED, config=config, board=board, error=caught.value)
     report = report_on(spool, name)
     assert report["code"] == "bad_name" and "not UTF-8" in report["error"]
     assert report["error"] == "the file name is not UTF-8 text (byte 0xe9 at position 4)"
@@ -457,12 +456,13 @@ def test_a_name_that_is_not_utf8_fails_with_a_readable_report(spool: Spool) -> N
     assert os.path.lexists(os.fsencode(spool.failed) + b"/caf\xe9.yaml")
 
 
-def test_a_name_too_long_for_its_outputs_is_left_in_the_inbox(spool: Spool, standin_daemon: Daemon) -> None:
-    """Documented: the outputs' names add ~45 bytes to the stem; a name over 200 bytes is not taken."""
+def test_a_name_of_255_bytes_runs_and_is_archived_under_its_name(spool: Spool, standin_daemon: Daemon) -> None:
+    """The longest name a file can have: ids and output names use a shortened stem, the input keeps it."""
     name = "n" * 250 + ".yaml"
     drop_raw(spool, name.encode(), b"prompt: a long name\n")
-    untouched(spool)
-    assert (spool.inbox / name).exists() and spool.claims() == []
+    [manifest] = wait_for(spool.manifests, what="the long name's manifest")
+    assert manifest["source"] == name and manifest["job_id"].startswith("n" * 64 + "-")
+    wait_for(lambda: (spool.archive / name).exists(), what="the input archived under its name")
 
 
 @pytest.mark.parametrize("name", ["my fox.yaml", "füchse im schnee.yaml", "狐 🦊.yaml", "n" * 195 + ".yaml"])
@@ -498,7 +498,9 @@ def test_a_job_file_rewritten_between_stable_and_claim_runs_as_claimed(spool: Sp
     assert intent.parsed is not None and intent.parsed.result()[0].prompt == "a cat"
     with open(path, "a", encoding="utf-8") as handle:  # after pairing, before the claim
         handle.write("negative_prompt: dogs\n")
-    claimed = claim(intent, inbox=config.inbox, work=config.work_dir)
+    for folder in (config.outbox, config.work_dir):  # the daemon makes them at start
+        folder.mkdir(parents=True, exist_ok=True)
+    claimed = claim(intent, config)
     assert claimed is not None
     [job] = load_jobs(claimed, config, parsed=intent.parsed)
     assert (job.spec.prompt, job.spec.seed, job.spec.negative_prompt) == ("a cat", 2, "dogs")
@@ -516,7 +518,9 @@ def test_a_job_file_rewritten_into_garbage_after_pairing_fails_as_claimed(spool:
     path = spool.drop("fox.yaml", "prompt: a fox\n")
     [intent] = pairing.decide(["fox.yaml"], ["fox.yaml"], 0.0, stamp=lambda rel: file_stamp(config.inbox / rel))
     path.write_bytes(b"prompt: [unclosed\n")
-    claimed = claim(intent, inbox=config.inbox, work=config.work_dir)
+    for folder in (config.outbox, config.work_dir):  # the daemon makes them at start
+        folder.mkdir(parents=True, exist_ok=True)
+    claimed = claim(intent, config)
     assert claimed is not None
     with pytest.raises(JobRejected, match="not valid YAML") as caught:
         load_jobs(claimed, config, parsed=intent.parsed)
