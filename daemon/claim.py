@@ -83,15 +83,19 @@ class Claim:
         """
         return [f for f in self.files if os.path.lexists(self.inputs / f)]
 
-    def save(self) -> None:
-        """Write claim.json (durably: it is the claim's state). In a fenced folder: FileNotFoundError."""
+    def save(self, *, durable: bool = True) -> None:
+        """Write claim.json. In a fenced folder: FileNotFoundError.
+
+        Durable when it records what the claim holds (at the claim); `durable=False` for the run
+        counters (`running`, `attempt`), which a power cut may lose at no cost but a crash not counted.
+        """
         record = asdict(self) | {"folder": None, "resumed": False}
         del record["jobs"]
         path = self.folder / "claim.json"
         with contextlib.suppress(OSError, ValueError):  # an ending recorded on disk stays (lifecycle.end_claim)
             if ending := json.loads(path.read_text(encoding="utf-8")).get("ending"):
                 record["ending"] = ending
-        atomic_write(path, json.dumps(record, indent=1).encode())
+        atomic_write(path, json.dumps(record, indent=1).encode(), durable=durable)
 
     @classmethod
     def load(cls, folder: Path) -> Claim:

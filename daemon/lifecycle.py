@@ -100,7 +100,7 @@ def end_claim(
         return ending
     if ending not in MOVES_INPUTS:  # it stays in work/: this run stopped in order (no crash)
         claim = dataclasses.replace(claim, running=False)
-        claim.save()
+        claim.save(durable=False)
         claim.trail(f"{ending}: {reason}")
         log.info("%s %s: %s", ending, claim.source, reason, extra=fields)
         if board is not None:
@@ -137,7 +137,7 @@ def mark_stopped(claim: Claim) -> None:
 def begin_run(claim: Claim) -> Claim:
     """Record that a run of `claim` starts: a crash from now on counts (FileNotFoundError: fenced)."""
     started = dataclasses.replace(claim, attempt=claim.attempt + 1, running=True)
-    started.save()
+    started.save(durable=False)  # on the worker thread: no disk flush while the device waits
     started.trail(f"run {started.attempt} starts")
     return started
 
