@@ -298,6 +298,14 @@ def _generate(
         for item in batch:
             log.error("job %s failed: %s", item.job.job_id, exc, extra=_fields(item))
         return [exc] * len(batch)
+    except Exception as exc:  # a bug in generation fails these jobs; the claims end as usual, with reports
+        log.exception("internal error generating %s", ", ".join(p.job.job_id for p in batch))
+        failures: list[DiffusiondError] = []
+        for item in batch:
+            failure = internal_error(exc, path=item.claim.source)
+            failure.job_index = item.job.index
+            failures.append(failure)
+        return failures
 
 
 def _commit(

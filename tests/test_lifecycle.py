@@ -46,6 +46,15 @@ def test_an_internal_error_in_generation_fails_the_claim_with_a_report_and_the_d
     assert [m["source"] for m in spool.manifests()] == ["after.yaml"]
 
 
+def test_an_internal_error_in_job_2_keeps_job_1_published_and_named_in_the_report(spool: Spool) -> None:
+    with start_daemon_thread(spool, StandInGenerator(fail_with={"second": RuntimeError("injected bug")})):
+        spool.drop("two.yaml", "prompt: first\n---\nprompt: second\n")
+        [report] = wait_for(spool.reports, what="the report")
+    [manifest] = spool.manifests()
+    assert (report["code"], report["job"]) == ("generation_failed", 2)
+    assert report["finished_jobs"] == [manifest["job_id"]], "job 1's outputs stay, and the report says so"
+
+
 def test_a_failing_model_names_the_job_and_the_fix(spool: Spool) -> None:
     failure = JobFailed("model 'test' could not be loaded from /x", code=Code.MODEL_FAILED, field="model", fix="fix it")
     with start_daemon_thread(spool, StandInGenerator(fail_with={"second": failure})):
