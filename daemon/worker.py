@@ -294,6 +294,8 @@ def _generate(
 
     try:
         return generator.generate([p.job for p in batch], cancel=cancel, on_step=step)
+    except Cancelled:  # a warm stop, for run_claims to handle
+        raise
     except DiffusiondError as exc:
         for item in batch:
             log.error("job %s failed: %s", item.job.job_id, exc, extra=_fields(item))
