@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -330,9 +331,11 @@ def _drop_stale_reservations(config: Config, keep: set[str]) -> None:
         claim_id = path.name[1 : -len(".reserved")]
         try:
             owner = path.read_text(encoding="utf-8").strip()
+            age_s = time.time() - path.stat().st_mtime
         except (OSError, ValueError):  # not one of ours (or not readable): leave it
             continue
-        if owner == config.instance and claim_id not in keep:
+        # Empty: its daemon died between creating it and writing its name; an hour later, no one is mid-way.
+        if (owner == config.instance and claim_id not in keep) or (owner == "" and age_s > 3600):
             path.unlink(missing_ok=True)
 
 

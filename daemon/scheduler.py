@@ -32,12 +32,14 @@ def plan_batches(pending: Sequence[Pending], batch_size: int) -> list[list[Pendi
 
     Order is kept within a key and batches start in the order of their first job, so
     a stream of different jobs runs first come, first served. A job whose `count`
-    alone exceeds `batch_size` still runs, alone.
+    alone exceeds `batch_size` still runs, alone; so does a job of a claim that crashed the daemon.
     """
     batches: list[Planned] = []
     open_by_key: dict[Hashable, Planned] = {}
     for item in pending:
-        key = item.job.spec.batch_key(item.job.input_size)
+        # A claim that crashed the daemon before runs alone: a poison job's next crashes count
+        # against it only, not against the jobs that happened to share its pipeline call.
+        key = item.job.spec.batch_key(item.job.input_size) if not item.claim.crashes else None
         current = open_by_key.get(key) if key is not None else None
         if current is None or current.images + item.job.spec.count > batch_size:
             current = Planned(key)

@@ -131,7 +131,8 @@ def run_claims(
     # 1. Pre-check each claim: the service validated a new claim and passes its jobs; a claim resumed
     #    after a stop or crash is read back from its jobs.json (or validated again). A wrong one fails
     #    now. A run is counted in claim.json (`begin_run`) before anything of the claim can crash the
-    #    process: before validating it again, or else before its first batch.
+    #    process: before parsing its file again, or else before its first batch (so a claim batched
+    #    with another one is not blamed for that one's crash).
     runs: list[ClaimRun] = []
     pending: list[Pending] = []
     staged_jobs: list[tuple[ClaimRun, str, Path]] = []
@@ -140,7 +141,8 @@ def run_claims(
             if (recorded := lifecycle.finish_recorded(claim, config, board)) is not None:
                 on_end(claim, recorded)  # a claim whose ending waited for disk space
                 continue
-            if claim.jobs is None:
+            validates = claim.jobs is None and not (claim.folder / "jobs.json").exists()
+            if validates:  # parsing the file again could be what crashed the daemon: count it
                 claim = lifecycle.begin_run(claim)
             jobs = list(claim.jobs) if claim.jobs is not None else load_jobs(claim, config)
         except DiffusiondError as exc:
@@ -151,7 +153,7 @@ def run_claims(
                 raise
             on_end(claim, _end(claim, Ending.DEFERRED, config, board, None, (), f"disk full: {exc}"))
             continue
-        run = ClaimRun(claim, len(jobs), begun=claim.jobs is None)
+        run = ClaimRun(claim, len(jobs), begun=validates)
         runs.append(run)
         for job in jobs:
             # A resumed claim: a published job is done; a staged one only needs publishing.

@@ -181,3 +181,41 @@ def test_every_fault_point_is_in_the_code_and_every_call_names_a_point() -> None
     source = "\n".join(p.read_text() for p in (REPO / "daemon").glob("*.py") if p.name != "faults.py")
     called = set(__import__("re").findall(r'fault_point\("(\w+)"\)', source))
     assert called == set(POINTS)
+
+
+def test_reservations_left_by_a_kill_are_dropped_and_no_one_elses(spool: Spool) -> None:
+    """A kill between reserving a claim id and making its folder (or writing the owner) leaves a
+    reservation; the next start removes its own instance's, and empty ones an hour old."""
+    outbox = spool.outbox
+    outbox.mkdir(parents=True)
+    mine, other = outbox / ".mine-20261201-000000-aaaaaaaaaaaa.reserved", outbox / ".theirs-x.reserved"
+    empty_old, empty_new = outbox / ".empty-old.reserved", outbox / ".empty-new.reserved"
+    mine.write_text("test\n")
+    other.write_text("other\n")
+    empty_old.touch()
+    empty_new.touch()
+    os.utime(empty_old, (time.time() - 7200, time.time() - 7200))
+    run_oneshot(spool)
+    assert sorted(p.name for p in outbox.iterdir()) == [empty_new.name, other.name]
+
+
+def test_a_poison_job_batched_with_a_good_one_fails_alone(spool: Spool, test_models) -> None:
+    """batch_size 4: the poison and a good job share the first call and its crash; after that a
+    claim that crashed runs alone, so the good one is done and only the poison one fails as crashed."""
+    write_config(spool.root, test_models, batch_size=4, batch_wait_s=2.0)
+    spool.drop("poison.yaml", "prompt: poison\nseed: 1\n")
+    spool.drop("good.yaml", "prompt: good\nseed: 2\n")
+    kill = {"kill": ["poison"]}
+    starts = 0
+    while not spool.reports():
+        starts += 1
+        process = start_daemon_process(spool.config_path, "--oneshot", standin=kill)
+        output = stop(process)
+        assert process.returncode in (0, -signal.SIGKILL), output
+        assert starts <= 6, "the poison job was not stopped"
+    [report] = spool.reports()
+    assert (report["code"], report["file"]) == ("crashed", "poison.yaml")
+    [manifest] = spool.manifests()
+    assert manifest["source"] == "good.yaml" and manifest["batch_size"] == 1
+    assert (spool.archive / "good.yaml").exists() and (spool.failed / "poison.yaml").exists()
+    figure(f"poison job batched with a good one: {starts} starts, the good job done, only the poison one failed")
