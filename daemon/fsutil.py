@@ -96,11 +96,6 @@ def candidates(folder: Path, name: str) -> Iterator[Path]:
         n += 1
 
 
-def unique_path(folder: Path, name: str) -> Path:
-    """The first free name of `candidates` (a check: only for files no one else writes, like reports)."""
-    return next(c for c in candidates(folder, name) if not os.path.lexists(c))
-
-
 def same_file(a: Path, b: Path) -> bool:
     try:
         sa, sb = os.lstat(a), os.lstat(b)
@@ -206,7 +201,7 @@ def _copy_across(src: Path, folder: Path, name: str, *, keep_source: bool = Fals
         for dest in candidates(folder, name):
             if not os.path.lexists(dest):
                 break
-            if _same_bytes(src, dest):
+            if same_bytes(src, dest):
                 if not keep_source:
                     os.unlink(src)
                     fsync_dir(src.parent)
@@ -217,9 +212,7 @@ def _copy_across(src: Path, folder: Path, name: str, *, keep_source: bool = Fals
     if stat.S_ISDIR(mode):
         shutil.copytree(src, tmp, symlinks=True)
     elif stat.S_ISREG(mode):
-        shutil.copy2(src, tmp)  # never opens a FIFO: only regular files are read
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        copy_synced(src, tmp)  # never opens a FIFO: only regular files are read
     elif stat.S_ISLNK(mode):
         os.symlink(os.readlink(src), tmp)
     else:  # a FIFO, socket or device: made again, empty, with the same type (reading it could block)
@@ -234,7 +227,15 @@ def _copy_across(src: Path, folder: Path, name: str, *, keep_source: bool = Fals
     return dest
 
 
-def _same_bytes(a: Path, b: Path) -> bool:
+def copy_synced(src: Path, dest: Path) -> None:
+    """Copy a regular file with its times and mode, and fsync the copy: it is whole before it is named."""
+    shutil.copy2(src, dest)
+    with open(dest, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    """`b` is a regular file with the bytes of `a` (a copy that a crash kept from being recorded)."""
     try:
         if not stat.S_ISREG(os.lstat(b).st_mode) or os.path.getsize(a) != os.path.getsize(b):
             return False

@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from diffusiond.daemon.config import Config
 from diffusiond.daemon.faults import fault_point
 from diffusiond.daemon.fsutil import atomic_write, fsync_dir, is_disk_full, move_unique, rename_checked
 from diffusiond.daemon.journal import job_fields
+from diffusiond.daemon.outbox import is_published
 from diffusiond.daemon.report import report_text
 from diffusiond.daemon.status import StatusBoard
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
@@ -126,13 +128,18 @@ def end_claim(
     return ending
 
 
+def _edit_record(claim: Claim, edit: Callable[[dict[str, Any]], None], *, durable: bool = True) -> None:
+    """Change claim.json on disk in place: `claim` may be an older copy of the record than the file."""
+    path = claim.folder / "claim.json"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    edit(record)
+    atomic_write(path, json.dumps(record, indent=1).encode(), durable=durable)
+
+
 def mark_stopped(claim: Claim) -> None:
     """An operator's second SIGTERM ends the process on purpose: its running claim is no crash."""
-    path = claim.folder / "claim.json"
     with contextlib.suppress(OSError, ValueError):
-        record = json.loads(path.read_text(encoding="utf-8"))
-        record["running"] = False
-        atomic_write(path, json.dumps(record, indent=1).encode())
+        _edit_record(claim, lambda record: record.update(running=False))
 
 
 def begin_run(claim: Claim) -> Claim:
@@ -145,9 +152,8 @@ def begin_run(claim: Claim) -> Claim:
 
 def _record_ending(claim: Claim, ending: Ending, error: DiffusiondError | None, done: tuple[str, ...]) -> None:
     """The ending goes into claim.json before anything moves: recovery finishes the same ending."""
-    record = json.loads((claim.folder / "claim.json").read_text(encoding="utf-8"))
-    record["ending"] = {"ending": str(ending), "error": error.report() if error else None, "done": list(done)}
-    atomic_write(claim.folder / "claim.json", json.dumps(record, indent=1).encode())
+    ended = {"ending": str(ending), "error": error.report() if error else None, "done": list(done)}
+    _edit_record(claim, lambda record: record.update(ending=ended))
 
 
 def _finish(
@@ -200,10 +206,11 @@ def _remove(folder: Path) -> None:
 
 def _note_moved(claim: Claim, relative: str, dest: Path) -> None:
     """Where an input went, in the ending's record: a report written after a crash still names it."""
-    path = claim.folder / "claim.json"
-    record = json.loads(path.read_text(encoding="utf-8"))
-    record["ending"].setdefault("moved", {})[relative] = dest.name
-    atomic_write(path, json.dumps(record, indent=1).encode(), durable=False)  # a power cut loses only the name
+
+    def note(record: dict[str, Any]) -> None:
+        record["ending"].setdefault("moved", {})[relative] = dest.name
+
+    _edit_record(claim, note, durable=False)  # a power cut loses only the name
 
 
 def _moved(claim: Claim) -> dict[str, str]:
@@ -242,7 +249,7 @@ def leftover_claims(config: Config, board: StatusBoard | None = None) -> list[Cl
             continue
         if resumed is not None:
             claims.append(resumed)
-    _drop_stale_reservations(config, keep={c.claim_id for c in claims} | _claim_ids(work))
+    _drop_stale_reservations(config, keep=_claim_ids(work))  # the resumed claims are folders there too
     return sorted(claims, key=lambda c: c.claimed_at)
 
 
@@ -317,7 +324,7 @@ def _published_jobs(claim: Claim, config: Config) -> _Published:
         job_ids = [str(r["job_id"]) for r in json.loads((claim.folder / "jobs.json").read_text("utf-8"))]
     except (OSError, ValueError, KeyError, TypeError):
         return _Published((), False)
-    ids = tuple(j for j in job_ids if os.path.lexists(config.outbox / f"{j}.json"))
+    ids = tuple(j for j in job_ids if is_published(config.outbox, j))
     return _Published(ids, bool(job_ids) and len(ids) == len(job_ids))
 
 

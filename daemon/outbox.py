@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 
 from diffusiond.daemon.faults import fault_point
-from diffusiond.daemon.fsutil import NO_LINKS, atomic_write, fsync_dir, same_file, write_new
+from diffusiond.daemon.fsutil import NO_LINKS, atomic_write, copy_synced, fsync_dir, same_bytes, same_file, write_new
 from diffusiond.pipeline.errors import Code, JobFailed
 from diffusiond.pipeline.job import Job
 from diffusiond.pipeline.provenance import output_name
@@ -134,12 +134,9 @@ def _place(src: Path, dest: Path) -> bool:
         os.link(src, dest, follow_symlinks=False)
         return True
     except FileExistsError:
-        if same_file(src, dest) or _copied(src, dest):
+        if same_file(src, dest) or same_bytes(src, dest):
             return False
-        raise OutboxConflict(
-            f"the outbox already has {dest.name}, which this job did not make; nothing of the job was published",
-            fix=f"move {dest} out of the outbox; the job runs again when dropped again",
-        ) from None
+        raise _conflict(dest) from None
     except OSError as exc:
         if exc.errno == errno.EXDEV:
             return _copy_into(src, dest)
@@ -148,23 +145,18 @@ def _place(src: Path, dest: Path) -> bool:
     # No links here (SMB, FAT): a whole, fsynced copy first, then the name reserved with O_EXCL, then
     # the copy renamed over the placeholder; an error after reserving removes the placeholder again.
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
+    copy_synced(src, tmp)
     reserved = False
     try:
         os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
         reserved = True
     except FileExistsError:
-        if _copied(src, dest):
+        if same_bytes(src, dest):
             tmp.unlink()
             return False
         if os.path.getsize(dest) != 0:  # an empty one is a placeholder a crash left
             tmp.unlink()
-            raise OutboxConflict(
-                f"the outbox already has {dest.name}, which this job did not make; nothing of the job was published",
-                fix=f"move {dest} out of the outbox; the job runs again when dropped again",
-            ) from None
+            raise _conflict(dest) from None
     try:
         os.replace(tmp, dest)
     except BaseException:
@@ -180,21 +172,15 @@ def _copy_into(src: Path, dest: Path) -> bool:
     for leftover in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):
         leftover.unlink(missing_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
+    copy_synced(src, tmp)
     try:
         return _place(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _copied(src: Path, dest: Path) -> bool:
-    """`dest` holds the same bytes as `src` (a copy published across filesystems before a crash)."""
-    try:
-        if os.path.getsize(src) != os.path.getsize(dest):
-            return False
-        with open(src, "rb") as a, open(dest, "rb") as b:
-            return a.read() == b.read()
-    except OSError:
-        return False
+def _conflict(dest: Path) -> OutboxConflict:
+    return OutboxConflict(
+        f"the outbox already has {dest.name}, which this job did not make; nothing of the job was published",
+        fix=f"move {dest} out of the outbox; the job runs again when dropped again",
+    )

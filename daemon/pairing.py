@@ -13,7 +13,10 @@ import posixpath
 from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from diffusiond.daemon.config import Config
 
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobRejected, internal_error
 from diffusiond.pipeline.job import (
@@ -193,6 +196,16 @@ class Pairing:
 
     def __post_init__(self) -> None:
         self._parsed = ParseCache(self.parse)
+
+    @classmethod
+    def for_config(cls, config: Config) -> Pairing:
+        """The pairing the daemon runs with `config` (and runs again after a reload)."""
+        return cls(
+            parse=job_file_reader(config.inbox, rules=config.rules(), profiles=config.profiles),
+            profiles=config.profiles,
+            has_sketch_job=config.sketch_job is not None,
+            pair_wait_s=config.watch.pair_wait_s,
+        )
 
     def decide(
         self,

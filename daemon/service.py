@@ -29,7 +29,7 @@ from diffusiond.daemon.fsutil import is_disk_full
 from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
 from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.lifecycle import Ending
-from diffusiond.daemon.pairing import Pairing, file_stamp, job_file_reader
+from diffusiond.daemon.pairing import Pairing, file_stamp
 from diffusiond.daemon.status import DaemonState, StatusBoard
 from diffusiond.daemon.systemd import Notifier
 from diffusiond.daemon.threads import name_os_thread
@@ -241,18 +241,9 @@ class Daemon:
             if self._worker is not None:
                 self._worker.cancel.set()
 
-    def _pairing(self) -> Pairing:
-        config = self.config
-        return Pairing(
-            parse=job_file_reader(config.inbox, rules=config.rules(), profiles=config.profiles),
-            profiles=config.profiles,
-            has_sketch_job=config.sketch_job is not None,
-            pair_wait_s=config.watch.pair_wait_s,
-        )
-
     def _loop(self, watcher: InboxWatcher, worker: Worker) -> None:
         tracker = SettleTracker(self.config.watch.settle_s)
-        pairing = self._pairing()
+        pairing = Pairing.for_config(self.config)
         next_scan = next_ping = 0.0
         last_status, last_status_s = "", 0.0
         watchdog_s = _watchdog_interval_s()
@@ -264,7 +255,7 @@ class Daemon:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 if self._reload(worker):
-                    config, pairing = self.config, self._pairing()
+                    config, pairing = self.config, Pairing.for_config(self.config)
                     tracker.settle_s = config.watch.settle_s
             for change in watcher.next_changes(timeout_s=wait_s):
                 relative = _relative(change.path, config.inbox)

@@ -138,8 +138,11 @@ def run_claims(
     staged_jobs: list[tuple[ClaimRun, str, Path]] = []
     for claim in claims:
         try:
-            if (recorded := lifecycle.finish_recorded(claim, config, board)) is not None:
-                on_end(claim, recorded)  # a claim whose ending waited for disk space
+            # Only a claim back from work/ (resumed, or queued again without its jobs) can have an ending
+            # recorded that waited for disk space; a new one is not read back.
+            may_have_ending = claim.resumed or claim.jobs is None
+            if may_have_ending and (recorded := lifecycle.finish_recorded(claim, config, board)) is not None:
+                on_end(claim, recorded)
                 continue
             validates = claim.jobs is None and not (claim.folder / "jobs.json").exists()
             if validates:  # parsing the file again could be what crashed the daemon: count it

@@ -135,6 +135,12 @@ def spool(tmp_path: Path, test_models: TestModelPaths) -> Spool:
     return Spool(root, write_config(root, test_models))
 
 
+def make_daemon_folders(config: Config) -> None:
+    """The outbox and work folder the daemon makes at start, for tests that claim without one."""
+    for folder in (config.outbox, config.work_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+
+
 def wait_for(predicate: Callable[[], Any], timeout_s: float = CEILING_S, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -29,11 +29,11 @@ from PIL import Image
 from diffusiond.daemon.claim import claim, load_jobs
 from diffusiond.daemon.inbox import SettleTracker
 from diffusiond.daemon.lifecycle import Ending, end_claim
-from diffusiond.daemon.pairing import Pairing, file_stamp, job_file_reader
+from diffusiond.daemon.pairing import Pairing, file_stamp
 from diffusiond.daemon.service import Daemon
 from diffusiond.daemon.status import StatusBoard
 from diffusiond.pipeline.errors import JobRejected
-from tests.conftest import Spool, wait_for
+from tests.conftest import Spool, make_daemon_folders, wait_for
 from tests.test_end_to_end import sketch_png
 from tests.test_lifecycle import after
 
@@ -433,15 +433,9 @@ def test_a_name_that_is_not_utf8_fails_with_a_readable_report(spool: Spool) -> N
     config = spool.config
     drop_raw(spool, b"caf\xe9.yaml", b"prompt: a cafe\n")
     name = os.fsdecode(b"caf\xe9.yaml")
-    pairing = Pairing(
-        parse=job_file_reader(config.inbox, rules=config.rules(), profiles=config.profiles),
-        profiles=config.profiles,
-        has_sketch_job=False,
-        pair_wait_s=config.watch.pair_wait_s,
-    )
+    pairing = Pairing.for_config(config)
     [intent] = pairing.decide([name], [name], 0.0, stamp=lambda rel: file_stamp(config.inbox / rel))
-    for folder in (config.outbox, config.work_dir):  # the daemon makes them at start
-        folder.mkdir(parents=True, exist_ok=True)
+    make_daemon_folders(config)
     claimed = claim(intent, config)
     assert claimed is not None
     board = StatusBoard(config.state)
@@ -484,12 +478,7 @@ def test_a_job_file_rewritten_between_stable_and_claim_runs_as_claimed(spool: Sp
     what runs is what was claimed, never an older read (a variant of test_inbox's rewrite-after-pairing)."""
     config = spool.config
     tracker = SettleTracker(config.watch.settle_s)
-    pairing = Pairing(
-        parse=job_file_reader(config.inbox, rules=config.rules(), profiles=config.profiles),
-        profiles=config.profiles,
-        has_sketch_job=False,
-        pair_wait_s=config.watch.pair_wait_s,
-    )
+    pairing = Pairing.for_config(config)
     path = spool.drop("fox.yaml", "prompt: a fox\nseed: 1\n")
     tracker.touch(path, renamed=True)
     assert tracker.stable() == [path]
@@ -498,8 +487,7 @@ def test_a_job_file_rewritten_between_stable_and_claim_runs_as_claimed(spool: Sp
     assert intent.parsed is not None and intent.parsed.result()[0].prompt == "a cat"
     with open(path, "a", encoding="utf-8") as handle:  # after pairing, before the claim
         handle.write("negative_prompt: dogs\n")
-    for folder in (config.outbox, config.work_dir):  # the daemon makes them at start
-        folder.mkdir(parents=True, exist_ok=True)
+    make_daemon_folders(config)
     claimed = claim(intent, config)
     assert claimed is not None
     [job] = load_jobs(claimed, config, parsed=intent.parsed)
@@ -509,17 +497,11 @@ def test_a_job_file_rewritten_between_stable_and_claim_runs_as_claimed(spool: Sp
 
 def test_a_job_file_rewritten_into_garbage_after_pairing_fails_as_claimed(spool: Spool) -> None:
     config = spool.config
-    pairing = Pairing(
-        parse=job_file_reader(config.inbox, rules=config.rules(), profiles=config.profiles),
-        profiles=config.profiles,
-        has_sketch_job=False,
-        pair_wait_s=config.watch.pair_wait_s,
-    )
+    pairing = Pairing.for_config(config)
     path = spool.drop("fox.yaml", "prompt: a fox\n")
     [intent] = pairing.decide(["fox.yaml"], ["fox.yaml"], 0.0, stamp=lambda rel: file_stamp(config.inbox / rel))
     path.write_bytes(b"prompt: [unclosed\n")
-    for folder in (config.outbox, config.work_dir):  # the daemon makes them at start
-        folder.mkdir(parents=True, exist_ok=True)
+    make_daemon_folders(config)
     claimed = claim(intent, config)
     assert claimed is not None
     with pytest.raises(JobRejected, match="not valid YAML") as caught:

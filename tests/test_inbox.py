@@ -14,7 +14,7 @@ from diffusiond.daemon.pairing import Intent, Pairing, file_stamp, job_file_read
 from diffusiond.pipeline.errors import JobFailed
 from diffusiond.pipeline.families import ModelKind
 from diffusiond.pipeline.job import Rules
-from tests.conftest import Spool
+from tests.conftest import Spool, make_daemon_folders
 
 # --- is_candidate ------------------------------------------------------------------------------
 
@@ -370,8 +370,7 @@ def test_a_job_file_changed_after_pairing_runs_as_claimed(spool: Spool, edit: st
         spool.drop("fox.yaml", "prompt: a cat\nseed: 3\n")
         os.utime(path, ns=(mtime_ns, mtime_ns))
         expected = ("a cat", 3)
-    for folder in (config.outbox, config.work_dir):  # the daemon makes them at start
-        folder.mkdir(parents=True, exist_ok=True)
+    make_daemon_folders(config)
     claimed = claim(intent, config)
     assert claimed is not None
     [job] = load_jobs(claimed, config, parsed=intent.parsed)

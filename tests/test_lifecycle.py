@@ -17,7 +17,7 @@ from diffusiond.daemon.claim import Claim
 from diffusiond.daemon.service import Daemon
 from diffusiond.pipeline.errors import Code, JobFailed
 from diffusiond.pipeline.standin import StandInGenerator
-from tests.conftest import CEILING_S, Spool, start_daemon_thread, wait_for, write_config
+from tests.conftest import CEILING_S, Spool, make_daemon_folders, start_daemon_thread, wait_for, write_config
 from tests.test_end_to_end import sketch_png
 
 
@@ -125,8 +125,7 @@ def test_jobs_json_keeps_the_image_name_where_the_previous_version_reads_it(spoo
     config = spool.config
     spool.drop("fox.png", sketch_png(size=(64, 48)))
     spool.drop("fox.yaml", "task: img2img\nprompt: a fox\nseed: 5\n")
-    for folder in (config.outbox, config.work_dir):  # the daemon makes them at start
-        folder.mkdir(parents=True, exist_ok=True)
+    make_daemon_folders(config)
     claimed = claim(Intent("fox.yaml", ("fox.yaml", "fox.png")), config)
     assert claimed is not None
     [job] = load_jobs(claimed, config)

@@ -31,6 +31,13 @@ from tests.spool_checks import check_spool
 from tests.test_crash_and_stop import stop
 
 
+def hold_a_job(spool: Spool, process: subprocess.Popen[str], gate: Path, text: str) -> None:
+    """Once `process` (started with `hold(gate)`) is ready, drop `held.yaml` and wait until it is held mid-job."""
+    wait_until_ready(spool.config_path, process)
+    spool.drop("held.yaml", text)
+    wait_for(lambda: list(gate.glob("held-*")), what="the job held")
+
+
 def test_a_second_daemon_with_the_same_instance_refuses_to_start(spool: Spool) -> None:
     with start_daemon_thread(spool, StandInGenerator()):
         second = Daemon(spool.config, generator_factory=lambda _config: StandInGenerator())
@@ -50,9 +57,7 @@ def test_the_refusal_names_the_process_and_a_kill_9_frees_the_folder(spool: Spoo
     gate = tmp_path / "gate"
     first = start_daemon_process(spool.config_path, standin=hold(gate))
     try:
-        wait_until_ready(spool.config_path, first)
-        spool.drop("held.yaml", "prompt: mid-way when the owner dies\nseed: 3\n")
-        wait_for(lambda: list(gate.glob("held-*")), what="the job held")
+        hold_a_job(spool, first, gate, "prompt: mid-way when the owner dies\nseed: 3\n")
         second = subprocess.run(
             [sys.executable, "-m", "diffusiond.daemon.cli", "run", "--config", str(spool.config_path)],
             capture_output=True,
@@ -172,9 +177,7 @@ def test_a_predecessor_that_lost_its_lock_is_fenced_and_publishes_nothing(spool:
     gate = tmp_path / "gate"
     first = start_daemon_process(spool.config_path, standin=hold(gate))
     try:
-        wait_until_ready(spool.config_path, first)
-        spool.drop("held.yaml", "prompt: two owners\nseed: 8\n")
-        wait_for(lambda: list(gate.glob("held-*")), what="the job held")
+        hold_a_job(spool, first, gate, "prompt: two owners\nseed: 8\n")
         first.send_signal(signal.SIGSTOP)
         (spool.root / "work" / "test" / ".owner").unlink()  # the lock is lost: a new file is a new lock
         second = start_daemon_process(spool.config_path, "--oneshot", standin={})
