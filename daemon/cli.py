@@ -1,4 +1,4 @@
-"""`diffusiond` subcommands: run, submit, validate, inspect, init, make-test-model."""
+"""`diffusiond` subcommands: run, reload, status, submit, validate, inspect, init, make-test-model."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ from diffusiond.pipeline.job import IMAGE_SUFFIXES, Spec, UpscaleJob, read_job_f
 
 if TYPE_CHECKING:
     from diffusiond.daemon.service import GeneratorFactory
+
+EXIT_CONFIG = 78
+"""`run` refused to start: the config, or this machine for it (sysexits' EX_CONFIG). The units name it in
+`RestartPreventExitStatus=`: starting again unchanged fails again, so systemd does not loop."""
 
 INIT_CONFIG = """\
 # diffusiond config: every field is optional (see README.md, "The config").
@@ -88,6 +92,15 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     status.add_argument("--instance", help="the instance the daemon was run with (`run --instance`)")
     status.add_argument("--json", action="store_true", help="print status.json as it is")
 
+    reload = commands.add_parser(
+        "reload", help="make the running daemon read its config again, and wait until it has (the units' ExecReload)"
+    )
+    _config_args(reload)
+    reload.add_argument("--state-dir", type=Path, help="the state_dir the daemon was run with (`run --state-dir`)")
+    reload.add_argument("--instance", help="the instance the daemon was run with (`run --instance`)")
+    reload.add_argument("--pid", type=int, help="the daemon's pid (systemd's $MAINPID); default: status.json's")
+    reload.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+
     args = parser.parse_args(argv)
     try:
         return {
@@ -98,10 +111,11 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
             "make-test-model": _make_test_model,
             "inspect": _inspect,
             "status": _status,
+            "reload": _reload,
         }[args.command](args)
     except DiffusiondError as exc:
         print(f"diffusiond: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG if args.command == "run" else 2
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -292,11 +306,7 @@ def _status(args: argparse.Namespace) -> int:
     """Exit 0: the daemon runs; 1: it stopped, or its pid is gone; 2: no status file for this config."""
     from diffusiond.daemon.status import STATUS_FILE, format_status, is_running
 
-    if args.state_dir:
-        state = args.state_dir.absolute()
-    else:
-        state = load_config(args.config, spool=args.spool, overrides={"instance": args.instance}).state
-    path = state / STATUS_FILE
+    path = _state_dir(args) / STATUS_FILE
     try:
         text = path.read_text(encoding="utf-8")
         status = json.loads(text)
@@ -309,6 +319,22 @@ def _status(args: argparse.Namespace) -> int:
     running = is_running(status)
     print(text.rstrip("\n") if args.json else format_status(status, running=running))
     return 0 if running else 1
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    """The state dir of the daemon run with these options (`--state-dir`, or the config's)."""
+    if args.state_dir:
+        return Path(args.state_dir).absolute()
+    return load_config(args.config, spool=args.spool, overrides={"instance": args.instance}).state
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """Exit 0: the daemon read the config and took it; 1: it refused it (the reason on stderr), or did not answer."""
+    from diffusiond.daemon.status import ask_reload
+
+    outcome = ask_reload(_state_dir(args), pid=args.pid, timeout_s=args.timeout)
+    print(f"diffusiond: {outcome.message}", file=sys.stdout if outcome.ok else sys.stderr)
+    return 0 if outcome.ok else 1
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
 from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.lifecycle import Ending
 from diffusiond.daemon.pairing import Pairing, file_stamp
-from diffusiond.daemon.status import DaemonState, StatusBoard
+from diffusiond.daemon.status import DaemonState, StatusBoard, reload_clock
 from diffusiond.daemon.systemd import Notifier
 from diffusiond.daemon.threads import name_os_thread
 from diffusiond.daemon.worker import Worker
@@ -90,6 +90,8 @@ class Daemon:
         self.generator_factory = generator_factory
         """Builds what makes the images, at start (tests and the bench pass the stand-in's)."""
         self.reload_requested = threading.Event()
+        self._reload_asked = 0.0
+        """When the last SIGHUP came (`reload_clock()`): the reload that follows records it for `diffusiond reload`."""
         self.stop = threading.Event()
         """Set it (a signal, a test) for a warm stop."""
         self.claims: queue.Queue[Claim | None] = queue.Queue()
@@ -158,7 +160,7 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
-            signal.signal(signal.SIGHUP, lambda _signum, _frame: self.reload_requested.set())
+            signal.signal(signal.SIGHUP, self._on_reload_signal)
             name_os_thread("diffusiond")  # `top` and `ps` show the daemon, not "python"
         watcher.start()
         log.info(
@@ -188,8 +190,16 @@ class Daemon:
         self.board.flush()
         return 0
 
-    def _reload(self, worker: Worker) -> bool:
-        """SIGHUP: read the config again; queued and running jobs go on. A wrong config is refused."""
+    def _on_reload_signal(self, _signum: int, _frame: object) -> None:
+        self._reload_asked = reload_clock()
+        self.reload_requested.set()
+
+    def _reload(self, worker: Worker, asked: float) -> bool:
+        """SIGHUP: read the config again; queued and running jobs go on. A wrong config is refused.
+
+        `asked` (when the SIGHUP came) goes into status.json with the outcome: `diffusiond reload`,
+        the units' ExecReload, waits for it, so that `systemctl reload` returns once the config is read.
+        """
         self.notifier.send(reloading=1, monotonic_usec=time.monotonic_ns() // 1000, status="reloading the config")
         self.board.state(DaemonState.RELOADING)
         try:
@@ -202,10 +212,16 @@ class Daemon:
                     f"{', '.join(moved)} changed; moving folders needs a restart",
                     fix="restart the service (systemctl restart) to use the new folders",
                 )
-        except DiffusiondError as exc:
-            log.error("config reload refused, keeping the running config: %s", exc)
-            self.notifier.ready(f"config reload refused: {exc.message}; {self._status(worker)}")
+        except Exception as exc:  # a config given on reload never stops the daemon, a bug in reading it neither
+            if isinstance(exc, DiffusiondError):
+                log.error("config reload refused, keeping the running config: %s", exc)
+                message, error = exc.message, str(exc)
+            else:
+                log.exception("config reload refused (internal error), keeping the running config")
+                message = error = f"internal error reading the config: {exc!r}"
+            self.notifier.ready(f"config reload refused: {message}; {self._status(worker)}")
             self.board.state(DaemonState.READY)
+            self.board.reloaded(asked, error=error)
             return False
         self.config = worker.config = new
         self._prefetch = max(new.prefetch, new.batch_size)
@@ -214,6 +230,7 @@ class Daemon:
         log.info("config reloaded")
         self.notifier.ready(self._status(worker))
         self.board.state(DaemonState.READY)
+        self.board.reloaded(asked, error=None)
         return True
 
     def _status(self, worker: Worker) -> str:
@@ -254,7 +271,7 @@ class Daemon:
                 wait_s = min(wait_s, watchdog_s / 4)
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
-                if self._reload(worker):
+                if self._reload(worker, asked=self._reload_asked):
                     config, pairing = self.config, Pairing.for_config(self.config)
                     tracker.settle_s = config.watch.settle_s
             for change in watcher.next_changes(timeout_s=wait_s):

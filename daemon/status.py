@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -36,9 +38,12 @@ __all__ = [
     "STATES",
     "STATUS_FILE",
     "DaemonState",
+    "ReloadOutcome",
     "StatusBoard",
+    "ask_reload",
     "format_status",
     "is_running",
+    "reload_clock",
     "timestamp",
 ]
 
@@ -65,6 +70,11 @@ STATES = tuple(str(state) for state in DaemonState)
 _TEXT_MAX = 1_000  # an error's text in status and events; the full one is in its report
 
 log = logging.getLogger(__name__)
+
+
+def reload_clock() -> float:
+    """When a reload was asked for: one clock for the daemon and `diffusiond reload`, which never jumps."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def timestamp() -> str:
@@ -121,6 +131,7 @@ class StatusBoard:
             "last_results": deque(maxlen=keep),
             "last_failures": deque(maxlen=keep),
             "counters": {"claimed": 0, "started": 0, "done": 0, "failed": 0, "images": 0},
+            "reload": None,
         }
         state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -144,6 +155,18 @@ class StatusBoard:
             self._status["queue"] = length
             self._event("queue", length=length)
             self._changed()
+
+    def reloaded(self, asked: float, error: str | None) -> None:
+        """A SIGHUP handled: `asked` is when it came (`reload_clock()`), `error` why the config was refused.
+
+        Written at once: `diffusiond reload` (systemd's ExecReload) waits for it to return only when
+        the daemon has read the config, and to say whether it took it.
+        """
+        reload = {"asked": asked, "time": timestamp(), "ok": error is None, "error": error}
+        with self._lock:
+            self._status["reload"] = reload
+            self._event("reload", ok=error is None, error=error)
+            self._write()
 
     def claimed(self, claim_id: str, source: str) -> None:
         with self._lock:
@@ -293,14 +316,8 @@ class StatusBoard:
 def is_running(status: dict[str, Any]) -> bool:
     """The pid in `status` is alive, is the same process that wrote it, and has not reported "stopped"."""
     pid = status.get("pid")
-    if not isinstance(pid, int) or pid <= 0 or status.get("state") == "stopped":
+    if not isinstance(pid, int) or pid <= 0 or status.get("state") == "stopped" or not _alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user (the daemon's own account)
-        pass
     recorded, now = status.get("pid_start"), process_start(pid)
     return recorded is None or now is None or recorded == now
 
@@ -351,6 +368,85 @@ def format_status(status: dict[str, Any], *, running: bool) -> str:
             f"{failure.get('error')}{report}"
         )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What `ask_reload` saw: the daemon took the config (`ok`), refused it, or never answered."""
+
+    ok: bool
+    message: str
+
+
+def ask_reload(state_dir: Path, *, pid: int | None = None, timeout_s: float = 300.0) -> ReloadOutcome:
+    """SIGHUP the daemon whose status is in `state_dir`, and wait until it has read its config.
+
+    systemd 252 has no `Type=notify-reload` (253+): with `ExecReload=kill -HUP`, `systemctl
+    reload` returns before the daemon reads the config and succeeds even when it refuses it. The
+    units run this instead. It waits for the daemon to be ready (a SIGHUP before its handler is in
+    place would kill it), signals it, then waits for the reload that status.json records as asked
+    for after the signal (`reload.asked`, the daemon's clock when the SIGHUP came).
+    """
+    path = state_dir / STATUS_FILE
+    deadline = time.monotonic() + timeout_s
+    status: dict[str, Any] | None = None
+    while True:  # 1. the daemon (`pid`, when given: systemd's $MAINPID) is up and handles SIGHUP
+        status = _read_status(path)
+        if status is not None and (pid is None or status.get("pid") == pid):
+            if not is_running(status):
+                return ReloadOutcome(False, f"the daemon (pid {status.get('pid')}) is not running")
+            if status.get("state") in (DaemonState.READY, DaemonState.RELOADING):
+                break
+        if pid is not None and not _alive(pid):
+            return ReloadOutcome(False, f"the daemon (pid {pid}) is not running")
+        if time.monotonic() > deadline:
+            return ReloadOutcome(False, _not_ready(path, status, pid))
+        time.sleep(0.05)
+    target = int(status["pid"])
+    asked = reload_clock()
+    try:
+        os.kill(target, signal.SIGHUP)
+    except OSError as exc:
+        return ReloadOutcome(False, f"cannot signal the daemon (pid {target}): {exc}")
+    while True:  # 2. its answer to this SIGHUP (or a later one)
+        status = _read_status(path)
+        reload = status.get("reload") if status is not None else None
+        if isinstance(reload, dict) and isinstance(reload.get("asked"), float) and reload["asked"] >= asked:
+            if reload.get("ok"):
+                return ReloadOutcome(True, "config reloaded")
+            refused = f"config reload refused, the daemon keeps its running config: {reload.get('error')}"
+            return ReloadOutcome(False, refused)
+        if not _alive(target):
+            return ReloadOutcome(False, f"the daemon (pid {target}) exited during the reload")
+        if time.monotonic() > deadline:
+            return ReloadOutcome(False, f"the daemon (pid {target}) did not finish the reload within {timeout_s:g} s")
+        time.sleep(0.05)
+
+
+def _read_status(path: Path) -> dict[str, Any] | None:
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user (the daemon's own account)
+        pass
+    return True
+
+
+def _not_ready(path: Path, status: dict[str, Any] | None, pid: int | None) -> str:
+    if status is None:
+        return f"no readable status at {path}: is the daemon running with this state dir?"
+    if pid is not None and status.get("pid") != pid:
+        return f"{path} is pid {status.get('pid')}'s, not pid {pid}'s: is the daemon running with this state dir?"
+    return f"the daemon (pid {status.get('pid')}) is {status.get('state')!r}, not ready for a reload"
 
 
 def _clock(iso: str | None) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import pwd
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -290,6 +292,10 @@ class ModelCache:
         if kind is ModelKind.UNKNOWN:
             if not entry.path.exists():
                 raise _missing(entry)
+            index = entry.path / "model_index.json"
+            for part, readable in ((entry.path, os.R_OK | os.X_OK), (index, os.R_OK)):
+                if os.path.lexists(part) and not os.access(part, readable):
+                    raise _unreadable(entry, part)
             raise JobFailed(
                 f"model '{entry.name}' at {entry.path} is not a diffusers model folder of a known family "
                 "(no usable model_index.json)",
@@ -359,6 +365,18 @@ class ModelCache:
             # NHWC convolutions: 12 % faster per bf16 step on this project's CPU (bench/run.py), the
             # usual layout on CUDA tensor cores; slower in fp32 on CPU, so left alone there.
             pipe.unet.to(memory_format=torch.channels_last)
+
+
+def _unreadable(entry: ModelEntry, part: Path) -> JobFailed:
+    """A model the daemon's user may not read (a folder made 0700 by root, say): not "no model_index.json"."""
+    user = pwd.getpwuid(os.geteuid()).pw_name if hasattr(os, "geteuid") else "this user"
+    return JobFailed(
+        f"model '{entry.name}': {part} cannot be read by {user}, the user the daemon runs as (permission denied)",
+        code=Code.MODEL_FAILED,
+        field="model",
+        value=entry.name,
+        fix=f"let it read the model: chmod -R a+rX {entry.path} (or give the files to group diffusiond)",
+    )
 
 
 def _missing(entry: ModelEntry) -> JobFailed:

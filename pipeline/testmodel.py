@@ -153,6 +153,7 @@ def _write_models(
     components = build_components()
     for target in todo:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=directory))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the model from a service's own user
         try:
             with _no_progress_bars():
                 builders[target](components, staging)
@@ -163,6 +164,18 @@ def _write_models(
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux; elsewhere the usual 022)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 @contextmanager

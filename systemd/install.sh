@@ -12,6 +12,10 @@
 #
 # --root DIR installs the files under DIR instead of / (staging, tests): nothing is started there,
 # and --no-venv leaves the venv out. --dry-run prints the commands instead of running them.
+#
+# The venv's Python must be one the service can run: ProtectHome=yes hides /home, /root and
+# /run/user, so a pyenv or conda interpreter there fails the unit with 203/EXEC. Without --python
+# (or $PYTHON) the first of python3 on PATH and /usr/bin/python3 that is outside them is taken.
 set -euo pipefail
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,20 +27,26 @@ SPOOL=$DEFAULT_SPOOL
 ROOT=""
 GPUS=""
 TORCH=${TORCH:-torch}
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-}
+JOURNAL=auto
 UNINSTALL=0
 DRY_RUN=0
 VENV=1
 
 usage() {
     cat <<EOF
-usage: $0 [--prefix DIR] [--spool DIR] [--gpus LIST|all] [--torch SPEC] [--root DIR] [--no-venv] [--dry-run]
+usage: $0 [--prefix DIR] [--spool DIR] [--gpus LIST|all] [--torch SPEC] [--python PATH] [--journal yes|no|auto]
+          [--root DIR] [--no-venv] [--dry-run]
        $0 --uninstall [--prefix DIR] [--root DIR] [--dry-run]
   --prefix DIR   where the venv goes (DIR/venv; default $DEFAULT_PREFIX)
   --spool DIR    the shared spool (default $DEFAULT_SPOOL)
   --gpus LIST    one daemon per GPU: diffusiond@N for each N in LIST (0,1,...) or every /dev/nvidiaN
                  for 'all'; default: the single diffusiond.service
   --torch SPEC   the torch requirement pip installs first (default \$TORCH or 'torch')
+  --python PATH  the interpreter for the venv (default \$PYTHON, else python3 on PATH or /usr/bin/python3:
+                 the first outside /home, /root and /run/user, which the service cannot see)
+  --journal WHEN the journal extra (systemd-python: JOB_ID=... fields in journalctl): yes, no, or
+                 auto (default: yes where it builds: libsystemd-dev, pkg-config, a C compiler, Python.h)
   --root DIR     install under DIR instead of / (nothing is enabled or started)
   --no-venv      leave out the venv (it exists already, or a staging root)
   --dry-run      print the commands, change nothing
@@ -50,6 +60,8 @@ while [ $# -gt 0 ]; do
         --spool) SPOOL=${2:?--spool needs a directory}; shift 2 ;;
         --gpus) GPUS=${2:?--gpus needs a list}; shift 2 ;;
         --torch) TORCH=${2:?--torch needs a requirement}; shift 2 ;;
+        --python) PYTHON=${2:?--python needs an interpreter}; shift 2 ;;
+        --journal) JOURNAL=${2:?--journal needs yes, no or auto}; shift 2 ;;
         --root) ROOT=${2:?--root needs a directory}; shift 2 ;;
         --no-venv) VENV=0; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
@@ -60,6 +72,7 @@ while [ $# -gt 0 ]; do
 done
 case $PREFIX$SPOOL in *'#'*) echo "paths with '#' are not supported" >&2; exit 2 ;; esac
 case $PREFIX in /*) ;; *) echo "--prefix must be absolute" >&2; exit 2 ;; esac
+case $JOURNAL in yes | no | auto) ;; *) echo "--journal: yes, no or auto, not '$JOURNAL'" >&2; exit 2 ;; esac
 case $SPOOL in /*) ;; *) echo "--spool must be absolute" >&2; exit 2 ;; esac
 if [ -n "$ROOT" ]; then
     ROOT=$(cd "$ROOT" && pwd)
@@ -148,15 +161,79 @@ EOF
     echo "wrote $config: add your models"
 }
 
+# Where ProtectHome=yes hides the interpreter $1 (its real path, or the stdlib's), or nothing.
+hidden_part() {
+    local place
+    while read -r place; do
+        case $place in /home | /home/* | /root | /root/* | /run/user | /run/user/*) echo "$place"; return ;; esac
+    done < <("$1" -c 'import os, sys; print(os.path.realpath(sys.executable)); print(os.path.realpath(sys.base_prefix))')
+}
+
+# The interpreter for the venv: $PYTHON as given, or the first usable of python3 and /usr/bin/python3.
+pick_python() {
+    local candidate hidden given=$PYTHON
+    for candidate in ${given:-python3 /usr/bin/python3}; do
+        if ! command -v "$candidate" >/dev/null 2>&1 || ! "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            [ -n "$given" ] && { echo "--python $given: not an interpreter of Python 3.11 or later" >&2; return 1; }
+            continue
+        fi
+        hidden=$(hidden_part "$candidate")
+        if [ -z "$hidden" ]; then
+            command -v "$candidate"
+            return
+        fi
+        if [ -n "$given" ]; then
+            echo "--python $given lives in $hidden, which the service cannot see (ProtectHome=yes): it would fail" \
+                "with 203/EXEC. Use a system Python (apt-get install python3 python3-venv) or one under /opt." >&2
+            return 1
+        fi
+        echo "note: $candidate lives in $hidden, which the service cannot see (ProtectHome=yes); trying the next" >&2
+    done
+    echo "no Python 3.11+ outside /home, /root and /run/user (the service cannot see those): install one" \
+        "(apt-get install python3 python3-venv) or give --python /opt/.../bin/python3" >&2
+    return 1
+}
+
+# Whether the journal extra (systemd-python, built from source) can build with the venv's Python $1.
+journal_builds() {
+    pkg-config --exists libsystemd 2>/dev/null && command -v cc >/dev/null 2>&1 &&
+        "$1" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
+}
+
+install_venv() {
+    local python venv=$ROOT$PREFIX/venv
+    python=$(pick_python) || exit 1
+    echo "venv $venv from $python"
+    run "$python" -m venv "$venv"
+    run "$venv/bin/pip" install -q --disable-pip-version-check "$TORCH"
+    local journal=$JOURNAL
+    if [ "$journal" = auto ]; then
+        if journal_builds "$python"; then
+            journal=yes
+        else
+            journal=no
+            echo "note: the journal extra does not build here (needs libsystemd-dev pkg-config, a C compiler and" \
+                "$python's headers, e.g. python3-dev): the service logs without JOB_ID=... fields" >&2
+        fi
+    fi
+    if [ "$journal" = yes ]; then
+        if run "$venv/bin/pip" install -q --disable-pip-version-check --upgrade "${SRC}[systemd]"; then
+            echo "with the journal extra: journalctl -u diffusiond JOB_ID=<job_id> finds a job's lines"
+            return
+        fi
+        [ "$JOURNAL" = yes ] && { echo "--journal yes: the journal extra (systemd-python) did not build" >&2; exit 1; }
+        echo "note: the journal extra did not build (output above); installing without it" >&2
+    fi
+    run "$venv/bin/pip" install -q --disable-pip-version-check --upgrade "$SRC"
+}
+
 do_install() {
     local units
     units=$(units_to_enable | xargs)
 
     # 1. The venv, from this checkout.
     if [ "$VENV" = 1 ]; then
-        run "$PYTHON" -m venv "$ROOT$PREFIX/venv"
-        run "$ROOT$PREFIX/venv/bin/pip" install -q --disable-pip-version-check "$TORCH"
-        run "$ROOT$PREFIX/venv/bin/pip" install -q --disable-pip-version-check --upgrade "$SRC"
+        install_venv
     fi
 
     # 2. The user and group, then the folders.

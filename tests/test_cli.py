@@ -131,7 +131,7 @@ def test_a_bad_config_stops_the_start_with_a_clear_message(tmp_path: Path) -> No
     config = tmp_path / "config.yaml"
     config.write_text("device: tpu\n")
     result = cli("run", "--config", str(config), "--spool", str(tmp_path / "s"))
-    assert result.returncode == 2
+    assert result.returncode == 78, "EX_CONFIG: the units do not restart it (RestartPreventExitStatus=78)"
     assert "field 'device'" in result.stderr and "cuda:N" in result.stderr
 
 

@@ -339,7 +339,7 @@ def test_a_device_this_machine_lacks_stops_the_start_with_the_fix(spool, device:
         pytest.skip("this machine has an Apple GPU")
     command = [sys.executable, "-m", "diffusiond.daemon.cli", "run", "--config", str(spool.config_path)]
     result = subprocess.run([*command, "--device", device], capture_output=True, text=True, timeout=CEILING_S)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 78, result.stderr
     assert f"`device: {device}` but this machine has no" in result.stderr
     assert "Fix: set `device: cpu` or `auto`" in result.stderr
     assert not (spool.root / "outbox").exists() and not (spool.root / "state" / "status.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import CEILING_S, Spool, hold, start_daemon_process
+from tests.conftest import CEILING_S, Spool, hold, start_daemon_process, wait_for
 
 
 @pytest.fixture
@@ -161,3 +162,42 @@ def test_watchdog_pings_while_healthy_and_stop_while_a_job_makes_no_progress(
     finally:
         process.kill()
         process.wait(CEILING_S)
+
+
+def test_the_reload_command_returns_once_the_daemon_has_read_the_config(spool: Spool, test_models) -> None:
+    """`diffusiond reload` is the units' ExecReload: `systemctl reload` returns when it does, and fails
+    when the daemon refuses the config (systemd 252 has no Type=notify-reload to wait for READY=1)."""
+    from tests.conftest import wait_until_ready, write_config
+    from tests.test_cli import cli
+
+    process = start_daemon_process(spool.config_path, standin={})
+    try:
+        status = wait_until_ready(spool.config_path, process)
+        assert status["reload"] is None
+        write_config(spool.root, test_models, defaults={"all": {"model": "test", "size": "32x32", "steps": 2}})
+        took = cli("reload", "--config", str(spool.config_path), "--pid", str(process.pid))
+        assert took.returncode == 0 and "config reloaded" in took.stdout, took.stderr
+        # What a script that reloads and then submits relies on: the reload is done when it returns.
+        first = json.loads((spool.root / "state" / "status.json").read_text())["reload"]
+        assert first["ok"] is True and first["error"] is None
+
+        spool.config_path.write_text(spool.config_path.read_text() + "device: warp-drive\n")
+        state = str(spool.root / "state")  # as the units say it: the config itself is now broken
+        refused = cli("reload", "--state-dir", state, "--pid", str(process.pid))
+        assert refused.returncode == 1
+        assert "config reload refused, the daemon keeps its running config" in refused.stderr
+        assert "field 'device'" in refused.stderr, refused.stderr
+        second = json.loads((spool.root / "state" / "status.json").read_text())["reload"]
+        assert second["ok"] is False and second["asked"] > first["asked"]
+        assert process.poll() is None, "a refused config does not stop the daemon"
+        spool.drop("after.yaml", "prompt: the reloaded config still runs\n")
+        [manifest] = wait_for(spool.manifests, what="a manifest")
+        assert manifest["job"]["size"] == [32, 32]
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(CEILING_S) == 0
+        gone = cli("reload", "--state-dir", state, "--timeout", str(CEILING_S))
+        assert gone.returncode == 1 and f"the daemon (pid {process.pid}) is not running" in gone.stderr
+    finally:
+        process.kill()
+        process.wait()

@@ -22,7 +22,15 @@ MAX_EXPOSURE = 0.8
 # The unit files under test, as verify needs them: the template instantiated (GPU 0).
 UNIT_FILES = {"diffusiond.service": "diffusiond.service", "diffusiond@0.service": "diffusiond@.service"}
 # The [Service] settings the template may set differently from diffusiond.service.
-PER_INSTANCE = {"Environment", "StateDirectory", "CacheDirectory", "ExecStart", "SyslogIdentifier", "DeviceAllow"}
+PER_INSTANCE = {
+    "Environment",
+    "StateDirectory",
+    "CacheDirectory",
+    "ExecStart",
+    "ExecReload",
+    "SyslogIdentifier",
+    "DeviceAllow",
+}
 
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="tmpfiles chowns to the service user: needs root")
