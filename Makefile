@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO := demo
 
-.PHONY: setup demo serve test soak lint typecheck clean
+.PHONY: setup demo serve test test-systemd soak lint typecheck clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ serve: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The service under a real systemd (PID 1 of a throwaway nspawn container): root and systemd-nspawn,
+# about 2.5 minutes; it prints "skipped: ..." and succeeds where it cannot run. See tests/systemd/README.md.
+test-systemd:
+	TORCH="$(TORCH)" tests/systemd/run.sh
 
 # The crash and race tests, longer: 1,000 randomized kill -9s over streams of jobs (about 15 minutes on 2 cores).
 soak: setup

@@ -144,7 +144,17 @@ def _run(args: argparse.Namespace, generator_factory: GeneratorFactory | None) -
     daemon = Daemon(
         config, oneshot=args.oneshot, reload_config=load, generator_factory=generator_factory or diffusers_generator
     )
-    return daemon.run()
+    try:
+        return daemon.run()
+    except DiffusiondError as exc:
+        if exc.field == "device" and args.device:  # the config's `device:` is not what to fix
+            exc.message += f" (`--device {args.device}` on the command line)"
+            exc.fix = (
+                "diffusiond@N.service passes --device cuda:0 and sees GPU N only: where there is no such GPU, run "
+                "diffusiond.service instead, or give the instance another ExecStart (`systemctl edit diffusiond@`); "
+                f"elsewhere: {exc.fix}"
+            )
+        raise
 
 
 def _validate(args: argparse.Namespace) -> int:

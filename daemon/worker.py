@@ -287,6 +287,15 @@ def _generate(
     """One pipeline call for the batch; an error of the call is every job's error."""
     for item in batch:
         item.claim.trail(f"generating job {item.job.job_id}")
+        spec = item.job.spec
+        log.info(
+            "started %s (%s, %d steps) from %s",
+            item.job.job_id,
+            item.job.task,
+            spec.steps,
+            item.claim.source,
+            extra=_fields(item),
+        )
         if board is not None:
             board.started(item.job.job_id, item.claim.source, item.job.task, item.job.spec.model, item.job.spec.steps)
 

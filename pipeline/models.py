@@ -251,6 +251,8 @@ class ModelCache:
             digest = model_hash(entry, self.state_dir)
         except JobFailed:
             raise
+        except PermissionError as exc:  # a file of the model the daemon's user may not read
+            raise _unreadable(entry, Path(exc.filename) if exc.filename else entry.path) from exc
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
             raise JobFailed(
                 f"model '{name}' could not be loaded from {entry.path}: {type(exc).__name__}: {exc}",

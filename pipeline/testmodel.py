@@ -153,17 +153,27 @@ def _write_models(
     components = build_components()
     for target in todo:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=directory))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the model from a service's own user
         try:
             with _no_progress_bars():
                 builders[target](components, staging)
             _write_marker(staging, kind=target.name)
+            _readable_by_all(staging)
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Modes as the umask gives them: mkdtemp makes the folder 0700 and safetensors its files 0600,
+    which would hide a model made by root from a service's own user (`diffusiond make-test-model`
+    then the service: "permission denied")."""
+    umask = _umask()
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _umask() -> int:

@@ -333,15 +333,30 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 
 @NO_CUDA
 @pytest.mark.parametrize("device", ["cuda", "mps"])
-def test_a_device_this_machine_lacks_stops_the_start_with_the_fix(spool, device: str) -> None:
-    """Refused at start, before the spool is touched: not every job sent to failed/ one by one."""
+@pytest.mark.parametrize("given", ["config", "command line"])
+def test_a_device_this_machine_lacks_stops_the_start_with_the_fix(spool, test_models, device: str, given: str) -> None:
+    """Refused at start, before the spool is touched: not every job sent to failed/ one by one.
+
+    Exit 78, which the units do not restart; given on the command line (as diffusiond@N.service
+    does), the fix is not the config's `device:`."""
+    from tests.conftest import write_config
+
     if device == "mps" and torch.backends.mps.is_available():
         pytest.skip("this machine has an Apple GPU")
     command = [sys.executable, "-m", "diffusiond.daemon.cli", "run", "--config", str(spool.config_path)]
-    result = subprocess.run([*command, "--device", device], capture_output=True, text=True, timeout=CEILING_S)
+    if given == "config":
+        write_config(spool.root, test_models, device=device)
+    else:
+        command += ["--device", device]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=CEILING_S)
     assert result.returncode == 78, result.stderr
     assert f"`device: {device}` but this machine has no" in result.stderr
-    assert "Fix: set `device: cpu` or `auto`" in result.stderr
+    if given == "config":
+        assert "Fix: set `device: cpu` or `auto`" in result.stderr
+    else:
+        assert f"(`--device {device}` on the command line). Fix: diffusiond@N.service passes" in result.stderr
+        assert "run diffusiond.service instead" in result.stderr and "elsewhere: set `device: cpu`" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, "one line, no traceback"
     assert not (spool.root / "outbox").exists() and not (spool.root / "state" / "status.json").exists()
 
 

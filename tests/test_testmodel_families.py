@@ -215,3 +215,15 @@ def test_make_test_model_unchanged(tmp_path: Path) -> None:
         pytest.skip(f"hashes recorded with torch/diffusers/transformers {_SD1_HASHES_VERSIONS}, running {versions}")
     make_test_model(tmp_path)
     assert _safetensors_hashes(tmp_path) == _SD1_HASHES
+
+
+def test_the_test_models_are_readable_by_every_user(test_models) -> None:
+    """Made by root, read by a service's own user: no 0700 folder (mkdtemp) or 0600 weights (safetensors)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for model in (test_models.sd, test_models.upscaler):
+        paths = [model, *model.rglob("*")]
+        assert any(p.suffix == ".safetensors" for p in paths)
+        for path in paths:
+            mode = path.stat().st_mode & 0o777
+            assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, f"{path}: {oct(mode)}"

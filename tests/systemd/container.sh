@@ -5,7 +5,7 @@
 #   container.sh start NAME       boot; wait for "running" or "degraded"; print the container's PID 1
 #   container.sh exec NAME CMD... run CMD inside (nsenter into every namespace of its PID 1)
 #   container.sh stop NAME        power off, wait, kill what is left, remove cgroups and state
-#   container.sh check-clean      exit 1 and list what any container left on the host
+#   container.sh check-clean [NAME]  exit 1 and list what any container (or NAME) left on the host
 #
 # Root is an overlay of / (upper and work dirs on a tmpfs), mounted in a private mount namespace
 # that dies with systemd-nspawn: the host never sees the mounts, and all writes vanish on stop.
@@ -214,24 +214,33 @@ cexec() {
     exec nsenter -t "$pid" -a -r -w env -i PATH="$CT_PATH" LANG=C.UTF-8 TERM="${TERM:-dumb}" "$@"
 }
 
+# check_clean [NAME]: what any container (or only NAME) left on the host.
 check_clean() {
-    local bad=0 p d m
+    local bad=0 p d m tag=$PREFIX- files=$STATE_ROOT who=${1:+$1 }
+    if [ -n "${1:-}" ]; then
+        tag=$PREFIX-$1
+        files=$STATE_ROOT/$1
+    fi
     for p in /proc/[0-9]*; do
-        if grep -qs ":/$PREFIX-" "$p/cgroup" ||
-            tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -q -e '^[^ ]*bash [^ ]*container\.sh _inner ' -e '^unshare --mount ' -e '^systemd-nspawn '; then
+        if grep -qs -e ":/$tag\$" -e ":/$tag/" "$p/cgroup" || { [ "$tag" = "$PREFIX-" ] && grep -qs ":/$tag" "$p/cgroup"; } ||
+            tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -q -e "^[^ ]*bash [^ ]*container\.sh _inner $who" \
+                -e "^unshare --mount .*container\.sh _inner $who" -e "^systemd-nspawn .*--machine=$who"; then
             echo "process: ${p#/proc/} ($(awk '/^State:/ { print $2 }' "$p/status" 2>/dev/null))" \
                 "$(tr '\0' ' ' 2>/dev/null <"$p/cmdline" | cut -c1-110)"
             bad=1
         fi
     done
-    for d in /sys/fs/cgroup/*/"$PREFIX"-*; do
-        [ -e "$d" ] && { echo "cgroup: $d"; bad=1; }
+    for d in /sys/fs/cgroup/*/"$tag"*; do
+        [ -e "$d" ] || continue
+        [ "$tag" = "$PREFIX-" ] || [ "${d##*/}" = "$tag" ] || continue
+        echo "cgroup: $d"
+        bad=1
     done
     while read -r m; do
         echo "mount: $m"
         bad=1
-    done < <(awk -v p="$PREFIX" '$5 ~ p || $0 ~ (" " p "-")' /proc/self/mountinfo)
-    [ -e "$STATE_ROOT" ] && { echo "files: $STATE_ROOT ($(find "$STATE_ROOT" | wc -l) entries)"; bad=1; }
+    done < <(awk -v p="$tag" '$5 ~ p || $0 ~ (" " p)' /proc/self/mountinfo)
+    [ -e "$files" ] && { echo "files: $files ($(find "$files" | wc -l) entries)"; bad=1; }
     for d in /sys/class/net/ve-* /sys/class/net/vb-*; do
         [ -e "$d" ] && { echo "network: ${d##*/}"; bad=1; }
     done
@@ -244,7 +253,7 @@ case ${1:-} in
     start) check_name "${2:-}"; start "$2" ;;
     exec) check_name "${2:-}"; shift; cexec "$@" ;;
     stop) check_name "${2:-}"; stop "$2" ;;
-    check-clean) check_clean ;;
+    check-clean) [ -z "${2:-}" ] || check_name "$2"; check_clean "${2:-}" ;;
     _inner) inner "$2" ;;
-    *) die "usage: container.sh start NAME | exec NAME CMD... | stop NAME | check-clean" ;;
+    *) die "usage: container.sh start NAME | exec NAME CMD... | stop NAME | check-clean [NAME]" ;;
 esac
