@@ -42,7 +42,8 @@ def interfaces() -> list[str]:
 
 
 def main() -> None:
-    caps = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("CapEff:"))
+    with open("/proc/self/status") as status:
+        caps = next(line.split()[1] for line in status if line.startswith("CapEff:"))
     seen = {
         "user": pwd.getpwuid(os.getuid()).pw_name,
         "caps": caps,

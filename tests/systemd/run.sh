@@ -73,6 +73,7 @@ wait_for() { # wait_for SECONDS COMMAND...: until COMMAND succeeds (the limit on
 
 pid=$("$ct" start "$name" | tail -1) || exit 1
 
+src=/opt/diffusiond-src
 spool=/var/lib/diffusiond/spool
 state=/var/lib/diffusiond/state
 config=/etc/diffusiond/config.yaml
@@ -84,6 +85,17 @@ drop() { # drop NAME CONTENT: a job file into the inbox, whole (written beside i
 manifest_of() { in_ct sh -c "ls $spool/outbox/$1-*.json" | grep -v '\.error\.' | head -1; }
 
 # --- Install ------------------------------------------------------------------------------------
+# The checkout, copied into the container (its tracked and unignored files): the container's root is
+# an overlay of the host's / alone, which does not show a checkout on another mount.
+copy_checkout() {
+    if git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
+        git -C "$repo" ls-files -z --cached --others --exclude-standard | tar -C "$repo" --null -T - -cf -
+    else
+        tar -C "$repo" --exclude=./.venv --exclude=./.git --exclude=./build --exclude=./demo --exclude='*cache' -cf - .
+    fi | in_ct sh -c "mkdir -p $src && tar -C $src -xf -"
+}
+check "the checkout copied into the container" copy_checkout
+
 # In the container's mount, UTS, IPC and PID namespaces, with the host's network (pip needs an index;
 # the container has none): it writes only into the container's overlay.
 into_ct() { nsenter -t "$pid" -m -u -i -p env PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
@@ -93,7 +105,7 @@ hidden_python() {
     # A copy of the system's Python under /root stands for it (inside the container only).
     into_ct sh -c 'mkdir -p /root/pyenv-like && cp /usr/bin/python3 /root/pyenv-like/python3' || return 1
     local out rc
-    out=$(into_ct env PYTHON=/root/pyenv-like/python3 "$repo/systemd/install.sh" --dry-run 2>&1)
+    out=$(into_ct env PYTHON=/root/pyenv-like/python3 "$src/systemd/install.sh" --dry-run 2>&1)
     rc=$?
     echo "exit $rc: $out"
     [[ $rc != 0 && $out == *"which the service cannot see (ProtectHome=yes)"* ]]
@@ -102,7 +114,7 @@ check "install.sh refuses a Python under /root or /home (the service could not r
 
 install_log=/dev/shm/diffusiond-svc-install.$$
 install() {
-    into_ct env TORCH="${TORCH:-torch==2.13.0}" "$repo/systemd/install.sh" >"$install_log" 2>&1
+    into_ct env TORCH="${TORCH:-torch==2.13.0}" "$src/systemd/install.sh" >"$install_log" 2>&1
     local rc=$?
     cat "$install_log"
     [[ $rc == 0 ]] && grep -e "from /usr/bin/python3" "$install_log" >/dev/null
@@ -284,7 +296,7 @@ sandbox() {
     # The probe runs as ExecStartPost=, with every setting of the unit; then as the same user with none of
     # them. /dev/net/tun is made 0666 and an interface pair added (in the container), so that only the
     # sandbox can refuse them.
-    in_ct sh -c "cp '$here/probe.py' /usr/local/lib/diffusiond-probe.py && chmod 0666 /dev/net/tun" &&
+    in_ct sh -c "cp $src/tests/systemd/probe.py /usr/local/lib/diffusiond-probe.py && chmod 0666 /dev/net/tun" &&
         in_ct ip link add probe0 type veth peer name probe1 &&
         in_ct sh -c "printf '[Service]\nExecStartPost=/usr/bin/python3 /usr/local/lib/diffusiond-probe.py\n' > $dropin/50-test-probe.conf" &&
         in_ct systemctl daemon-reload && in_ct systemctl restart diffusiond || return 1
@@ -356,7 +368,7 @@ check "systemd-analyze security diffusiond@0 stays at or below 0.7" security dif
 
 # --- Uninstall ---------------------------------------------------------------------------------------
 uninstall() {
-    into_ct "$repo/systemd/install.sh" --uninstall &&
+    into_ct "$src/systemd/install.sh" --uninstall &&
         in_ct test -e "$config" && in_ct test -e "$spool/archive/light.yaml" && ! in_ct test -e "$venv" &&
         [[ $(in_ct systemctl is-active diffusiond@1) != active ]]
 }
