@@ -228,7 +228,8 @@ def _wait(config: Config, name: str, jobs: int, timeout_s: float) -> int:
     stem = Path(name).stem
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        manifests = [m for m in _read_all(config.outbox.glob(f"{stem}-*.json"), json.loads) if m.get("source") == name]
+        records = [m for m in _read_all(config.outbox.glob(f"{stem}-*.json"), json.loads) if m.get("source") == name]
+        manifests = [m for m in records if m.get("status") != "failed"]  # not `<job_id>.failed.json`
         reports = [
             r
             for r in _read_all(config.folder("failed").glob(f"{stem}*.error.yaml"), yaml.safe_load)

@@ -156,6 +156,8 @@ class Config(_Strict):
     metadata: MetadataConfig = MetadataConfig()
     watch: Watch = Watch()
     on_success: Literal["archive", "delete"] = "archive"
+    outbox_failures: bool = False
+    """Also write `outbox/<job_id>.failed.json` for a failed or rejected job: one folder says done or failed."""
     job_stall_s: float = Field(600.0, gt=0)
     """A running job that finishes no step for this long counts as hung: systemd watchdog pings stop."""
     prefetch: int = Field(2, ge=1)

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from enum import StrEnum
@@ -42,7 +43,8 @@ from diffusiond.daemon.config import Config
 from diffusiond.daemon.faults import fault_point
 from diffusiond.daemon.fsutil import atomic_write, fsync_dir, is_disk_full, move_unique, rename_checked
 from diffusiond.daemon.journal import job_fields
-from diffusiond.daemon.outbox import is_published
+from diffusiond.daemon.manifest import build_failure, source_sha256
+from diffusiond.daemon.outbox import is_published, publish_record
 from diffusiond.daemon.report import report_text
 from diffusiond.daemon.status import StatusBoard
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed
@@ -87,11 +89,13 @@ def end_claim(
     error: DiffusiondError | None = None,
     done: tuple[str, ...] = (),
     reason: str = "",
+    errors: tuple[DiffusiondError, ...] = (),
 ) -> Ending:
     """End `claim` as `ending`; returns the ending it had (FENCED when its folder is gone).
 
-    `error` is the why of FAILED and REJECTED (the report), `done` the job ids already
-    published (for the report), `reason` the why of a DEFERRED, RESUMES or RELEASED ending.
+    `error` is the why of FAILED and REJECTED (the report), `errors` every failed job's when
+    several failed (for `outbox_failures`), `done` the job ids already published (for the
+    report), `reason` the why of a DEFERRED, RESUMES or RELEASED ending.
     """
     if ending is not Ending.FENCED and fenced(claim):
         ending = Ending.FENCED
@@ -111,8 +115,8 @@ def end_claim(
         return ending
     if ending in (Ending.FAILED, Ending.REJECTED) and error is None:
         raise ValueError(f"ending {ending} needs the error")
-    _record_ending(claim, ending, error, done)
-    report = _finish(claim, config, ending, error, done)
+    _record_ending(claim, ending, error, done, errors)
+    report = _finish(claim, config, ending, error, done, errors)
     if ending is Ending.DONE:
         log.debug("archived the inputs of %s", claim.source, extra=fields)
     elif ending is Ending.RELEASED:
@@ -150,14 +154,30 @@ def begin_run(claim: Claim) -> Claim:
     return started
 
 
-def _record_ending(claim: Claim, ending: Ending, error: DiffusiondError | None, done: tuple[str, ...]) -> None:
+def _record_ending(
+    claim: Claim,
+    ending: Ending,
+    error: DiffusiondError | None,
+    done: tuple[str, ...],
+    errors: tuple[DiffusiondError, ...],
+) -> None:
     """The ending goes into claim.json before anything moves: recovery finishes the same ending."""
-    ended = {"ending": str(ending), "error": error.report() if error else None, "done": list(done)}
+    ended = {
+        "ending": str(ending),
+        "error": error.report() if error else None,
+        "done": list(done),
+        "errors": [e.report() for e in errors],
+    }
     _edit_record(claim, lambda record: record.update(ending=ended))
 
 
 def _finish(
-    claim: Claim, config: Config, ending: Ending, error: DiffusiondError | None, done: tuple[str, ...]
+    claim: Claim,
+    config: Config,
+    ending: Ending,
+    error: DiffusiondError | None,
+    done: tuple[str, ...],
+    errors: tuple[DiffusiondError, ...] = (),
 ) -> Path | None:
     """Move every input still in the claim folder to the ending's place, then remove the folder."""
     report: Path | None = None
@@ -165,7 +185,14 @@ def _finish(
         assert error is not None
         failed = config.folder("failed")
         for relative in claim.present():
-            _note_moved(claim, relative, _move(claim.inputs / relative, failed, Path(relative).name))
+            # Linked first, its new name noted, then the claim's name removed: a kill in between leaves
+            # both names, and the repeat finds the same file under the noted name (report and record name it).
+            source = claim.inputs / relative
+            dest = move_unique(source, failed, Path(relative).name, keep_source=True)
+            _note_moved(claim, relative, dest)
+            fault_point("after_archive_input")
+            if os.path.lexists(source) and not stat.S_ISDIR(os.lstat(source).st_mode):
+                os.unlink(source)
         moved = [Path(name) for name in _moved(claim).values()]  # this run's moves and an interrupted one's
         staged = next(claim.folder.glob("*.error.yaml"), None)  # written by an interrupted run of this ending
         if staged is None:
@@ -176,6 +203,8 @@ def _finish(
             staged = claim.folder / f"{stem}.error.yaml"
             atomic_write(staged, report_text(error, **extra).encode(errors="backslashreplace"))
         report = move_unique(staged, failed, keep_source=True)  # a repeat finds it delivered: one report
+        if config.outbox_failures:
+            _publish_failures(claim, config, errors or (error,), moved, report, done)
     else:
         fault_point("before_archive")
         for relative in claim.present():
@@ -192,6 +221,43 @@ def _finish(
     reservation(config.outbox, claim.claim_id).unlink(missing_ok=True)
     _remove(claim.folder)
     return report
+
+
+def _publish_failures(
+    claim: Claim,
+    config: Config,
+    errors: tuple[DiffusiondError, ...],
+    moved: list[Path],
+    report: Path,
+    done: tuple[str, ...],
+) -> None:
+    """`outbox/<job_id>.failed.json` for every job of the claim not done, the ending's last files
+    (`outbox_failures: true`): each with its own error, or the claim's when it has none of its own
+    (a file rejected as a whole is recorded under the claim id). A repeat finds them there."""
+    first = errors[0]
+    by_index: dict[int | None, DiffusiondError] = {e.job_index: e for e in reversed(errors) if e.job_index is not None}
+    source = next((config.folder("failed") / n for r, n in _moved(claim).items() if r == claim.source), None)
+    sha256 = source_sha256(claim, source)
+    for job_id, index in _unfinished_jobs(claim, done):
+        staged = claim.folder / f"{job_id}.failed.json"
+        if not staged.exists():
+            error = by_index.get(index, first)
+            inputs = [f"failed/{path.name}" for path in moved]
+            record = build_failure(
+                claim, job_id, error, inputs=inputs, report=f"failed/{report.name}", done=done, sha256=sha256
+            )
+            atomic_write(staged, record.to_json())
+        publish_record(staged, config.outbox)
+
+
+def _unfinished_jobs(claim: Claim, done: tuple[str, ...]) -> list[tuple[str, int | None]]:
+    """(job_id, index) of each job in jobs.json not in `done`; the claim id alone when it has no jobs.json."""
+    try:
+        records = json.loads((claim.folder / "jobs.json").read_text(encoding="utf-8"))
+        jobs = [(str(r["job_id"]), int(r["index"])) for r in records]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [(claim.claim_id, None)]
+    return [(job_id, index) for job_id, index in jobs if job_id not in done]
 
 
 def _remove(folder: Path) -> None:
@@ -372,8 +438,9 @@ def finish_recorded(claim: Claim, config: Config, board: StatusBoard | None = No
         return None
     ending = Ending(recorded["ending"])
     error = DiffusiondError.from_report(recorded["error"]) if recorded.get("error") else None
+    errors = tuple(DiffusiondError.from_report(r) for r in recorded.get("errors") or ())
     log.info("finishing the %s ending of %s, which was interrupted", ending, claim.source)
-    report = _finish(claim, config, ending, error, tuple(recorded.get("done", ())))
+    report = _finish(claim, config, ending, error, tuple(recorded.get("done", ())), errors)
     if board is not None and error is not None:
         board.failed(claim.source, str(error.code), str(error), str(report))
     return ending

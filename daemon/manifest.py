@@ -1,4 +1,5 @@
-"""What a manifest holds (R3): `outbox/<job_id>.json`, the record that a job is done.
+"""What the outbox's records hold (R3): `outbox/<job_id>.json`, the record that a job is done, and
+(with `outbox_failures: true`) `outbox/<job_id>.failed.json`, the record that it failed.
 
 The manifest is the commit record of a job: once `outbox/<job_id>.json` exists the job
 is never run again, and it is never overwritten (daemon/outbox.py publishes it with a
@@ -9,29 +10,41 @@ here, in the order it is written.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import platform
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from diffusiond import __version__
 from diffusiond.daemon.claim import Claim
 from diffusiond.pipeline.backend import Generated
+from diffusiond.pipeline.errors import DiffusiondError
 from diffusiond.pipeline.job import Job
 from diffusiond.pipeline.provenance import OutputRecord, StampedJob, job_record
+
+SCHEMA = 1
+"""The records' format: a reader checks it; a change that breaks readers increments it."""
 
 
 @dataclass(frozen=True)
 class Manifest:
     """One job's results and how they were made."""
 
+    schema: int
+    """`SCHEMA`."""
+    status: Literal["done"]
+    """Always "done": a failure is a `FailureRecord` (`status: failed`), so a reader tells them apart by it."""
     diffusiond: str
     """The version that made them."""
     job_id: str
     """`<claim_id>` for a file with one job, `<claim_id>-<index>` otherwise; every output name starts with it."""
     source: str
     """The job file (or bare image) as it was named in the inbox, relative to it."""
+    source_sha256: str | None
+    """sha256 of the job file as claimed (None for a bare image: `input_image` has its hash)."""
     index: int
     """Which job of the file (1-based)."""
     job: dict[str, Any]
@@ -73,9 +86,12 @@ class Manifest:
 def build_manifest(job: Job, claim: Claim, generated: Generated, stamped: StampedJob) -> Manifest:
     record = job_record(job)
     return Manifest(
+        schema=SCHEMA,
+        status="done",
         diffusiond=__version__,
         job_id=record["job_id"],
         source=record["source"],
+        source_sha256=source_sha256(claim),
         index=record["index"],
         job=record["job"],
         task=str(job.spec.task),
@@ -101,3 +117,98 @@ def build_manifest(job: Job, claim: Claim, generated: Generated, stamped: Stampe
         instance=claim.instance,
         outputs=stamped.outputs,
     )
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """`outbox/<job_id>.failed.json` (opt-in, `outbox_failures: true`): a job that failed, or a file rejected.
+
+    Written last, after the inputs and the report are in failed/: a tool that watches the outbox for
+    `<job_id>.json` or `<job_id>.failed.json` learns the end of every job there. A file rejected before
+    it had jobs is recorded under its claim id (which is its single job's id).
+    """
+
+    schema: int
+    status: Literal["failed"]
+    diffusiond: str
+    job_id: str
+    source: str
+    source_sha256: str | None
+    index: int | None
+    """Which job of the file failed (None: the file as a whole was rejected)."""
+    code: str
+    """As in the report: `invalid_job`, `model_failed`, `crashed`, ... (pipeline/errors.py, `Code`)."""
+    error: str
+    field: str | None
+    value: Any
+    fix: str
+    inputs: list[str]
+    """Where the inputs are now, relative to the spool (`failed/<name>`)."""
+    report: str
+    """The report, relative to the spool (`failed/<name>.error.yaml`)."""
+    finished_jobs: list[str]
+    """Jobs of the same file that were done before it failed (their manifests are in the outbox)."""
+    failed_at: str
+    host: str
+    claim_id: str
+    attempt: int
+    instance: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False).encode(errors="backslashreplace")
+
+
+def build_failure(
+    claim: Claim,
+    job_id: str,
+    error: DiffusiondError,
+    *,
+    inputs: list[str],
+    report: str,
+    done: tuple[str, ...],
+    sha256: str | None,
+) -> FailureRecord:
+    return FailureRecord(
+        schema=SCHEMA,
+        status="failed",
+        diffusiond=__version__,
+        job_id=job_id,
+        source=claim.source,
+        source_sha256=sha256,
+        index=error.job_index,
+        code=str(error.code),
+        error=error.message,
+        field=error.field,
+        value=error.value if _is_json(error.value) else repr(error.value),
+        fix=error.fix,
+        inputs=inputs,
+        report=report,
+        finished_jobs=list(done),
+        failed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        host=platform.node(),
+        claim_id=claim.claim_id,
+        attempt=claim.attempt,
+        instance=claim.instance,
+    )
+
+
+def source_sha256(claim: Claim, path: Path | None = None) -> str | None:
+    """The claimed job file's sha256 (read from the claim folder, or `path`); None for a bare image or a file gone."""
+    if claim.bare_image:
+        return None
+    digest = hashlib.sha256()
+    try:
+        with (path or claim.inputs / claim.source).open("rb") as file:
+            for block in iter(lambda: file.read(1 << 16), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

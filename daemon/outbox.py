@@ -128,6 +128,12 @@ def publish(folder: Path, outbox: Path, job_id: str) -> list[str]:
     return names
 
 
+def publish_record(staged_record: Path, outbox: Path) -> None:
+    """Link one staged record (a `<job_id>.failed.json`) into the outbox under its name; repeatable."""
+    _place(staged_record, outbox / staged_record.name)
+    fsync_dir(outbox)
+
+
 def _place(src: Path, dest: Path) -> bool:
     """Give `src`'s file the name `dest`, never replacing another file; False if it already had it."""
     try:

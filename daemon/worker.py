@@ -221,7 +221,8 @@ def run_claims(
             reason = run.deferred or ("stopped at a step boundary" if stopped else "")
             if error is not None and len(run.errors) > 1:
                 log.warning("%s: %d of %d jobs failed", run.claim.source, len(run.errors), run.jobs)
-            on_end(run.claim, _end(run.claim, ending, config, board, error, tuple(run.published), reason))
+            ended = _end(run.claim, ending, config, board, error, tuple(run.published), reason, tuple(run.errors))
+            on_end(run.claim, ended)
 
     writer.submit(end)
 
@@ -252,10 +253,13 @@ def _end(
     error: DiffusiondError | None,
     done: tuple[str, ...],
     reason: str,
+    errors: tuple[DiffusiondError, ...] = (),
 ) -> Ending:
     """`end_claim`, where a full disk keeps the claim in work/ and a bug still fails the claim with a report."""
     try:
-        return lifecycle.end_claim(claim, ending, config=config, board=board, error=error, done=done, reason=reason)
+        return lifecycle.end_claim(
+            claim, ending, config=config, board=board, error=error, done=done, reason=reason, errors=errors
+        )
     except OSError as exc:
         if lifecycle.fenced(claim):
             return Ending.FENCED

@@ -114,7 +114,14 @@ class Spool:
     def manifests(self) -> list[dict[str, Any]]:
         import json
 
-        return [json.loads(p.read_text()) for p in sorted(self.outbox.glob("*.json"))]
+        paths = sorted(p for p in self.outbox.glob("*.json") if not p.name.endswith(".failed.json"))
+        return [json.loads(p.read_text()) for p in paths]
+
+    def failures(self) -> list[dict[str, Any]]:
+        """The outbox's `<job_id>.failed.json` records (`outbox_failures: true`)."""
+        import json
+
+        return [json.loads(p.read_text()) for p in sorted(self.outbox.glob("*.failed.json"))]
 
     def reports(self) -> list[dict[str, Any]]:
         return [yaml.safe_load(p.read_text()) for p in sorted(self.failed.glob("*.error.yaml"))]
