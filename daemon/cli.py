@@ -1,4 +1,4 @@
-"""`diffusiond` subcommands: run, reload, status, submit, validate, inspect, init, make-test-model."""
+"""`diffusiond` subcommands: run, reload, status, submit, validate, schema, inspect, init, make-test-model."""
 
 from __future__ import annotations
 
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     _config_args(validate)
     validate.add_argument("jobs", type=Path, nargs="+")
 
+    commands.add_parser("schema", help="print the JSON Schema of a job file's jobs (for editors: README, A job file)")
+
     init = commands.add_parser("init", help="create the spool folders and a starter config")
     init.add_argument("directory", type=Path)
 
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
             "inspect": _inspect,
             "status": _status,
             "reload": _reload,
+            "schema": _schema,
         }[args.command](args)
     except DiffusiondError as exc:
         print(f"diffusiond: {exc}", file=sys.stderr)
@@ -330,6 +333,13 @@ def _status(args: argparse.Namespace) -> int:
     running = is_running(status)
     print(text.rstrip("\n") if args.json else format_status(status, running=running))
     return 0 if running else 1
+
+
+def _schema(_args: argparse.Namespace) -> int:
+    from diffusiond.pipeline.job import job_schema
+
+    print(json.dumps(job_schema(), indent=1, ensure_ascii=False))
+    return 0
 
 
 def _state_dir(args: argparse.Namespace) -> Path:

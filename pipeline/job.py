@@ -112,13 +112,17 @@ def _check_size(value: tuple[int, int]) -> tuple[int, int]:
     return value
 
 
-Size = Annotated[tuple[int, int], BeforeValidator(_parse_size)]
+SizeText = Annotated[str, Field(pattern=r"^\s*[0-9]+\s*([xX]\s*[0-9]+\s*)?$")]
+Size = Annotated[
+    tuple[int, int], BeforeValidator(_parse_size, json_schema_input_type=SizeText | int | tuple[int, int])
+]
+"""`512x768` (width x height), `512`, or `[512, 768]`: all three in the schema editors get."""
 
 
 class OutputSpec(BaseModel):
     """How the images are encoded."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
     format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(95, ge=1, le=100)
 
@@ -138,7 +142,7 @@ WATERMARK_MIN_SIDE_PX = 256
 class InvisibleWatermark(BaseModel):
     """A payload hidden in the pixels (invisible-watermark); `method` None = the config's."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
     text: str = Field("diffusiond", min_length=1)
     method: WatermarkMethod | None = None
 
@@ -157,7 +161,7 @@ class InvisibleWatermark(BaseModel):
 class VisibleWatermark(BaseModel):
     """A text label drawn on the image (a logo can only come from the config)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
     text: str = Field("AI generated", min_length=1)
     position: WatermarkPosition = "bottom-right"
     size: float = Field(0.05, gt=0, le=0.5)
@@ -169,7 +173,7 @@ class VisibleWatermark(BaseModel):
 class WatermarkSpec(BaseModel):
     """`false` turns a mark off for this job; omitted = the config's choice."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
     invisible: InvisibleWatermark | Literal[False] | None = None
     visible: VisibleWatermark | Literal[False] | None = None
 
@@ -177,7 +181,7 @@ class WatermarkSpec(BaseModel):
 class _JobFields(BaseModel):
     """Fields every task shares, and the questions asked of any job (each task answers for itself)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
     model: str | None = None
     prompt: str = ""
     negative_prompt: str = ""
@@ -330,6 +334,23 @@ Spec = Txt2ImgJob | Img2ImgJob | UpscaleJob | Depth2ImgJob
 
 JobSpec = Annotated[Spec, Field(discriminator="task")]
 _SPEC_ADAPTER: TypeAdapter[Spec] = TypeAdapter(JobSpec)
+def job_schema() -> dict[str, Any]:
+    """The JSON Schema of one job (one YAML document of a job file), from the models above.
+
+    `diffusiond schema` prints it, for editors (yaml-language-server applies it to each document
+    of a multi-job file). It knows the fields; the daemon's config knows more (model names, limits,
+    defaults and a default task: a job without `task:` is checked as txt2img here).
+    """
+    schema = _SPEC_ADAPTER.json_schema(mode="validation")
+    schema.pop("discriminator", None)  # OpenAPI's keyword: a job may leave `task` out (txt2img)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "diffusiond job",
+        "description": "One job of a diffusiond job file (README.md, \"A job file\"); `---` separates jobs.",
+        **schema,
+    }
+
+
 _TASK_MODELS: dict[Task, type[_JobFields]] = {
     Task.TXT2IMG: Txt2ImgJob,
     Task.IMG2IMG: Img2ImgJob,
