@@ -113,9 +113,7 @@ def _check_size(value: tuple[int, int]) -> tuple[int, int]:
 
 
 SizeText = Annotated[str, Field(pattern=r"^\s*[0-9]+\s*([xX]\s*[0-9]+\s*)?$")]
-Size = Annotated[
-    tuple[int, int], BeforeValidator(_parse_size, json_schema_input_type=SizeText | int | tuple[int, int])
-]
+Size = Annotated[tuple[int, int], BeforeValidator(_parse_size, json_schema_input_type=SizeText | int | tuple[int, int])]
 """`512x768` (width x height), `512`, or `[512, 768]`: all three in the schema editors get."""
 
 
@@ -334,6 +332,8 @@ Spec = Txt2ImgJob | Img2ImgJob | UpscaleJob | Depth2ImgJob
 
 JobSpec = Annotated[Spec, Field(discriminator="task")]
 _SPEC_ADAPTER: TypeAdapter[Spec] = TypeAdapter(JobSpec)
+
+
 def job_schema() -> dict[str, Any]:
     """The JSON Schema of one job (one YAML document of a job file), from the models above.
 
@@ -346,7 +346,7 @@ def job_schema() -> dict[str, Any]:
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "diffusiond job",
-        "description": "One job of a diffusiond job file (README.md, \"A job file\"); `---` separates jobs.",
+        "description": 'One job of a diffusiond job file (README.md, "A job file"); `---` separates jobs.',
         **schema,
     }
 
