@@ -94,6 +94,16 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     status.add_argument("--instance", help="the instance the daemon was run with (`run --instance`)")
     status.add_argument("--json", action="store_true", help="print status.json as it is")
 
+    events = commands.add_parser(
+        "events", help="the event stream: claimed, started, progress, done, failed, ... (from its state dir)"
+    )
+    _config_args(events)
+    events.add_argument("--state-dir", type=Path, help="the state_dir the daemon was run with (`run --state-dir`)")
+    events.add_argument("--instance", help="the instance the daemon was run with (`run --instance`)")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events until interrupted")
+    events.add_argument("--json", action="store_true", help="one JSON object a line, as written")
+    events.add_argument("--job", metavar="ID", help="only this job's (or claim's) events")
+
     reload = commands.add_parser(
         "reload", help="make the running daemon read its config again, and wait until it has (the units' ExecReload)"
     )
@@ -115,6 +125,7 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
             "status": _status,
             "reload": _reload,
             "schema": _schema,
+            "events": _events,
         }[args.command](args)
     except DiffusiondError as exc:
         print(f"diffusiond: {exc}", file=sys.stderr)
@@ -333,6 +344,29 @@ def _status(args: argparse.Namespace) -> int:
     running = is_running(status)
     print(text.rstrip("\n") if args.json else format_status(status, running=running))
     return 0 if running else 1
+
+
+def _events(args: argparse.Namespace) -> int:
+    """Print events; with --follow until interrupted (Ctrl-C, SIGTERM, a closed pipe): exit 0."""
+    import signal
+
+    from diffusiond.daemon.status import EVENTS_FILE, event_matches, format_event, read_events
+
+    state = _state_dir(args)
+    if not args.follow and not (state / EVENTS_FILE).exists():
+        print(
+            f"diffusiond: no events at {state / EVENTS_FILE}; is the daemon running with this config?", file=sys.stderr
+        )
+        return 2
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a tool stopping it: the same quiet exit
+    try:
+        for event in read_events(state, follow=args.follow):
+            if args.job and not event_matches(event, args.job):
+                continue
+            print(json.dumps(event, ensure_ascii=False) if args.json else format_event(event), flush=True)
+    except (KeyboardInterrupt, BrokenPipeError):
+        sys.stderr.close()  # no traceback, and none for the closed pipe at exit
+    return 0
 
 
 def _schema(_args: argparse.Namespace) -> int:

@@ -103,7 +103,7 @@ def end_claim(
     if ending is Ending.FENCED:
         log.warning("fenced: %s was taken over by another process; dropping it", claim.source, extra=fields)
         if board is not None:
-            board.set_aside(claim.source, ending, "taken over by another process")
+            board.set_aside(claim.source, ending, "taken over by another process", claim_id=claim.claim_id)
         return ending
     if ending not in MOVES_INPUTS:  # it stays in work/: this run stopped in order (no crash)
         claim = dataclasses.replace(claim, running=False)
@@ -111,7 +111,7 @@ def end_claim(
         claim.trail(f"{ending}: {reason}")
         log.info("%s %s: %s", ending, claim.source, reason, extra=fields)
         if board is not None:
-            board.set_aside(claim.source, ending, reason)
+            board.set_aside(claim.source, ending, reason, claim_id=claim.claim_id)
         return ending
     if ending in (Ending.FAILED, Ending.REJECTED) and error is None:
         raise ValueError(f"ending {ending} needs the error")
@@ -122,13 +122,13 @@ def end_claim(
     elif ending is Ending.RELEASED:
         log.info("put %s back in the inbox: %s", claim.source, reason or "stopped", extra=fields)
         if board is not None:
-            board.set_aside(claim.source, ending, reason or "stopped")
+            board.set_aside(claim.source, ending, reason or "stopped", claim_id=claim.claim_id)
     else:
         assert error is not None
         verb = "rejected" if ending is Ending.REJECTED else "failed"
         log.warning("%s %s: %s (report: %s)", verb, claim.source, error, report, extra=fields)
         if board is not None:
-            board.failed(claim.source, str(error.code), str(error), str(report))
+            board.failed(claim.source, str(error.code), str(error), str(report), claim_id=claim.claim_id)
     return ending
 
 
@@ -442,7 +442,7 @@ def finish_recorded(claim: Claim, config: Config, board: StatusBoard | None = No
     log.info("finishing the %s ending of %s, which was interrupted", ending, claim.source)
     report = _finish(claim, config, ending, error, tuple(recorded.get("done", ())), errors)
     if board is not None and error is not None:
-        board.failed(claim.source, str(error.code), str(error), str(report))
+        board.failed(claim.source, str(error.code), str(error), str(report), claim_id=claim.claim_id)
     return ending
 
 

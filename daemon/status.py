@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -41,8 +42,11 @@ __all__ = [
     "ReloadOutcome",
     "StatusBoard",
     "ask_reload",
+    "event_matches",
+    "format_event",
     "format_status",
     "is_running",
+    "read_events",
     "reload_clock",
     "timestamp",
 ]
@@ -171,13 +175,16 @@ class StatusBoard:
     def claimed(self, claim_id: str, source: str) -> None:
         with self._lock:
             self._status["counters"]["claimed"] += 1
-            self._event("claimed", claim_id=claim_id, source=source)
+            self._event("claimed", job_id=claim_id, claim_id=claim_id, source=source)
             self._changed()
 
     # A job's run (worker thread).
 
-    def started(self, job_id: str, source: str, task: str, model: str | None, steps: int) -> None:
-        job = {"job_id": job_id, "source": source, "task": task, "model": model, "step": 0, "steps": steps}
+    def started(
+        self, job_id: str, source: str, task: str, model: str | None, steps: int, claim_id: str | None = None
+    ) -> None:
+        job: dict[str, Any] = {"job_id": job_id, "claim_id": claim_id or job_id, "source": source, "task": task}
+        job |= {"model": model, "step": 0, "steps": steps}
         with self._lock:
             job["started_at"] = timestamp()
             running = [j for j in self._status["running"] if j["job_id"] != job_id]
@@ -190,18 +197,21 @@ class StatusBoard:
     def progress(self, job_id: str, step: int, steps: int) -> None:
         """Call on every step: the board decides what to write."""
         with self._lock:
+            claim_id = job_id
             for job in self._status["running"]:
                 if job["job_id"] == job_id:
                     job.update(step=step, steps=steps)
+                    claim_id = job.get("claim_id", job_id)
             now = time.monotonic()
             last = step >= steps
             if last or now - self._last_progress_event.get(job_id, float("-inf")) >= self.progress_interval_s:
                 self._last_progress_event[job_id] = now
-                self._event("progress", job_id=job_id, step=step, steps=steps)
+                self._event("progress", job_id=job_id, claim_id=claim_id, step=step, steps=steps)
             self._changed(now)
 
-    def done(self, job_id: str, source: str, outputs: list[str], seconds: float) -> None:
-        result = {"job_id": job_id, "source": source, "outputs": list(outputs), "seconds": round(seconds, 3)}
+    def done(self, job_id: str, source: str, outputs: list[str], seconds: float, claim_id: str | None = None) -> None:
+        result: dict[str, Any] = {"job_id": job_id, "claim_id": claim_id or job_id, "source": source}
+        result |= {"outputs": list(outputs), "seconds": round(seconds, 3)}
         with self._lock:
             self._finish(job_id=job_id)
             self._status["waiting"] = None
@@ -212,9 +222,18 @@ class StatusBoard:
             self._event("done", **result)
             self._changed()
 
-    def failed(self, source: str, code: str, error: str, report_path: str | None, job_id: str | None = None) -> None:
-        """A claim rejected or a job failed; `job_id` when a job had started (else its source ends it)."""
-        failure = {"job_id": job_id, "source": source, "code": code, "error": error[:_TEXT_MAX], "report": report_path}
+    def failed(
+        self,
+        source: str,
+        code: str,
+        error: str,
+        report_path: str | None,
+        job_id: str | None = None,
+        claim_id: str | None = None,
+    ) -> None:
+        """A claim rejected or failed; its events name the claim id as `job_id` (its jobs' ids start with it)."""
+        failure: dict[str, Any] = {"job_id": job_id or claim_id, "claim_id": claim_id, "source": source}
+        failure |= {"code": code, "error": error[:_TEXT_MAX], "report": report_path}
         with self._lock:
             self._finish(job_id=job_id, source=source)
             self._status["counters"]["failed"] += 1
@@ -222,12 +241,12 @@ class StatusBoard:
             self._event("failed", **failure)
             self._changed()
 
-    def set_aside(self, source: str, ending: str, reason: str) -> None:
+    def set_aside(self, source: str, ending: str, reason: str, claim_id: str | None = None) -> None:
         """A claim that ended without a result: released to the inbox, kept in work/ for later, or fenced."""
         with self._lock:
             self._finish(job_id=None, source=source)
             self._status["waiting"] = reason if ending == "deferred" else None
-            self._event(ending, source=source, reason=reason[:_TEXT_MAX])
+            self._event(ending, job_id=claim_id, claim_id=claim_id, source=source, reason=reason[:_TEXT_MAX])
             self._changed()
 
     def flush(self) -> None:
@@ -447,6 +466,93 @@ def _not_ready(path: Path, status: dict[str, Any] | None, pid: int | None) -> st
     if pid is not None and status.get("pid") != pid:
         return f"{path} is pid {status.get('pid')}'s, not pid {pid}'s: is the daemon running with this state dir?"
     return f"the daemon (pid {status.get('pid')}) is {status.get('state')!r}, not ready for a reload"
+
+
+# The event stream (`diffusiond events`).
+
+
+def read_events(state_dir: Path, *, follow: bool = False, poll_s: float = 0.2) -> Iterator[dict[str, Any]]:
+    """The events in `state_dir/events.jsonl`, oldest first; with `follow`, then each new one as it comes.
+
+    Followed by polling, like `tail -F` (watchdog would add a thread and an inotify watch per
+    reader for a file that changes a few times a second): at the end it waits `poll_s`, and
+    reopens the file when the board has rotated it (a new inode, or a shorter file). A line is
+    yielded once whole; a line that is not JSON is skipped.
+    """
+    path = state_dir / EVENTS_FILE
+    while follow and not path.exists():
+        time.sleep(poll_s)
+    try:
+        file = path.open("rb")
+    except FileNotFoundError:
+        return
+    partial = b""
+    try:
+        while True:
+            chunk = file.readline()
+            if chunk:
+                partial += chunk
+                if partial.endswith(b"\n"):
+                    line, partial = partial, b""
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(event, dict):
+                        yield event
+                continue
+            if not follow:
+                return
+            time.sleep(poll_s)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                continue  # between the rotation's rename and the next append
+            if now.st_ino != os.fstat(file.fileno()).st_ino or now.st_size < file.tell():
+                file.close()
+                file, partial = path.open("rb"), b""
+    finally:
+        file.close()
+
+
+def event_matches(event: dict[str, Any], job: str) -> bool:
+    """`--job ID`: the job's own events and its claim's (claimed, failed, released, ...); a claim id
+    matches every job of its file (their ids are `<claim_id>-<n>`)."""
+    job_id, claim_id = str(event.get("job_id") or ""), str(event.get("claim_id") or "")
+    return (
+        job in (job_id, claim_id) or job_id.startswith(f"{job}-") or bool(claim_id and job.startswith(f"{claim_id}-"))
+    )
+
+
+def format_event(event: dict[str, Any]) -> str:
+    """One event as a line for a person: time, event, job, what happened."""
+    kind = str(event.get("event", "?"))
+    when = str(event.get("time", ""))[11:23]
+    job = event.get("job_id") or ""
+    if kind == "claimed":
+        what = f"{event.get('source')}"
+    elif kind == "started":
+        what = (
+            f"{event.get('task')}, model {event.get('model')}, {event.get('steps')} steps, from {event.get('source')}"
+        )
+    elif kind == "progress":
+        what = f"step {event.get('step')}/{event.get('steps')}"
+    elif kind == "done":
+        outputs = event.get("outputs") or []
+        what = f"in {event.get('seconds', 0)} s: {', '.join(map(str, outputs))}"
+    elif kind == "failed":
+        what = f"{event.get('source')} [{event.get('code')}]: {event.get('error')}"
+    elif kind in ("released", "resumes", "deferred", "fenced"):
+        what = f"{event.get('source')}: {event.get('reason')}"
+    elif kind == "state":
+        what = str(event.get("state"))
+    elif kind == "queue":
+        what = f"{event.get('length')} waiting"
+    elif kind == "reload":
+        what = "config taken" if event.get("ok") else f"config refused: {event.get('error')}"
+    else:
+        what = json.dumps({k: v for k, v in event.items() if k not in ("time", "event")}, ensure_ascii=False)
+    return f"{when}  {kind:<9} {job + '  ' if job else ''}{what}"
 
 
 def _clock(iso: str | None) -> str:

@@ -175,7 +175,7 @@ def run_claims(
             if (names := _publish(run, job_id, folder, config)) is not None:
                 log.info("done %s: published what the interrupted run staged", job_id)
                 if board is not None:
-                    board.done(job_id, run.claim.source, names, 0.0)
+                    board.done(job_id, run.claim.source, names, 0.0, claim_id=run.claim.claim_id)
 
     if staged_jobs:
         writer.submit(publish_staged)
@@ -266,7 +266,7 @@ def _end(
         if is_disk_full(exc):  # its ending is recorded in claim.json: the next start completes it
             log.error("cannot end %s, the disk is full (%s); it stays in work/", claim.source, exc)
             if board is not None:
-                board.set_aside(claim.source, Ending.DEFERRED, f"disk full: {exc}")
+                board.set_aside(claim.source, Ending.DEFERRED, f"disk full: {exc}", claim_id=claim.claim_id)
             return Ending.DEFERRED
         log.exception("internal error ending %s", claim.source)
         failure: Exception = exc
@@ -301,7 +301,8 @@ def _generate(
             extra=_fields(item),
         )
         if board is not None:
-            board.started(item.job.job_id, item.claim.source, item.job.task, item.job.spec.model, item.job.spec.steps)
+            job, claim = item.job, item.claim
+            board.started(job.job_id, claim.source, job.task, job.spec.model, job.spec.steps, claim_id=claim.claim_id)
 
     def step(done: int, total: int) -> None:
         if on_step is not None:
@@ -357,7 +358,7 @@ def _commit(
         fields = job_fields(job_id=job.job_id, job_file=claim.source, task=job.task, model=job.spec.model)
         log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, seconds, ", ".join(files), extra=fields)
         if board is not None:
-            board.done(job.job_id, claim.source, files, seconds)
+            board.done(job.job_id, claim.source, files, seconds, claim_id=claim.claim_id)
 
 
 def _publish(run: ClaimRun, job_id: str, folder: Path, config: Config) -> list[str] | None:
