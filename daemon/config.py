@@ -118,6 +118,35 @@ class LimitsConfig(_Strict):
     """Runs of one claim that may end in a crash of the daemon before it goes to failed/ (`crashed`)."""
 
 
+HOOK_FIELDS = ("manifest", "job_id", "claim_id", "source", "outbox", "report", "event")
+"""What a hook's arguments may name in braces (`{manifest}`), and its environment gets as DIFFUSIOND_<NAME>."""
+
+
+class HooksConfig(_Strict):
+    """Commands run after a job ends (daemon/hooks.py): argv lists, run without a shell."""
+
+    on_done: list[str] = []
+    """Run after each job's manifest is in the outbox."""
+    on_failed: list[str] = []
+    """Run after a failed or rejected file's inputs and report are in failed/."""
+    timeout_s: float = Field(60.0, gt=0)
+    """A hook still running after this long is killed (with everything it started)."""
+
+    @field_validator("on_done", "on_failed")
+    @classmethod
+    def _placeholders(cls, argv: list[str]) -> list[str]:
+        blank = dict.fromkeys(HOOK_FIELDS, "")
+        for argument in argv:
+            try:
+                argument.format_map(blank)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(
+                    f"hook argument {argument!r}: {exc!s} is not one of {{{'}, {'.join(HOOK_FIELDS)}}} "
+                    "(write {{ and }} for literal braces)"
+                ) from None
+        return argv
+
+
 class Config(_Strict):
     """The whole config file, validated: README "The config" lists the fields.
 
@@ -156,6 +185,7 @@ class Config(_Strict):
     metadata: MetadataConfig = MetadataConfig()
     watch: Watch = Watch()
     on_success: Literal["archive", "delete"] = "archive"
+    hooks: HooksConfig = HooksConfig()
     outbox_failures: bool = False
     """Also write `outbox/<job_id>.failed.json` for a failed or rejected job: one folder says done or failed."""
     job_stall_s: float = Field(600.0, gt=0)

@@ -26,6 +26,7 @@ from diffusiond.daemon import lifecycle
 from diffusiond.daemon.claim import Claim, claim, load_jobs
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.fsutil import is_disk_full
+from diffusiond.daemon.hooks import Hooks, hook_for
 from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
 from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.lifecycle import Ending
@@ -101,6 +102,8 @@ class Daemon:
         self.notifier = Notifier()
         self.board = StatusBoard(config.state)
         """status.json and events.jsonl in the state dir, for `diffusiond status` and other tools."""
+        self.hooks = Hooks(on_failure=self.board.hook_failed)
+        self.board.listener = self._on_job_end
         self._worker: Worker | None = None
         self.rejected = 0
         """Claims failed at validation, before they reached the worker."""
@@ -184,11 +187,18 @@ class Daemon:
             self._release_queued()
             self.claims.put(None)
             worker.join()
+            self.hooks.close()  # the last jobs' hooks, each within its timeout
         log.info("stopped: %d claims finished, %d failed", worker.finished, worker.failed + self.rejected)
         self.notifier.close()
         self.board.state(DaemonState.STOPPED)
         self.board.flush()
         return 0
+
+    def _on_job_end(self, event: dict[str, object]) -> None:
+        """A job done or a file failed (from the board, on the thread that ended it): its hook, if any."""
+        run = hook_for(event, self.config)
+        if run is not None:
+            self.hooks.submit(run)
 
     def _on_reload_signal(self, _signum: int, _frame: object) -> None:
         self._reload_asked = reload_clock()

@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -121,6 +121,8 @@ class StatusBoard:
         self._dirty = False
         self._last_progress_event: dict[str, float] = {}
         self._warned = False
+        self.listener: Callable[[dict[str, Any]], None] | None = None
+        """Called with each `done` and `failed` event, outside the lock (the daemon's hooks and webhooks)."""
         pid = os.getpid()
         self._status: dict[str, Any] = {
             "pid": pid,
@@ -134,7 +136,7 @@ class StatusBoard:
             "running": [],
             "last_results": deque(maxlen=keep),
             "last_failures": deque(maxlen=keep),
-            "counters": {"claimed": 0, "started": 0, "done": 0, "failed": 0, "images": 0},
+            "counters": {"claimed": 0, "started": 0, "done": 0, "failed": 0, "images": 0, "hooks_failed": 0},
             "reload": None,
         }
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -219,8 +221,9 @@ class StatusBoard:
             counters["done"] += 1
             counters["images"] += len(outputs)
             self._status["last_results"].append({"time": timestamp(), **result})
-            self._event("done", **result)
+            event = self._event("done", **result)
             self._changed()
+        self._tell(event)
 
     def failed(
         self,
@@ -238,7 +241,14 @@ class StatusBoard:
             self._finish(job_id=job_id, source=source)
             self._status["counters"]["failed"] += 1
             self._status["last_failures"].append({"time": timestamp(), **failure})
-            self._event("failed", **failure)
+            event = self._event("failed", **failure)
+            self._changed()
+        self._tell(event)
+
+    def hook_failed(self) -> None:
+        """A hook exited non-zero, timed out or did not start (daemon/hooks.py logs which)."""
+        with self._lock:
+            self._status["counters"]["hooks_failed"] += 1
             self._changed()
 
     def set_aside(self, source: str, ending: str, reason: str, claim_id: str | None = None) -> None:
@@ -297,9 +307,18 @@ class StatusBoard:
             lambda: atomic_write(self.status_path, self._render().encode(errors="backslashreplace"), durable=False)
         )
 
-    def _event(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"time": timestamp(), "event": event, **fields}, ensure_ascii=False) + "\n"
+    def _event(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = {"time": timestamp(), "event": event, **fields}
+        line = json.dumps(record, ensure_ascii=False) + "\n"
         self._guard(lambda: self._append(line.encode(errors="backslashreplace")))
+        return record
+
+    def _tell(self, event: dict[str, Any]) -> None:
+        if self.listener is not None:
+            try:
+                self.listener(event)
+            except Exception:  # a listener's bug never stops a job's end
+                log.exception("internal error passing on the %s event", event.get("event"))
 
     def _append(self, data: bytes) -> None:
         path = self.events_path
