@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import secrets
 import sys
@@ -14,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from diffusiond import __version__
+from diffusiond.daemon import registry
 from diffusiond.daemon.config import Config, load_config
 from diffusiond.daemon.fsutil import atomic_write
 from diffusiond.daemon.journal import setup_logging
 from diffusiond.daemon.pairing import resolve_image
+from diffusiond.daemon.status import EventTail
 from diffusiond.pipeline.errors import DiffusiondError
-from diffusiond.pipeline.job import IMAGE_SUFFIXES, Spec, UpscaleJob, read_job_file
+from diffusiond.pipeline.job import IMAGE_SUFFIXES, Rules, Spec, UpscaleJob, read_job_file
 
 if TYPE_CHECKING:
     from diffusiond.daemon.service import GeneratorFactory
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     submit.add_argument("job", type=Path)
     submit.add_argument("--wait", action="store_true", help="wait for the results and print their paths")
     submit.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits (default 600)")
+    submit.add_argument("--json", action="store_true", help="print the outcome as JSON on stdout (paths, status)")
 
     validate = commands.add_parser("validate", help="check job files against the config without running them")
     _config_args(validate)
@@ -196,23 +200,31 @@ def _beside(job_path: Path) -> Callable[[str], bool]:
     return lambda relative: (job_path.parent / relative).is_file()
 
 
-def _read_job(path: Path, config: Config) -> list[Spec]:
+def _read_job(path: Path, config: Config, rules: Rules | None = None) -> list[Spec]:
     """A job file outside the inbox, read as if dropped in the inbox root (image paths are relative to it).
 
     A link the user names is followed (only the inbox refuses links).
     """
     try:
-        return read_job_file(path.resolve(), label=path.name, rules=config.rules())
+        return read_job_file(path.resolve(), label=path.name, rules=rules or config.rules())
     except DiffusiondError as exc:
         exc.path = str(path)  # the user named it by this path, not by its name in an inbox
         raise
 
 
+EXIT_NO_DAEMON = 4
+"""`submit --wait`: no daemon runs on the spool (from its registry, at once: not after the timeout)."""
+
+
 def _submit(args: argparse.Namespace) -> int:
+    """Exit 0 done (dropped, without --wait), 1 failed, 2 usage or a wrong job, 3 timed out, 4 no daemon."""
     config = _load(args)
+    live = registry.live_daemons(config.spool)
     job_path: Path = args.job
-    specs = _read_job(job_path, config)
+    specs = _read_job(job_path, config, _submit_rules(config, live))
     inbox = config.inbox
+    if args.wait and not live:
+        return _answer(args, EXIT_NO_DAEMON, {"status": "no_daemon"}, _no_daemon(config) + "; nothing submitted")
     stem = job_path.stem
     if args.wait or any((inbox / f"{stem}{s}").exists() for s in (".yaml", ".yml", *IMAGE_SUFFIXES)):
         stem = f"{stem}-{secrets.token_hex(3)}"  # a name of our own, so --wait finds our results only
@@ -231,37 +243,118 @@ def _submit(args: argparse.Namespace) -> int:
         atomic_write(target, source.read_bytes())
     dropped = inbox / f"{stem}{job_path.suffix}"
     atomic_write(dropped, job_path.read_bytes())
-    print(f"submitted {dropped}")
+    print(f"submitted {dropped}", file=sys.stderr if args.json else sys.stdout)
+    if not live:
+        print(f"diffusiond: note: {_no_daemon(config)}: the job waits in the inbox", file=sys.stderr)
     if not args.wait:
-        return 0
-    return _wait(config, dropped.name, len(specs), args.timeout)
+        return _answer(args, 0, {"status": "submitted", "job_file": str(dropped)})
+    return _wait(args, config, dropped.name, len(specs), live)
 
 
-def _wait(config: Config, name: str, jobs: int, timeout_s: float) -> int:
-    """Wait for all manifests of the dropped file, or its error report."""
+def _submit_rules(config: Config, live: list[dict[str, Any]]) -> Rules:
+    """The config's rules when it names models; else a running daemon's (from the spool); else no model checks."""
+    if config.models or not live:
+        rules = config.rules()
+        return rules if config.models else dataclasses.replace(rules, check_models=False)
+    return registry.rules_of(live[0])
+
+
+def _no_daemon(config: Config) -> str:
+    return f"no daemon is running on {config.spool} (none announced in {config.spool / registry.FOLDER})"
+
+
+def _wait(args: argparse.Namespace, config: Config, name: str, jobs: int, live: list[dict[str, Any]]) -> int:
+    """Wait for all manifests of the dropped file, or its error report; progress on stderr from the events."""
     stem = Path(name).stem
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + args.timeout
+    events = EventTail([Path(str(entry["state_dir"])) for entry in live if entry.get("state_dir")])
+    progress = _Progress(name)
+    next_check = time.monotonic() + 1.0
     while time.monotonic() < deadline:
+        for event in events.new():
+            progress.see(event)
         records = [m for m in _read_all(config.outbox.glob(f"{stem}-*.json"), json.loads) if m.get("source") == name]
-        manifests = [m for m in records if m.get("status") != "failed"]  # not `<job_id>.failed.json`
+        manifests = sorted((m for m in records if m.get("status") != "failed"), key=lambda m: m.get("index", 0))
         reports = [
             r
             for r in _read_all(config.folder("failed").glob(f"{stem}*.error.yaml"), yaml.safe_load)
             if name in r.get("inputs", [])
         ]
-        if reports:
-            for manifest in manifests:
-                _print_outputs(config, manifest)
+        if reports or len(manifests) >= jobs:
+            progress.end()
+            result = _result(config, manifests)
+            if not reports:
+                return _answer(args, 0, {"status": "done", "source": name, **result}, lines=result["files"])
             report = reports[0]
-            print(f"failed: {report.get('error')}\nfix: {report.get('fix', '')}", file=sys.stderr)
-            return 1
-        if len(manifests) >= jobs:
-            for manifest in sorted(manifests, key=lambda m: m["index"]):
-                _print_outputs(config, manifest)
-            return 0
-        time.sleep(0.2)
-    print(f"diffusiond: no result for {name} after {timeout_s:g} s (is the daemon running?)", file=sys.stderr)
-    return 3
+            failure = {k: report.get(k) for k in ("code", "error", "field", "fix")}
+            report_path = str(config.folder("failed") / f"{Path(report['inputs'][0]).stem}.error.yaml")
+            message = f"failed: {report.get('error')}\nfix: {report.get('fix', '')}"
+            body = {"status": "failed", "source": name, **failure, "report": report_path, **result}
+            return _answer(args, 1, body, message, lines=result["files"])
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + 1.0
+            if not registry.live_daemons(config.spool):
+                progress.end()
+                return _answer(args, EXIT_NO_DAEMON, {"status": "no_daemon", "source": name}, _no_daemon(config))
+        time.sleep(0.1)
+    progress.end()
+    message = f"no result for {name} after {args.timeout:g} s (is the daemon running?)"
+    return _answer(args, 3, {"status": "timeout", "source": name}, message)
+
+
+def _result(config: Config, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """The jobs' paths: `manifests`, `outputs`, and `files` (each job's images, then its manifest) to print."""
+    outputs: list[str] = []
+    files: list[str] = []
+    for manifest in manifests:
+        images = [str(config.outbox / output["file"]) for output in manifest.get("outputs", [])]
+        outputs += images
+        files += [*images, str(config.outbox / f"{manifest['job_id']}.json")]
+    paths = [str(config.outbox / f"{m['job_id']}.json") for m in manifests]
+    return {"manifests": paths, "outputs": outputs, "files": files}
+
+
+def _answer(
+    args: argparse.Namespace, code: int, body: dict[str, Any], message: str = "", lines: list[str] | None = None
+) -> int:
+    """The end of `submit`: JSON on stdout with --json, else the paths on stdout; why, on stderr."""
+    if args.json:
+        print(json.dumps({k: v for k, v in body.items() if k != "files"}, indent=1, ensure_ascii=False))
+    else:
+        for line in lines or []:
+            print(line)
+    if message:
+        print(f"diffusiond: {message}" if not message.startswith("failed:") else message, file=sys.stderr)
+    return code
+
+
+class _Progress:
+    """`submit --wait`'s progress on stderr: a bar on a terminal, `step k/n` lines otherwise."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.claims: set[str] = set()
+        self.tty = sys.stderr.isatty()
+        self.drawn = False
+
+    def see(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "claimed" and event.get("source") == self.source:
+            self.claims.add(str(event.get("claim_id")))
+        if event.get("event") != "progress" or event.get("claim_id") not in self.claims:
+            return
+        step, steps, job = int(event.get("step", 0)), max(int(event.get("steps", 1)), 1), event.get("job_id")
+        if self.tty:
+            filled = round(30 * step / steps)
+            sys.stderr.write(f"\r{job} [{'#' * filled}{'.' * (30 - filled)}] {step}/{steps}")
+            sys.stderr.flush()
+            self.drawn = True
+        else:
+            print(f"step {step}/{steps} {job}", file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\n")
+            self.drawn = False
 
 
 def _read_all(paths: Any, parse: Any) -> list[dict[str, Any]]:
@@ -272,12 +365,6 @@ def _read_all(paths: Any, parse: Any) -> list[dict[str, Any]]:
         except (OSError, ValueError, yaml.YAMLError):
             continue
     return [item for item in out if isinstance(item, dict)]
-
-
-def _print_outputs(config: Config, manifest: dict[str, Any]) -> None:
-    for output in manifest["outputs"]:
-        print(config.outbox / output["file"])
-    print(config.outbox / f"{manifest['job_id']}.json")
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from diffusiond.daemon import lifecycle
+from diffusiond.daemon import lifecycle, registry
 from diffusiond.daemon.claim import Claim, claim, load_jobs
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.fsutil import is_disk_full
@@ -176,6 +176,7 @@ class Daemon:
         self.ready.set()
         self.notifier.ready(self._status(worker))
         self.board.state(DaemonState.READY)
+        registry.announce(config)
         try:
             # 3. Loop: events → settle → pair → claim, while the worker has room.
             self._loop(watcher, worker)
@@ -183,11 +184,13 @@ class Daemon:
             # 4. Teardown: no more claims, queued ones back to the inbox, the running one finishes.
             self.notifier.stopping("stopping: finishing the running job, putting queued ones back")
             self.board.state(DaemonState.STOPPING)
+            registry.announce(self.config, state="stopping")
             watcher.stop()
             self._release_queued()
             self.claims.put(None)
             worker.join()
             self.hooks.close()  # the last jobs' hooks, each within its timeout
+            registry.withdraw(self.config)
         log.info("stopped: %d claims finished, %d failed", worker.finished, worker.failed + self.rejected)
         self.notifier.close()
         self.board.state(DaemonState.STOPPED)
@@ -237,6 +240,7 @@ class Daemon:
         self._prefetch = max(new.prefetch, new.batch_size)
         if self.generator is not None:
             self.generator.reconfigure(new.model_entries(), memory=new.memory, max_loaded=new.max_loaded_models)
+        registry.announce(new)
         log.info("config reloaded")
         self.notifier.ready(self._status(worker))
         self.board.state(DaemonState.READY)
@@ -272,6 +276,7 @@ class Daemon:
         tracker = SettleTracker(self.config.watch.settle_s)
         pairing = Pairing.for_config(self.config)
         next_scan = next_ping = 0.0
+        next_beat = time.monotonic() + registry.HEARTBEAT_S
         last_status, last_status_s = "", 0.0
         watchdog_s = _watchdog_interval_s()
         while not self.stop.is_set():
@@ -296,6 +301,9 @@ class Daemon:
                 next_scan = now + config.watch.rescan_interval_s
             if self.claims.qsize() < self._prefetch:
                 self._claim_ready(tracker, pairing, now)
+            if now >= next_beat:
+                registry.announce(config)
+                next_beat = now + registry.HEARTBEAT_S
             if watchdog_s and now >= next_ping:
                 # Ping only while the service really works: a hung job or a dead watcher stops the pings.
                 problem = _health_problem(config, watcher, worker, now)

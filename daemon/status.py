@@ -39,6 +39,7 @@ __all__ = [
     "STATES",
     "STATUS_FILE",
     "DaemonState",
+    "EventTail",
     "ReloadOutcome",
     "StatusBoard",
     "ask_reload",
@@ -470,13 +471,17 @@ def _read_status(path: Path) -> dict[str, Any] | None:
 
 
 def _alive(pid: int) -> bool:
+    """The process exists and has not exited (a zombie whose parent has not reaped it yet has)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, owned by another user (the daemon's own account)
         pass
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc to tell: it exists
 
 
 def _not_ready(path: Path, status: dict[str, Any] | None, pid: int | None) -> str:
@@ -532,6 +537,40 @@ def read_events(state_dir: Path, *, follow: bool = False, poll_s: float = 0.2) -
                 file, partial = path.open("rb"), b""
     finally:
         file.close()
+
+
+class EventTail:
+    """New events in some state dirs' events.jsonl, without waiting: `new()` returns what came since the
+    last call (from the end of each file at the start). For `submit --wait`'s progress; a file that
+    is not there or cannot be read gives nothing."""
+
+    def __init__(self, state_dirs: list[Path]) -> None:
+        self._files: list[tuple[Path, Any]] = []
+        for state_dir in state_dirs:
+            path = state_dir / EVENTS_FILE
+            try:
+                file = path.open("rb")
+            except OSError:
+                continue
+            file.seek(0, os.SEEK_END)
+            self._files.append((path, file))
+        self._partial: dict[Path, bytes] = {}
+
+    def new(self) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        for path, file in self._files:
+            data = self._partial.pop(path, b"") + file.read()
+            *lines, rest = data.split(b"\n")
+            if rest:
+                self._partial[path] = rest
+            for line in lines:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict):
+                    events.append(event)
+        return events
 
 
 def event_matches(event: dict[str, Any], job: str) -> bool:

@@ -431,6 +431,8 @@ class Rules:
     """Per model, the side in pixels it was trained at: txt2img's size when the job gives none."""
     watermark_required: bool = False
     """The config demands the invisible watermark: a job may not turn it off."""
+    check_models: bool = True
+    """False where the daemon's models are not known (`submit --spool` with no daemon announced): left to it."""
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> Spec:
@@ -823,7 +825,7 @@ def _check_limits(spec: Spec, rules: Rules) -> None:
 
 
 def _check_model(spec: Spec, rules: Rules) -> None:
-    if not spec.uses_model:
+    if not spec.uses_model or not rules.check_models:
         return
     fitting = sorted(n for n, kind in rules.models.items() if spec.task in TASKS_BY_KIND[kind])
     if spec.model is None:

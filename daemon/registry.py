@@ -1,0 +1,102 @@
+"""The spool's daemon registry: `<spool>/.daemons/<instance>.json`, one file per running daemon.
+
+A tool that has only the spool (a producer on a share, `diffusiond submit --spool DIR`) has not the
+daemon's config: this is what the daemons tell it. Each daemon writes its entry when it is ready
+(its instance, host, pid, state dir, and the rules its jobs are validated against: models and
+their families, defaults, limits), rewrites it as a heartbeat every `HEARTBEAT_S`, and removes it
+when it stops in order. An entry is alive when its pid runs on this host (and is the same process),
+or, written on another host, when its heartbeat is fresher than `STALE_AFTER_S`. A killed daemon's
+entry stays until the next start of that instance replaces it; readers skip it as not alive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from diffusiond import __version__
+from diffusiond.daemon.config import Config
+from diffusiond.daemon.fsutil import atomic_write
+from diffusiond.daemon.status import is_running, process_start
+from diffusiond.pipeline.families import ModelKind
+from diffusiond.pipeline.job import Limits, Rules
+
+log = logging.getLogger(__name__)
+FOLDER = ".daemons"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 3 * HEARTBEAT_S
+
+
+def entry_path(config: Config) -> Path:
+    return config.spool / FOLDER / f"{config.instance}.json"
+
+
+def announce(config: Config, state: str = "ready") -> None:
+    """Write (or refresh) this daemon's entry; a failure is logged, never raised (a read-only spool root)."""
+    rules = config.rules()
+    entry = {
+        "schema": 1,
+        "diffusiond": __version__,
+        "instance": config.instance,
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "pid_start": process_start(os.getpid()),
+        "state": state,
+        "state_dir": str(config.state),
+        "heartbeat": time.time(),
+        "heartbeat_s": HEARTBEAT_S,
+        "models": {name: str(kind) for name, kind in rules.models.items()},
+        "defaults": rules.defaults,
+        "model_defaults": rules.model_defaults,
+        "native_sizes": rules.native_sizes,
+        "limits": vars(rules.limits),
+        "watermark_required": rules.watermark_required,
+    }
+    try:
+        (config.spool / FOLDER).mkdir(exist_ok=True)
+        atomic_write(entry_path(config), json.dumps(entry, indent=1, default=str).encode(), durable=False)
+    except OSError as exc:
+        log.warning("cannot write %s: %s; `submit --spool` will not see this daemon", entry_path(config), exc)
+
+
+def withdraw(config: Config) -> None:
+    try:
+        entry_path(config).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", entry_path(config), exc)
+
+
+def live_daemons(spool: Path) -> list[dict[str, Any]]:
+    """The entries of the daemons running on `spool` now, freshest heartbeat first."""
+    entries: list[dict[str, Any]] = []
+    for path in sorted((spool / FOLDER).glob("*.json")) if (spool / FOLDER).is_dir() else []:
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(entry, dict) and _alive(entry):
+            entries.append(entry)
+    return sorted(entries, key=lambda e: -float(e.get("heartbeat", 0)))
+
+
+def _alive(entry: dict[str, Any]) -> bool:
+    if entry.get("host") == platform.node():
+        return is_running(entry)
+    return time.time() - float(entry.get("heartbeat", 0)) < STALE_AFTER_S
+
+
+def rules_of(entry: dict[str, Any]) -> Rules:
+    """The validation rules a daemon announced: `submit` checks a job as that daemon will."""
+    return Rules(
+        models={name: ModelKind(kind) for name, kind in entry.get("models", {}).items()},
+        defaults=entry.get("defaults", {}),
+        limits=Limits(**entry.get("limits", {})),
+        model_defaults=entry.get("model_defaults", {}),
+        native_sizes=entry.get("native_sizes", {}),
+        watermark_required=bool(entry.get("watermark_required")),
+    )
