@@ -147,6 +147,27 @@ class HooksConfig(_Strict):
         return argv
 
 
+class WebhookConfig(_Strict):
+    """One receiver of job events (daemon/webhooks.py): CloudEvents 1.0 POSTed, signed, at least once."""
+
+    url: str
+    """http:// or https://; the daemon sends only to the URLs named here."""
+    secret: str | None = None
+    """HMAC-SHA256 key for the `X-Diffusiond-Signature: sha256=<hex>` header (or `secret_file`)."""
+    secret_file: Path | None = None
+    """A file holding the secret (kept out of the config), relative to the config file."""
+    events: list[Literal["done", "failed"]] = ["done", "failed"]
+    timeout_s: float = Field(10.0, gt=0)
+    """Per attempt; a receiver slower than this is tried again later."""
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"a webhook url must start with http:// or https://, got {value!r}")
+        return value
+
+
 class Config(_Strict):
     """The whole config file, validated: README "The config" lists the fields.
 
@@ -186,6 +207,8 @@ class Config(_Strict):
     watch: Watch = Watch()
     on_success: Literal["archive", "delete"] = "archive"
     hooks: HooksConfig = HooksConfig()
+    notify: list[WebhookConfig] = []
+    """Webhooks: where to POST a CloudEvent for each job done or failed (off when empty)."""
     outbox_failures: bool = False
     """Also write `outbox/<job_id>.failed.json` for a failed or rejected job: one folder says done or failed."""
     job_stall_s: float = Field(600.0, gt=0)
@@ -371,6 +394,19 @@ def load_config(
     for spec in config.models.values():
         spec.path = _clean(base / spec.path)
         spec.config = _clean(base / spec.config) if spec.config else None
+    for index, hook in enumerate(config.notify):
+        if hook.secret_file is not None:
+            hook.secret_file = _clean(base / hook.secret_file)
+            try:
+                hook.secret = hook.secret_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"notify[{index}].secret_file {hook.secret_file}: {exc.strerror}",
+                    path=str(path) if path else None,
+                    field=f"notify.{index}.secret_file",
+                    value=str(hook.secret_file),
+                    fix="point it at a readable file that holds the secret",
+                ) from exc
     if config.metadata.c2pa is not None:
         settings = config.metadata.c2pa
         settings.cert_chain, settings.private_key = (

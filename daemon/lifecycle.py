@@ -128,7 +128,9 @@ def end_claim(
         verb = "rejected" if ending is Ending.REJECTED else "failed"
         log.warning("%s %s: %s (report: %s)", verb, claim.source, error, report, extra=fields)
         if board is not None:
-            board.failed(claim.source, str(error.code), str(error), str(report), claim_id=claim.claim_id)
+            board.failed(
+                claim.source, str(error.code), str(error), str(report), claim_id=claim.claim_id, attempt=claim.attempt
+            )
     return ending
 
 
@@ -442,7 +444,9 @@ def finish_recorded(claim: Claim, config: Config, board: StatusBoard | None = No
     log.info("finishing the %s ending of %s, which was interrupted", ending, claim.source)
     report = _finish(claim, config, ending, error, tuple(recorded.get("done", ())), errors)
     if board is not None and error is not None:
-        board.failed(claim.source, str(error.code), str(error), str(report), claim_id=claim.claim_id)
+        board.failed(
+            claim.source, str(error.code), str(error), str(report), claim_id=claim.claim_id, attempt=claim.attempt
+        )
     return ending
 
 

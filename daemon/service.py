@@ -34,6 +34,7 @@ from diffusiond.daemon.pairing import Pairing, file_stamp
 from diffusiond.daemon.status import DaemonState, StatusBoard, reload_clock
 from diffusiond.daemon.systemd import Notifier
 from diffusiond.daemon.threads import name_os_thread
+from diffusiond.daemon.webhooks import Webhooks
 from diffusiond.daemon.worker import Worker
 from diffusiond.daemon.worklock import lock_work_folder
 from diffusiond.pipeline.backend import Generator
@@ -103,6 +104,7 @@ class Daemon:
         self.board = StatusBoard(config.state)
         """status.json and events.jsonl in the state dir, for `diffusiond status` and other tools."""
         self.hooks = Hooks(on_failure=self.board.hook_failed)
+        self.webhooks = Webhooks(config)
         self.board.listener = self._on_job_end
         self._worker: Worker | None = None
         self.rejected = 0
@@ -177,6 +179,7 @@ class Daemon:
         self.notifier.ready(self._status(worker))
         self.board.state(DaemonState.READY)
         registry.announce(config)
+        self.webhooks.start()  # what the last run left unsent, then what comes
         try:
             # 3. Loop: events → settle → pair → claim, while the worker has room.
             self._loop(watcher, worker)
@@ -190,6 +193,7 @@ class Daemon:
             self.claims.put(None)
             worker.join()
             self.hooks.close()  # the last jobs' hooks, each within its timeout
+            self.webhooks.close()  # what is unsent stays in <state>/notify/ for the next start
             registry.withdraw(self.config)
         log.info("stopped: %d claims finished, %d failed", worker.finished, worker.failed + self.rejected)
         self.notifier.close()
@@ -202,6 +206,7 @@ class Daemon:
         run = hook_for(event, self.config)
         if run is not None:
             self.hooks.submit(run)
+        self.webhooks.event(event)
 
     def _on_reload_signal(self, _signum: int, _frame: object) -> None:
         self._reload_asked = reload_clock()
@@ -236,7 +241,7 @@ class Daemon:
             self.board.state(DaemonState.READY)
             self.board.reloaded(asked, error=error)
             return False
-        self.config = worker.config = new
+        self.config = worker.config = self.webhooks.config = new
         self._prefetch = max(new.prefetch, new.batch_size)
         if self.generator is not None:
             self.generator.reconfigure(new.model_entries(), memory=new.memory, max_loaded=new.max_loaded_models)

@@ -234,9 +234,12 @@ class StatusBoard:
         report_path: str | None,
         job_id: str | None = None,
         claim_id: str | None = None,
+        attempt: int | None = None,
     ) -> None:
         """A claim rejected or failed; its events name the claim id as `job_id` (its jobs' ids start with it)."""
         failure: dict[str, Any] = {"job_id": job_id or claim_id, "claim_id": claim_id, "source": source}
+        if attempt is not None:
+            failure["attempt"] = attempt
         failure |= {"code": code, "error": error[:_TEXT_MAX], "report": report_path}
         with self._lock:
             self._finish(job_id=job_id, source=source)
