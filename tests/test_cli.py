@@ -30,7 +30,19 @@ def cli(*args: str, cwd: Path | None = None, timeout: float = 2 * CEILING_S) -> 
 
 
 def test_help_for_every_command() -> None:
-    for command in ([], ["run"], ["submit"], ["validate"], ["inspect"], ["init"], ["make-test-model"]):
+    for command in (
+        [],
+        ["run"],
+        ["submit"],
+        ["validate"],
+        ["inspect"],
+        ["init"],
+        ["make-test-model"],
+        ["events"],
+        ["reload"],
+        ["schema"],
+        ["status"],
+    ):
         result = cli(*command, "--help")
         assert result.returncode == 0 and "usage: diffusiond" in result.stdout
 
