@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
+import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +37,7 @@ from diffusiond.daemon.fsutil import is_disk_full
 from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.lifecycle import Ending
 from diffusiond.daemon.manifest import build_manifest
-from diffusiond.daemon.outbox import discard_unpublished, is_published, publish, stage, staged
+from diffusiond.daemon.outbox import OutboxConflict, discard_unpublished, is_published, publish, stage, staged
 from diffusiond.daemon.scheduler import Pending, plan_batches
 from diffusiond.daemon.status import StatusBoard
 from diffusiond.daemon.threads import name_os_thread
@@ -339,26 +342,46 @@ def _commit(
 ) -> None:
     """Stamp one job's images, stage them with the manifest in the claim folder, then publish them."""
     claim = run.claim  # as `begin_run` saved it: its attempt goes into the manifest
-    try:
-        policy = StampPolicy(config.marks(job.spec.watermark), config.metadata_options(), config.c2pa())
-        stamped = stamp_job(job, generated, policy)
-        manifest = build_manifest(job, claim, generated, stamped)
-    except DiffusiondError as exc:
-        run.errors.append(exc)
-        return
-    try:
-        folder = stage(claim.folder, job.job_id, stamped.files, manifest.to_json())
-    except OSError as exc:
-        _write_failed(run, job.job_id, exc, config)
-        return
-    claim.trail(f"staged job {job.job_id}")
-    if _publish(run, job.job_id, folder, config) is not None:
+    for tries in itertools.count(1):
+        try:
+            policy = StampPolicy(config.marks(job.spec.watermark), config.metadata_options(), config.c2pa())
+            stamped = stamp_job(job, generated, policy, taken=lambda name: os.path.lexists(config.outbox / name))
+            manifest = build_manifest(job, claim, generated, stamped)
+        except DiffusiondError as exc:
+            run.errors.append(exc)
+            return
+        try:
+            folder = stage(claim.folder, job.job_id, stamped.files, manifest.to_json())
+        except OSError as exc:
+            _write_failed(run, job.job_id, exc, config)
+            return
+        claim.trail(f"staged job {job.job_id}")
+        published = _publish(run, job.job_id, folder, config)
+        # A name of `output.name` taken by another daemon since it was chosen: choose again (names
+        # by job id are unique, and a conflict there is a foreign file: that fails the job).
+        if published is None and job.spec.output.name and tries < NAME_TRIES and _lost_a_name(run):
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        break
+    if published is not None:
         files = [o.file for o in manifest.outputs]
         seconds = time.perf_counter() - started
         fields = job_fields(job_id=job.job_id, job_file=claim.source, task=job.task, model=job.spec.model)
         log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, seconds, ", ".join(files), extra=fields)
         if board is not None:
             board.done(job.job_id, claim.source, files, seconds, claim_id=claim.claim_id)
+
+
+NAME_TRIES = 5
+"""Stagings of one job whose `output.name` names another daemon took first, before it fails."""
+
+
+def _lost_a_name(run: ClaimRun) -> bool:
+    """The last publish lost a name to a file that appeared meanwhile: forget that error, to try again."""
+    if run.errors and isinstance(run.errors[-1], OutboxConflict):
+        run.errors.pop()
+        return True
+    return False
 
 
 def _publish(run: ClaimRun, job_id: str, folder: Path, config: Config) -> list[str] | None:

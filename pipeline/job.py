@@ -117,12 +117,36 @@ Size = Annotated[tuple[int, int], BeforeValidator(_parse_size, json_schema_input
 """`512x768` (width x height), `512`, or `[512, 768]`: all three in the schema editors get."""
 
 
+OUTPUT_NAME_FIELDS = ("stem", "job_id", "seed", "n", "model", "date", "task")
+"""What `output.name` may name in braces: the job file's stem, the job id, the image's seed and
+number (1-based), the model's config name, the date (YYYYMMDD) and the task."""
+
+
 class OutputSpec(BaseModel):
-    """How the images are encoded."""
+    """How the images are encoded and named."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
     format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(95, ge=1, le=100)
+    name: str | None = Field(None, max_length=120)
+    """A name for each image, without extension, e.g. `{stem}-{seed}-{n}`; fields: stem, job_id, seed,
+    n, model, date, task. Default `{job_id}-{n}`. A name taken in the outbox gets `-2`, `-3`, ...: never replaced."""
+
+    @field_validator("name")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        sample = dict.fromkeys(OUTPUT_NAME_FIELDS, "x")
+        try:
+            formatted = value.format_map(sample)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"{exc!s} is not a field of output.name; fields: {{{'}, {'.join(OUTPUT_NAME_FIELDS)}}}"
+            ) from None
+        if not formatted.strip() or formatted.startswith(".") or any(c in formatted for c in "/\\\0"):
+            raise ValueError("output.name must make a plain file name: not empty, no / or \\, not starting with .")
+        return value
 
 
 # The marks' limits are owned here, not by pipeline/watermark.py (which imports them): validation

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,7 +175,36 @@ class StampedJob:
 
 
 def output_name(job: Job, number: int) -> str:
+    """The default name of image `number`: `<job_id>-<n>.<ext>` (what the previous versions wrote)."""
     return f"{job.job_id}-{number}{SUFFIXES[job.spec.output.format]}"
+
+
+def chosen_name(job: Job, number: int, seed: int, taken: Callable[[str], bool]) -> str:
+    """Image `number`'s name from the job's `output.name` (or the default), the first not `taken`.
+
+    `taken` says whether a name is in use (in the outbox, or by an earlier image of this job):
+    a second run of `{stem}-{seed}-{n}` gets `-2`, `-3`, ... before the extension.
+    """
+    suffix = SUFFIXES[job.spec.output.format]
+    template = job.spec.output.name
+    if template is None:
+        return output_name(job, number)
+    values = {
+        "stem": Path(job.source).stem,
+        "job_id": job.job_id,
+        "seed": seed,
+        "n": number,
+        "model": job.spec.model or "none",
+        "date": time.strftime("%Y%m%d"),
+        "task": str(job.spec.task),
+    }
+    base = template.format_map(values).replace("/", "_").replace("\\", "_").lstrip(".") or job.job_id
+    name = f"{base}{suffix}"
+    extra = 2
+    while taken(name):
+        name = f"{base}-{extra}{suffix}"
+        extra += 1
+    return name
 
 
 def job_record(job: Job) -> dict[str, Any]:
@@ -183,9 +212,15 @@ def job_record(job: Job) -> dict[str, Any]:
     return {"job_id": job.job_id, "source": job.source, "index": job.index, "job": job.spec.model_dump(mode="json")}
 
 
-def stamp_job(job: Job, generated: Generated, policy: StampPolicy) -> StampedJob:
-    """Stamp every image of `job` in memory (infotext, marks, metadata, sidecars): a failure writes nothing."""
+def stamp_job(
+    job: Job, generated: Generated, policy: StampPolicy, taken: Callable[[str], bool] = lambda _name: False
+) -> StampedJob:
+    """Stamp every image of `job` in memory (infotext, marks, metadata, sidecars): a failure writes nothing.
+
+    `taken` (a name in use in the outbox) is asked only for a job with `output.name`.
+    """
     started = time.perf_counter()
+    chosen: set[str] = set()
     spec, record = job.spec, job_record(job)
     files: list[tuple[str, bytes]] = []
     outputs: list[OutputRecord] = []
@@ -210,7 +245,8 @@ def stamp_job(job: Job, generated: Generated, policy: StampPolicy) -> StampedJob
                 options=policy.options,
                 c2pa=policy.c2pa,
             )
-            name = output_name(job, number)
+            name = chosen_name(job, number, seed, lambda n: n in chosen or taken(n))
+            chosen.add(name)
             files.append((name, stamped.data))
             files += sidecar_files(name, parameters=parameters, record=image_record, options=policy.options)
             digest = hashlib.sha256(stamped.data).hexdigest()
