@@ -37,8 +37,10 @@ from diffusiond.daemon.faults import fault_point
 from diffusiond.daemon.fsutil import atomic_write, fsync_dir, rename_checked
 from diffusiond.daemon.pairing import Intent, Parsed, file_stamp, job_file_reader, profile_of, resolve_image
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobRejected, job_context
+from diffusiond.pipeline.hashing import model_hash
 from diffusiond.pipeline.inputs import probe_image
 from diffusiond.pipeline.job import InputImage, Job, Spec, fill_seed, spec_from_dict, validate_job
+from diffusiond.pipeline.reproduce import job_from_image
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +294,14 @@ def _validate(claim: Claim, config: Config, parsed: Parsed | None) -> list[Spec]
         return parsed.result()  # the same file, renamed: same size, time and inode
     rules = config.rules()
     profile_name = profile_of(claim.source)
+    if claim.bare_image and profile_name is not None and profile_name == config.reproduce:
+        job = job_from_image(
+            claim.inputs / claim.source,
+            label=claim.source,
+            models=config.models,
+            model_hashes=lambda: {n: model_hash(e, config.state) for n, e in config.model_entries().items()},
+        )
+        return [validate_job(job, path=claim.source, index=1, rules=rules)]
     if claim.bare_image:
         template = config.profiles.get(profile_name) if profile_name else config.sketch_job
         name = Path(claim.source).name

@@ -198,6 +198,8 @@ class Config(_Strict):
     defaults: dict[str, dict[str, Any]] = {}
     """Field defaults for jobs: key `all`, then one key per task."""
     profiles: dict[str, dict[str, Any]] = {}
+    reproduce: str | None = None
+    """An inbox folder (e.g. `reproduce`): an image dropped there runs again with the parameters it carries."""
     """Hot folders: an image dropped in `inbox/<name>/` runs this job."""
     sketch_job: dict[str, Any] | None = None
     """The job for a bare image in the inbox root; None sends such images to failed/."""
@@ -335,6 +337,15 @@ class Config(_Strict):
 
     def check_jobs(self) -> None:
         """Validate the profiles and sketch job now, so a bad one stops the start, not a user's job."""
+        if self.reproduce is not None and (
+            self.reproduce in self.profiles or not re.fullmatch(r"[^/\\.][^/\\]*", self.reproduce)
+        ):
+            raise ConfigError(
+                f"reproduce: {self.reproduce!r} must be a folder name of its own in the inbox, not a profile's",
+                field="reproduce",
+                value=self.reproduce,
+                fix="name a folder such as `reproduce` that no profile uses",
+            )
         rules = self.rules()
         templates = {f"profiles.{n}": p for n, p in self.profiles.items()}
         if self.sketch_job is not None:

@@ -191,6 +191,8 @@ class Pairing:
     profiles: Mapping[str, Mapping[str, Any]]
     has_sketch_job: bool
     pair_wait_s: float
+    reproduce: str | None = None
+    """The config's `reproduce:` folder: a bare image there is its own job."""
     _stable_since: dict[str, float] = field(default_factory=dict, init=False)
     _parsed: ParseCache = field(init=False)
 
@@ -205,6 +207,7 @@ class Pairing:
             profiles=config.profiles,
             has_sketch_job=config.sketch_job is not None,
             pair_wait_s=config.watch.pair_wait_s,
+            reproduce=config.reproduce,
         )
 
     def decide(
@@ -296,7 +299,7 @@ class Pairing:
         profile = profile_of(image)
         if profile is None and self.has_sketch_job:
             return None
-        if profile is not None and profile in self.profiles:
+        if profile is not None and (profile in self.profiles or profile == self.reproduce):
             return None
         where = f"hot folder '{profile}' has no profile in the config" if profile else "no job file came with it"
         fix = (
