@@ -27,6 +27,7 @@ from typing import Any
 
 from diffusiond.daemon.config import HOOK_FIELDS, Config
 from diffusiond.daemon.journal import job_fields
+from diffusiond.daemon.outbox import failure_records
 from diffusiond.daemon.threads import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,10 @@ def hook_for(event: dict[str, Any], config: Config) -> HookRun | None:
     job_id = str(event.get("job_id") or "")
     if kind == "done":
         manifest = str(config.outbox / f"{job_id}.json")
-    else:  # the failure record, where there is one
-        manifest = str(config.outbox / f"{job_id}.failed.json") if config.outbox_failures else ""
+    else:  # the (first failed job's) failure record, where there is one
+        claim_id = str(event.get("claim_id") or job_id)
+        records = failure_records(config.outbox, claim_id) if config.outbox_failures else []
+        manifest = str(records[0]) if records else ""
     values = {
         "manifest": manifest,
         "job_id": job_id,

@@ -134,6 +134,13 @@ def publish_record(staged_record: Path, outbox: Path) -> None:
     fsync_dir(outbox)
 
 
+def failure_records(outbox: Path, claim_id: str) -> list[Path]:
+    """A claim's `<job_id>.failed.json` records in the outbox (its job ids are the claim id, or `<claim_id>-<n>`)."""
+    pattern = glob.escape(claim_id)
+    found = [*outbox.glob(f"{pattern}.failed.json"), *outbox.glob(f"{pattern}-*.failed.json")]
+    return sorted(found, key=lambda p: (len(p.name), p.name))
+
+
 def _place(src: Path, dest: Path) -> bool:
     """Give `src`'s file the name `dest`, never replacing another file; False if it already had it."""
     try:

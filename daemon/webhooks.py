@@ -36,6 +36,7 @@ from typing import Any
 from diffusiond import __version__
 from diffusiond.daemon.config import Config, WebhookConfig
 from diffusiond.daemon.fsutil import atomic_write
+from diffusiond.daemon.outbox import failure_records
 from diffusiond.daemon.threads import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -49,19 +50,26 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def cloud_event(event: dict[str, Any], config: Config) -> dict[str, Any] | None:
-    """The CloudEvent for a board event (`done` or `failed`), or None for other events."""
+def cloud_events(event: dict[str, Any], config: Config) -> list[dict[str, Any]]:
+    """The CloudEvents for a board event: one for a `done`; for a `failed`, one per failed job's record
+    (`outbox_failures`), else one with the failure's fields; none for other events."""
     kind = event.get("event")
-    if kind not in ("done", "failed"):
-        return None
     job_id = str(event.get("job_id") or event.get("claim_id") or "")
     fields = {k: v for k, v in event.items() if k not in ("time", "event")}
     if kind == "done":
-        data = _read_json(config.outbox / f"{job_id}.json") or fields
-    else:
-        record = _read_json(config.outbox / f"{job_id}.failed.json") if config.outbox_failures else None
-        data = record or fields
-    attempt = data.get("attempt") or event.get("attempt") or 1
+        return [_cloud_event("done", job_id, _read_json(config.outbox / f"{job_id}.json") or fields, config)]
+    if kind != "failed":
+        return []
+    claim_id = str(event.get("claim_id") or job_id)
+    records = [_read_json(p) for p in failure_records(config.outbox, claim_id)] if config.outbox_failures else []
+    found = [r for r in records if r]
+    if not found:
+        return [_cloud_event("failed", job_id, fields, config)]
+    return [_cloud_event("failed", str(r.get("job_id", job_id)), r, config) for r in found]
+
+
+def _cloud_event(kind: str, job_id: str, data: dict[str, Any], config: Config) -> dict[str, Any]:
+    attempt = data.get("attempt") or 1
     return {
         "specversion": "1.0",
         "type": f"org.diffusiond.job.{kind}",
@@ -97,17 +105,18 @@ class Webhooks:
         receivers = [hook for hook in self.config.notify if kind in hook.events]
         if not receivers:
             return
-        body = cloud_event(event, self.config)
-        if body is None:
+        bodies = cloud_events(event, self.config)
+        if not bodies:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        for hook in receivers:
-            name = f"{time.time_ns():020d}-{next(self._sequence):06d}.json"
-            pending = {"url": hook.url, "attempts": 0, "next_at": 0.0, "event": body}
-            try:
-                atomic_write(self.folder / name, json.dumps(pending, ensure_ascii=False).encode())
-            except OSError as exc:
-                log.error("cannot queue the %s webhook to %s for %s: %s", kind, hook.url, body["subject"], exc)
+        for body in bodies:
+            for hook in receivers:
+                name = f"{time.time_ns():020d}-{next(self._sequence):06d}.json"
+                pending = {"url": hook.url, "attempts": 0, "next_at": 0.0, "event": body}
+                try:
+                    atomic_write(self.folder / name, json.dumps(pending, ensure_ascii=False).encode())
+                except OSError as exc:
+                    log.error("cannot queue the %s webhook to %s for %s: %s", kind, hook.url, body["subject"], exc)
         self._ensure_thread()
         self._wake.set()
 

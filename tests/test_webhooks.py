@@ -75,26 +75,27 @@ def test_a_done_and_a_failed_job_each_arrive_as_a_signed_cloud_event(
     spool: Spool, test_models, receiver: Receiver
 ) -> None:
     notify_config(spool, test_models, receiver.port)
-    process = start_daemon_process(spool.config_path, standin={})
+    process = start_daemon_process(spool.config_path, standin={"fail": {"second": "the stand-in broke"}})
     try:
         wait_until_ready(spool.config_path, process)
         spool.drop("fine.yaml", "prompt: fine\n")
         spool.drop("typo.yaml", "promt: typo\n")
-        events = wait_for(lambda: len(receiver.events()) == 2 and receiver.events(), what="two webhooks")
+        spool.drop("three.yaml", "prompt: first\n---\nprompt: second\n---\nprompt: third\n")
+        events = wait_for(lambda: len(receiver.events()) == 5 and receiver.events(), what="five webhooks")
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(CEILING_S)
-    [manifest] = spool.manifests()
-    [failure] = spool.failures()
-    done = events[f"{manifest['job_id']}.1"]
-    assert (done["specversion"], done["type"], done["subject"]) == (
-        "1.0",
-        "org.diffusiond.job.done",
-        manifest["job_id"],
-    )
-    assert done["data"] == manifest and done["source"].endswith("/test")
-    failed = events[f"{failure['job_id']}.1"]
-    assert failed["type"] == "org.diffusiond.job.failed" and failed["data"] == failure
+    manifests = {m["job_id"]: m for m in spool.manifests()}
+    failures = {f["job_id"]: f for f in spool.failures()}
+    assert len(manifests) == 3 and len(failures) == 2
+    for job_id, manifest in manifests.items():
+        done = events[f"{job_id}.1"]
+        assert (done["specversion"], done["type"], done["subject"]) == ("1.0", "org.diffusiond.job.done", job_id)
+        assert done["data"] == manifest and done["source"].endswith("/test")
+    for job_id, failure in failures.items():  # the typo file, and job 2 of three.yaml: each its own record
+        failed = events[f"{job_id}.1"]
+        assert failed["type"] == "org.diffusiond.job.failed" and failed["data"] == failure
+    assert any(job_id.endswith("-2") for job_id in failures)
     assert not list((spool.root / "state" / "notify").glob("*.json")), "nothing left to send"
 
 
