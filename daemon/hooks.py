@@ -80,11 +80,15 @@ class Hooks:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, run: HookRun) -> None:
+    def start(self) -> None:
+        """Start the thread now (the daemon does, before it blocks its signals: hooks must not inherit that)."""
         with self._lock:
-            if self._thread is None:  # started by the first hook: a daemon without hooks has no thread
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="hooks", daemon=True)
                 self._thread.start()
+
+    def submit(self, run: HookRun) -> None:
+        self.start()  # a daemon in a thread (tests) starts it with the first hook
         self._queue.put(run)
 
     def close(self) -> None:
@@ -93,7 +97,8 @@ class Hooks:
             thread = self._thread
         if thread is not None:
             self._queue.put(None)
-            thread.join()
+            while thread.is_alive():  # timed: the main thread handles signals between waits
+                thread.join(0.5)
 
     def _serve(self) -> None:
         name_os_thread("hooks")

@@ -47,6 +47,7 @@ EXTEND_TIMEOUT_USEC = 300_000_000
 """Asked for before each preloaded model: loading a large model from a slow disk takes minutes."""
 CLAIM_WINDOW = 64
 """Stable files the pairing looks at per round, oldest first; the rest wait their turn (a flood stays cheap)."""
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 NEARLY_DONE = 0.8
 """On SIGTERM a job this far through its steps is finished rather than interrupted."""
 
@@ -163,9 +164,18 @@ class Daemon:
         watcher = InboxWatcher(config.inbox, mode=config.watch.mode, poll_interval_s=config.watch.poll_interval_s)
         # 2. Signals (only the main thread may install them; tests run the daemon in a thread).
         if threading.current_thread() is threading.main_thread():
+            # The hook and webhook threads first: the processes hooks start must not inherit the mask below.
+            self.hooks.start()
+            self.webhooks.start()
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
             signal.signal(signal.SIGHUP, self._on_reload_signal)
+            # Blocked on this thread, so the kernel hands them to another one: the handlers still run
+            # here (Python runs them on the main thread), at the next bytecode, but never by interrupting
+            # a timed wait of this thread. On Debian 12's Python 3.11.2 such an interrupted wait (the
+            # inbox queue's get with a timeout) once never returned: `systemctl stop` hung until SIGKILL.
+            # Every wait of this thread from here on has a timeout, so a handler runs within 0.5 s.
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             name_os_thread("diffusiond")  # `top` and `ps` show the daemon, not "python"
         watcher.start()
         log.info(
@@ -179,7 +189,7 @@ class Daemon:
         self.notifier.ready(self._status(worker))
         self.board.state(DaemonState.READY)
         registry.announce(config)
-        self.webhooks.start()  # what the last run left unsent, then what comes
+        self.webhooks.start()  # what the last run left unsent, then what comes (started once)
         try:
             # 3. Loop: events → settle → pair → claim, while the worker has room.
             self._loop(watcher, worker)
@@ -191,7 +201,8 @@ class Daemon:
             watcher.stop()
             self._release_queued()
             self.claims.put(None)
-            worker.join()
+            while worker.is_alive():  # timed: a second SIGTERM is handled while the running job ends
+                worker.join(0.5)
             self.hooks.close()  # the last jobs' hooks, each within its timeout
             self.webhooks.close()  # what is unsent stays in <state>/notify/ for the next start
             registry.withdraw(self.config)

@@ -98,6 +98,7 @@ class Webhooks:
         """Start sending (what a previous run left, then what comes), if there is anything to send to."""
         if self.config.notify or self._pending():
             self._ensure_thread()
+            self._wake.set()
 
     def event(self, event: dict[str, Any]) -> None:
         """A board event: queue one notification per receiver that wants it (from any thread)."""
@@ -126,7 +127,8 @@ class Webhooks:
         with self._lock:
             thread = self._thread
         if thread is not None:
-            thread.join()
+            while thread.is_alive():  # timed: the main thread handles signals between waits
+                thread.join(0.5)
 
     def _ensure_thread(self) -> None:
         with self._lock:
