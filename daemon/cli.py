@@ -93,17 +93,13 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     status = commands.add_parser(
         "status", help="what the daemon is doing; exit 0 running, 1 not running (or gone), 2 no status file"
     )
-    _config_args(status)
-    status.add_argument("--state-dir", type=Path, help="the state_dir the daemon was run with (`run --state-dir`)")
-    status.add_argument("--instance", help="the instance the daemon was run with (`run --instance`)")
+    _state_args(status)
     status.add_argument("--json", action="store_true", help="print status.json as it is")
 
     events = commands.add_parser(
         "events", help="the event stream: claimed, started, progress, done, failed, ... (from its state dir)"
     )
-    _config_args(events)
-    events.add_argument("--state-dir", type=Path, help="the state_dir the daemon was run with (`run --state-dir`)")
-    events.add_argument("--instance", help="the instance the daemon was run with (`run --instance`)")
+    _state_args(events)
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events until interrupted")
     events.add_argument("--json", action="store_true", help="one JSON object a line, as written")
     events.add_argument("--job", metavar="ID", help="only this job's (or claim's) events")
@@ -111,9 +107,7 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     reload = commands.add_parser(
         "reload", help="make the running daemon read its config again, and wait until it has (the units' ExecReload)"
     )
-    _config_args(reload)
-    reload.add_argument("--state-dir", type=Path, help="the state_dir the daemon was run with (`run --state-dir`)")
-    reload.add_argument("--instance", help="the instance the daemon was run with (`run --instance`)")
+    _state_args(reload)
     reload.add_argument("--pid", type=int, help="the daemon's pid (systemd's $MAINPID); default: status.json's")
     reload.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
 
@@ -139,6 +133,13 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="config file (default /etc/diffusiond/config.yaml if present)")
     parser.add_argument("--spool", type=Path, help="spool folder (overrides the config's `spool:`)")
+
+
+def _state_args(parser: argparse.ArgumentParser) -> None:
+    """How a command that reads a running daemon's state dir finds it (`_state_dir`)."""
+    _config_args(parser)
+    parser.add_argument("--state-dir", type=Path, help="the state_dir the daemon was run with (`run --state-dir`)")
+    parser.add_argument("--instance", help="the instance the daemon was run with (`run --instance`)")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -305,12 +306,13 @@ def _wait(args: argparse.Namespace, config: Config, name: str, jobs: int, live: 
 def _result(config: Config, manifests: list[dict[str, Any]]) -> dict[str, Any]:
     """The jobs' paths: `manifests`, `outputs`, and `files` (each job's images, then its manifest) to print."""
     outputs: list[str] = []
+    paths: list[str] = []
     files: list[str] = []
     for manifest in manifests:
         images = [str(config.outbox / output["file"]) for output in manifest.get("outputs", [])]
         outputs += images
-        files += [*images, str(config.outbox / f"{manifest['job_id']}.json")]
-    paths = [str(config.outbox / f"{m['job_id']}.json") for m in manifests]
+        paths.append(str(config.outbox / f"{manifest['job_id']}.json"))
+        files += [*images, paths[-1]]
     return {"manifests": paths, "outputs": outputs, "files": files}
 
 

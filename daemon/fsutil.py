@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
 """What `link()` reports where a filesystem has no hard links (SMB, FAT, some FUSE) or the
@@ -25,6 +27,15 @@ DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in DISK_FULL
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a file, or None when it is missing, unreadable, half-written or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:

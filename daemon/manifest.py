@@ -10,8 +10,9 @@ here, in the order it is written.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from diffusiond import __version__
 from diffusiond.daemon.claim import Claim
 from diffusiond.pipeline.backend import Generated
 from diffusiond.pipeline.errors import DiffusiondError
+from diffusiond.pipeline.hashing import file_sha256
 from diffusiond.pipeline.job import Job
 from diffusiond.pipeline.provenance import OutputRecord, StampedJob, job_record
 
@@ -196,14 +198,21 @@ def source_sha256(claim: Claim, path: Path | None = None) -> str | None:
     """The claimed job file's sha256 (read from the claim folder, or `path`); None for a bare image or a file gone."""
     if claim.bare_image:
         return None
-    digest = hashlib.sha256()
+    path = path or claim.inputs / claim.source
     try:
-        with (path or claim.inputs / claim.source).open("rb") as file:
-            for block in iter(lambda: file.read(1 << 16), b""):
-                digest.update(block)
+        found = os.stat(path)
     except OSError:
         return None
-    return digest.hexdigest()
+    return _hashed(path, (found.st_ino, found.st_size, found.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _hashed(path: Path, stamp: tuple[int, int, int]) -> str | None:
+    """Once per file version: every job of a file of many jobs asks for the same hash."""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
 
 
 def _is_json(value: Any) -> bool:

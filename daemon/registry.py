@@ -21,7 +21,7 @@ from typing import Any
 
 from diffusiond import __version__
 from diffusiond.daemon.config import Config
-from diffusiond.daemon.fsutil import atomic_write
+from diffusiond.daemon.fsutil import atomic_write, read_json_object
 from diffusiond.daemon.status import is_running, process_start
 from diffusiond.pipeline.families import ModelKind
 from diffusiond.pipeline.job import Limits, Rules
@@ -75,11 +75,8 @@ def live_daemons(spool: Path) -> list[dict[str, Any]]:
     """The entries of the daemons running on `spool` now, freshest heartbeat first."""
     entries: list[dict[str, Any]] = []
     for path in sorted((spool / FOLDER).glob("*.json")) if (spool / FOLDER).is_dir() else []:
-        try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(entry, dict) and _alive(entry):
+        entry = read_json_object(path)
+        if entry is not None and _alive(entry):
             entries.append(entry)
     return sorted(entries, key=lambda e: -float(e.get("heartbeat", 0)))
 

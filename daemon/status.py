@@ -32,7 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from diffusiond.daemon.fsutil import atomic_write
+from diffusiond.daemon.fsutil import atomic_write, read_json_object
 
 __all__ = [
     "EVENTS_FILE",
@@ -433,7 +433,7 @@ def ask_reload(state_dir: Path, *, pid: int | None = None, timeout_s: float = 30
     deadline = time.monotonic() + timeout_s
     status: dict[str, Any] | None = None
     while True:  # 1. the daemon (`pid`, when given: systemd's $MAINPID) is up and handles SIGHUP
-        status = _read_status(path)
+        status = read_json_object(path)
         if status is not None and (pid is None or status.get("pid") == pid):
             if not is_running(status):
                 return ReloadOutcome(False, f"the daemon (pid {status.get('pid')}) is not running")
@@ -451,7 +451,7 @@ def ask_reload(state_dir: Path, *, pid: int | None = None, timeout_s: float = 30
     except OSError as exc:
         return ReloadOutcome(False, f"cannot signal the daemon (pid {target}): {exc}")
     while True:  # 2. its answer to this SIGHUP (or a later one)
-        status = _read_status(path)
+        status = read_json_object(path)
         reload = status.get("reload") if status is not None else None
         if isinstance(reload, dict) and isinstance(reload.get("asked"), float) and reload["asked"] >= asked:
             if reload.get("ok"):
@@ -463,14 +463,6 @@ def ask_reload(state_dir: Path, *, pid: int | None = None, timeout_s: float = 30
         if time.monotonic() > deadline:
             return ReloadOutcome(False, f"the daemon (pid {target}) did not finish the reload within {timeout_s:g} s")
         time.sleep(0.05)
-
-
-def _read_status(path: Path) -> dict[str, Any] | None:
-    try:
-        status = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return status if isinstance(status, dict) else None
 
 
 def _alive(pid: int) -> bool:

@@ -35,7 +35,7 @@ from typing import Any
 
 from diffusiond import __version__
 from diffusiond.daemon.config import Config, WebhookConfig
-from diffusiond.daemon.fsutil import atomic_write
+from diffusiond.daemon.fsutil import atomic_write, read_json_object
 from diffusiond.daemon.outbox import failure_records
 from diffusiond.daemon.threads import name_os_thread
 
@@ -57,11 +57,11 @@ def cloud_events(event: dict[str, Any], config: Config) -> list[dict[str, Any]]:
     job_id = str(event.get("job_id") or event.get("claim_id") or "")
     fields = {k: v for k, v in event.items() if k not in ("time", "event")}
     if kind == "done":
-        return [_cloud_event("done", job_id, _read_json(config.outbox / f"{job_id}.json") or fields, config)]
+        return [_cloud_event("done", job_id, read_json_object(config.outbox / f"{job_id}.json") or fields, config)]
     if kind != "failed":
         return []
     claim_id = str(event.get("claim_id") or job_id)
-    records = [_read_json(p) for p in failure_records(config.outbox, claim_id)] if config.outbox_failures else []
+    records = [read_json_object(p) for p in failure_records(config.outbox, claim_id)] if config.outbox_failures else []
     found = [r for r in records if r]
     if not found:
         return [_cloud_event("failed", job_id, fields, config)]
@@ -157,9 +157,8 @@ class Webhooks:
 
     def _send_due(self, path: Path) -> float:
         """Send `path` if it is due; seconds until it (or nothing: 60) needs looking at again."""
-        try:
-            pending = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        pending = read_json_object(path)
+        if pending is None:
             return 60.0  # being written, or gone
         now = time.time()
         if pending["next_at"] > now:
@@ -209,11 +208,3 @@ def _post(hook: WebhookConfig, event: dict[str, Any]) -> str | None:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return str(getattr(exc, "reason", exc))
     return None if 200 <= status < 300 else f"HTTP {status}"
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
