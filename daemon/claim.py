@@ -20,6 +20,7 @@ random seeds of images not made yet.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from pydantic import ValidationError
 
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.faults import fault_point
-from diffusiond.daemon.fsutil import atomic_write, fsync_dir, rename_checked
+from diffusiond.daemon.fsutil import NO_LINKS, atomic_write, fsync_dir, rename_checked
 from diffusiond.daemon.pairing import Intent, Parsed, file_stamp, job_file_reader, profile_of, resolve_image
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobRejected, job_context
 from diffusiond.pipeline.hashing import model_hash
@@ -146,8 +147,33 @@ def reservation(outbox: Path, claim_id: str) -> Path:
     return outbox / f".{claim_id}.reserved"
 
 
-def reserve_id(outbox: Path, claim_id: str, instance: str) -> bool:
-    """Take `claim_id` for the whole outbox (`O_EXCL`, so for every daemon and host); False if taken."""
+RESERVING = ".reserving-"
+"""The prefix of a reservation being written in `work/<instance>/` before it is linked into the outbox."""
+
+
+def reserve_id(outbox: Path, claim_id: str, instance: str, work: Path) -> bool:
+    """Take `claim_id` for the whole outbox (for every daemon and host); False if taken.
+
+    The reservation appears whole, already naming its instance: it is written in this daemon's own
+    work folder and linked into the outbox (`link` fails with EEXIST when the id is taken, on NFS
+    too), so a kill at any point leaves either no reservation or one that says whose it is, and at
+    most a temporary file in `work/<instance>/` that the next start removes. Where the outbox has no
+    links or is on another filesystem, an `O_EXCL` create and a write do the same in two steps.
+    """
+    temp = work / f"{RESERVING}{claim_id}"
+    temp.write_text(f"{instance}\n", encoding="utf-8")
+    try:
+        fault_point("before_reserve_link")
+        os.link(temp, reservation(outbox, claim_id))
+        fault_point("after_reserve_link")
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno != errno.EXDEV and exc.errno not in NO_LINKS:
+            raise
+    finally:
+        temp.unlink(missing_ok=True)
     try:
         fd = os.open(reservation(outbox, claim_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
@@ -169,7 +195,7 @@ def claim(intent: Intent, config: Config) -> Claim | None:
     inbox, work, outbox, instance = config.inbox, config.work_dir, config.outbox, config.instance
     for _ in range(16):
         claim_id = new_claim_id(intent.source)
-        if not reserve_id(outbox, claim_id, instance):
+        if not reserve_id(outbox, claim_id, instance, work):
             continue
         try:
             (work / claim_id).mkdir()

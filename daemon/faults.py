@@ -18,6 +18,8 @@ import signal
 import sys
 
 POINTS = (
+    "before_reserve_link",  # a claim id's reservation written in work/<instance>/, not linked into the outbox
+    "after_reserve_link",  # the reservation in the outbox, its temporary not yet removed
     "after_claim",  # the job file is renamed into work/, jobs.json not written yet
     "after_validate",  # jobs.json written, nothing generated
     "after_stage_image",  # one image staged in the claim folder

@@ -38,7 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from diffusiond.daemon.claim import Claim, reservation
+from diffusiond.daemon.claim import RESERVING, Claim, reservation
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.faults import fault_point
 from diffusiond.daemon.fsutil import atomic_write, fsync_dir, is_disk_full, move_unique, rename_checked
@@ -307,6 +307,9 @@ def leftover_claims(config: Config, board: StatusBoard | None = None) -> list[Cl
     for folder in sorted(work.iterdir()):
         if folder.name.startswith(ENDED) and folder.is_dir():  # a removal a crash interrupted
             shutil.rmtree(folder, ignore_errors=True)
+            continue
+        if folder.name.startswith(RESERVING):  # a reservation a kill left before (or after) its link
+            folder.unlink(missing_ok=True)
             continue
         if folder.name.startswith(".") or not folder.is_dir():  # the lock (.owner), nothing claimed
             continue

@@ -195,8 +195,12 @@ def test_reservations_left_by_a_kill_are_dropped_and_no_one_elses(spool: Spool) 
     empty_old.touch()
     empty_new.touch()
     os.utime(empty_old, (time.time() - 7200, time.time() - 7200))
+    work = spool.root / "work" / "test"
+    work.mkdir(parents=True)
+    (work / ".reserving-mine-20261201-000000-bbbbbbbbbbbb").write_text("test\n")
     run_oneshot(spool)
     assert sorted(p.name for p in outbox.iterdir()) == [empty_new.name, other.name]
+    assert not [p for p in work.iterdir() if p.name.startswith(".reserving-")]
 
 
 def test_a_poison_job_batched_with_a_good_one_fails_alone(spool: Spool, test_models) -> None:
