@@ -40,7 +40,7 @@ from diffusiond.daemon.pairing import Intent, Parsed, file_stamp, job_file_reade
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobRejected, job_context
 from diffusiond.pipeline.hashing import model_hash
 from diffusiond.pipeline.inputs import probe_image
-from diffusiond.pipeline.job import InputImage, Job, Spec, fill_seed, spec_from_dict, validate_job
+from diffusiond.pipeline.job import InputImage, Job, Spec, check_stage_sizes, fill_seed, spec_from_dict, validate_job
 from diffusiond.pipeline.reproduce import job_from_image
 
 log = logging.getLogger(__name__)
@@ -347,14 +347,5 @@ def _precheck_image(claim: Claim, config: Config, spec: Spec, index: int, image:
                 fix="drop the image into the inbox with its job file (same folder, same name as in `image:`)",
             )
         probe = probe_image(claim.inputs / image, label=image, max_file_bytes=config.limits.max_file_bytes)
-        width, height = spec.output_size(probe.size_px)
-        if width * height > config.limits.max_pixels:
-            raise JobRejected(
-                f"the result would be {width}x{height} ({width * height} pixels), over the limit of "
-                f"{config.limits.max_pixels}",
-                code=Code.OVER_LIMIT,
-                field="image",
-                value=image,
-                fix="use a smaller input image or scale, or raise limits.max_pixels in the config",
-            )
+        check_stage_sizes(spec, probe.size_px, config.limits, image=image)
     return probe

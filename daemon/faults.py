@@ -22,6 +22,7 @@ POINTS = (
     "after_reserve_link",  # the reservation in the outbox, its temporary not yet removed
     "after_claim",  # the job file is renamed into work/, jobs.json not written yet
     "after_validate",  # jobs.json written, nothing generated
+    "after_keep_stage",  # a multi-stage job's stage kept in the claim folder, the next not run yet
     "after_stage_image",  # one image staged in the claim folder
     "before_manifest",  # every image staged, the staged manifest not yet
     "after_stage",  # the staged manifest written: the job is complete in work/

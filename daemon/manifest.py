@@ -15,16 +15,17 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from diffusiond import __version__
 from diffusiond.daemon.claim import Claim
-from diffusiond.pipeline.backend import Generated
+from diffusiond.pipeline.backend import EarlierStage, Generated
 from diffusiond.pipeline.errors import DiffusiondError
 from diffusiond.pipeline.hashing import file_sha256
-from diffusiond.pipeline.job import Job
+from diffusiond.pipeline.job import Job, Spec, stage_specs
 from diffusiond.pipeline.provenance import OutputRecord, StampedJob, job_record
 
 SCHEMA = 1
@@ -50,12 +51,13 @@ class Manifest:
     index: int
     """Which job of the file (1-based)."""
     job: dict[str, Any]
-    """Every field of the job after defaults, as run (the seed filled in)."""
+    """Every field of the job after defaults, as run (the seed filled in; each stage of `then:` resolved)."""
     task: str
+    """The job's own task (a multi-stage job's first stage); `stages` has each stage's."""
     seeds: list[int]
-    """One per image, in output order."""
+    """One per image, in output order (a multi-stage job's: its first stage's, the images' original seeds)."""
     scheduler: str
-    """The scheduler (sampler) class that ran."""
+    """The scheduler (sampler) class that ran (the first stage's)."""
     claimed_at: str
     input_image: dict[str, str] | None
     """`file` (inbox-relative) and `sha256` of the input image, for img2img and upscale."""
@@ -68,7 +70,7 @@ class Manifest:
     batch_size: int
     """Images made in the same pipeline call as this job's."""
     timings: dict[str, float]
-    """load_s, generate_s, stamp_s."""
+    """load_s, generate_s (every stage's together), stamp_s."""
     finished_at: str
     host: str
     claim_id: str
@@ -77,16 +79,34 @@ class Manifest:
     """Which run of the claim made it: 1, or more after stops and crashes."""
     instance: str
     """The daemon instance that made it."""
+    stages: list[dict[str, Any]]
+    """Each stage that ran, in order (one for a job without `then:`): `stage`, `task`, `job` (its
+    fields as run), `seeds`, `scheduler`, `model`, `timings`, `attempt` and `finished_at` (a stage made
+    before a crash keeps the run that made it), and `outputs` (`file`: None unless published, `sha256`,
+    `seed`, `width`, `height`)."""
     outputs: list[OutputRecord]
-    """Each image: file (in the outbox), sha256 of its bytes, seed, width, height, watermark."""
+    """Each final image: file (in the outbox), sha256 of its bytes, seed, width, height, watermark, and
+    `chain`, the earlier stages' images it was made from (empty for a job without `then:`)."""
 
     def to_json(self) -> bytes:
         # A source name that is not UTF-8 (lone surrogates) is written as the JSON escape `\udcxx`.
         return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False).encode(errors="backslashreplace")
 
 
-def build_manifest(job: Job, claim: Claim, generated: Generated, stamped: StampedJob) -> Manifest:
+def build_manifest(
+    job: Job, claim: Claim, generated: Generated, stamped: StampedJob, earlier: Sequence[EarlierStage] = ()
+) -> Manifest:
+    """`generated` is the job's last stage, `earlier` the stages before it (a job with `then:`)."""
     record = job_record(job)
+    first = earlier[0].generated if earlier else generated
+    made = [*(e.generated for e in earlier), generated]
+    finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    stages = [_stage(e.number, e.spec, e.generated, e.attempt, e.finished_at, _kept(e, stamped)) for e in earlier]
+    last = stage_specs(job.spec)[len(earlier)]
+    finals = [
+        _image(o.file, o.sha256, s, (o.width, o.height)) for o, s in zip(stamped.outputs, generated.seeds, strict=True)
+    ]
+    stages.append(_stage(len(earlier) + 1, last, generated, claim.attempt, finished_at, finals))
     return Manifest(
         schema=SCHEMA,
         status="done",
@@ -97,28 +117,65 @@ def build_manifest(job: Job, claim: Claim, generated: Generated, stamped: Stampe
         index=record["index"],
         job=record["job"],
         task=str(job.spec.task),
-        seeds=list(generated.seeds),
-        scheduler=generated.scheduler,
+        seeds=list(first.seeds),
+        scheduler=first.scheduler,
         claimed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(claim.claimed_at)),
         input_image={"file": job.image.name, "sha256": job.image.sha256} if job.image else None,
-        model=generated.model.record() if generated.model else None,
-        prediction=generated.prediction,
+        model=first.model.record() if first.model else None,
+        prediction=first.prediction,
         device=generated.device,
         dtype=generated.dtype,
-        memory=generated.memory,
-        batch_size=generated.batch_size,
+        memory=first.memory,
+        batch_size=first.batch_size,
         timings={
-            "load_s": round(generated.load_s, 4),
-            "generate_s": round(generated.generate_s, 4),
+            "load_s": round(sum(g.load_s for g in made), 4),
+            "generate_s": round(sum(g.generate_s for g in made), 4),
             "stamp_s": round(stamped.stamp_s, 4),
         },
-        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        finished_at=finished_at,
         host=platform.node(),
         claim_id=claim.claim_id,
         attempt=claim.attempt,
         instance=claim.instance,
+        stages=stages,
         outputs=stamped.outputs,
     )
+
+
+_NOT_A_STAGE_FIELD = {"then", "keep", "output", "watermark"}
+"""The job's own fields, not a stage's: left out of each stage's `job`."""
+
+
+def _stage(
+    number: int, spec: Spec, generated: Generated, attempt: int, finished_at: str, images: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "stage": number,
+        "task": str(spec.task),
+        "job": spec.model_dump(mode="json", exclude=_NOT_A_STAGE_FIELD),
+        "seeds": list(generated.seeds),
+        "scheduler": generated.scheduler,
+        "model": generated.model.record() if generated.model else None,
+        "memory": generated.memory,
+        "batch_size": generated.batch_size,
+        "timings": {"load_s": round(generated.load_s, 4), "generate_s": round(generated.generate_s, 4)},
+        "attempt": attempt,
+        "finished_at": finished_at,
+        "outputs": images,
+    }
+
+
+def _image(file: str | None, sha256: str, seed: int, size: tuple[int, int]) -> dict[str, Any]:
+    return {"file": file, "sha256": sha256, "seed": seed, "width": size[0], "height": size[1]}
+
+
+def _kept(stage: EarlierStage, stamped: StampedJob) -> list[dict[str, Any]]:
+    """An earlier stage's images: the published file where `keep: all` published it, else none."""
+    kept = stamped.kept.get(stage.number)
+    return [
+        _image(kept[i].file if kept else None, kept[i].sha256 if kept else stage.sha256[i], seed, stage.sizes[i])
+        for i, seed in enumerate(stage.generated.seeds)
+    ]
 
 
 @dataclass(frozen=True)

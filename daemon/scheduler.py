@@ -6,6 +6,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from diffusiond.daemon.claim import Claim
+from diffusiond.daemon.stages import Chain
 from diffusiond.pipeline.job import Job
 
 
@@ -15,6 +16,10 @@ class Pending:
 
     claim: Claim
     job: Job
+    chain: Chain | None = None
+    """A multi-stage job's chain: `job` is its running stage (one image of it, after stage 1)."""
+    part: int = 0
+    """Which image of the chain's running stage `job` makes (0-based)."""
 
 
 @dataclass
@@ -41,7 +46,9 @@ def plan_batches(pending: Sequence[Pending], batch_size: int) -> list[list[Pendi
         # against it only, not against the jobs that happened to share its pipeline call.
         key = item.job.spec.batch_key(item.job.input_size) if not item.claim.crashes else None
         current = open_by_key.get(key) if key is not None else None
-        if current is None or current.images + item.job.spec.count > batch_size:
+        # A stage's images stay in one call, as the images of one job do.
+        same_stage = item.chain is not None and current is not None and current.items[-1].chain is item.chain
+        if current is None or (current.images + item.job.spec.count > batch_size and not same_stage):
             current = Planned(key)
             batches.append(current)
             if key is not None:

@@ -184,16 +184,27 @@ class StatusBoard:
     # A job's run (worker thread).
 
     def started(
-        self, job_id: str, source: str, task: str, model: str | None, steps: int, claim_id: str | None = None
+        self,
+        job_id: str,
+        source: str,
+        task: str,
+        model: str | None,
+        steps: int,
+        claim_id: str | None = None,
+        stage: tuple[int, int] | None = None,
     ) -> None:
+        """A job (or, with `stage` = (k, n), stage k of a multi-stage job's n) begins generating."""
         job: dict[str, Any] = {"job_id": job_id, "claim_id": claim_id or job_id, "source": source, "task": task}
         job |= {"model": model, "step": 0, "steps": steps}
+        if stage is not None:
+            job |= {"stage": stage[0], "stages": stage[1]}
         with self._lock:
             job["started_at"] = timestamp()
             running = [j for j in self._status["running"] if j["job_id"] != job_id]
             self._status["running"] = [*running, job]
             self._status["current"] = job
-            self._status["counters"]["started"] += 1
+            if stage is None or stage[0] == 1:
+                self._status["counters"]["started"] += 1
             self._event("started", **{k: v for k, v in job.items() if k not in ("step", "started_at")})
             self._changed()
 
@@ -378,6 +389,8 @@ def format_status(status: dict[str, Any], *, running: bool) -> str:
         ]
     for job in status.get("running") or []:
         step = f"step {job.get('step', 0)} of {job.get('steps', '?')}"
+        if job.get("stage"):
+            step = f"stage {job['stage']} of {job.get('stages')}, {step}"
         lines.append(
             f"  running  {job.get('job_id')} ({job.get('task')}, model {job.get('model')}) from {job.get('source')}: "
             f"{step}, started {_clock(job.get('started_at'))}"
@@ -585,8 +598,10 @@ def format_event(event: dict[str, Any]) -> str:
     if kind == "claimed":
         what = f"{event.get('source')}"
     elif kind == "started":
+        stage = f"stage {event['stage']} of {event.get('stages')}: " if event.get("stage") else ""
         what = (
-            f"{event.get('task')}, model {event.get('model')}, {event.get('steps')} steps, from {event.get('source')}"
+            f"{stage}{event.get('task')}, model {event.get('model')}, {event.get('steps')} steps, "
+            f"from {event.get('source')}"
         )
     elif kind == "progress":
         what = f"step {event.get('step')}/{event.get('steps')}"

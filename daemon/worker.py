@@ -16,6 +16,7 @@ SD 1.5 loaded on the main thread (`bench/torch_threads.py`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -28,11 +29,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from diffusiond.daemon import lifecycle
+from diffusiond.daemon import lifecycle, stages
 from diffusiond.daemon.claim import Claim, load_jobs
 from diffusiond.daemon.config import Config
+from diffusiond.daemon.faults import fault_point
 from diffusiond.daemon.fsutil import is_disk_full
 from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.lifecycle import Ending
@@ -41,7 +42,7 @@ from diffusiond.daemon.outbox import OutboxConflict, discard_unpublished, is_pub
 from diffusiond.daemon.scheduler import Pending, plan_batches
 from diffusiond.daemon.status import StatusBoard
 from diffusiond.daemon.threads import name_os_thread
-from diffusiond.pipeline.backend import Cancelled, Generated, Generator, StepHook
+from diffusiond.pipeline.backend import Cancelled, EarlierStage, Generated, Generator, StepHook
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed, internal_error
 from diffusiond.pipeline.job import Job
 from diffusiond.pipeline.provenance import StampPolicy, stamp_job
@@ -98,6 +99,8 @@ class ClaimRun:
     fenced: bool = False
     begun: bool = False
     """Its run is counted in claim.json (`lifecycle.begin_run`); `claim` is the record as saved then."""
+    progressed: bool = False
+    """A stage of a multi-stage job was kept in its folder: after a stop it resumes there."""
 
     def ending(self, stopped: bool) -> Ending:
         if self.fenced:
@@ -110,7 +113,8 @@ class ClaimRun:
             if not stopped:
                 missing = self.jobs - len(self.published)
                 raise RuntimeError(f"{missing} job(s) of {self.claim.source} neither ran nor failed")
-            return Ending.RESUMES if self.published or self.claim.resumed else Ending.RELEASED
+            kept = self.published or self.progressed or self.claim.resumed
+            return Ending.RESUMES if kept else Ending.RELEASED
         return Ending.DONE
 
 
@@ -170,7 +174,7 @@ def run_claims(
             else:
                 if claim.resumed and claim.attempt == 0:  # left by the previous version: its partial images
                     discard_unpublished(config.outbox, job)
-                pending.append(Pending(claim, job))
+                pending.extend(_pending(claim, job))
     by_id = {run.claim.claim_id: run for run in runs}
 
     def publish_staged() -> None:  # made by the run a crash interrupted: only the publishing is left
@@ -183,9 +187,14 @@ def run_claims(
     if staged_jobs:
         writer.submit(publish_staged)
 
-    # 2. Plan: jobs that can share a pipeline call go together, in arrival order.
+    # 2. Plan: jobs that can share a pipeline call go together, in arrival order. A multi-stage job's
+    #    next stage is planned when its stage before has ended, and runs next (daemon/stages.py).
     stopped = False
-    for batch in plan_batches(pending, config.batch_size):
+    todo = collections.deque(plan_batches(pending, config.batch_size))
+    for call in itertools.count():
+        if not todo:
+            break
+        batch = todo.popleft()
         # 3a. Run the batch on the device (this thread) ...
         started = time.perf_counter()
         batch = [item for item in batch if _begin(by_id[item.claim.claim_id])]
@@ -194,18 +203,28 @@ def run_claims(
         except Cancelled:
             stopped = True
             break
+        commits: list[_Commit] = []
+        later: list[Pending] = []
+        for item, result in zip(batch, results, strict=True):
+            run = by_id[item.claim.claim_id]
+            if item.chain is None:
+                commits.append(_Commit(run, item.job, result))
+            else:
+                _advance(run, item, result, call, config, commits, later)
+        todo.extendleft(reversed(plan_batches(later, config.batch_size)))
 
         # 3b. ... and commit each job, staged then published, manifest last, while the next batch runs.
-        def write(batch: list[Pending] = batch, results: Any = results, started: float = started) -> None:
-            for item, result in zip(batch, results, strict=True):
-                run = by_id[item.claim.claim_id]
+        def write(commits: list[_Commit] = commits, started: float = started) -> None:
+            for commit in commits:
+                run = commit.run
                 try:
-                    if isinstance(result, DiffusiondError):
-                        run.errors.append(result)
+                    if isinstance(commit.result, DiffusiondError):
+                        run.errors.append(commit.result)
                     elif not run.fenced and run.deferred is None:
-                        _commit(run, item.job, result, config, board, started)
+                        since = commit.started or started
+                        _commit(run, commit.job, commit.result, config, board, since, commit.earlier)
                 except Exception as exc:  # a bug fails this job; the claim still ends, with a report
-                    log.exception("internal error writing %s", item.job.job_id, extra=_fields(item))
+                    log.exception("internal error writing %s", commit.job.job_id, extra=_job_fields(run, commit.job))
                     run.errors.append(internal_error(exc, path=run.claim.source))
 
         writer.submit(write)
@@ -228,6 +247,67 @@ def run_claims(
             on_end(run.claim, ended)
 
     writer.submit(end)
+
+
+@dataclass(frozen=True)
+class _Commit:
+    """A job's last stage as generated (or its error), for the writer to stamp, stage and publish."""
+
+    run: ClaimRun
+    job: Job
+    result: Generated | DiffusiondError
+    earlier: tuple[EarlierStage, ...] = ()
+    """A multi-stage job's stages before the last."""
+    started: float | None = None
+    """When a multi-stage job's first stage began (else the batch's start counts)."""
+
+
+def _pending(claim: Claim, job: Job) -> list[Pending]:
+    """What runs first of a job: the job itself, or a multi-stage job's first stage not kept yet."""
+    if not job.spec.then:
+        return [Pending(claim, job)]
+    chain = stages.resume(claim.folder, job)
+    if chain.done:
+        claim.trail(f"job {job.job_id}: stages 1-{len(chain.done)} were kept; resuming at stage {chain.running}")
+    return [Pending(claim, part, chain, n) for n, part in enumerate(chain.jobs(claim.folder))]
+
+
+def _advance(
+    run: ClaimRun,
+    item: Pending,
+    result: Generated | DiffusiondError,
+    call: int,
+    config: Config,
+    commits: list[_Commit],
+    later: list[Pending],
+) -> None:
+    """One result of a multi-stage job's running stage: once the stage is whole, keep it and plan the
+    next (into `later`), or, after the last stage, commit the job (into `commits`)."""
+    chain = item.chain
+    assert chain is not None
+    if chain.failed:
+        return
+    if isinstance(result, DiffusiondError):
+        chain.failed = True
+        result.add_context(stage=chain.running)
+        commits.append(_Commit(run, chain.job, result))
+        return
+    generated = chain.collect(item.part, call, result)
+    if generated is None:  # more images of this stage to come
+        return
+    if chain.is_last:
+        commits.append(_Commit(run, chain.job, generated, tuple(chain.done), chain.started))
+        return
+    try:
+        chain.keep(run.claim.folder, generated, run.claim.attempt)
+    except OSError as exc:
+        chain.failed = True
+        _write_failed(run, chain.job.job_id, exc, config)
+        return
+    run.progressed = True
+    run.claim.trail(f"job {chain.job.job_id}: kept stage {chain.running - 1} of {chain.stages}")
+    fault_point("after_keep_stage")
+    later.extend(Pending(run.claim, part, chain, n) for n, part in enumerate(chain.jobs(run.claim.folder)))
 
 
 def _begin(run: ClaimRun) -> bool:
@@ -292,26 +372,36 @@ def _generate(
     board: StatusBoard | None,
 ) -> list[Generated] | list[DiffusiondError]:
     """One pipeline call for the batch; an error of the call is every job's error."""
-    for item in batch:
-        item.claim.trail(f"generating job {item.job.job_id}")
-        spec = item.job.spec
+    starting = list({item.job.job_id: item for item in batch}.values())  # a stage's images are one job's
+    for item in starting:
+        job, claim, chain = item.job, item.claim, item.chain
+        stage = f" stage {chain.running} of {chain.stages}" if chain is not None else ""
+        claim.trail(f"generating job {job.job_id}{stage}")
         log.info(
-            "started %s (%s, %d steps) from %s",
-            item.job.job_id,
-            item.job.task,
-            spec.steps,
-            item.claim.source,
+            "started %s%s (%s, %d steps) from %s",
+            job.job_id,
+            stage,
+            job.task,
+            job.spec.steps,
+            claim.source,
             extra=_fields(item),
         )
         if board is not None:
-            job, claim = item.job, item.claim
-            board.started(job.job_id, claim.source, job.task, job.spec.model, job.spec.steps, claim_id=claim.claim_id)
+            board.started(
+                job.job_id,
+                claim.source,
+                job.task,
+                job.spec.model,
+                job.spec.steps,
+                claim_id=claim.claim_id,
+                stage=(chain.running, chain.stages) if chain is not None else None,
+            )
 
     def step(done: int, total: int) -> None:
         if on_step is not None:
             on_step(done, total)
         if board is not None:
-            for item in batch:
+            for item in starting:
                 board.progress(item.job.job_id, done, total)
 
     try:
@@ -339,14 +429,19 @@ def _commit(
     config: Config,
     board: StatusBoard | None,
     started: float,
+    earlier: tuple[EarlierStage, ...] = (),
 ) -> None:
-    """Stamp one job's images, stage them with the manifest in the claim folder, then publish them."""
+    """Stamp one job's images, stage them with the manifest in the claim folder, then publish them.
+
+    `generated` is the job's last stage; `earlier` a multi-stage job's stages before it."""
     claim = run.claim  # as `begin_run` saved it: its attempt goes into the manifest
     for tries in itertools.count(1):
         try:
             policy = StampPolicy(config.marks(job.spec.watermark), config.metadata_options(), config.c2pa())
-            stamped = stamp_job(job, generated, policy, taken=lambda name: os.path.lexists(config.outbox / name))
-            manifest = build_manifest(job, claim, generated, stamped)
+            stamped = stamp_job(
+                job, generated, policy, taken=lambda name: os.path.lexists(config.outbox / name), earlier=earlier
+            )
+            manifest = build_manifest(job, claim, generated, stamped, earlier)
         except DiffusiondError as exc:
             run.errors.append(exc)
             return
@@ -364,6 +459,8 @@ def _commit(
             continue
         break
     if published is not None:
+        if earlier:
+            stages.discard(claim.folder, job.job_id)
         files = [o.file for o in manifest.outputs]
         seconds = time.perf_counter() - started
         fields = job_fields(job_id=job.job_id, job_file=claim.source, task=job.task, model=job.spec.model)
@@ -402,6 +499,10 @@ def _publish(run: ClaimRun, job_id: str, folder: Path, config: Config) -> list[s
 def _fields(item: Pending) -> dict[str, str]:
     """Journal fields for a job's log lines (`journalctl JOB_ID=...`)."""
     return job_fields(job_id=item.job.job_id, job_file=item.claim.source, task=item.job.task, model=item.job.spec.model)
+
+
+def _job_fields(run: ClaimRun, job: Job) -> dict[str, str]:
+    return job_fields(job_id=job.job_id, job_file=run.claim.source, task=job.task, model=job.spec.model)
 
 
 def _write_failed(run: ClaimRun, job_id: str, exc: OSError, config: Config) -> None:

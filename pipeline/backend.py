@@ -18,12 +18,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
 
 from diffusiond.pipeline.families import ModelEntry
-from diffusiond.pipeline.job import Job
+from diffusiond.pipeline.job import Job, Spec
 
 StepHook = Callable[[int, int], None]
 """Called with (steps done, steps in all) after every denoising step."""
@@ -76,6 +77,28 @@ class Generated:
     """How many jobs shared the pipeline call."""
     prediction: str | None = None
     """The scheduler's prediction type (`epsilon`, `v_prediction`)."""
+
+
+@dataclass(frozen=True)
+class EarlierStage:
+    """A finished stage of a multi-stage job other than its last: the images the next stage ran on.
+
+    Kept in the claim folder (`files`, lossless PNG) so a restart resumes after it; the images are
+    read from there again when they are published too (`keep: all`).
+    """
+
+    number: int
+    """1 for the job's own task, 2 for the first of its `then:`."""
+    spec: Spec
+    generated: Generated
+    """How they were made; its `images` may be empty (read back after a restart): `files` has them."""
+    files: tuple[Path, ...]
+    sha256: tuple[str, ...]
+    """Of each file's bytes."""
+    sizes: tuple[tuple[int, int], ...]
+    attempt: int
+    """Which run of the claim made them."""
+    finished_at: str
 
 
 class Generator(Protocol):

@@ -75,6 +75,7 @@ class DiffusiondError(Exception):
         job_index: int | None = None,
         field: str | None = None,
         value: Any = None,
+        stage: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -85,22 +86,35 @@ class DiffusiondError(Exception):
         self.job_index = job_index
         self.field = field
         self.value = value
+        self.stage = stage
+        """Which stage of a multi-stage job (1 is the job's own task, 2 the first of its `then:`)."""
 
     def __str__(self) -> str:
-        where = " ".join(part for part in (self.path, f"(job {self.job_index})" if self.job_index else None) if part)
+        position = ", ".join(
+            f"{what} {n}" for what, n in (("job", self.job_index), ("stage", self.stage)) if n is not None
+        )
+        where = " ".join(part for part in (self.path, f"({position})" if position else None) if part)
         if self.field:
             where = f"{where}, field '{self.field}'" if where else f"field '{self.field}'"
         text = f"{where}: {self.message}" if where else self.message
         return f"{text}. Fix: {self.fix}" if self.fix else text
 
     def add_context(
-        self, *, path: str | None = None, job_index: int | None = None, field: str | None = None, value: Any = None
+        self,
+        *,
+        path: str | None = None,
+        job_index: int | None = None,
+        field: str | None = None,
+        value: Any = None,
+        stage: int | None = None,
     ) -> None:
         """Fill in where the error happened, keeping what the raiser already said (a field comes with its value)."""
         if self.path is None:
             self.path = path
         if self.job_index is None:
             self.job_index = job_index
+        if self.stage is None:
+            self.stage = stage
         if self.field is None and field is not None:
             self.field, self.value = field, value
 
@@ -116,6 +130,7 @@ class DiffusiondError(Exception):
             job_index=report.get("job"),
             field=report.get("field"),
             value=report.get("value"),
+            stage=report.get("stage"),
         )
 
     def report(self) -> dict[str, Any]:
@@ -125,6 +140,8 @@ class DiffusiondError(Exception):
             out["file"] = self.path
         if self.job_index is not None:
             out["job"] = self.job_index
+        if self.stage is not None:
+            out["stage"] = self.stage
         if self.field is not None:
             out["field"] = self.field
             out["value"] = self.value
@@ -174,7 +191,12 @@ def internal_error(exc: BaseException, *, path: str | None = None) -> JobFailed:
 
 @contextmanager
 def job_context(
-    *, path: str | None = None, job_index: int | None = None, field: str | None = None, value: Any = None
+    *,
+    path: str | None = None,
+    job_index: int | None = None,
+    field: str | None = None,
+    value: Any = None,
+    stage: int | None = None,
 ) -> Iterator[None]:
     """Attach where it happened to any DiffusiondError passing through, where the raiser left it unset.
 
@@ -183,5 +205,5 @@ def job_context(
     try:
         yield
     except DiffusiondError as exc:
-        exc.add_context(path=path, job_index=job_index, field=field, value=value)
+        exc.add_context(path=path, job_index=job_index, field=field, value=value, stage=stage)
         raise

@@ -214,6 +214,12 @@ class _JobFields(BaseModel):
     count: int = Field(1, ge=1)
     output: OutputSpec = OutputSpec()
     watermark: WatermarkSpec = WatermarkSpec()
+    then: tuple[StageSpec, ...] = ()
+    """Stages run in turn on every image this job makes (img2img, upscale, depth2img), e.g. a hires fix
+    then an upscale; each inherits prompt, negative_prompt and seed unless it sets its own. Stage 1 is
+    the job's own task, stage 2 the first of these."""
+    keep: Literal["final", "all"] = "final"
+    """With `then:`: `final` publishes only the last stage's images, `all` every stage's."""
     task: Task
     """Each task's class narrows it to its own member: the tag of the union."""
 
@@ -353,9 +359,63 @@ def _need_input(input_size: tuple[int, int] | None) -> tuple[int, int]:
 
 
 Spec = Txt2ImgJob | Img2ImgJob | UpscaleJob | Depth2ImgJob
+StageSpec = Annotated[Img2ImgJob | UpscaleJob | Depth2ImgJob, Field(discriminator="task")]
+"""A stage of `then:`: a task that runs on an image."""
+for _model in (_JobFields, Txt2ImgJob, _InputJob, RedrawJob, Img2ImgJob, UpscaleJob, Depth2ImgJob):
+    _model.model_rebuild()  # `then:` names the classes defined after the base
 
 JobSpec = Annotated[Spec, Field(discriminator="task")]
 _SPEC_ADAPTER: TypeAdapter[Spec] = TypeAdapter(JobSpec)
+STAGE_TASKS = (Task.IMG2IMG, Task.UPSCALE, Task.DEPTH2IMG)
+MAX_STAGES = 8
+"""Stages per job, its own task included: each keeps its images in the claim folder until the next ends."""
+STAGE_INHERITS = ("prompt", "negative_prompt", "seed")
+"""What a stage takes from the stage before it unless it sets its own."""
+STAGE_INHERITS_WITH_MODEL = ("steps", "guidance", "scheduler")
+"""What a stage also takes from the stage before when it runs on the same model (a hires fix)."""
+NOT_IN_A_STAGE = {
+    "count": "each image of the job goes through every stage; set `count:` on the job",
+    "image": "a stage runs on the images of the stage before it",
+    "output": "the job's `output:` applies to every stage's images; set it on the job",
+    "watermark": "the job's `watermark:` applies to the images it publishes; set it on the job",
+    "keep": "`keep:` is the job's; set it on the job",
+    "then": "stages do not nest; list every stage in the job's `then:`",
+}
+"""Fields only a job has, and why a stage cannot set them."""
+
+
+def stage_specs(spec: Spec) -> tuple[Spec, ...]:
+    """The job's stages in order: its own task (stage 1), then each of `then:`."""
+    return (spec, *spec.then)
+
+
+def stage_sizes(spec: Spec, input_size: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """(width, height) of the images each stage makes, given the job's input image (None for txt2img)."""
+    sizes: list[tuple[int, int]] = []
+    size = input_size
+    for stage in stage_specs(spec):
+        size = stage.output_size(size)
+        sizes.append(size)
+    return sizes
+
+
+def check_stage_sizes(spec: Spec, input_size: tuple[int, int] | None, limits: Limits, *, image: str | None) -> None:
+    """Every stage's images within the pixel limit; the error names the first stage that is over it."""
+    for number, (stage, (width, height)) in enumerate(
+        zip(stage_specs(spec), stage_sizes(spec, input_size), strict=True), start=1
+    ):
+        if width * height <= limits.max_pixels:
+            continue
+        grows = "image" if number == 1 else ("scale" if isinstance(stage, UpscaleJob) else "size")
+        raise JobRejected(
+            f"the {'result' if number == 1 else f'result of stage {number}'} would be {width}x{height} "
+            f"({width * height} pixels), over the limit of {limits.max_pixels}",
+            code=Code.OVER_LIMIT,
+            field=grows,
+            value=image if grows == "image" else getattr(stage, grows),
+            stage=number if len(spec.then) else None,
+            fix="use a smaller input image, size or scale, or raise limits.max_pixels in the config",
+        )
 
 
 def job_schema() -> dict[str, Any]:
@@ -666,12 +726,21 @@ def _validate(document: Any, path: str, rules: Rules, profile: Mapping[str, Any]
     merged["task"] = task
     if task is Task.TXT2IMG and "size" not in merged and isinstance(model, str) and model in rules.native_sizes:
         merged["size"] = rules.native_sizes[model]
+    stages = merged.pop("then", None)
     try:
         spec = _SPEC_ADAPTER.validate_python(merged)
     except ValidationError as exc:
         raise _translate(exc, task) from exc
     _check_limits(spec, rules)
-    size = spec.size if isinstance(spec, Txt2ImgJob | RedrawJob) else None
+    _check_model(spec, rules)
+    if stages:
+        spec = spec.model_copy(update={"then": _validate_stages(stages, spec, rules)})
+    if not task.takes_image:  # the sizes of every stage are known now; an input's once it is probed
+        check_stage_sizes(spec, None, rules.limits, image=None)
+    # The mark goes on the images the job publishes: the last stage's.
+    size = stage_sizes(spec, None)[-1] if not task.takes_image else None
+    if isinstance(spec, RedrawJob) and not spec.then:
+        size = spec.size
     if rules.watermark_required and size is not None and min(size) < WATERMARK_MIN_SIDE_PX:
         raise JobRejected(
             f"this daemon's config requires the invisible watermark, which needs at least {WATERMARK_MIN_SIDE_PX} px "
@@ -687,12 +756,96 @@ def _validate(document: Any, path: str, rules: Rules, profile: Mapping[str, Any]
             value=False,
             fix="remove `invisible: false` from the job's watermark",
         )
-    _check_model(spec, rules)
     _check_image_path(spec, path)
     return spec
 
 
-def _translate(exc: ValidationError, task: Task) -> JobRejected:
+def _validate_stages(stages: Any, job: Spec, rules: Rules) -> tuple[Spec, ...]:
+    """Each stage of `then:` merged over its task's defaults and what it inherits, validated completely."""
+    if not isinstance(stages, list):
+        raise JobRejected(
+            f"`then:` must be a list of stages, got {type(stages).__name__} {shown_text(stages)}",
+            field="then",
+            value=shown(stages),
+            fix="write `then:` as a list, e.g. `then: [{task: img2img, strength: 0.35}, {task: upscale}]`",
+        )
+    if len(stages) + 1 > MAX_STAGES:
+        raise JobRejected(
+            f"the job has {len(stages) + 1} stages; at most {MAX_STAGES} are allowed",
+            code=Code.OVER_LIMIT,
+            field="then",
+            value=f"{len(stages)} stages",
+            fix="split the work into two jobs (the second on the first one's images)",
+        )
+    resolved: list[Spec] = []
+    previous = job
+    for number, document in enumerate(stages, start=2):
+        with job_context(stage=number):
+            previous = _validate_stage(document, previous, rules)
+        resolved.append(previous)
+    return tuple(resolved)
+
+
+def _validate_stage(document: Any, previous: Spec, rules: Rules) -> Spec:
+    if not isinstance(document, dict):
+        raise JobRejected(
+            f"a stage must be a mapping of fields, got {type(document).__name__} {shown_text(document)}",
+            field="then",
+            value=shown(document),
+            fix="write each stage as a mapping, e.g. `- {task: img2img, strength: 0.35}`",
+        )
+    for key, why in NOT_IN_A_STAGE.items():
+        if key in document:
+            raise JobRejected(
+                f"a stage cannot set '{key}': {why}", field=key, value=shown(document[key]), fix=f"remove '{key}'"
+            )
+    task_name = document.get("task")
+    if task_name not in STAGE_TASKS:
+        allowed = ", ".join(STAGE_TASKS)
+        why = (
+            "txt2img makes an image from the prompt alone, so it can only be a job's first stage"
+            if task_name == Task.TXT2IMG
+            else f"{'a stage must name its task' if task_name is None else f'unknown task {shown_text(task_name)}'}"
+        )
+        raise JobRejected(
+            f"{why}; a stage's task is one of: {allowed}",
+            field="task",
+            value=shown(task_name),
+            fix="set the stage's `task:` to img2img, upscale or depth2img",
+        )
+    task = Task(task_name)
+    task_defaults = {**rules.defaults.get("all", {}), **rules.defaults.get(task, {})}
+    model = document.get("model")
+    if model is None:  # the stage before's model when it can run this task (a hires fix), else the task's default
+        model = previous.model if _can_run(previous.model, task, rules) else task_defaults.get("model")
+    allowed = set(_TASK_MODELS[task].model_fields) - set(NOT_IN_A_STAGE)
+    merged: dict[str, Any] = {}
+    for layer in (task_defaults, rules.model_defaults.get(model, {}) if isinstance(model, str) else {}):
+        merged.update({k: v for k, v in layer.items() if k in allowed})
+    merged.update({k: getattr(previous, k) for k in STAGE_INHERITS})
+    if model is not None and model == previous.model:
+        merged.update({k: getattr(previous, k) for k in STAGE_INHERITS_WITH_MODEL})
+    merged |= dict(document) | {"task": task, "model": model}
+    try:
+        spec = _SPEC_ADAPTER.validate_python(merged)
+    except ValidationError as exc:
+        raise _translate(exc, task, stage=True) from exc
+    if not spec.uses_model and "model" not in document:  # a Lanczos stage: no model made its images
+        spec = spec.model_copy(update={"model": None})
+    _check_limits(spec, rules)
+    _check_model(spec, rules)
+    return spec
+
+
+def _can_run(model: str | None, task: Task, rules: Rules) -> bool:
+    """Whether a configured model runs `task`; a model of unknown family is taken to redraw like it generates."""
+    kind = rules.models.get(model) if model is not None else None
+    if model is None or kind is None or kind is ModelKind.UNKNOWN:
+        return model is not None and task is Task.IMG2IMG
+    return task in TASKS_BY_KIND[kind]
+
+
+def _translate(exc: ValidationError, task: Task, *, stage: bool = False) -> JobRejected:
     """Turn pydantic's first error into one that names field, value and what is allowed."""
     error = exc.errors()[0]
     loc = [str(part) for part in error["loc"]]
@@ -705,10 +858,11 @@ def _translate(exc: ValidationError, task: Task) -> JobRejected:
     value = shown(raw)
     if error["type"] == "extra_forbidden":
         section = _section_model(_TASK_MODELS[task], loc[:-1])
-        known = sorted(section.model_fields)
+        known = sorted(set(section.model_fields) - (set(NOT_IN_A_STAGE) if stage and len(loc) == 1 else set()))
         guess = difflib.get_close_matches(loc[-1], known, n=1)
         hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-        where_in = f"'{'.'.join(loc[:-1])}' of a {task} job" if len(loc) > 1 else f"a {task} job"
+        kind = f"{task} {'stage' if stage else 'job'}"
+        where_in = f"'{'.'.join(loc[:-1])}' of a {kind}" if len(loc) > 1 else f"a {kind}"
         return JobRejected(
             f"unknown field '{field}'{hint}; fields {where_in} accepts: {', '.join(known)}",
             field=field,
@@ -937,10 +1091,19 @@ def inbox_relative(job_path: str, image: str) -> str | None:
 
 
 def fill_seed(spec: Spec) -> Spec:
-    """Pick a random seed when the job has none, so every run is recorded reproducibly."""
-    if spec.seed is not None:
+    """Pick a random seed when the job has none, so every run is recorded reproducibly; a stage
+    without a seed of its own takes the stage before's (a crash between stages resumes with it)."""
+    if spec.seed is None:
+        spec = spec.model_copy(update={"seed": secrets.randbelow(SEED_MAX + 1)})
+    if not spec.then:
         return spec
-    return spec.model_copy(update={"seed": secrets.randbelow(SEED_MAX + 1)})
+    seed, stages = spec.seed, []
+    for stage in spec.then:
+        if stage.seed is None:
+            stage = stage.model_copy(update={"seed": seed})
+        seed = stage.seed
+        stages.append(stage)
+    return spec.model_copy(update={"then": tuple(stages)})
 
 
 def seeds_for(spec: Spec) -> list[int]:

@@ -32,7 +32,8 @@ import logging
 import re
 import struct
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Literal
 from xml.sax.saxutils import escape
@@ -43,13 +44,14 @@ from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict
 
 from diffusiond import __version__
-from diffusiond.pipeline.job import Depth2ImgJob, Img2ImgJob, OutputSpec, Spec, UpscaleJob
+from diffusiond.pipeline.job import Depth2ImgJob, Img2ImgJob, OutputSpec, Spec, Txt2ImgJob, UpscaleJob
 
 __all__ = [
     "COMPOSITE",
     "ENHANCED",
     "SUFFIXES",
     "TRAINED",
+    "LaterStage",
     "MetadataOptions",
     "a1111_sampler",
     "digital_source_type",
@@ -172,12 +174,15 @@ def infotext(
     model_name: str | None,
     sampler: str,
     model_hash: str | None = None,
+    later: Sequence[LaterStage] = (),
 ) -> str:
     """The AUTOMATIC1111 `parameters` text: prompt, negative prompt, then `Key: value` pairs.
 
     `sampler` is one of our scheduler names, a diffusers scheduler class name (the
     model's own), or `lanczos` for a plain upscale, which has no sampling settings.
-    The keys follow A1111's `create_infotext` order.
+    The keys follow A1111's `create_infotext` order. For a multi-stage job the text is the
+    first stage's (its prompt, seed and size, as A1111 writes a hires-fixed image) with
+    `later`'s keys added (`_later_pairs`).
     """
     plain_upscale = isinstance(spec, UpscaleJob) and spec.method == "lanczos"
     pairs: list[tuple[str, object]] = []
@@ -199,10 +204,56 @@ def infotext(
             pairs += [("Postprocess upscale by", _number(spec.scale)), ("Postprocess upscaler", "Lanczos")]
         else:
             pairs += [("Upscaler", spec.method), ("Noise level", spec.noise_level)]
+    written = {key for key, _ in pairs}
+    pairs += [(key, value) for key, value in _later_pairs(spec, size, sampler, later) if key not in written]
     pairs.append(("Version", CREATOR_TOOL))
     settings = ", ".join(f"{key}: {_quote(value)}" for key, value in pairs)
     negative = f"\nNegative prompt: {spec.negative_prompt}" if spec.negative_prompt else ""
     return f"{spec.prompt}{negative}\n{settings}".strip()
+
+
+@dataclass(frozen=True)
+class LaterStage:
+    """A stage after the first of a multi-stage job, as the infotext records it."""
+
+    spec: Spec
+    size: tuple[int, int]
+    """(width, height) of the images it made."""
+    sampler: str
+
+
+def _later_pairs(
+    first: Spec, first_size: tuple[int, int], first_sampler: str, later: Sequence[LaterStage]
+) -> list[tuple[str, object]]:
+    """A1111's keys for what ran after the first pass, where A1111 has them.
+
+    A redraw right after txt2img is A1111's hires fix (`Denoising strength`, `Hires upscale` or
+    `Hires resize`, `Hires steps`, `Hires upscaler`, and the hires prompt, sampler and CFG where
+    they differ); an upscale is its extras tab's `Postprocess upscale by` / `Postprocess upscaler`.
+    A1111 has no key for any other stage: those are in the JSON record only. A key is written once.
+    """
+    pairs: list[tuple[str, object]] = []
+    for position, stage in enumerate(later):
+        spec = stage.spec
+        if position == 0 and isinstance(first, Txt2ImgJob) and isinstance(spec, Img2ImgJob):
+            (w0, h0), (w, h) = first_size, stage.size
+            pairs.append(("Denoising strength", _number(spec.strength)))
+            same_shape = w * h0 == h * w0
+            pairs.append(("Hires upscale", _number(round(w / w0, 4))) if same_shape else ("Hires resize", f"{w}x{h}"))
+            pairs += [("Hires steps", spec.steps), ("Hires upscaler", "Lanczos")]
+            if spec.prompt != first.prompt:
+                pairs.append(("Hires prompt", spec.prompt))
+            if spec.negative_prompt != first.negative_prompt:
+                pairs.append(("Hires negative prompt", spec.negative_prompt))
+            if stage.sampler != first_sampler:
+                name, schedule = a1111_sampler(stage.sampler)
+                pairs += [("Hires sampler", name), *([("Hires schedule type", schedule)] if schedule else [])]
+            if spec.guidance != first.guidance:
+                pairs.append(("Hires CFG Scale", _number(spec.guidance)))
+        elif isinstance(spec, UpscaleJob):
+            upscaler = "Lanczos" if spec.method == "lanczos" else f"SD x4 ({spec.model})"
+            pairs += [("Postprocess upscale by", _number(spec.scale)), ("Postprocess upscaler", upscaler)]
+    return [pair for n, pair in enumerate(pairs) if pair[0] not in {key for key, _ in pairs[:n]}]
 
 
 # `Key: value` pairs as A1111's parser (infotext_utils.re_param) reads them: a value is

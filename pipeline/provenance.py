@@ -11,17 +11,33 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from PIL import Image
 
-from diffusiond.pipeline.backend import Generated
+from diffusiond.pipeline.backend import EarlierStage, Generated
 from diffusiond.pipeline.errors import Code, JobFailed, job_context
-from diffusiond.pipeline.job import InvisibleWatermark, Job, OutputSpec, Spec, VisibleWatermark, WatermarkSpec
-from diffusiond.pipeline.metadata import SUFFIXES, MetadataOptions, digital_source_type, encode, infotext, sidecar_files
+from diffusiond.pipeline.job import (
+    InvisibleWatermark,
+    Job,
+    OutputSpec,
+    Spec,
+    VisibleWatermark,
+    WatermarkSpec,
+    stage_specs,
+)
+from diffusiond.pipeline.metadata import (
+    SUFFIXES,
+    LaterStage,
+    MetadataOptions,
+    digital_source_type,
+    encode,
+    infotext,
+    sidecar_files,
+)
 from diffusiond.pipeline.watermark import InvisibleMark, VisibleMark, apply_visible, embed_invisible, verify_invisible
 
 if TYPE_CHECKING:
@@ -163,6 +179,9 @@ class OutputRecord:
     width: int
     height: int
     watermark: dict[str, Any]
+    chain: list[dict[str, Any]] = field(default_factory=list)
+    """A multi-stage job's final image: the images it was made from, stage by stage (`stage`, `task`,
+    `seed`, `width`, `height`, `sha256` of the lossless intermediate, `file` when published)."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +190,10 @@ class StampedJob:
 
     files: list[tuple[str, bytes]]
     outputs: list[OutputRecord]
+    """The final images (the last stage's)."""
     stamp_s: float
+    kept: dict[int, list[OutputRecord]] = field(default_factory=dict)
+    """With `keep: all`: the earlier stages' published images, by stage number."""
 
 
 def output_name(job: Job, number: int) -> str:
@@ -212,43 +234,133 @@ def job_record(job: Job) -> dict[str, Any]:
     return {"job_id": job.job_id, "source": job.source, "index": job.index, "job": job.spec.model_dump(mode="json")}
 
 
+class _Made(NamedTuple):
+    """One stage's image of one output: what its infotext and record say of that stage."""
+
+    number: int
+    spec: Spec
+    size: tuple[int, int]
+    generated: Generated
+    seed: int
+
+
+def _parameters(made: Sequence[_Made]) -> str:
+    """The infotext of an image made by `made`: the first stage's, with the later stages' keys."""
+    first, *later = made
+    return infotext(
+        first.spec,
+        seed=first.seed,
+        size=first.size,
+        model_name=first.spec.model,
+        sampler=first.generated.scheduler,
+        model_hash=first.generated.model.hash if first.generated.model else None,
+        later=[LaterStage(m.spec, m.size, m.generated.scheduler) for m in later],
+    )
+
+
+def _stages_record(made: Sequence[_Made]) -> list[dict[str, Any]]:
+    """What the embedded record says of each stage that made an image (the job's fields are in `job`)."""
+    return [
+        {
+            "stage": m.number,
+            "task": str(m.spec.task),
+            "seed": m.seed,
+            "width": m.size[0],
+            "height": m.size[1],
+            "model": m.generated.model.name if m.generated.model else None,
+            "scheduler": m.generated.scheduler,
+        }
+        for m in made
+    ]
+
+
+def kept_name(name: str, stage: int) -> str:
+    """The name of an earlier stage's image published beside the final `name` (`keep: all`)."""
+    path = PurePath(name)
+    return f"{path.stem}-stage{stage}{path.suffix}"
+
+
 def stamp_job(
-    job: Job, generated: Generated, policy: StampPolicy, taken: Callable[[str], bool] = lambda _name: False
+    job: Job,
+    generated: Generated,
+    policy: StampPolicy,
+    taken: Callable[[str], bool] = lambda _name: False,
+    earlier: Sequence[EarlierStage] = (),
 ) -> StampedJob:
     """Stamp every image of `job` in memory (infotext, marks, metadata, sidecars): a failure writes nothing.
 
+    `generated` is the job's last stage; `earlier` its stages before (a multi-stage job), whose images
+    are stamped too with `keep: all`. Every image carries the original (first stage's) prompt and seed.
     `taken` (a name in use in the outbox) is asked only for a job with `output.name`.
     """
     started = time.perf_counter()
     chosen: set[str] = set()
     spec, record = job.spec, job_record(job)
+    last = stage_specs(spec)[len(earlier)]
+    keep = spec.keep == "all" and bool(earlier)
     files: list[tuple[str, bytes]] = []
     outputs: list[OutputRecord] = []
+    kept: dict[int, list[OutputRecord]] = {stage.number: [] for stage in earlier} if keep else {}
+
+    def free(name: str) -> bool:
+        names = [name, *(kept_name(name, stage.number) for stage in earlier if keep)]
+        return not any(n in chosen or taken(n) for n in names)
+
+    def stamp_one(pixels: Image.Image, made: Sequence[_Made], name: str) -> Stamped:
+        parameters = _parameters(made)
+        image_record = record | {"seed": made[0].seed} | ({"stages": _stages_record(made)} if earlier else {})
+        stamped = stamp(
+            pixels,
+            spec.output,
+            policy.marks,
+            parameters=parameters,
+            record=image_record,
+            spec=spec,
+            options=policy.options,
+            c2pa=policy.c2pa,
+        )
+        files.append((name, stamped.data))
+        files.extend(sidecar_files(name, parameters=parameters, record=image_record, options=policy.options))
+        return stamped
+
     with job_context(path=job.source, job_index=job.index):
-        for number, (image, seed) in enumerate(zip(generated.images, generated.seeds, strict=True), start=1):
-            parameters = infotext(
-                spec,
-                seed=seed,
-                size=image.size,
-                model_name=spec.model,
-                sampler=generated.scheduler,
-                model_hash=generated.model.hash if generated.model else None,
-            )
-            image_record = record | {"seed": seed}
-            stamped = stamp(
-                image,
-                spec.output,
-                policy.marks,
-                parameters=parameters,
-                record=image_record,
-                spec=spec,
-                options=policy.options,
-                c2pa=policy.c2pa,
-            )
-            name = chosen_name(job, number, seed, lambda n: n in chosen or taken(n))
+        for i, (image, seed) in enumerate(zip(generated.images, generated.seeds, strict=True)):
+            made = [
+                *(_Made(e.number, e.spec, e.sizes[i], e.generated, e.generated.seeds[i]) for e in earlier),
+                _Made(len(earlier) + 1, last, image.size, generated, seed),
+            ]
+            name = chosen_name(job, i + 1, made[0].seed, lambda n: not free(n))
             chosen.add(name)
-            files.append((name, stamped.data))
-            files += sidecar_files(name, parameters=parameters, record=image_record, options=policy.options)
+            stamped = stamp_one(image, made, name)
+            chain: list[dict[str, Any]] = []
+            for stage in earlier:
+                published = None
+                if keep:
+                    published = kept_name(name, stage.number)
+                    chosen.add(published)
+                    with Image.open(stage.files[i]) as opened:
+                        pixels = opened.convert("RGB")
+                    kept_stamp = stamp_one(pixels, made[: stage.number], published)
+                    digest = hashlib.sha256(kept_stamp.data).hexdigest()
+                    width, height = pixels.size
+                    seed_k = stage.generated.seeds[i]
+                    kept[stage.number].append(
+                        OutputRecord(published, digest, seed_k, width, height, kept_stamp.watermark)
+                    )
+                width, height = stage.sizes[i]
+                chain.append(
+                    {
+                        "stage": stage.number,
+                        "task": str(stage.spec.task),
+                        "seed": stage.generated.seeds[i],
+                        "width": width,
+                        "height": height,
+                        "sha256": stage.sha256[i],
+                        "file": published,
+                    }
+                )
             digest = hashlib.sha256(stamped.data).hexdigest()
-            outputs.append(OutputRecord(name, digest, seed, image.width, image.height, stamped.watermark))
-    return StampedJob(files, outputs, time.perf_counter() - started)
+            outputs.append(
+                OutputRecord(name, digest, made[0].seed, image.width, image.height, stamped.watermark, chain)
+            )
+    return StampedJob(files, outputs, time.perf_counter() - started, kept)
