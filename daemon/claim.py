@@ -347,5 +347,5 @@ def _precheck_image(claim: Claim, config: Config, spec: Spec, index: int, image:
                 fix="drop the image into the inbox with its job file (same folder, same name as in `image:`)",
             )
         probe = probe_image(claim.inputs / image, label=image, max_file_bytes=config.limits.max_file_bytes)
-        check_stage_sizes(spec, probe.size_px, config.limits, image=image)
+        check_stage_sizes(spec, probe.size_px, config.limits.max_pixels, image=image)
     return probe

@@ -195,6 +195,8 @@ class FailureRecord:
     source_sha256: str | None
     index: int | None
     """Which job of the file failed (None: the file as a whole was rejected)."""
+    stage: int | None
+    """Which stage of a multi-stage job failed (None for a job without `then:`, or the file as a whole)."""
     code: str
     """As in the report: `invalid_job`, `model_failed`, `crashed`, ... (pipeline/errors.py, `Code`)."""
     error: str
@@ -235,6 +237,7 @@ def build_failure(
         source=claim.source,
         source_sha256=sha256,
         index=error.job_index,
+        stage=error.stage,
         code=str(error.code),
         error=error.message,
         field=error.field,

@@ -199,7 +199,9 @@ def run_claims(
         started = time.perf_counter()
         batch = [item for item in batch if _begin(by_id[item.claim.claim_id])]
         try:
-            results = _generate(batch, config, generator, cancel, on_step, board) if batch else []
+            results: Sequence[Generated | DiffusiondError] = (
+                _generate(batch, config, generator, cancel, on_step, board) if batch else []
+            )
         except Cancelled:
             stopped = True
             break

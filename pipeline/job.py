@@ -399,17 +399,17 @@ def stage_sizes(spec: Spec, input_size: tuple[int, int] | None) -> list[tuple[in
     return sizes
 
 
-def check_stage_sizes(spec: Spec, input_size: tuple[int, int] | None, limits: Limits, *, image: str | None) -> None:
+def check_stage_sizes(spec: Spec, input_size: tuple[int, int] | None, max_pixels: int, *, image: str | None) -> None:
     """Every stage's images within the pixel limit; the error names the first stage that is over it."""
     for number, (stage, (width, height)) in enumerate(
         zip(stage_specs(spec), stage_sizes(spec, input_size), strict=True), start=1
     ):
-        if width * height <= limits.max_pixels:
+        if width * height <= max_pixels:
             continue
         grows = "image" if number == 1 else ("scale" if isinstance(stage, UpscaleJob) else "size")
         raise JobRejected(
             f"the {'result' if number == 1 else f'result of stage {number}'} would be {width}x{height} "
-            f"({width * height} pixels), over the limit of {limits.max_pixels}",
+            f"({width * height} pixels), over the limit of {max_pixels}",
             code=Code.OVER_LIMIT,
             field=grows,
             value=image if grows == "image" else getattr(stage, grows),
@@ -736,7 +736,7 @@ def _validate(document: Any, path: str, rules: Rules, profile: Mapping[str, Any]
     if stages:
         spec = spec.model_copy(update={"then": _validate_stages(stages, spec, rules)})
     if not task.takes_image:  # the sizes of every stage are known now; an input's once it is probed
-        check_stage_sizes(spec, None, rules.limits, image=None)
+        check_stage_sizes(spec, None, rules.limits.max_pixels, image=None)
     # The mark goes on the images the job publishes: the last stage's.
     size = stage_sizes(spec, None)[-1] if not task.takes_image else None
     if isinstance(spec, RedrawJob) and not spec.then:
@@ -801,14 +801,14 @@ def _validate_stage(document: Any, previous: Spec, rules: Rules) -> Spec:
             )
     task_name = document.get("task")
     if task_name not in STAGE_TASKS:
-        allowed = ", ".join(STAGE_TASKS)
+        tasks = ", ".join(STAGE_TASKS)
         why = (
             "txt2img makes an image from the prompt alone, so it can only be a job's first stage"
             if task_name == Task.TXT2IMG
             else f"{'a stage must name its task' if task_name is None else f'unknown task {shown_text(task_name)}'}"
         )
         raise JobRejected(
-            f"{why}; a stage's task is one of: {allowed}",
+            f"{why}; a stage's task is one of: {tasks}",
             field="task",
             value=shown(task_name),
             fix="set the stage's `task:` to img2img, upscale or depth2img",
