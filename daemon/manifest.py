@@ -25,7 +25,7 @@ from diffusiond.daemon.claim import Claim
 from diffusiond.pipeline.backend import EarlierStage, Generated
 from diffusiond.pipeline.errors import DiffusiondError
 from diffusiond.pipeline.hashing import file_sha256
-from diffusiond.pipeline.job import Job, Spec, stage_specs
+from diffusiond.pipeline.job import Job, Spec, stage_record, stage_specs
 from diffusiond.pipeline.provenance import OutputRecord, StampedJob, job_record
 
 SCHEMA = 1
@@ -142,17 +142,13 @@ def build_manifest(
     )
 
 
-_NOT_A_STAGE_FIELD = {"then", "keep", "output", "watermark"}
-"""The job's own fields, not a stage's: left out of each stage's `job`."""
-
-
 def _stage(
     number: int, spec: Spec, generated: Generated, attempt: int, finished_at: str, images: list[dict[str, Any]]
 ) -> dict[str, Any]:
     return {
         "stage": number,
         "task": str(spec.task),
-        "job": spec.model_dump(mode="json", exclude=_NOT_A_STAGE_FIELD),
+        "job": stage_record(spec),
         "seeds": list(generated.seeds),
         "scheduler": generated.scheduler,
         "model": generated.model.record() if generated.model else None,

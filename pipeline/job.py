@@ -384,6 +384,17 @@ NOT_IN_A_STAGE = {
 """Fields only a job has, and why a stage cannot set them."""
 
 
+def spec_record(spec: Spec) -> dict[str, Any]:
+    """The job as run, for records people and tools read: every field, each stage without the
+    fields only a job has (a stage's own `count` is always 1; the job's `output` applies)."""
+    return spec.model_dump(mode="json", exclude={"then": {"__all__": set(NOT_IN_A_STAGE)}} if spec.then else None)
+
+
+def stage_record(spec: Spec) -> dict[str, Any]:
+    """One stage's fields as run (a manifest's `stages[].job`): without the job's own fields."""
+    return spec.model_dump(mode="json", exclude={"then", "keep", "output", "watermark"})
+
+
 def stage_specs(spec: Spec) -> tuple[Spec, ...]:
     """The job's stages in order: its own task (stage 1), then each of `then:`."""
     return (spec, *spec.then)

@@ -27,6 +27,7 @@ from diffusiond.pipeline.job import (
     Spec,
     VisibleWatermark,
     WatermarkSpec,
+    spec_record,
     stage_specs,
 )
 from diffusiond.pipeline.metadata import (
@@ -231,7 +232,7 @@ def chosen_name(job: Job, number: int, seed: int, taken: Callable[[str], bool]) 
 
 def job_record(job: Job) -> dict[str, Any]:
     """What every image's embedded record and the manifest start with."""
-    return {"job_id": job.job_id, "source": job.source, "index": job.index, "job": job.spec.model_dump(mode="json")}
+    return {"job_id": job.job_id, "source": job.source, "index": job.index, "job": spec_record(job.spec)}
 
 
 class _Made(NamedTuple):

@@ -50,6 +50,8 @@ def job_from_image(
         if job.get("task", "txt2img") != "txt2img":
             raise _rejected(label, f"it was made by {job['task']}, whose input image it does not carry", Code.NOT_A_JOB)
         job |= {"seed": record.get("seed", job.get("seed")), "count": 1}
+        if job.get("then"):
+            job["then"] = _stages_that_made(job["then"], record.get("stages"))
         job.pop("watermark", None)  # this daemon's own marks apply
         model_hash = _infotext(parameters).get("Model hash") if parameters else None
     elif parameters:
@@ -60,6 +62,19 @@ def job_from_image(
         raise _rejected(label, "it carries no diffusiond record and no AUTOMATIC1111 parameters", Code.NOT_A_JOB)
     job["model"] = _model(job.get("model"), model_hash, models, model_hashes, label)
     return job
+
+
+def _stages_that_made(stages: Any, made: Any) -> Any:
+    """A multi-stage job's stages up to the one that made this image (one kept with `keep: all` is
+    made by fewer), each with the seed it had for this very image (image i ran at stage seed + i)."""
+    if not isinstance(stages, list) or not isinstance(made, list) or len(made) > len(stages) + 1:
+        return stages  # not a record diffusiond wrote: validation says what is wrong with it
+    out = []
+    for stage, record in zip(stages, made[1:], strict=False):
+        if not isinstance(stage, dict) or not isinstance(record, dict):
+            return stages
+        out.append({k: v for k, v in stage.items() if v is not None} | {"seed": record.get("seed")})
+    return out
 
 
 def _infotext(text: str) -> dict[str, str]:
