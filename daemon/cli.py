@@ -345,13 +345,14 @@ class _Progress:
         if event.get("event") != "progress" or event.get("claim_id") not in self.claims:
             return
         step, steps, job = int(event.get("step", 0)), max(int(event.get("steps", 1)), 1), event.get("job_id")
+        stage = f"stage {event['stage']}/{event.get('stages')} " if event.get("stage") else ""
         if self.tty:
             filled = round(30 * step / steps)
-            sys.stderr.write(f"\r{job} [{'#' * filled}{'.' * (30 - filled)}] {step}/{steps}")
+            sys.stderr.write(f"\r{job} {stage}[{'#' * filled}{'.' * (30 - filled)}] {step}/{steps}")
             sys.stderr.flush()
             self.drawn = True
         else:
-            print(f"step {step}/{steps} {job}", file=sys.stderr, flush=True)
+            print(f"{stage}step {step}/{steps} {job}", file=sys.stderr, flush=True)
 
     def end(self) -> None:
         if self.drawn:

@@ -211,16 +211,17 @@ class StatusBoard:
     def progress(self, job_id: str, step: int, steps: int) -> None:
         """Call on every step: the board decides what to write."""
         with self._lock:
-            claim_id = job_id
+            claim_id, stage = job_id, {}
             for job in self._status["running"]:
                 if job["job_id"] == job_id:
                     job.update(step=step, steps=steps)
                     claim_id = job.get("claim_id", job_id)
+                    stage = {k: job[k] for k in ("stage", "stages") if k in job}
             now = time.monotonic()
             last = step >= steps
             if last or now - self._last_progress_event.get(job_id, float("-inf")) >= self.progress_interval_s:
                 self._last_progress_event[job_id] = now
-                self._event("progress", job_id=job_id, claim_id=claim_id, step=step, steps=steps)
+                self._event("progress", job_id=job_id, claim_id=claim_id, step=step, steps=steps, **stage)
             self._changed(now)
 
     def done(self, job_id: str, source: str, outputs: list[str], seconds: float, claim_id: str | None = None) -> None:
@@ -604,7 +605,8 @@ def format_event(event: dict[str, Any]) -> str:
             f"from {event.get('source')}"
         )
     elif kind == "progress":
-        what = f"step {event.get('step')}/{event.get('steps')}"
+        stage = f"stage {event['stage']}/{event.get('stages')} " if event.get("stage") else ""
+        what = f"{stage}step {event.get('step')}/{event.get('steps')}"
     elif kind == "done":
         outputs = event.get("outputs") or []
         what = f"in {event.get('seconds', 0)} s: {', '.join(map(str, outputs))}"

@@ -178,6 +178,8 @@ def test_a_three_stage_job_makes_its_final_images_with_the_original_prompt_and_s
         [*(o["file"] for o in first["outputs"]), f"{first['job_id']}.json", *names, f"{kept['job_id']}.json"]
     )
     assert spool.claims() == []  # the kept stages went with the claim
+    progress = [e for e in events(spool.config.state) if e["event"] == "progress"]
+    assert {(e["stage"], e["stages"]) for e in progress} == {(1, 3), (2, 3)}  # a Lanczos stage has no steps
     figure("multi-stage job: txt2img 64 -> img2img 96 -> lanczos 192, count 2: 2 final images, 3 stages recorded")
 
     # Reproduce: the second final image (seed 43) and a kept stage-2 image run again.
