@@ -39,3 +39,20 @@ def test_the_example_hook_hands_each_image_to_a_second_daemon(spool: Spool, test
             assert image.size == (128, 128)
     handed = sorted(f["source"] for f in finals)  # each job file is named after the image it carries
     assert handed == sorted(f"{Path(o['file']).stem}.yaml" for o in made["outputs"]), handed
+
+
+def test_the_example_stage_job_runs_as_one_job_through_a_real_daemon(spool: Spool) -> None:
+    """examples/inbox/lighthouse.yaml: txt2img, a hires fix and the x4 upscaler, on the test models."""
+    spool.drop("lighthouse.yaml", (REPO / "examples" / "inbox" / "lighthouse.yaml").read_bytes())
+    process = start_daemon_process(spool.config_path, "--oneshot")
+    assert process.wait(CEILING_S) == 0
+    [made] = spool.manifests()
+    assert [s["task"] for s in made["stages"]] == ["txt2img", "img2img", "upscale"]
+    assert [s["model"]["name"] for s in made["stages"]] == ["test", "test", "test-x4"]
+    assert [(o["width"], o["height"], o["seed"]) for o in made["outputs"]] == [(512, 512, 77), (512, 512, 78)]
+    assert spool.visible_outputs() == sorted([*(o["file"] for o in made["outputs"]), f"{made['job_id']}.json"])
+    with Image.open(spool.outbox / made["outputs"][0]["file"]) as image:
+        parameters = image.text["parameters"]
+    assert parameters.startswith("a lighthouse at dusk\nNegative prompt: blurry\n")
+    assert "Seed: 77, Size: 64x64" in parameters and "Hires upscale: 2" in parameters
+    assert "Postprocess upscale by: 4, Postprocess upscaler: SD x4 (test-x4)" in parameters
