@@ -133,7 +133,9 @@ def run_claims(
 
     Stages 3b and 4 run on `writer`, in order; `on_end(claim, ending)` is called once per claim
     when it has ended. When `cancel` is set during a step, the jobs not made yet stay undone: a
-    claim with published jobs stays in work/ (RESUMES), one without goes back to the inbox.
+    claim with published jobs (or a kept stage of a multi-stage job) stays in work/ (RESUMES), one
+    without goes back to the inbox. A multi-stage job's images between two of its stages are kept
+    on this thread (daemon/stages.py: lossless PNG, quick to write), as the next stage needs them.
     """
     # 1. Pre-check each claim: the service validated a new claim and passes its jobs; a claim resumed
     #    after a stop or crash is read back from its jobs.json (or validated again). A wrong one fails
