@@ -64,6 +64,10 @@ class Manifest:
     model: dict[str, Any] | None
     """name, path, hash, family, pipeline of the model (None for a model-free upscale)."""
     prediction: str | None
+    prompt_encoding: dict[str, Any] | None
+    """How the prompts reached the text encoder (the first stage's): `method` (`text`, or `compel` for
+    A1111 weights, BREAK or a prompt over 75 tokens), `tokens`, `windows` (77-token windows encoded),
+    `weighted`, `truncated` (false: nothing is cut); None where no text encoder ran (Lanczos)."""
     device: str
     dtype: str
     memory: str | None
@@ -123,6 +127,7 @@ def build_manifest(
         input_image={"file": job.image.name, "sha256": job.image.sha256} if job.image else None,
         model=first.model.record() if first.model else None,
         prediction=first.prediction,
+        prompt_encoding=first.prompt_encoding,
         device=generated.device,
         dtype=generated.dtype,
         memory=first.memory,
@@ -152,6 +157,7 @@ def _stage(
         "seeds": list(generated.seeds),
         "scheduler": generated.scheduler,
         "model": generated.model.record() if generated.model else None,
+        "prompt_encoding": generated.prompt_encoding,
         "memory": generated.memory,
         "batch_size": generated.batch_size,
         "timings": {"load_s": round(generated.load_s, 4), "generate_s": round(generated.generate_s, 4)},

@@ -101,6 +101,7 @@ class Chain:
             memory=first.memory,
             batch_size=first.batch_size,
             prediction=first.prediction,
+            prompt_encoding=first.prompt_encoding,
         )
 
     def keep(self, claim_folder: Path, generated: Generated, attempt: int) -> EarlierStage:
@@ -177,6 +178,7 @@ def _record(stage: EarlierStage) -> dict[str, Any]:
         "memory": made.memory,
         "batch_size": made.batch_size,
         "prediction": made.prediction,
+        "prompt_encoding": made.prompt_encoding,
         "attempt": stage.attempt,
         "finished_at": stage.finished_at,
     }
@@ -201,6 +203,7 @@ def _from_record(record: dict[str, Any], spec: Spec, folder: Path) -> EarlierSta
             memory=record["memory"],
             batch_size=int(record["batch_size"]),
             prediction=record["prediction"],
+            prompt_encoding=record.get("prompt_encoding"),
         )
         sizes = tuple((int(w), int(h)) for w, h in record["sizes"])
         return EarlierStage(

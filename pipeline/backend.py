@@ -77,6 +77,8 @@ class Generated:
     """How many jobs shared the pipeline call."""
     prediction: str | None = None
     """The scheduler's prediction type (`epsilon`, `v_prediction`)."""
+    prompt_encoding: dict[str, Any] | None = None
+    """How the prompts reached the text encoder (`prompts.PromptEncoding.record`); None without one."""
 
 
 @dataclass(frozen=True)

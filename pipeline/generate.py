@@ -9,6 +9,7 @@ raises into `JobFailed`.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,19 +25,21 @@ from diffusiond.pipeline.img2img import img2img
 from diffusiond.pipeline.inputs import open_image
 from diffusiond.pipeline.job import Job, Task, UpscaleJob, seeds_for
 from diffusiond.pipeline.models import Loaded, ModelCache, is_out_of_memory
+from diffusiond.pipeline.prompts import encode
 from diffusiond.pipeline.txt2img import txt2img
 from diffusiond.pipeline.upscale import upscale_lanczos, upscale_x4
 
 __all__ = ["Cancelled", "DiffusersGenerator", "Generated"]
 
-Runner = Callable[[Loaded, Batch, Callable[..., dict[str, Any]]], list[Image.Image]]
+Runner = Callable[[Loaded, Batch, Callable[..., dict[str, Any]], Mapping[str, Any]], list[Image.Image]]
 TASK_RUNNERS: dict[Task, Runner] = {
     Task.TXT2IMG: txt2img,
     Task.IMG2IMG: img2img,
     Task.DEPTH2IMG: img2img,
     Task.UPSCALE: upscale_x4,
 }
-"""How each task's batch is run on its pipeline (which pipeline: `models.PIPELINES`)."""
+"""How each task's batch is run on its pipeline (which pipeline: `models.PIPELINES`), given the call's
+prompt arguments (`prompts.encode`: the texts, or compel's embeddings of A1111 syntax)."""
 
 
 class DiffusersGenerator:
@@ -90,7 +93,8 @@ class DiffusersGenerator:
                 loaded = cache.pipeline(name, spec.task)
                 loaded_at = time.perf_counter()
                 callback = step_callback(cancel, on_step, spec.denoise_steps())
-                images = TASK_RUNNERS[spec.task](loaded, batch, callback)
+                encoded = encode(loaded.pipe, batch.prompts(), batch.negative_prompts())
+                images = TASK_RUNNERS[spec.task](loaded, batch, callback, encoded.kwargs)
                 break
             except (Cancelled, DiffusiondError):  # a model that did not load says so itself
                 raise
@@ -100,6 +104,7 @@ class DiffusersGenerator:
                 raise _translate(exc, spec.task) from exc
         done = time.perf_counter()
         model = ModelInfo(name, loaded.path, loaded.hash, str(loaded.kind), type(loaded.pipe).__name__)
+        first_images = itertools.accumulate((s.count for s in batch.specs[:-1]), initial=0)
         return [
             Generated(
                 part,
@@ -113,8 +118,9 @@ class DiffusersGenerator:
                 memory=cache.level(name).name.lower(),
                 batch_size=len(jobs),
                 prediction=loaded.scheduler_config.get("prediction_type"),
+                prompt_encoding=encoded.encodings[first].record(),
             )
-            for job_spec, part in zip(batch.specs, batch.split(images), strict=True)
+            for job_spec, part, first in zip(batch.specs, batch.split(images), first_images, strict=True)
         ]
 
 

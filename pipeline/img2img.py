@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from PIL import Image
@@ -14,7 +14,9 @@ from diffusiond.pipeline.models import Loaded
 from diffusiond.pipeline.schedulers import make_scheduler
 
 
-def img2img(loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, Any]]) -> list[Image.Image]:
+def img2img(
+    loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, Any]], prompts: Mapping[str, Any]
+) -> list[Image.Image]:
     """Every redraw of the batch in one call. The depth model takes the same call (it estimates depth itself)."""
     spec = batch.first_as(RedrawJob)
     # 1. Each input at the job's size, or its own size cropped to multiples of 8.
@@ -25,8 +27,7 @@ def img2img(loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, Any]
     pipe.scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)
     # 3. Noise each input to `strength` with its own seed, denoise and decode.
     result = pipe(
-        prompt=batch.prompts(),
-        negative_prompt=batch.negative_prompts(),
+        **prompts,  # the texts, or their embeddings (pipeline/prompts.py)
         image=images,
         strength=spec.strength,
         num_inference_steps=spec.steps,

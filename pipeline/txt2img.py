@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from PIL import Image
@@ -13,7 +13,9 @@ from diffusiond.pipeline.models import Loaded
 from diffusiond.pipeline.schedulers import make_scheduler
 
 
-def txt2img(loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, Any]]) -> list[Image.Image]:
+def txt2img(
+    loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, Any]], prompts: Mapping[str, Any]
+) -> list[Image.Image]:
     """Every image of the batch in one pipeline call, each with its own prompt and seed."""
     spec = batch.first_as(Txt2ImgJob)
     # 1. A fresh scheduler for this call (the model's own, or the one the jobs name).
@@ -22,8 +24,7 @@ def txt2img(loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, Any]
     # 2. Denoise from one seeded noise per image, then decode.
     width, height = spec.size
     result = pipe(
-        prompt=batch.prompts(),
-        negative_prompt=batch.negative_prompts(),
+        **prompts,  # the texts, or their embeddings (pipeline/prompts.py)
         width=width,
         height=height,
         num_inference_steps=spec.steps,

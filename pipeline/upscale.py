@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from PIL import Image
@@ -19,7 +19,9 @@ def upscale_lanczos(spec: UpscaleJob, image: Image.Image) -> list[Image.Image]:
     return [image.resize(size, Image.Resampling.LANCZOS)]
 
 
-def upscale_x4(loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, Any]]) -> list[Image.Image]:
+def upscale_x4(
+    loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, Any]], prompts: Mapping[str, Any]
+) -> list[Image.Image]:
     """Four times each input's width and height, guided by the prompt, in one call."""
     spec = batch.first_as(UpscaleJob)
     # 1. A fresh scheduler for this call.
@@ -28,8 +30,7 @@ def upscale_x4(loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, A
     pipe.scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)
     # 2. Noise each low-res input to `noise_level`, denoise at 4x and decode.
     result = pipe(
-        prompt=batch.prompts(),
-        negative_prompt=batch.negative_prompts(),
+        **prompts,  # the texts, or their embeddings (pipeline/prompts.py)
         image=batch.images(),
         num_inference_steps=spec.steps,
         guidance_scale=spec.guidance,
