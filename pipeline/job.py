@@ -49,6 +49,43 @@ SCHEDULER_NAMES = (
     "dpmpp_sde",
     "unipc",
 )
+A1111_SAMPLERS: dict[str, tuple[str, str]] = {
+    "ddim": ("DDIM", "Automatic"),
+    "pndm": ("PLMS", "Automatic"),
+    "plms": ("PLMS", "Automatic"),
+    "lms": ("LMS", "Uniform"),
+    "euler": ("Euler", "Uniform"),
+    "euler_a": ("Euler a", "Uniform"),
+    "heun": ("Heun", "Uniform"),
+    "dpmpp_2m": ("DPM++ 2M", "Uniform"),
+    "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
+    "dpmpp_sde": ("DPM++ SDE", "Uniform"),
+    "unipc": ("UniPC", "Automatic"),
+}
+"""Our scheduler names as A1111 writes them: (Sampler, Schedule type)."""
+A1111_SCHEDULER_NAMES: dict[str, str] = {
+    **{sampler.lower(): ours for ours, (sampler, _schedule) in reversed(A1111_SAMPLERS.items())},
+    **{f"{s} {t}".lower(): ours for ours, (s, t) in A1111_SAMPLERS.items() if t not in ("Automatic", "Uniform")},
+}
+"""A1111's sampler names (`Euler a`, `DPM++ 2M`, and `DPM++ 2M Karras` as A1111 1.x wrote it), any case,
+accepted as `scheduler:` and stored as ours."""
+A1111_FIELDS = {
+    "cfg_scale": "guidance",
+    "cfg": "guidance",
+    "sampler": "scheduler",
+    "sampler_name": "scheduler",
+    "sampler_index": "scheduler",
+    "denoising_strength": "strength",
+    "n_iter": "count",
+    "batch_size": "count",
+    "width": "size",
+    "height": "size",
+    "negative": "negative_prompt",
+    "init_images": "image",
+    "sd_model_checkpoint": "model",
+}
+"""Fields A1111 (its API and its infotext) spells otherwise: an unknown field of these names gets a
+"did you mean" to ours (one spelling per field keeps job files readable and the schema strict)."""
 JOB_SUFFIXES = (".yaml", ".yml")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -222,6 +259,14 @@ class _JobFields(BaseModel):
     """With `then:`: `final` publishes only the last stage's images, `all` every stage's."""
     task: Task
     """Each task's class narrows it to its own member: the tag of the union."""
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _a1111_sampler(cls, value: Any) -> Any:
+        """`DPM++ 2M Karras`, `Euler a`, ...: A1111's name for one of ours, taken as ours."""
+        if isinstance(value, str) and value not in SCHEDULER_NAMES:
+            return A1111_SCHEDULER_NAMES.get(" ".join(value.split()).lower(), value)
+        return value
 
     @property
     def input_image(self) -> str | None:
@@ -872,6 +917,8 @@ def _translate(exc: ValidationError, task: Task, *, stage: bool = False) -> JobR
         known = sorted(set(section.model_fields) - (set(NOT_IN_A_STAGE) if stage and len(loc) == 1 else set()))
         guess = difflib.get_close_matches(loc[-1], known, n=1)
         hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+        if len(loc) == 1 and (ours := A1111_FIELDS.get(loc[0])) in known:
+            hint = f" (did you mean '{ours}'? '{loc[0]}' is AUTOMATIC1111's name for it)"
         kind = f"{task} {'stage' if stage else 'job'}"
         where_in = f"'{'.'.join(loc[:-1])}' of a {kind}" if len(loc) > 1 else f"a {kind}"
         return JobRejected(
@@ -985,7 +1032,8 @@ def _check_limits(spec: Spec, rules: Rules) -> None:
             raise _over("size", f"{size[0]}x{size[1]} ({size[0] * size[1]} pixels)", f"{limits.max_pixels} pixels")
     if spec.scheduler is not None and spec.scheduler not in SCHEDULER_NAMES:
         raise JobRejected(
-            f"unknown scheduler {spec.scheduler!r}; allowed: {', '.join(SCHEDULER_NAMES)}",
+            f"unknown scheduler {spec.scheduler!r}; allowed: {', '.join(SCHEDULER_NAMES)} "
+            f"(or A1111's names: {', '.join(sorted({s for s, _ in A1111_SAMPLERS.values()}))}, DPM++ 2M Karras)",
             field="scheduler",
             value=spec.scheduler,
             fix="pick a scheduler from the list, or leave `scheduler:` out to use the model's own",

@@ -44,7 +44,7 @@ from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict
 
 from diffusiond import __version__
-from diffusiond.pipeline.job import Depth2ImgJob, Img2ImgJob, OutputSpec, Spec, Txt2ImgJob, UpscaleJob
+from diffusiond.pipeline.job import A1111_SAMPLERS, Depth2ImgJob, Img2ImgJob, OutputSpec, Spec, Txt2ImgJob, UpscaleJob
 
 __all__ = [
     "COMPOSITE",
@@ -110,19 +110,7 @@ class MetadataOptions(BaseModel):
 # "Automatic" schedule means Karras for DPM++ 2M and DPM++ SDE; so the schedule is written out:
 # "Uniform" (the model's own sigmas, what diffusers does without use_karras_sigmas) for the
 # k-diffusion samplers, "Automatic" for the timestep samplers (DDIM, PLMS, UniPC), which ignore it.
-_A1111_SAMPLERS: dict[str, tuple[str, str]] = {
-    "ddim": ("DDIM", "Automatic"),
-    "pndm": ("PLMS", "Automatic"),
-    "plms": ("PLMS", "Automatic"),
-    "lms": ("LMS", "Uniform"),
-    "euler": ("Euler", "Uniform"),
-    "euler_a": ("Euler a", "Uniform"),
-    "heun": ("Heun", "Uniform"),
-    "dpmpp_2m": ("DPM++ 2M", "Uniform"),
-    "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
-    "dpmpp_sde": ("DPM++ SDE", "Uniform"),
-    "unipc": ("UniPC", "Automatic"),
-}
+_A1111_SAMPLERS = A1111_SAMPLERS
 # A model's own scheduler arrives as its diffusers class name (Generated.scheduler).
 _A1111_CLASSES: dict[str, tuple[str, str]] = {
     "DDIMScheduler": _A1111_SAMPLERS["ddim"],

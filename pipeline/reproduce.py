@@ -24,7 +24,8 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from diffusiond.pipeline.errors import Code, JobRejected
-from diffusiond.pipeline.metadata import _A1111_SAMPLERS, read_parameters, read_record
+from diffusiond.pipeline.job import A1111_SAMPLERS as _A1111_SAMPLERS
+from diffusiond.pipeline.metadata import read_parameters, read_record
 
 _PAIR = re.compile(r'\s*([\w \-/+()]+?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 _SAMPLERS = {(sampler, schedule): ours for ours, (sampler, schedule) in _A1111_SAMPLERS.items()}

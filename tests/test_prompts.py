@@ -8,9 +8,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from diffusiond.pipeline.errors import JobRejected
+from diffusiond.pipeline.families import ModelKind
+from diffusiond.pipeline.job import Rules, parse_job_text
 from diffusiond.pipeline.prompts import BREAK, encode, parse_attention, plain_text
 from tests.conftest import Spool, start_daemon_thread, wait_for
 
+RULES = Rules(models={"sd": ModelKind.SD1}, defaults={"all": {"model": "sd"}})
 LONG = ", ".join(f"a lighthouse number {n} on a rock" for n in range(25))  # about 200 tokens
 
 
@@ -107,3 +111,19 @@ def test_a_weighted_and_a_long_prompt_run_through_the_daemon_and_say_how(spool: 
 
     with Image.open(spool.outbox / by_source["weighted.yaml"]["outputs"][0]["file"]) as image:
         assert image.text["parameters"].startswith("a (red:1.6) fox\n")  # the prompt as written
+
+
+@pytest.mark.parametrize(
+    ("name", "ours"),
+    [("DPM++ 2M Karras", "dpmpp_2m_karras"), ("DPM++ 2M", "dpmpp_2m"), ("Euler a", "euler_a"), ("euler A", "euler_a")],
+)
+def test_a1111_sampler_names_are_taken_as_ours(name: str, ours: str) -> None:
+    [spec] = parse_job_text(f"prompt: x\nscheduler: {name}\n", path="a.yaml", rules=RULES)
+    assert spec.scheduler == ours
+
+
+@pytest.mark.parametrize(("field", "ours"), [("cfg_scale", "guidance"), ("sampler", "scheduler"), ("width", "size")])
+def test_a1111_field_names_get_a_did_you_mean(field: str, ours: str) -> None:
+    with pytest.raises(JobRejected) as caught:
+        parse_job_text(f"prompt: x\n{field}: 7\n", path="a.yaml", rules=RULES)
+    assert f"did you mean '{ours}'? '{field}' is AUTOMATIC1111's name for it" in str(caught.value)
