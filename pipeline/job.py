@@ -18,6 +18,7 @@ import errno
 import itertools
 import os
 import posixpath
+import re
 import reprlib
 import secrets
 import stat
@@ -86,6 +87,8 @@ A1111_FIELDS = {
 }
 """Fields A1111 (its API and its infotext) spells otherwise: an unknown field of these names gets a
 "did you mean" to ours (one spelling per field keeps job files readable and the schema strict)."""
+_PROMPT_EDITING = re.compile(r"(?<!\\)\[[^\[\]]*[:|][^\[\]]*(?<!\\)\]")
+"""`[from:to:when]`, `[a|b]`: A1111's prompt editing and alternation (an escaped `\\[` is text)."""
 JOB_SUFFIXES = (".yaml", ".yml")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -259,6 +262,18 @@ class _JobFields(BaseModel):
     """With `then:`: `final` publishes only the last stage's images, `all` every stage's."""
     task: Task
     """Each task's class narrows it to its own member: the tag of the union."""
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _no_prompt_editing(cls, value: str) -> str:
+        """A1111's prompt editing and alternation change the prompt during sampling: not supported, and
+        refused rather than read as weights (`[a:b:0.5]` would be `a:b:0.5` at 1/1.1)."""
+        if found := _PROMPT_EDITING.search(value):
+            raise ValueError(
+                f"A1111's prompt editing / alternation {found.group(0)!r} is not supported; write the prompt "
+                "without it, or use a stage with its own prompt (then:), or escape the brackets as \\[ \\]"
+            )
+        return value
 
     @field_validator("scheduler", mode="before")
     @classmethod

@@ -127,3 +127,12 @@ def test_a1111_field_names_get_a_did_you_mean(field: str, ours: str) -> None:
     with pytest.raises(JobRejected) as caught:
         parse_job_text(f"prompt: x\n{field}: 7\n", path="a.yaml", rules=RULES)
     assert f"did you mean '{ours}'? '{field}' is AUTOMATIC1111's name for it" in str(caught.value)
+
+
+@pytest.mark.parametrize("prompt", ["a [cat:dog:0.5] sitting", "a [cat|dog]"])
+def test_prompt_editing_is_refused_not_misread_as_weights(prompt: str) -> None:
+    with pytest.raises(JobRejected) as caught:
+        parse_job_text(f"prompt: '{prompt}'\n", path="a.yaml", rules=RULES)
+    assert caught.value.field == "prompt" and "prompt editing / alternation" in str(caught.value)
+    [escaped] = parse_job_text("prompt: 'a \\[cat:dog\\]'\n", path="a.yaml", rules=RULES)
+    assert parse_attention(escaped.prompt) == [("a [cat:dog]", 1.0)]
