@@ -40,7 +40,17 @@ from diffusiond.daemon.pairing import Intent, Parsed, file_stamp, job_file_reade
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobRejected, job_context
 from diffusiond.pipeline.hashing import model_hash
 from diffusiond.pipeline.inputs import probe_image
-from diffusiond.pipeline.job import InputImage, Job, Spec, check_stage_sizes, fill_seed, spec_from_dict, validate_job
+from diffusiond.pipeline.job import (
+    InputImage,
+    Job,
+    RedrawJob,
+    Spec,
+    check_stage_sizes,
+    fill_seed,
+    fit_pixels,
+    spec_from_dict,
+    validate_job,
+)
 from diffusiond.pipeline.reproduce import job_from_image
 
 log = logging.getLogger(__name__)
@@ -283,7 +293,7 @@ def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> lis
     for index, spec in enumerate(specs, start=1):
         image = None
         if spec.task.takes_image:
-            image = _precheck_image(claim, config, spec, index, resolve_image(spec, claim.source, exists))
+            spec, image = _precheck_image(claim, config, spec, index, resolve_image(spec, claim.source, exists))
         job_id = claim.claim_id if len(specs) == 1 else f"{claim.claim_id}-{index}"
         jobs.append(Job(job_id, claim.source, index, fill_seed(spec), image))
     # `image` stays the inbox-relative name, as before the probe was kept: a daemon of the previous
@@ -310,7 +320,7 @@ def _job_from_record(claim: Claim, config: Config, record: dict[str, Any]) -> Jo
     if image is not None and probe is not None:
         found = InputImage.from_record(str(image), probe, folder=claim.inputs)
     elif image is not None:  # written before jobs.json kept the probe: probe the file now
-        found = _precheck_image(claim, config, spec, record["index"], image)
+        spec, found = _precheck_image(claim, config, spec, record["index"], image)
     return Job(record["job_id"], claim.source, record["index"], spec, found)
 
 
@@ -335,8 +345,12 @@ def _validate(claim: Claim, config: Config, parsed: Parsed | None) -> list[Spec]
     return job_file_reader(claim.inputs, rules=rules, profiles=config.profiles)(claim.source)
 
 
-def _precheck_image(claim: Claim, config: Config, spec: Spec, index: int, image: str | None) -> InputImage:
-    """The input exists, is a real image, and the result stays within the pixel limit."""
+def _precheck_image(claim: Claim, config: Config, spec: Spec, index: int, image: str | None) -> tuple[Spec, InputImage]:
+    """The input exists, is a real image, and the result stays within the pixel limit.
+
+    A redraw with no `size:` of an input over `limits.max_pixels` (a phone photo) is given the size
+    that fits, keeping the aspect ratio, instead of being refused: the spec returned says so.
+    """
     with job_context(path=claim.source, job_index=index):
         if image is None or not os.path.lexists(claim.inputs / image):
             raise JobRejected(
@@ -347,5 +361,13 @@ def _precheck_image(claim: Claim, config: Config, spec: Spec, index: int, image:
                 fix="drop the image into the inbox with its job file (same folder, same name as in `image:`)",
             )
         probe = probe_image(claim.inputs / image, label=image, max_file_bytes=config.limits.max_file_bytes)
-        check_stage_sizes(spec, probe.size_px, config.limits.max_pixels, image=image)
-    return probe
+        limit = config.limits.max_pixels
+        (w, h) = probe.size_px
+        if isinstance(spec, RedrawJob) and spec.size is None and w * h > limit:
+            fitted = fit_pixels(probe.size_px, limit)
+            spec = spec.model_copy(update={"size": fitted})
+            claim.trail(
+                f"job {index}: input {image} is {w}x{h}; it runs at {fitted[0]}x{fitted[1]} (limits.max_pixels)"
+            )
+        check_stage_sizes(spec, probe.size_px, limit, image=image)
+    return spec, probe

@@ -25,7 +25,7 @@ from diffusiond.daemon.claim import Claim
 from diffusiond.pipeline.backend import EarlierStage, Generated
 from diffusiond.pipeline.errors import DiffusiondError
 from diffusiond.pipeline.hashing import file_sha256
-from diffusiond.pipeline.job import Job, Spec, stage_record, stage_specs
+from diffusiond.pipeline.job import Job, RedrawJob, Spec, stage_record, stage_specs
 from diffusiond.pipeline.provenance import OutputRecord, StampedJob, job_record
 
 SCHEMA = 1
@@ -59,8 +59,9 @@ class Manifest:
     scheduler: str
     """The scheduler (sampler) class that ran (the first stage's)."""
     claimed_at: str
-    input_image: dict[str, str] | None
-    """`file` (inbox-relative) and `sha256` of the input image, for img2img and upscale."""
+    input_image: dict[str, Any] | None
+    """`file` (inbox-relative), `sha256`, `width` and `height` (upright) of the input image, and for a
+    redraw `run_size`, what it was made for the pipeline (`job.resize` says how)."""
     model: dict[str, Any] | None
     """name, path, hash, family, pipeline of the model (None for a model-free upscale)."""
     prediction: str | None
@@ -124,7 +125,7 @@ def build_manifest(
         seeds=list(first.seeds),
         scheduler=first.scheduler,
         claimed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(claim.claimed_at)),
-        input_image={"file": job.image.name, "sha256": job.image.sha256} if job.image else None,
+        input_image=_input_image(job),
         model=first.model.record() if first.model else None,
         prediction=first.prediction,
         prompt_encoding=first.prompt_encoding,
@@ -145,6 +146,16 @@ def build_manifest(
         stages=stages,
         outputs=stamped.outputs,
     )
+
+
+def _input_image(job: Job) -> dict[str, Any] | None:
+    if job.image is None:
+        return None
+    record: dict[str, Any] = {"file": job.image.name, "sha256": job.image.sha256}
+    record |= {"width": job.image.size_px[0], "height": job.image.size_px[1]}
+    if isinstance(job.spec, RedrawJob):
+        record["run_size"] = list(job.spec.run_size(job.image.size_px))
+    return record
 
 
 def _stage(

@@ -8,7 +8,7 @@ from typing import Any
 from PIL import Image
 
 from diffusiond.pipeline.batch import Batch
-from diffusiond.pipeline.inputs import fit_to_multiple_of_8
+from diffusiond.pipeline.inputs import fit_to_multiple_of_8, resized_input
 from diffusiond.pipeline.job import RedrawJob
 from diffusiond.pipeline.models import Loaded
 from diffusiond.pipeline.schedulers import make_scheduler
@@ -19,8 +19,12 @@ def img2img(
 ) -> list[Image.Image]:
     """Every redraw of the batch in one call. The depth model takes the same call (it estimates depth itself)."""
     spec = batch.first_as(RedrawJob)
-    # 1. Each input at the job's size, or its own size cropped to multiples of 8.
-    images = [fit_to_multiple_of_8(image, spec.size) for image in batch.images()]
+    # 1. Each input at the size the job runs at: its `size` by its `resize` mode, or the input's own
+    #    size cropped to multiples of 8.
+    images = [
+        resized_input(image, spec.run_size(image.size), spec.resize) if spec.size else fit_to_multiple_of_8(image, None)
+        for image in batch.images()
+    ]
     # 2. A fresh scheduler for this call.
     # Copied from diffusiond.pipeline.txt2img.txt2img, step 1
     pipe = loaded.pipe

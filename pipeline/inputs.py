@@ -11,10 +11,11 @@ import hashlib
 import io
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffusiond.pipeline.errors import Code, JobRejected, job_context
-from diffusiond.pipeline.job import InputImage, fit_multiple_of_8, read_plain_file
+from diffusiond.pipeline.job import InputImage, ResizeMode, fit_multiple_of_8, read_plain_file
 
 MAX_DECODE_PIXELS = 89_478_485
 """Pillow's own bomb threshold, where it only warns (it refuses at twice this): an image this big
@@ -93,3 +94,29 @@ def fit_to_multiple_of_8(image: Image.Image, size: tuple[int, int] | None) -> Im
     if (width, height) == image.size:
         return image
     return image.crop((0, 0, width, height))
+
+
+def resized_input(image: Image.Image, size: tuple[int, int], mode: ResizeMode) -> Image.Image:
+    """The input made `size` (what the job runs at) by `mode`: A1111's resize modes, and `fit`.
+
+    `fit` has chosen a `size` of the input's own shape, so it is a plain resize, like `stretch`;
+    `crop` covers `size` and cuts the centre; `fill` fits inside and extends the edge pixels outwards
+    (A1111 stretches the border strips; repeating the last row and column is the same where they are flat).
+    """
+    if image.size == size:
+        return image
+    if mode in ("stretch", "fit"):
+        return image.resize(size, Image.Resampling.LANCZOS)
+    if mode == "crop":
+        return ImageOps.fit(image, size, Image.Resampling.LANCZOS)
+    scale = min(size[0] / image.width, size[1] / image.height)
+    inner = image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS
+    )
+    left, top = (size[0] - inner.width) // 2, (size[1] - inner.height) // 2
+    pixels = np.pad(
+        np.asarray(inner),
+        ((top, size[1] - inner.height - top), (left, size[0] - inner.width - left), (0, 0)),
+        mode="edge",
+    )
+    return Image.fromarray(pixels)

@@ -357,13 +357,22 @@ class RedrawJob(_InputJob):
 
     strength: float = Field(0.75, gt=0, le=1)
     size: Size | None = None
-    """None: the input's own size, cropped to multiples of 8."""
+    """None: the input's own size, cropped to multiples of 8 (a photo over `limits.max_pixels` is
+    scaled down to fit first, keeping its aspect ratio)."""
+    resize: ResizeMode = "crop"
+    """How the input is made `size`: `crop` (scale to cover, centre crop; A1111's "crop and resize"),
+    `fill` (scale to fit inside, edges extended; "resize and fill"), `stretch` ("just resize"), or
+    `fit` (scale to fit inside `size`: the result keeps the input's aspect ratio)."""
 
     def denoise_steps(self) -> int:
         return int(self.steps * self.strength)
 
     def run_size(self, input_size: tuple[int, int] | None) -> tuple[int, int]:
-        return self.size or fit_multiple_of_8(_need_input(input_size))
+        if self.size is None:
+            return fit_multiple_of_8(_need_input(input_size))
+        if self.resize == "fit":
+            return fit_inside(_need_input(input_size), self.size)
+        return self.size
 
     def _call_values(self) -> tuple[Any, ...]:
         return (self.strength,)
@@ -405,6 +414,22 @@ class Depth2ImgJob(RedrawJob):
 
     task: Literal[Task.DEPTH2IMG]
     strength: float = Field(0.8, gt=0, le=1)
+
+
+ResizeMode = Literal["crop", "fill", "stretch", "fit"]
+RESIZE_MODES: tuple[ResizeMode, ...] = typing.get_args(ResizeMode)
+
+
+def fit_inside(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """`size` scaled to fit inside `box` keeping its aspect ratio, in multiples of 8 (at least 8)."""
+    scale = min(box[0] / size[0], box[1] / size[1])
+    return (max(8, int(size[0] * scale) // 8 * 8), max(8, int(size[1] * scale) // 8 * 8))
+
+
+def fit_pixels(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """`size` scaled down (never up) to at most `max_pixels`, keeping its aspect ratio, in multiples of 8."""
+    scale = min(1.0, (max_pixels / (size[0] * size[1])) ** 0.5)
+    return (max(8, int(size[0] * scale) // 8 * 8), max(8, int(size[1] * scale) // 8 * 8))
 
 
 def fit_multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:
