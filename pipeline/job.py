@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import errno
 import itertools
+import math
 import os
 import posixpath
 import re
@@ -260,6 +261,21 @@ class _JobFields(BaseModel):
     the job's own task, stage 2 the first of these."""
     keep: Literal["final", "all"] = "final"
     """With `then:`: `final` publishes only the last stage's images, `all` every stage's."""
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    """Fields to vary, each with its values: the job runs once per combination (the product), e.g.
+    `{seed: [1, 2, 3], guidance: [5, 7.5]}` is 6 jobs; each job's record has its own values here."""
+
+    @field_validator("sweep")
+    @classmethod
+    def _one_combination(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """A job file's sweep is expanded before validation; one that reaches a job unexpanded came
+        from a profile or the config's defaults, which do not sweep."""
+        if any(len(values) != 1 for values in value.values()):
+            raise ValueError(
+                "a sweep is expanded only from a job file; a profile or the config's defaults cannot sweep"
+            )
+        return value
+
     task: Task
     """Each task's class narrows it to its own member: the tag of the union."""
 
@@ -459,6 +475,7 @@ STAGE_INHERITS = ("prompt", "negative_prompt", "seed")
 STAGE_INHERITS_WITH_MODEL = ("steps", "guidance", "scheduler")
 """What a stage also takes from the stage before when it runs on the same model (a hires fix)."""
 NOT_IN_A_STAGE = {
+    "sweep": "a sweep is the job's; set it on the job (each combination runs every stage)",
     "count": "each image of the job goes through every stage; set `count:` on the job",
     "image": "a stage runs on the images of the stage before it",
     "output": "the job's `output:` applies to every stage's images; set it on the job",
@@ -775,8 +792,81 @@ def parse_job_text(
             path=path,
             fix="write at least one job, e.g. `task: txt2img` and `prompt: ...`",
         )
+    specs: list[Spec] = []
+    for i, doc in enumerate(documents, start=1):
+        expanded = _expand_sweep(doc, path=path, index=i, max_jobs=limit - len(specs))
+        swept = [validate_job(d, path=path, index=i, rules=rules, profile=profile) for d in expanded]
+        if len(expanded) > 1 and (images := len(swept) * swept[0].count) > rules.limits.max_count:
+            raise JobRejected(
+                f"the sweep makes {len(swept)} jobs of {swept[0].count} image(s), {images} images: over the "
+                f"limit of {rules.limits.max_count} images (limits.max_count) for one job",
+                code=Code.OVER_LIMIT,
+                path=path,
+                job_index=i,
+                field="sweep",
+                value=shown(doc.get("sweep")),
+                fix="sweep fewer values (or split the sweep into several jobs), or raise limits.max_count",
+            )
+        specs += swept
+        if len(specs) > limit:
+            raise JobRejected(
+                f"the file's jobs, with its sweeps expanded, are more than {limit}, the limit per job file",
+                code=Code.OVER_LIMIT,
+                path=path,
+                field="sweep",
+                fix=f"split the jobs into files of at most {limit} each",
+            )
+    return specs
+
+
+SWEEP_EXCLUDED = ("task", "then", "keep", "output", "watermark", "sweep", "count", "image")
+"""Fields a sweep cannot vary: what a job is, and what shapes its outputs."""
+
+
+def _expand_sweep(document: Any, *, path: str, index: int, max_jobs: int) -> list[Any]:
+    """A document with `sweep:` as one document per combination of its values (the product, in the
+    order written), each with `sweep:` holding its own values; any other document as it is."""
+    if not isinstance(document, dict) or "sweep" not in document:
+        return [document]
+    sweep = document["sweep"]
+    with job_context(path=path, job_index=index):
+        if not isinstance(sweep, dict) or not sweep:
+            raise JobRejected(
+                f"`sweep:` must map fields to lists of values, got {shown_text(sweep)}",
+                field="sweep",
+                value=shown(sweep),
+                fix="write e.g. `sweep: {seed: [1, 2, 3], guidance: [5, 7.5]}`",
+            )
+        for key, values in sweep.items():
+            if key in SWEEP_EXCLUDED or not isinstance(key, str):
+                raise JobRejected(
+                    f"a sweep cannot vary {shown_text(key)}; it varies fields such as seed, guidance, steps, "
+                    f"strength, scheduler, prompt, model or size (not {', '.join(SWEEP_EXCLUDED)})",
+                    field=f"sweep.{key}",
+                    value=shown(values),
+                    fix="sweep another field, or write separate jobs (`---`)",
+                )
+            if not isinstance(values, list) or not values:
+                raise JobRejected(
+                    f"sweep.{key} must be a non-empty list of values, got {shown_text(values)}",
+                    field=f"sweep.{key}",
+                    value=shown(values),
+                    fix=f"write e.g. `{key}: [first, second]`",
+                )
+        if (jobs := math.prod(len(values) for values in sweep.values())) > max_jobs:
+            raise JobRejected(
+                f"the sweep makes {jobs} jobs, more than the file may still hold ({max_jobs} of "
+                "limits.max_jobs_per_file)",
+                code=Code.OVER_LIMIT,
+                field="sweep",
+                value=shown(sweep),
+                fix="sweep fewer values, or split the sweep into several files",
+            )
+    keys = list(sweep)
     return [
-        validate_job(doc, path=path, index=i, rules=rules, profile=profile) for i, doc in enumerate(documents, start=1)
+        {**document, **dict(zip(keys, combination, strict=True))}
+        | {"sweep": {k: [v] for k, v in zip(keys, combination, strict=True)}}
+        for combination in itertools.product(*(sweep[k] for k in keys))
     ]
 
 
