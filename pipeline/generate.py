@@ -93,7 +93,7 @@ class DiffusersGenerator:
                 loaded = cache.pipeline(name, spec.task)
                 loaded_at = time.perf_counter()
                 callback = step_callback(cancel, on_step, spec.denoise_steps())
-                encoded = encode(loaded.pipe, batch.prompts(), batch.negative_prompts())
+                encoded = encode(loaded.pipe, batch.prompts(), batch.negative_prompts(), clip_skip=spec.clip_skip)
                 images = TASK_RUNNERS[spec.task](loaded, batch, callback, encoded.kwargs)
                 break
             except (Cancelled, DiffusiondError):  # a model that did not load says so itself

@@ -36,6 +36,7 @@ def img2img(
         strength=spec.strength,
         num_inference_steps=spec.steps,
         guidance_scale=spec.guidance,
+        eta=spec.eta,  # DDIM's; the other schedulers take none
         generator=batch.generators(),
         callback_on_step_end=callback,
         output_type="pil",

@@ -253,6 +253,11 @@ class _JobFields(BaseModel):
     scheduler: str | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     count: int = Field(1, ge=1)
+    clip_skip: Literal[1, 2] = 1
+    """A1111's Clip skip: 1 conditions on the text encoder's last layer, 2 on the one before (what
+    many SD 1.x anime models were trained with). Not for SDXL, which already takes the one before."""
+    eta: float = Field(0.0, ge=0, le=1)
+    """DDIM's eta: the noise added at each step (0 is deterministic DDIM); the ddim scheduler only."""
     output: OutputSpec = OutputSpec()
     watermark: WatermarkSpec = WatermarkSpec()
     then: tuple[StageSpec, ...] = ()
@@ -336,6 +341,8 @@ class _JobFields(BaseModel):
             self.steps,
             self.guidance,
             self.scheduler,
+            self.clip_skip,
+            self.eta,
             *self._call_values(),
         )
 
@@ -1168,6 +1175,13 @@ def _check_limits(spec: Spec, rules: Rules) -> None:
             value=spec.scheduler,
             fix="pick a scheduler from the list, or leave `scheduler:` out to use the model's own",
         )
+    if spec.eta and spec.scheduler not in (None, "ddim"):
+        raise JobRejected(
+            f"eta is DDIM's: the {spec.scheduler} scheduler does not use it",
+            field="eta",
+            value=spec.eta,
+            fix="set `scheduler: ddim` to use eta, or remove `eta:`",
+        )
     if isinstance(spec, RedrawJob) and spec.denoise_steps() < 1:
         raise JobRejected(
             f"strength {spec.strength:g} with {spec.steps} steps leaves no denoising step (steps x strength < 1)",
@@ -1211,6 +1225,14 @@ def _check_model(spec: Spec, rules: Rules) -> None:
             fix="use a model name from the config, or add the model to `models:` in the config",
         )
     kind = rules.models[spec.model]
+    if spec.clip_skip != 1 and kind is ModelKind.SDXL:
+        raise JobRejected(
+            f"clip_skip {spec.clip_skip} is for SD 1.x and 2.x: SDXL ('{spec.model}') already conditions on "
+            "the text encoders' next-to-last layer",
+            field="clip_skip",
+            value=spec.clip_skip,
+            fix="remove `clip_skip:` for an SDXL model",
+        )
     if kind is not ModelKind.UNKNOWN and spec.task not in TASKS_BY_KIND[kind]:
         raise JobRejected(
             f"model '{spec.model}' is a {kind} model and cannot run {spec.task}; models that can: "

@@ -187,6 +187,10 @@ def infotext(
         pairs.append(("Model", model_name))
     if isinstance(spec, Img2ImgJob | Depth2ImgJob):
         pairs.append(("Denoising strength", _number(spec.strength)))
+    if spec.clip_skip != 1 and not plain_upscale:
+        pairs.append(("Clip skip", spec.clip_skip))
+    if spec.eta and not plain_upscale:
+        pairs.append(("Eta DDIM", _number(spec.eta)))
     if isinstance(spec, UpscaleJob):
         if plain_upscale:  # A1111's extras tab writes these two
             pairs += [("Postprocess upscale by", _number(spec.scale)), ("Postprocess upscaler", "Lanczos")]

@@ -138,14 +138,17 @@ class Encoded:
     """One per image, in the order the prompts were given."""
 
 
-def encode(pipe: Any, prompts: Sequence[str], negatives: Sequence[str]) -> Encoded:
+def encode(pipe: Any, prompts: Sequence[str], negatives: Sequence[str], *, clip_skip: int = 1) -> Encoded:
     """The texts as they are, or embeddings from compel when any prompt of the call has A1111 syntax
-    or is longer than one window (then every image's, padded alike, so one call takes them all)."""
+    or is longer than one window (then every image's, padded alike, so one call takes them all).
+
+    `clip_skip` 2 takes the text encoder's next-to-last layer, through compel whatever the prompt:
+    diffusers' own `clip_skip` reaches `text_encoder.text_model`, which transformers 5 no longer has."""
     tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
     pairs = list(zip(prompts, negatives, strict=True))
     counts = [(_words(tokenizer, p), _words(tokenizer, n)) for p, n in pairs]
     weighted = [any(w not in (1.0, BREAK) for t in pair for _, w in parse_attention(t)) for pair in pairs]
-    plain = all(
+    plain = clip_skip == 1 and all(
         not has_syntax(p) and not has_syntax(n) and max(c) <= A1111_WINDOW_TOKENS
         for (p, n), c in zip(pairs, counts, strict=True)
     )
@@ -154,7 +157,7 @@ def encode(pipe: Any, prompts: Sequence[str], negatives: Sequence[str]) -> Encod
         windows = [1] * len(pairs)
         method = "text"
     else:
-        kwargs, own = _embeddings(pipe, list(prompts), list(negatives))
+        kwargs, own = _embeddings(pipe, list(prompts), list(negatives), clip_skip)
         windows = [max(own[i], own[len(pairs) + i]) for i in range(len(pairs))]
         method = "compel"
     encodings = [
@@ -163,16 +166,19 @@ def encode(pipe: Any, prompts: Sequence[str], negatives: Sequence[str]) -> Encod
     return Encoded(kwargs, encodings)
 
 
-def _embeddings(pipe: Any, prompts: list[str], negatives: list[str]) -> tuple[dict[str, Any], list[int]]:
+def _embeddings(
+    pipe: Any, prompts: list[str], negatives: list[str], clip_skip: int
+) -> tuple[dict[str, Any], list[int]]:
     """compel's embeddings of every prompt and negative prompt, and each one's own windows (unpadded)."""
     from compel import EmbeddingsProvider, ReturnedEmbeddingsType, SplitLongTextMode  # loads diffusers' pipelines
 
     xl = getattr(pipe, "text_encoder_2", None) is not None
-    kind = (
-        ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
-        if xl
-        else ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED
-    )
+    if xl:
+        kind = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
+    elif clip_skip == 2:
+        kind = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NORMALIZED
+    else:
+        kind = ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED
     pairs = [
         (tokenizer, encoder)
         for tokenizer, encoder in (
@@ -185,7 +191,7 @@ def _embeddings(pipe: Any, prompts: list[str], negatives: list[str]) -> tuple[di
     providers = [
         EmbeddingsProvider(
             tokenizer=tokenizer,
-            text_encoder=encoder,
+            text_encoder=encoder if hasattr(encoder, "text_model") else _TextModelView(encoder),
             truncate=False,
             returned_embeddings_type=kind,
             device=device,
@@ -215,6 +221,20 @@ def _embeddings(pipe: Any, prompts: list[str], negatives: list[str]) -> tuple[di
                 "negative_pooled_prompt_embeds": pooled[len(prompts) :],
             }
     return out, own
+
+
+class _TextModelView:
+    """A CLIP text encoder as compel reaches it: `encoder.text_model.final_layer_norm` (for the
+    next-to-last layer, normalised) is `encoder.final_layer_norm` since transformers 5 flattened it."""
+
+    def __init__(self, encoder: Any) -> None:
+        self._encoder = encoder
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._encoder(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return self._encoder if name == "text_model" else getattr(self._encoder, name)
 
 
 def embeds_window(provider: Any) -> int:

@@ -110,6 +110,10 @@ def _a1111_job(fields: Mapping[str, str]) -> dict[str, Any]:
                 job[name] = kind(fields[key])
     if "Size" in fields:
         job["size"] = fields["Size"]
+    for key, name, kind in (("Clip skip", "clip_skip", int), ("Eta DDIM", "eta", float)):
+        if key in fields:
+            with contextlib.suppress(ValueError):
+                job[name] = kind(fields[key])
     sampler = fields.get("Sampler")
     if sampler:
         schedule = fields.get("Schedule type", "Karras" if sampler.endswith(" Karras") else "")

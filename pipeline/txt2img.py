@@ -29,6 +29,7 @@ def txt2img(
         height=height,
         num_inference_steps=spec.steps,
         guidance_scale=spec.guidance,
+        eta=spec.eta,  # DDIM's; the other schedulers take none
         generator=batch.generators(),
         callback_on_step_end=callback,
         output_type="pil",

@@ -34,6 +34,7 @@ def upscale_x4(
         image=batch.images(),
         num_inference_steps=spec.steps,
         guidance_scale=spec.guidance,
+        eta=spec.eta,  # DDIM's; the other schedulers take none
         noise_level=spec.noise_level,
         generator=batch.generators(),
         # This pipeline still has the older per-step hook: (step, timestep, latents).

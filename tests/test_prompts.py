@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
 
 from diffusiond.pipeline.errors import JobRejected
 from diffusiond.pipeline.families import ModelKind
@@ -107,8 +108,6 @@ def test_a_weighted_and_a_long_prompt_run_through_the_daemon_and_say_how(spool: 
     assert long["method"] == "compel" and long["windows"] >= 3 and long["truncated"] is False
     images = {s: (spool.outbox / m["outputs"][0]["file"]).read_bytes() for s, m in by_source.items()}
     assert len(set(images.values())) == 3
-    from PIL import Image
-
     with Image.open(spool.outbox / by_source["weighted.yaml"]["outputs"][0]["file"]) as image:
         assert image.text["parameters"].startswith("a (red:1.6) fox\n")  # the prompt as written
 
@@ -136,3 +135,33 @@ def test_prompt_editing_is_refused_not_misread_as_weights(prompt: str) -> None:
     assert caught.value.field == "prompt" and "prompt editing / alternation" in str(caught.value)
     [escaped] = parse_job_text("prompt: 'a \\[cat:dog\\]'\n", path="a.yaml", rules=RULES)
     assert parse_attention(escaped.prompt) == [("a [cat:dog]", 1.0)]
+
+
+def test_clip_skip_2_conditions_on_the_layer_before_the_last_as_diffusers_does(sd: Any) -> None:
+    tokens = sd.tokenizer("a red fox", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = sd.text_encoder(tokens, output_hidden_states=True).hidden_states[-2]
+        own = sd.text_encoder.final_layer_norm(hidden)  # A1111's clip skip 2, diffusers' clip_skip=1
+    assert not torch.allclose(own, conditioning(sd, "a red fox"))
+    for prompt in ("a red fox", "a (red:1.0) fox"):
+        encoded = encode(sd, [prompt], [""], clip_skip=2)
+        assert encoded.encodings[0].method == "compel"
+        assert torch.allclose(encoded.kwargs["prompt_embeds"], own, atol=1e-6)
+
+
+def test_clip_skip_and_eta_run_through_the_daemon_and_are_in_the_infotext(spool: Spool) -> None:
+    with start_daemon_thread(spool):
+        spool.drop("base.yaml", "prompt: a fox\nseed: 4\nscheduler: ddim\n")
+        spool.drop("skip.yaml", "prompt: a fox\nseed: 4\nscheduler: ddim\nclip_skip: 2\n")
+        spool.drop("eta.yaml", "prompt: a fox\nseed: 4\nscheduler: ddim\neta: 1\n")
+        spool.drop("bad.yaml", "prompt: a fox\nscheduler: euler\neta: 0.5\n")
+        manifests = wait_for(lambda: len(spool.manifests()) == 3 and spool.reports() and spool.manifests(), what="jobs")
+    by_source = {m["source"]: m for m in manifests}
+    images = {s: (spool.outbox / m["outputs"][0]["file"]) for s, m in by_source.items()}
+    pixels = {s: Image.open(p).convert("RGB").tobytes() for s, p in images.items()}
+    assert pixels["skip.yaml"] != pixels["base.yaml"] and pixels["eta.yaml"] != pixels["base.yaml"]
+    assert "Clip skip: 2" in Image.open(images["skip.yaml"]).text["parameters"]
+    assert "Eta DDIM: 1" in Image.open(images["eta.yaml"]).text["parameters"]
+    assert "Clip skip" not in Image.open(images["base.yaml"]).text["parameters"]
+    [report] = spool.reports()
+    assert (report["file"], report["field"]) == ("bad.yaml", "eta") and "DDIM's" in report["error"]
