@@ -72,7 +72,22 @@ class ModelSpec(_Strict):
     """For a single .safetensors/.ckpt: a diffusers folder with its configs and tokenizer(s)."""
     prediction: Literal["epsilon", "v_prediction"] | None = None
     """Say `v_prediction` for an SD 2.x 768-v single file (its weights cannot tell)."""
+    vae: Path | None = None
+    """A VAE to use instead of the model's own: a diffusers AutoencoderKL folder, or a single
+    `.safetensors` file in the original layout (A1111's `*.vae.safetensors`)."""
     defaults: dict[str, Any] = {}
+
+    @field_validator("vae")
+    @classmethod
+    def _vae_file(cls, value: Path | None) -> Path | None:
+        if value is not None and value.suffix.lower() in (".pt", ".ckpt", ".bin"):
+            raise ValueError(
+                f"{value.name}: a VAE must be a .safetensors file or a diffusers folder (a pickled .pt/.ckpt "
+                "can run code when loaded); convert it once, e.g. with diffusers' AutoencoderKL.from_single_file "
+                "and save_pretrained"
+            )
+        return value
+
     """Job field defaults for this model, over the task defaults (e.g. SD 2's habitual negative prompt)."""
 
 
@@ -303,7 +318,7 @@ class Config(_Strict):
 
     def model_entries(self) -> dict[str, ModelEntry]:
         return {
-            name: ModelEntry(name, spec.path, kind_of_path(spec.path), spec.config, spec.prediction)
+            name: ModelEntry(name, spec.path, kind_of_path(spec.path), spec.config, spec.prediction, spec.vae)
             for name, spec in self.models.items()
         }
 

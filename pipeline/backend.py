@@ -44,6 +44,9 @@ class ModelInfo:
     family: str | None = None
     pipeline: str | None = None
     """The diffusers pipeline class (for the stand-in: its own name)."""
+    vae: str | None = None
+    """The name of the VAE the config put in place of the model's own (None: its own)."""
+    vae_hash: str | None = None
 
     def record(self) -> dict[str, Any]:
         """The manifest's `model`."""
@@ -53,6 +56,8 @@ class ModelInfo:
             "hash": self.hash,
             "family": self.family,
             "pipeline": self.pipeline,
+            "vae": self.vae,
+            "vae_hash": self.vae_hash,
         }
 
 

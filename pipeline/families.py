@@ -56,6 +56,8 @@ class ModelEntry:
     """For a single file: a diffusers folder with the configs and tokenizers (weights not needed)."""
     prediction: str | None = None
     """`epsilon` or `v_prediction`, when the user says so (single SD 2 files cannot tell)."""
+    vae: Path | None = None
+    """A VAE that replaces the model's own (a diffusers folder or a single .safetensors)."""
 
     @property
     def single_file(self) -> bool:

@@ -103,7 +103,9 @@ class DiffusersGenerator:
                     continue  # same job, one memory level lower; the level is remembered for the model
                 raise _translate(exc, spec.task) from exc
         done = time.perf_counter()
-        model = ModelInfo(name, loaded.path, loaded.hash, str(loaded.kind), type(loaded.pipe).__name__)
+        model = ModelInfo(
+            name, loaded.path, loaded.hash, str(loaded.kind), type(loaded.pipe).__name__, loaded.vae, loaded.vae_hash
+        )
         first_images = itertools.accumulate((s.count for s in batch.specs[:-1]), initial=0)
         return [
             Generated(

@@ -163,6 +163,7 @@ def infotext(
     sampler: str,
     model_hash: str | None = None,
     later: Sequence[LaterStage] = (),
+    vae: tuple[str, str | None] | None = None,
 ) -> str:
     """The AUTOMATIC1111 `parameters` text: prompt, negative prompt, then `Key: value` pairs.
 
@@ -170,7 +171,7 @@ def infotext(
     model's own), or `lanczos` for a plain upscale, which has no sampling settings.
     The keys follow A1111's `create_infotext` order. For a multi-stage job the text is the
     first stage's (its prompt, seed and size, as A1111 writes a hires-fixed image) with
-    `later`'s keys added (`_later_pairs`).
+    `later`'s keys added (`_later_pairs`). `vae` is (name, short hash) of a VAE that replaced the model's.
     """
     plain_upscale = isinstance(spec, UpscaleJob) and spec.method == "lanczos"
     pairs: list[tuple[str, object]] = []
@@ -185,6 +186,8 @@ def infotext(
         pairs.append(("Model hash", model_hash))
     if model_name and not plain_upscale:
         pairs.append(("Model", model_name))
+    if vae is not None and not plain_upscale:  # a VAE the config put in place of the model's own
+        pairs += [*([("VAE hash", vae[1])] if vae[1] else []), ("VAE", vae[0])]
     if isinstance(spec, Img2ImgJob | Depth2ImgJob):
         pairs.append(("Denoising strength", _number(spec.strength)))
     if spec.clip_skip != 1 and not plain_upscale:

@@ -38,7 +38,7 @@ from diffusiond.pipeline.errors import Code, ConfigError, JobFailed
 from diffusiond.pipeline.families import ModelEntry, ModelKind, detect_kind
 from diffusiond.pipeline.hashing import model_hash
 from diffusiond.pipeline.job import Task
-from diffusiond.pipeline.single_file import kind_of_file, load_single_file
+from diffusiond.pipeline.single_file import kind_of_file, load_single_file, resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,9 @@ class Loaded:
     hash: str | None = None
     path: str = ""
     """Where it was loaded from (a reload may change the config's entry while a job runs)."""
+    vae: str | None = None
+    """The file or folder name of a VAE the config put in place of the model's own."""
+    vae_hash: str | None = None
 
 
 @dataclass
@@ -160,6 +163,8 @@ class _Model:
     level: Memory
     path: str
     pipes: dict[str, Any] = field(default_factory=dict)
+    vae: str | None = None
+    vae_hash: str | None = None
 
 
 class ModelCache:
@@ -202,7 +207,16 @@ class ModelCache:
             self._models.move_to_end(name)
             if task not in model.pipes:
                 model.pipes[task] = self._derive(name, model, task)
-            return Loaded(name, model.pipes[task], model.scheduler_config, model.kind, model.hash, model.path)
+            return Loaded(
+                name,
+                model.pipes[task],
+                model.scheduler_config,
+                model.kind,
+                model.hash,
+                model.path,
+                model.vae,
+                model.vae_hash,
+            )
 
     def preload(self, names: Iterable[str]) -> None:
         for name in names:
@@ -249,6 +263,10 @@ class ModelCache:
         try:
             pipe = self._from_disk(entry, kind, PIPELINES[(kind, base_task)])
             digest = model_hash(entry, self.state_dir)
+            vae_hash = None
+            if entry.vae is not None:
+                pipe.vae = self._vae(entry, kind)
+                vae_hash = model_hash(ModelEntry(f"{name} vae", entry.vae, ModelKind.UNKNOWN), self.state_dir)
         except JobFailed:
             raise
         except PermissionError as exc:  # a file of the model the daemon's user may not read
@@ -278,7 +296,8 @@ class ModelCache:
         scheduler_config = dict(pipe.scheduler.config)
         if entry.prediction:
             scheduler_config["prediction_type"] = entry.prediction
-        model = _Model(kind, digest, scheduler_config, level, str(entry.path), {base_task: pipe})
+        vae = entry.vae.name if entry.vae is not None else None
+        model = _Model(kind, digest, scheduler_config, level, str(entry.path), {base_task: pipe}, vae, vae_hash)
         self._models[name] = model
         log.info("loaded model %s (%s, %s, memory %s, hash %s)", name, kind, self.dtype, level.name.lower(), digest)
         return model
@@ -322,6 +341,29 @@ class ModelCache:
         elif kind is ModelKind.DEPTH2IMG:
             _map_removed_transformers_classes()
         return cls.from_pretrained(entry.path, dtype=self.dtype, local_files_only=True, **extra)
+
+    def _vae(self, entry: ModelEntry, kind: ModelKind) -> Any:
+        """The config's VAE for this model: a diffusers folder, or a single .safetensors in the original
+        layout, built on the model's own VAE config (its folder's, or the single file's configs)."""
+        from diffusers import AutoencoderKL
+
+        path = entry.vae
+        assert path is not None
+        if not path.exists():
+            raise JobFailed(
+                f"model '{entry.name}': its vae {path} does not exist",
+                code=Code.MODEL_FAILED,
+                field="model",
+                value=entry.name,
+                fix="point the model's `vae:` in the config at a VAE folder or .safetensors file",
+            )
+        if path.is_dir():
+            return AutoencoderKL.from_pretrained(path, dtype=self.dtype, local_files_only=True)
+        cache_dir = self.state_dir / "configs" if self.state_dir else None
+        root = resolve_config(entry, kind, cache_dir=cache_dir) if entry.single_file else entry.path
+        return AutoencoderKL.from_single_file(
+            str(path), config=str(root), subfolder="vae", dtype=self.dtype, local_files_only=True
+        )
 
     def _derive(self, name: str, model: _Model, task: Task) -> Any:
         """Another task's pipeline over the same weights (no copy)."""

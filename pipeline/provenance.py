@@ -254,8 +254,9 @@ def _parameters(made: Sequence[_Made]) -> str:
         size=first.size,
         model_name=first.spec.model,
         sampler=first.generated.scheduler,
-        model_hash=first.generated.model.hash if first.generated.model else None,
+        model_hash=model.hash if (model := first.generated.model) else None,
         later=[LaterStage(m.spec, m.size, m.generated.scheduler) for m in later],
+        vae=(model.vae, model.vae_hash) if model and model.vae else None,
     )
 
 
