@@ -385,10 +385,20 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _make_test_model(args: argparse.Namespace) -> int:
-    from diffusiond.pipeline.testmodel import make_test_model  # imports torch
+    """Every tiny family the tests use, each in its own folder, and the config lines that name them."""
+    from diffusiond.pipeline.testmodel import make_family_models, make_test_model  # imports torch
 
     paths = make_test_model(args.directory)
-    print(f"test models (random weights: their images are noise):\n  {paths.sd}\n  {paths.upscaler}")
+    families = make_family_models(args.directory)
+    print("test models (random weights: their images are noise); for a config:\nmodels:")
+    for name, path in (
+        ("test", paths.sd),
+        ("test-x4", paths.upscaler),
+        ("test-sd2-v", families.sd2_v),
+        ("test-sdxl", families.sdxl),
+        ("test-depth", families.depth2img),
+    ):
+        print(f"  {name}: {path}")
     return 0
 
 
