@@ -386,10 +386,13 @@ def _init(args: argparse.Namespace) -> int:
 
 def _make_test_model(args: argparse.Namespace) -> int:
     """Every tiny family the tests use, each in its own folder, and the config lines that name them."""
-    from diffusiond.pipeline.testmodel import make_family_models, make_test_model  # imports torch
+    from diffusiond.pipeline.testmodel import make_family_models, make_test_lora, make_test_model  # imports torch
 
     paths = make_test_model(args.directory)
     families = make_family_models(args.directory)
+    lora = Path(args.directory) / "loras" / "test-lora.safetensors"
+    if not lora.exists():
+        make_test_lora(paths.sd, lora)
     print("test models (random weights: their images are noise); for a config:\nmodels:")
     for name, path in (
         ("test", paths.sd),
@@ -399,6 +402,7 @@ def _make_test_model(args: argparse.Namespace) -> int:
         ("test-depth", families.depth2img),
     ):
         print(f"  {name}: {path}")
+    print(f"loras: {lora.parent}                 # <lora:test-lora:0.8> (for the model test)")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -62,6 +63,31 @@ class Watch(_Strict):
     rescan_interval_s: float = Field(30.0, gt=0)
     """Full rescans catch what events miss (events dropped under load, network folders)."""
     poll_interval_s: float = Field(1.0, gt=0)
+
+
+class LoraFolder(Mapping[str, Path]):
+    """A folder's `*.safetensors` files by name (their path in it without the extension), listed at
+    each use. Links that lead out of the folder are not followed: only files under it load."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _files(self) -> dict[str, Path]:
+        root = self.root.resolve()
+        found: dict[str, Path] = {}
+        for path in sorted(self.root.rglob("*.safetensors")) if self.root.is_dir() else []:
+            if path.is_file() and path.resolve().is_relative_to(root):
+                found[path.relative_to(self.root).with_suffix("").as_posix()] = path
+        return found
+
+    def __getitem__(self, name: str) -> Path:
+        return self._files()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files())
+
+    def __len__(self) -> int:
+        return len(self._files())
 
 
 class ModelSpec(_Strict):
@@ -200,6 +226,9 @@ class Config(_Strict):
     memory: Literal["auto", "normal", "low", "minimal"] = "auto"
     """`auto`: start at normal, step down one level when a job runs out of memory, remember per model."""
     models: dict[str, ModelSpec] = {}
+    loras: Path | dict[str, Path] | None = None
+    """LoRA files jobs may use: a folder (each `*.safetensors` under it, named by its path without the
+    extension, e.g. `film-grain`, `style/ink`), or names mapped to files. Only these load."""
     max_loaded_models: int = Field(2, ge=1)
     """Models kept warm at once; the least recently used is unloaded to make room."""
     preload: list[str] = []
@@ -322,6 +351,12 @@ class Config(_Strict):
             for name, spec in self.models.items()
         }
 
+    def lora_files(self) -> Mapping[str, Path]:
+        """The LoRAs by name; a folder is listed again at each use, so a file dropped in it is found."""
+        if isinstance(self.loras, dict):
+            return dict(self.loras)
+        return LoraFolder(self.loras) if self.loras is not None else {}
+
     def rules(self) -> Rules:
         """What jobs are validated against; read from the model folders once per loaded config.
 
@@ -346,6 +381,7 @@ class Config(_Strict):
                 max_jobs_per_file=self.limits.max_jobs_per_file,
             ),
             model_defaults={name: spec.defaults for name, spec in self.models.items() if spec.defaults},
+            loras=self.lora_files(),
             native_sizes={name: size for name, size in sizes.items() if size},
             watermark_required=self.watermark.required,
         )

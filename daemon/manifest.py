@@ -65,6 +65,8 @@ class Manifest:
     model: dict[str, Any] | None
     """name, path, hash, family, pipeline of the model (None for a model-free upscale)."""
     prediction: str | None
+    loras: list[dict[str, Any]]
+    """The LoRAs the first stage ran with: `name`, `weight`, `file`, `sha256`, A1111's short `hash`."""
     prompt_encoding: dict[str, Any] | None
     """How the prompts reached the text encoder (the first stage's): `method` (`text`, or `compel` for
     A1111 weights, BREAK or a prompt over 75 tokens), `tokens`, `windows` (77-token windows encoded),
@@ -128,6 +130,7 @@ def build_manifest(
         input_image=_input_image(job),
         model=first.model.record() if first.model else None,
         prediction=first.prediction,
+        loras=list(first.loras or []),
         prompt_encoding=first.prompt_encoding,
         device=generated.device,
         dtype=generated.dtype,
@@ -168,6 +171,7 @@ def _stage(
         "seeds": list(generated.seeds),
         "scheduler": generated.scheduler,
         "model": generated.model.record() if generated.model else None,
+        "loras": list(generated.loras or []),
         "prompt_encoding": generated.prompt_encoding,
         "memory": generated.memory,
         "batch_size": generated.batch_size,

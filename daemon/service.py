@@ -65,6 +65,7 @@ def diffusers_generator(config: Config) -> Generator:
         memory=config.memory,
         max_loaded=config.max_loaded_models,
         state_dir=config.state,
+        loras=config.lora_files(),
     )
     return DiffusersGenerator(cache)
 
@@ -255,7 +256,9 @@ class Daemon:
         self.config = worker.config = self.webhooks.config = new
         self._prefetch = max(new.prefetch, new.batch_size)
         if self.generator is not None:
-            self.generator.reconfigure(new.model_entries(), memory=new.memory, max_loaded=new.max_loaded_models)
+            self.generator.reconfigure(
+                new.model_entries(), memory=new.memory, max_loaded=new.max_loaded_models, loras=new.lora_files()
+            )
         registry.announce(new)
         log.info("config reloaded")
         self.notifier.ready(self._status(worker))

@@ -102,6 +102,7 @@ class Chain:
             batch_size=first.batch_size,
             prediction=first.prediction,
             prompt_encoding=first.prompt_encoding,
+            loras=first.loras,
         )
 
     def keep(self, claim_folder: Path, generated: Generated, attempt: int) -> EarlierStage:
@@ -179,6 +180,7 @@ def _record(stage: EarlierStage) -> dict[str, Any]:
         "batch_size": made.batch_size,
         "prediction": made.prediction,
         "prompt_encoding": made.prompt_encoding,
+        "loras": made.loras,
         "attempt": stage.attempt,
         "finished_at": stage.finished_at,
     }
@@ -204,6 +206,7 @@ def _from_record(record: dict[str, Any], spec: Spec, folder: Path) -> EarlierSta
             batch_size=int(record["batch_size"]),
             prediction=record["prediction"],
             prompt_encoding=record.get("prompt_encoding"),
+            loras=record.get("loras"),
         )
         sizes = tuple((int(w), int(h)) for w, h in record["sizes"])
         return EarlierStage(

@@ -84,6 +84,8 @@ class Generated:
     """The scheduler's prediction type (`epsilon`, `v_prediction`)."""
     prompt_encoding: dict[str, Any] | None = None
     """How the prompts reached the text encoder (`prompts.PromptEncoding.record`); None without one."""
+    loras: list[dict[str, Any]] | None = None
+    """The LoRAs of the call: name, weight, file, sha256 and A1111's short `hash` of each."""
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,15 @@ class Generator(Protocol):
         """
         ...
 
-    def reconfigure(self, entries: Mapping[str, ModelEntry], *, memory: str, max_loaded: int) -> None:
-        """A reloaded config: models whose entry changed are dropped; the rest stay warm."""
+    def reconfigure(
+        self,
+        entries: Mapping[str, ModelEntry],
+        *,
+        memory: str,
+        max_loaded: int,
+        loras: Mapping[str, Path] | None = None,
+    ) -> None:
+        """A reloaded config: models whose entry changed are dropped; the rest stay warm; the LoRA files."""
 
     def loaded(self) -> list[str]:
         """The models held warm now, least recently used first."""

@@ -13,6 +13,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -55,8 +56,15 @@ class DiffusersGenerator:
     def preload(self, name: str) -> None:
         self.cache.preload([name])
 
-    def reconfigure(self, entries: Mapping[str, ModelEntry], *, memory: str, max_loaded: int) -> None:
-        self.cache.update(entries, memory=memory, max_loaded=max_loaded)
+    def reconfigure(
+        self,
+        entries: Mapping[str, ModelEntry],
+        *,
+        memory: str,
+        max_loaded: int,
+        loras: Mapping[str, Path] | None = None,
+    ) -> None:
+        self.cache.update(entries, memory=memory, max_loaded=max_loaded, loras=loras)
 
     def loaded(self) -> list[str]:
         return self.cache.loaded()
@@ -93,6 +101,7 @@ class DiffusersGenerator:
                 loaded = cache.pipeline(name, spec.task)
                 loaded_at = time.perf_counter()
                 callback = step_callback(cancel, on_step, spec.denoise_steps())
+                loras = cache.use_loras(name, loaded.pipe, spec.loras)  # before encoding: they change the text encoder
                 encoded = encode(loaded.pipe, batch.prompts(), batch.negative_prompts(), clip_skip=spec.clip_skip)
                 images = TASK_RUNNERS[spec.task](loaded, batch, callback, encoded.kwargs)
                 break
@@ -121,6 +130,7 @@ class DiffusersGenerator:
                 batch_size=len(jobs),
                 prediction=loaded.scheduler_config.get("prediction_type"),
                 prompt_encoding=encoded.encodings[first].record(),
+                loras=loras,
             )
             for job_spec, part, first in zip(batch.specs, batch.split(images), first_images, strict=True)
         ]

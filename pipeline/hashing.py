@@ -32,6 +32,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def lora_hash(path: Path) -> str:
+    """AUTOMATIC1111's short hash of a LoRA (its `Lora hashes:` entry): the first 12 hex digits of the
+    sha256 of a .safetensors file's tensor data, after its JSON header (kohya's "addnet" hash)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        header = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + header)
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def _files(root: Path) -> list[Path]:
     out = []
     for folder, dirs, names in os.walk(root):

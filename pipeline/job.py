@@ -202,6 +202,20 @@ WATERMARK_MIN_SIDE_PX = 256
 """imwatermark refuses images under 256 x 256 pixels; we ask it of each side."""
 
 
+class LoraUse(BaseModel):
+    """One LoRA of a job: a name from the config's `loras:`, at a weight (A1111's `<lora:name:weight>`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    name: str = Field(min_length=1)
+    weight: float = Field(1.0, ge=-5, le=5)
+
+
+LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?>")
+"""A1111's `<lora:name>` / `<lora:name:weight>` in a prompt: the LoRA is used, the tag is not text."""
+LORA_TASKS = ("txt2img", "img2img")
+"""The tasks whose models take LoRAs (SD 1.x, 2.x and SDXL): a tag in another task's prompt is dropped."""
+
+
 class InvisibleWatermark(BaseModel):
     """A payload hidden in the pixels (invisible-watermark); `method` None = the config's."""
 
@@ -253,6 +267,9 @@ class _JobFields(BaseModel):
     scheduler: str | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     count: int = Field(1, ge=1)
+    loras: tuple[LoraUse, ...] = ()
+    """LoRAs from the config's `loras:`, e.g. `[{name: film-grain, weight: 0.7}]`; A1111's
+    `<lora:name:0.7>` in the prompt adds to them (txt2img and img2img)."""
     clip_skip: Literal[1, 2] = 1
     """A1111's Clip skip: 1 conditions on the text encoder's last layer, 2 on the one before (what
     many SD 1.x anime models were trained with). Not for SDXL, which already takes the one before."""
@@ -343,6 +360,7 @@ class _JobFields(BaseModel):
             self.scheduler,
             self.clip_skip,
             self.eta,
+            self.loras,
             *self._call_values(),
         )
 
@@ -479,7 +497,7 @@ MAX_STAGES = 8
 """Stages per job, its own task included: each keeps its images in the claim folder until the next ends."""
 STAGE_INHERITS = ("prompt", "negative_prompt", "seed")
 """What a stage takes from the stage before it unless it sets its own."""
-STAGE_INHERITS_WITH_MODEL = ("steps", "guidance", "scheduler")
+STAGE_INHERITS_WITH_MODEL = ("steps", "guidance", "scheduler", "loras")
 """What a stage also takes from the stage before when it runs on the same model (a hires fix)."""
 NOT_IN_A_STAGE = {
     "sweep": "a sweep is the job's; set it on the job (each combination runs every stage)",
@@ -631,6 +649,8 @@ class Rules:
     limits: Limits = Limits()
     model_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Per model, over the task defaults (e.g. an SD 2 model's habitual negative prompt)."""
+    loras: Mapping[str, Any] | None = None
+    """The config's LoRA names (None where unknown: `submit --spool` with no daemon announced)."""
     native_sizes: Mapping[str, int] = field(default_factory=dict)
     """Per model, the side in pixels it was trained at: txt2img's size when the job gives none."""
     watermark_required: bool = False
@@ -924,8 +944,10 @@ def _validate(document: Any, path: str, rules: Rules, profile: Mapping[str, Any]
         spec = _SPEC_ADAPTER.validate_python(merged)
     except ValidationError as exc:
         raise _translate(exc, task) from exc
+    spec = _with_prompt_loras(spec)
     _check_limits(spec, rules)
     _check_model(spec, rules)
+    _check_loras(spec, rules)
     if stages:
         spec = spec.model_copy(update={"then": _validate_stages(stages, spec, rules)})
     if not task.takes_image:  # the sizes of every stage are known now; an input's once it is probed
@@ -1025,9 +1047,55 @@ def _validate_stage(document: Any, previous: Spec, rules: Rules) -> Spec:
         raise _translate(exc, task, stage=True) from exc
     if not spec.uses_model and "model" not in document:  # a Lanczos stage: no model made its images
         spec = spec.model_copy(update={"model": None})
+    spec = _with_prompt_loras(spec)
     _check_limits(spec, rules)
     _check_model(spec, rules)
+    _check_loras(spec, rules)
     return spec
+
+
+def _with_prompt_loras(spec: Spec) -> Spec:
+    """The prompt's `<lora:name:weight>` tags added to `loras` (a name already there keeps its weight)."""
+    if spec.task not in LORA_TASKS:
+        return spec
+    uses = list(spec.loras)
+    for name, weight in LORA_TAG.findall(spec.prompt):
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise JobRejected(
+                f"<lora:{name}:{weight}> has a weight that is not a number",
+                field="prompt",
+                value=shown(spec.prompt),
+                fix=f"write the tag as <lora:{name}:0.7> (or <lora:{name}> for weight 1)",
+            ) from None
+        if all(use.name != name for use in uses):
+            uses.append(LoraUse(name=name, weight=value))
+    return spec.model_copy(update={"loras": tuple(uses)}) if len(uses) != len(spec.loras) else spec
+
+
+def _check_loras(spec: Spec, rules: Rules) -> None:
+    if not spec.loras:
+        return
+    if spec.task not in LORA_TASKS:
+        raise JobRejected(
+            f"LoRAs are for txt2img and img2img; a {spec.task} job cannot use them",
+            field="loras",
+            value=[use.name for use in spec.loras],
+            fix="remove `loras:` from this job",
+        )
+    if rules.loras is None or not rules.check_models:
+        return
+    for use in spec.loras:
+        if use.name not in rules.loras:
+            known = ", ".join(sorted(rules.loras)) or "(none: the config has no `loras:`)"
+            raise JobRejected(
+                f"LoRA {shown_text(use.name)} is not in the config's loras; known: {known}",
+                field="loras",
+                value=use.name,
+                fix="use a LoRA name from the list (the file name without .safetensors), or add the file to "
+                "the config's `loras:` folder",
+            )
 
 
 def _can_run(model: str | None, task: Task, rules: Rules) -> bool:

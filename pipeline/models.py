@@ -15,7 +15,7 @@ import os
 import pwd
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -37,7 +37,8 @@ from transformers.utils import logging as transformers_logging
 from diffusiond.pipeline.errors import Code, ConfigError, JobFailed
 from diffusiond.pipeline.families import ModelEntry, ModelKind, detect_kind
 from diffusiond.pipeline.hashing import model_hash
-from diffusiond.pipeline.job import Task
+from diffusiond.pipeline.job import LoraUse, Task
+from diffusiond.pipeline.loras import apply as apply_loras
 from diffusiond.pipeline.single_file import kind_of_file, load_single_file, resolve_config
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,8 @@ class _Model:
     pipes: dict[str, Any] = field(default_factory=dict)
     vae: str | None = None
     vae_hash: str | None = None
+    adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    """LoRAs loaded on its UNet and text encoders (peft adapter name -> LoRA name): pipeline/loras.py."""
 
 
 class ModelCache:
@@ -179,8 +182,11 @@ class ModelCache:
         memory: str = "normal",
         max_loaded: int = 2,
         state_dir: Path | None = None,
+        loras: Mapping[str, Path] | None = None,
     ) -> None:
         self.entries = dict(entries)
+        self.loras: Mapping[str, Path] = loras if loras is not None else {}
+        """The config's LoRA files by name: the only ones a job can load."""
         self.device = device
         self.dtype = dtype
         self.memory = memory
@@ -191,9 +197,17 @@ class ModelCache:
         """The memory level that worked for each model, kept across evictions."""
         self._lock = threading.RLock()
 
-    def update(self, entries: Mapping[str, ModelEntry], *, memory: str, max_loaded: int) -> None:
+    def update(
+        self,
+        entries: Mapping[str, ModelEntry],
+        *,
+        memory: str,
+        max_loaded: int,
+        loras: Mapping[str, Path] | None = None,
+    ) -> None:
         """A reloaded config: models whose entry changed or went away are unloaded, the rest stay warm."""
         with self._lock:
+            self.loras = loras if loras is not None else {}
             for name in list(self._models):
                 if entries.get(name) != self.entries.get(name):
                     self.evict(name)
@@ -341,6 +355,10 @@ class ModelCache:
         elif kind is ModelKind.DEPTH2IMG:
             _map_removed_transformers_classes()
         return cls.from_pretrained(entry.path, dtype=self.dtype, local_files_only=True, **extra)
+
+    def use_loras(self, name: str, pipe: Any, uses: Sequence[LoraUse]) -> list[dict[str, Any]]:
+        """Set the model's LoRAs for the next call (none: off); what the manifest says of each."""
+        return apply_loras(pipe, uses, self.loras, self._models[name].adapters)
 
     def _vae(self, entry: ModelEntry, kind: ModelKind) -> Any:
         """The config's VAE for this model: a diffusers folder, or a single .safetensors in the original

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from diffusiond.pipeline.job import LORA_TAG
+
 A1111_WINDOW_TOKENS = 75
 """Tokens per 77-token window, between its start and end tokens."""
 
@@ -145,6 +147,8 @@ def encode(pipe: Any, prompts: Sequence[str], negatives: Sequence[str], *, clip_
     `clip_skip` 2 takes the text encoder's next-to-last layer, through compel whatever the prompt:
     diffusers' own `clip_skip` reaches `text_encoder.text_model`, which transformers 5 no longer has."""
     tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    prompts = [LORA_TAG.sub("", p) for p in prompts]  # `<lora:name:w>` picks a LoRA; it is not text
+    negatives = [LORA_TAG.sub("", n) for n in negatives]
     pairs = list(zip(prompts, negatives, strict=True))
     counts = [(_words(tokenizer, p), _words(tokenizer, n)) for p, n in pairs]
     weighted = [any(w not in (1.0, BREAK) for t in pair for _, w in parse_attention(t)) for pair in pairs]

@@ -257,6 +257,7 @@ def _parameters(made: Sequence[_Made]) -> str:
         model_hash=model.hash if (model := first.generated.model) else None,
         later=[LaterStage(m.spec, m.size, m.generated.scheduler) for m in later],
         vae=(model.vae, model.vae_hash) if model and model.vae else None,
+        lora_hashes=[(lora["name"], lora["hash"]) for lora in first.generated.loras or []],
     )
 
 

@@ -103,7 +103,14 @@ class StandInGenerator:
             if name not in self._loaded:
                 self._loaded.append(name)
 
-    def reconfigure(self, entries: Mapping[str, ModelEntry], *, memory: str, max_loaded: int) -> None:
+    def reconfigure(
+        self,
+        entries: Mapping[str, ModelEntry],
+        *,
+        memory: str,
+        max_loaded: int,
+        loras: Mapping[str, Path] | None = None,
+    ) -> None:
         with self._lock:
             self._loaded = [name for name in self._loaded if name in entries]
 

@@ -124,6 +124,41 @@ def make_test_model(directory: Path, *, overwrite: bool = False) -> TestModelPat
     return paths
 
 
+def make_test_lora(model: Path, path: Path, *, seed: int = 7, kohya: bool = True) -> Path:
+    """A tiny random LoRA for the test SD model at `model`, written to `path` (a .safetensors).
+
+    `kohya`: the Kohya/A1111 layout (`lora_unet_..._to_q.lora_down.weight`, `.alpha`), as LoRA
+    files from model sites are; else diffusers' own layout (`unet.<module>.lora_A.weight`).
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model) / "unet", local_files_only=True)
+    rank = 4
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_" in name:  # peft starts B at zero (a no-op LoRA): both random, so it changes images
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    state = get_peft_model_state_dict(unet)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        module, _, kind = key.rpartition(".lora_")
+        if not kohya:
+            tensors[f"unet.{key}"] = tensor.contiguous()
+            continue
+        name = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
 def make_family_models(directory: Path, *, overwrite: bool = False) -> FamilyModelPaths:
     """Write tiny random-weight SD 2.x (v), SDXL and SD 2 depth models into `directory`.
 
