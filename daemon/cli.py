@@ -386,13 +386,21 @@ def _init(args: argparse.Namespace) -> int:
 
 def _make_test_model(args: argparse.Namespace) -> int:
     """Every tiny family the tests use, each in its own folder, and the config lines that name them."""
-    from diffusiond.pipeline.testmodel import make_family_models, make_test_lora, make_test_model  # imports torch
+    from diffusiond.pipeline.testmodel import (  # imports torch
+        make_family_models,
+        make_test_embedding,
+        make_test_lora,
+        make_test_model,
+    )
 
     paths = make_test_model(args.directory)
     families = make_family_models(args.directory)
     lora = Path(args.directory) / "loras" / "test-lora.safetensors"
     if not lora.exists():
         make_test_lora(paths.sd, lora)
+    embedding = Path(args.directory) / "embeddings" / "test-style.pt"
+    if not embedding.exists():
+        make_test_embedding(paths.sd, embedding)
     print("test models (random weights: their images are noise); for a config:\nmodels:")
     for name, path in (
         ("test", paths.sd),
@@ -403,6 +411,7 @@ def _make_test_model(args: argparse.Namespace) -> int:
     ):
         print(f"  {name}: {path}")
     print(f"loras: {lora.parent}                 # <lora:test-lora:0.8> (for the model test)")
+    print(f"embeddings: {embedding.parent}       # test-style in a prompt (for the model test)")
     return 0
 
 

@@ -65,17 +65,20 @@ class Watch(_Strict):
     poll_interval_s: float = Field(1.0, gt=0)
 
 
-class LoraFolder(Mapping[str, Path]):
-    """A folder's `*.safetensors` files by name (their path in it without the extension), listed at
-    each use. Links that lead out of the folder are not followed: only files under it load."""
+class NamedFiles(Mapping[str, Path]):
+    """A folder's files of the given suffixes by name (their path in it without the extension), listed
+    at each use. Links that lead out of the folder are not followed: only files under it load."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, suffixes: tuple[str, ...]) -> None:
         self.root = root
+        self.suffixes = suffixes
 
     def _files(self) -> dict[str, Path]:
         root = self.root.resolve()
         found: dict[str, Path] = {}
-        for path in sorted(self.root.rglob("*.safetensors")) if self.root.is_dir() else []:
+        for path in sorted(self.root.rglob("*")) if self.root.is_dir() else []:
+            if path.suffix.lower() not in self.suffixes:
+                continue
             if path.is_file() and path.resolve().is_relative_to(root):
                 found[path.relative_to(self.root).with_suffix("").as_posix()] = path
         return found
@@ -229,6 +232,9 @@ class Config(_Strict):
     loras: Path | dict[str, Path] | None = None
     """LoRA files jobs may use: a folder (each `*.safetensors` under it, named by its path without the
     extension, e.g. `film-grain`, `style/ink`), or names mapped to files. Only these load."""
+    embeddings: Path | dict[str, Path] | None = None
+    """Textual-inversion embeddings: a folder (each `*.safetensors`, `*.pt`, `*.bin` under it, named by
+    its path without the extension) or names mapped to files; a prompt that names one uses it."""
     max_loaded_models: int = Field(2, ge=1)
     """Models kept warm at once; the least recently used is unloaded to make room."""
     preload: list[str] = []
@@ -355,7 +361,13 @@ class Config(_Strict):
         """The LoRAs by name; a folder is listed again at each use, so a file dropped in it is found."""
         if isinstance(self.loras, dict):
             return dict(self.loras)
-        return LoraFolder(self.loras) if self.loras is not None else {}
+        return NamedFiles(self.loras, (".safetensors",)) if self.loras is not None else {}
+
+    def embedding_files(self) -> Mapping[str, Path]:
+        """The textual-inversion embeddings by name, listed like the LoRAs."""
+        if isinstance(self.embeddings, dict):
+            return dict(self.embeddings)
+        return NamedFiles(self.embeddings, (".safetensors", ".pt", ".bin")) if self.embeddings is not None else {}
 
     def rules(self) -> Rules:
         """What jobs are validated against; read from the model folders once per loaded config.

@@ -67,6 +67,8 @@ class Manifest:
     prediction: str | None
     loras: list[dict[str, Any]]
     """The LoRAs the first stage ran with: `name`, `weight`, `file`, `sha256`, A1111's short `hash`."""
+    embeddings: list[dict[str, Any]]
+    """The textual-inversion embeddings its prompts named: `name`, `file`, `sha256`, short `hash`."""
     prompt_encoding: dict[str, Any] | None
     """How the prompts reached the text encoder (the first stage's): `method` (`text`, or `compel` for
     A1111 weights, BREAK or a prompt over 75 tokens), `tokens`, `windows` (77-token windows encoded),
@@ -131,6 +133,7 @@ def build_manifest(
         model=first.model.record() if first.model else None,
         prediction=first.prediction,
         loras=list(first.loras or []),
+        embeddings=list(first.embeddings or []),
         prompt_encoding=first.prompt_encoding,
         device=generated.device,
         dtype=generated.dtype,
@@ -172,6 +175,7 @@ def _stage(
         "scheduler": generated.scheduler,
         "model": generated.model.record() if generated.model else None,
         "loras": list(generated.loras or []),
+        "embeddings": list(generated.embeddings or []),
         "prompt_encoding": generated.prompt_encoding,
         "memory": generated.memory,
         "batch_size": generated.batch_size,

@@ -66,6 +66,7 @@ def diffusers_generator(config: Config) -> Generator:
         max_loaded=config.max_loaded_models,
         state_dir=config.state,
         loras=config.lora_files(),
+        embeddings=config.embedding_files(),
     )
     return DiffusersGenerator(cache)
 
@@ -257,7 +258,11 @@ class Daemon:
         self._prefetch = max(new.prefetch, new.batch_size)
         if self.generator is not None:
             self.generator.reconfigure(
-                new.model_entries(), memory=new.memory, max_loaded=new.max_loaded_models, loras=new.lora_files()
+                new.model_entries(),
+                memory=new.memory,
+                max_loaded=new.max_loaded_models,
+                loras=new.lora_files(),
+                embeddings=new.embedding_files(),
             )
         registry.announce(new)
         log.info("config reloaded")

@@ -103,6 +103,7 @@ class Chain:
             prediction=first.prediction,
             prompt_encoding=first.prompt_encoding,
             loras=first.loras,
+            embeddings=first.embeddings,
         )
 
     def keep(self, claim_folder: Path, generated: Generated, attempt: int) -> EarlierStage:
@@ -181,6 +182,7 @@ def _record(stage: EarlierStage) -> dict[str, Any]:
         "prediction": made.prediction,
         "prompt_encoding": made.prompt_encoding,
         "loras": made.loras,
+        "embeddings": made.embeddings,
         "attempt": stage.attempt,
         "finished_at": stage.finished_at,
     }
@@ -207,6 +209,7 @@ def _from_record(record: dict[str, Any], spec: Spec, folder: Path) -> EarlierSta
             prediction=record["prediction"],
             prompt_encoding=record.get("prompt_encoding"),
             loras=record.get("loras"),
+            embeddings=record.get("embeddings"),
         )
         sizes = tuple((int(w), int(h)) for w, h in record["sizes"])
         return EarlierStage(

@@ -86,6 +86,8 @@ class Generated:
     """How the prompts reached the text encoder (`prompts.PromptEncoding.record`); None without one."""
     loras: list[dict[str, Any]] | None = None
     """The LoRAs of the call: name, weight, file, sha256 and A1111's short `hash` of each."""
+    embeddings: list[dict[str, Any]] | None = None
+    """The textual-inversion embeddings the job's prompts named: name, file, sha256, short `hash`."""
 
 
 @dataclass(frozen=True)
@@ -143,8 +145,9 @@ class Generator(Protocol):
         memory: str,
         max_loaded: int,
         loras: Mapping[str, Path] | None = None,
+        embeddings: Mapping[str, Path] | None = None,
     ) -> None:
-        """A reloaded config: models whose entry changed are dropped; the rest stay warm; the LoRA files."""
+        """A reloaded config: models whose entry changed are dropped, the rest stay warm; LoRA and embedding files."""
 
     def loaded(self) -> list[str]:
         """The models held warm now, least recently used first."""

@@ -20,6 +20,7 @@ from PIL import Image
 
 from diffusiond.pipeline.backend import Cancelled, Generated, ModelInfo, StepHook
 from diffusiond.pipeline.batch import Batch, step_callback
+from diffusiond.pipeline.embeddings import named
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed, job_context
 from diffusiond.pipeline.families import ModelEntry
 from diffusiond.pipeline.img2img import img2img
@@ -63,8 +64,9 @@ class DiffusersGenerator:
         memory: str,
         max_loaded: int,
         loras: Mapping[str, Path] | None = None,
+        embeddings: Mapping[str, Path] | None = None,
     ) -> None:
-        self.cache.update(entries, memory=memory, max_loaded=max_loaded, loras=loras)
+        self.cache.update(entries, memory=memory, max_loaded=max_loaded, loras=loras, embeddings=embeddings)
 
     def loaded(self) -> list[str]:
         return self.cache.loaded()
@@ -102,6 +104,7 @@ class DiffusersGenerator:
                 loaded_at = time.perf_counter()
                 callback = step_callback(cancel, on_step, spec.denoise_steps())
                 loras = cache.use_loras(name, loaded.pipe, spec.loras)  # before encoding: they change the text encoder
+                embeddings = cache.use_embeddings(name, loaded.pipe, [*batch.prompts(), *batch.negative_prompts()])
                 encoded = encode(loaded.pipe, batch.prompts(), batch.negative_prompts(), clip_skip=spec.clip_skip)
                 images = TASK_RUNNERS[spec.task](loaded, batch, callback, encoded.kwargs)
                 break
@@ -131,9 +134,16 @@ class DiffusersGenerator:
                 prediction=loaded.scheduler_config.get("prediction_type"),
                 prompt_encoding=encoded.encodings[first].record(),
                 loras=loras,
+                embeddings=_named(job_spec, embeddings),
             )
             for job_spec, part, first in zip(batch.specs, batch.split(images), first_images, strict=True)
         ]
+
+
+def _named(spec: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The call's embeddings that this job's own prompts name (a batch shares one call)."""
+    names = named([spec.prompt, spec.negative_prompt], [r["name"] for r in records])
+    return [r for r in records if r["name"] in names]
 
 
 def _unused(cache: ModelCache, spec: UpscaleJob) -> ModelInfo | None:

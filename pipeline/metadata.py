@@ -165,6 +165,7 @@ def infotext(
     later: Sequence[LaterStage] = (),
     vae: tuple[str, str | None] | None = None,
     lora_hashes: Sequence[tuple[str, str]] = (),
+    ti_hashes: Sequence[tuple[str, str]] = (),
 ) -> str:
     """The AUTOMATIC1111 `parameters` text: prompt, negative prompt, then `Key: value` pairs.
 
@@ -204,6 +205,8 @@ def infotext(
     pairs += [(key, value) for key, value in _later_pairs(spec, size, sampler, later) if key not in written]
     if lora_hashes and not plain_upscale:  # A1111: Lora hashes: "name: 0123456789ab, other: ..."
         pairs.append(("Lora hashes", ", ".join(f"{name}: {short}" for name, short in lora_hashes)))
+    if ti_hashes and not plain_upscale:  # A1111: TI hashes: "name: 0123456789ab"
+        pairs.append(("TI hashes", ", ".join(f"{name}: {short}" for name, short in ti_hashes)))
     pairs.append(("Version", CREATOR_TOOL))
     settings = ", ".join(f"{key}: {_quote(value)}" for key, value in pairs)
     negative = f"\nNegative prompt: {spec.negative_prompt}" if spec.negative_prompt else ""

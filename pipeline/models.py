@@ -34,6 +34,7 @@ from diffusers import (
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
+from diffusiond.pipeline.embeddings import apply as apply_embeddings
 from diffusiond.pipeline.errors import Code, ConfigError, JobFailed
 from diffusiond.pipeline.families import ModelEntry, ModelKind, detect_kind
 from diffusiond.pipeline.hashing import model_hash
@@ -168,6 +169,8 @@ class _Model:
     vae_hash: str | None = None
     adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)
     """LoRAs loaded on its UNet and text encoders (peft adapter name -> LoRA name): pipeline/loras.py."""
+    embeddings: set[str] = field(default_factory=set)
+    """Textual-inversion embeddings loaded into its tokenizers and text encoders: pipeline/embeddings.py."""
 
 
 class ModelCache:
@@ -183,8 +186,11 @@ class ModelCache:
         max_loaded: int = 2,
         state_dir: Path | None = None,
         loras: Mapping[str, Path] | None = None,
+        embeddings: Mapping[str, Path] | None = None,
     ) -> None:
         self.entries = dict(entries)
+        self.embeddings: Mapping[str, Path] = embeddings if embeddings is not None else {}
+        """The config's textual-inversion embeddings by name."""
         self.loras: Mapping[str, Path] = loras if loras is not None else {}
         """The config's LoRA files by name: the only ones a job can load."""
         self.device = device
@@ -204,10 +210,12 @@ class ModelCache:
         memory: str,
         max_loaded: int,
         loras: Mapping[str, Path] | None = None,
+        embeddings: Mapping[str, Path] | None = None,
     ) -> None:
         """A reloaded config: models whose entry changed or went away are unloaded, the rest stay warm."""
         with self._lock:
             self.loras = loras if loras is not None else {}
+            self.embeddings = embeddings if embeddings is not None else {}
             for name in list(self._models):
                 if entries.get(name) != self.entries.get(name):
                     self.evict(name)
@@ -359,6 +367,10 @@ class ModelCache:
     def use_loras(self, name: str, pipe: Any, uses: Sequence[LoraUse]) -> list[dict[str, Any]]:
         """Set the model's LoRAs for the next call (none: off); what the manifest says of each."""
         return apply_loras(pipe, uses, self.loras, self._models[name].adapters)
+
+    def use_embeddings(self, name: str, pipe: Any, texts: Sequence[str]) -> list[dict[str, Any]]:
+        """Load the embeddings the prompts name into the model (once); what the manifest says of each."""
+        return apply_embeddings(pipe, texts, self.embeddings, self._models[name].embeddings)
 
     def _vae(self, entry: ModelEntry, kind: ModelKind) -> Any:
         """The config's VAE for this model: a diffusers folder, or a single .safetensors in the original

@@ -174,7 +174,12 @@ def _embeddings(
     pipe: Any, prompts: list[str], negatives: list[str], clip_skip: int
 ) -> tuple[dict[str, Any], list[int]]:
     """compel's embeddings of every prompt and negative prompt, and each one's own windows (unpadded)."""
-    from compel import EmbeddingsProvider, ReturnedEmbeddingsType, SplitLongTextMode  # loads diffusers' pipelines
+    from compel import (  # loads diffusers' pipelines
+        DiffusersTextualInversionManager,
+        EmbeddingsProvider,
+        ReturnedEmbeddingsType,
+        SplitLongTextMode,
+    )
 
     xl = getattr(pipe, "text_encoder_2", None) is not None
     if xl:
@@ -194,6 +199,7 @@ def _embeddings(
     device = str(pipe.device)
     providers = [
         EmbeddingsProvider(
+            textual_inversion_manager=DiffusersTextualInversionManager(pipe),  # multi-vector embeddings
             tokenizer=tokenizer,
             text_encoder=encoder if hasattr(encoder, "text_model") else _TextModelView(encoder),
             truncate=False,

@@ -258,6 +258,7 @@ def _parameters(made: Sequence[_Made]) -> str:
         later=[LaterStage(m.spec, m.size, m.generated.scheduler) for m in later],
         vae=(model.vae, model.vae_hash) if model and model.vae else None,
         lora_hashes=[(lora["name"], lora["hash"]) for lora in first.generated.loras or []],
+        ti_hashes=[(e["name"], e["hash"]) for e in first.generated.embeddings or []],
     )
 
 

@@ -110,6 +110,7 @@ class StandInGenerator:
         memory: str,
         max_loaded: int,
         loras: Mapping[str, Path] | None = None,
+        embeddings: Mapping[str, Path] | None = None,
     ) -> None:
         with self._lock:
             self._loaded = [name for name in self._loaded if name in entries]

@@ -159,6 +159,25 @@ def make_test_lora(model: Path, path: Path, *, seed: int = 7, kohya: bool = True
     return path
 
 
+def make_test_embedding(model: Path, path: Path, *, vectors: int = 2, seed: int = 9) -> Path:
+    """A tiny random textual-inversion embedding for the test SD model's text encoder, in A1111's
+    `.pt` layout (`string_to_param`, read back with `weights_only=True`) or, for `.safetensors`,
+    diffusers' one (`{name: tensor}`)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    width = json.loads((Path(model) / "text_encoder" / "config.json").read_text())["hidden_size"]
+    tensor = torch.randn((vectors, width), generator=torch.Generator().manual_seed(seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file({path.stem: tensor}, str(path))
+    else:
+        torch.save({"string_to_param": {"*": tensor}, "name": path.stem, "step": 0}, path)
+    return path
+
+
 def make_family_models(directory: Path, *, overwrite: bool = False) -> FamilyModelPaths:
     """Write tiny random-weight SD 2.x (v), SDXL and SD 2 depth models into `directory`.
 

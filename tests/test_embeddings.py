@@ -1,0 +1,48 @@
+"""Textual-inversion embeddings: named in a prompt, loaded from the config's folder (A1111 .pt and safetensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from diffusiond.pipeline.hashing import file_sha256
+from diffusiond.pipeline.testmodel import make_test_embedding
+from tests.conftest import Spool, start_daemon_thread, wait_for, write_config
+
+
+def test_an_embedding_named_in_a_prompt_is_used_and_leaves_other_prompts_alone(
+    spool: Spool, test_models: Any, tmp_path: Path
+) -> None:
+    folder = tmp_path / "embeddings"
+    style = make_test_embedding(test_models.sd, folder / "test-style.pt")  # A1111's layout, two vectors
+    make_test_embedding(test_models.sd, folder / "grain.safetensors", vectors=1, seed=3)
+    write_config(spool.root, test_models, embeddings=str(folder))
+    jobs = [
+        ("before", "prompt: a fox\nseed: 3\n"),
+        ("style", "prompt: a fox, test-style\nseed: 3\n"),
+        ("weighted", "prompt: a (fox:1.3), test-style\nnegative_prompt: grain\nseed: 3\n"),
+        ("after", "prompt: a fox\nseed: 3\n"),
+    ]
+    made: dict[str, dict[str, Any]] = {}
+    with start_daemon_thread(spool):
+        for name, text in jobs:
+            spool.drop(f"{name}.yaml", text)
+            made[name] = wait_for(
+                lambda name=name: next((m for m in spool.manifests() if m["source"] == f"{name}.yaml"), None),
+                what=name,
+            )
+    image = {}
+    for name, manifest in made.items():
+        with Image.open(spool.outbox / manifest["outputs"][0]["file"]) as png:
+            image[name] = png.convert("RGB").tobytes()
+            if name == "weighted":
+                parameters = png.text["parameters"]
+    assert image["before"] == image["after"]  # a loaded embedding changes no other prompt
+    assert len({image["before"], image["style"], image["weighted"]}) == 3
+    assert [(e["name"], e["sha256"]) for e in made["style"]["embeddings"]] == [("test-style", file_sha256(style))]
+    assert [e["name"] for e in made["weighted"]["embeddings"]] == ["grain", "test-style"]
+    grain, test_style = (e["hash"] for e in made["weighted"]["embeddings"])
+    assert f'TI hashes: "grain: {grain}, test-style: {test_style}"' in parameters
+    assert made["weighted"]["prompt_encoding"]["method"] == "compel" and made["before"]["embeddings"] == []
