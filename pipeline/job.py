@@ -850,10 +850,42 @@ SWEEP_EXCLUDED = ("task", "then", "keep", "output", "watermark", "sweep", "count
 """Fields a sweep cannot vary: what a job is, and what shapes its outputs."""
 
 
+_ALTERNATIVES = re.compile(r"(?<!\\)\{([^{}]*\|[^{}]*)\}")
+"""`{red|blue}` in a prompt: alternatives, one job each (an escaped `\\{` is text)."""
+
+
+def _alternatives(prompt: str) -> list[str]:
+    """Every prompt the `{a|b}` groups make, in order: `a {red|blue} {fox|cat}` is four."""
+    groups = [m.group(1).split("|") for m in _ALTERNATIVES.finditer(prompt)]
+    texts = _ALTERNATIVES.split(prompt)[::2]  # the text around the groups
+    prompts = []
+    for choice in itertools.product(*groups):
+        pieces = [texts[0]]
+        for option, after in zip(choice, texts[1:], strict=True):
+            pieces += [option, after]
+        prompts.append("".join(pieces))
+    return prompts
+
+
 def _expand_sweep(document: Any, *, path: str, index: int, max_jobs: int) -> list[Any]:
     """A document with `sweep:` as one document per combination of its values (the product, in the
     order written), each with `sweep:` holding its own values; any other document as it is."""
-    if not isinstance(document, dict) or "sweep" not in document:
+    if not isinstance(document, dict):
+        return [document]
+    prompt = document.get("prompt")
+    if isinstance(prompt, str) and _ALTERNATIVES.search(prompt):
+        sweep = document.get("sweep", {})
+        if isinstance(sweep, dict) and "prompt" in sweep:
+            with job_context(path=path, job_index=index):
+                raise JobRejected(
+                    "the prompt has alternatives ({a|b}) and the sweep varies the prompt too",
+                    field="sweep.prompt",
+                    value=shown(sweep["prompt"]),
+                    fix="write the alternatives in the prompt or list the prompts in sweep.prompt, not both",
+                )
+        # A1111's dynamic prompts, combinatorial: every choice of every {a|b} group, as a sweep of prompts.
+        document = document | {"sweep": {"prompt": _alternatives(prompt), **(sweep if isinstance(sweep, dict) else {})}}
+    if "sweep" not in document:
         return [document]
     sweep = document["sweep"]
     with job_context(path=path, job_index=index):

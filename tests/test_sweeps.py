@@ -69,3 +69,12 @@ def test_a_3_by_2_sweep_makes_6_jobs_each_naming_its_values(spool: Spool) -> Non
             )
     [report] = spool.reports()
     assert (report["file"], report["code"], report["field"]) == ("big.yaml", "over_limit", "sweep")
+
+
+def test_prompt_alternatives_expand_like_a_sweep_of_prompts() -> None:
+    specs = parse_job_text("prompt: 'a {red|blue} {fox|cat}'\nsweep: {seed: [1, 2]}\n", path="a.yaml", rules=RULES)
+    assert [(s.prompt, s.seed) for s in specs][:3] == [("a red fox", 1), ("a red fox", 2), ("a red cat", 1)]
+    assert len(specs) == 8 and specs[-1].sweep == {"prompt": ["a blue cat"], "seed": [2]}
+    with pytest.raises(JobRejected) as caught:
+        parse_job_text("prompt: 'a {red|blue} fox'\nsweep: {prompt: [x, y]}\n", path="a.yaml", rules=RULES)
+    assert caught.value.field == "sweep.prompt"
