@@ -408,6 +408,7 @@ def _make_test_model(args: argparse.Namespace) -> int:
         ("test-sd2-v", families.sd2_v),
         ("test-sdxl", families.sdxl),
         ("test-depth", families.depth2img),
+        ("test-refiner", families.sdxl_refiner),
     ):
         print(f"  {name}: {path}")
     print(f"loras: {lora.parent}                 # <lora:test-lora:0.8> (for the model test)")

@@ -37,6 +37,8 @@ class ModelKind(StrEnum):
     """Stable Diffusion 2.x (OpenCLIP ViT-H, epsilon 512 px or v-prediction 768 px): txt2img, img2img."""
     SDXL = "sdxl"
     """Stable Diffusion XL (two text encoders, 1024 px): txt2img, img2img."""
+    SDXL_REFINER = "sdxl_refiner"
+    """The SDXL refiner (its second text encoder only, aesthetic-score conditioning): img2img, as a stage."""
     UPSCALER_X4 = "upscaler_x4"
     """The prompt-guided x4 upscaler (`stabilityai/stable-diffusion-x4-upscaler` layout)."""
     DEPTH2IMG = "depth2img"
@@ -71,7 +73,9 @@ def detect_kind(path: Path) -> ModelKind:
     except (OSError, ValueError):
         return ModelKind.UNKNOWN
     if class_name.startswith("StableDiffusionXL"):
-        return ModelKind.SDXL
+        index = _read_json(path / "model_index.json")
+        first_encoder = index.get("text_encoder") or [None]
+        return ModelKind.SDXL_REFINER if first_encoder[0] is None else ModelKind.SDXL
     if class_name == "StableDiffusionUpscalePipeline":
         return ModelKind.UPSCALER_X4
     if class_name == "StableDiffusionDepth2ImgPipeline":
@@ -96,7 +100,13 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-_FAMILY_SIZES = {ModelKind.SD1: 512, ModelKind.SD2: 512, ModelKind.SDXL: 1024, ModelKind.DEPTH2IMG: 512}
+_FAMILY_SIZES = {
+    ModelKind.SD1: 512,
+    ModelKind.SD2: 512,
+    ModelKind.SDXL: 1024,
+    ModelKind.SDXL_REFINER: 1024,
+    ModelKind.DEPTH2IMG: 512,
+}
 
 
 def kind_of_path(path: Path) -> ModelKind:

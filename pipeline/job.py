@@ -118,6 +118,7 @@ TASKS_BY_KIND: dict[ModelKind, tuple[Task, ...]] = {
     ModelKind.SD1: (Task.TXT2IMG, Task.IMG2IMG),
     ModelKind.SD2: (Task.TXT2IMG, Task.IMG2IMG),
     ModelKind.SDXL: (Task.TXT2IMG, Task.IMG2IMG),
+    ModelKind.SDXL_REFINER: (Task.IMG2IMG,),
     ModelKind.UPSCALER_X4: (Task.UPSCALE,),
     ModelKind.DEPTH2IMG: (Task.DEPTH2IMG,),
     ModelKind.UNKNOWN: (),
@@ -1325,7 +1326,7 @@ def _check_model(spec: Spec, rules: Rules) -> None:
             fix="use a model name from the config, or add the model to `models:` in the config",
         )
     kind = rules.models[spec.model]
-    if spec.clip_skip != 1 and kind is ModelKind.SDXL:
+    if spec.clip_skip != 1 and kind in (ModelKind.SDXL, ModelKind.SDXL_REFINER):
         raise JobRejected(
             f"clip_skip {spec.clip_skip} is for SD 1.x and 2.x: SDXL ('{spec.model}') already conditions on "
             "the text encoders' next-to-last layer",

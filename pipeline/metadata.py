@@ -221,6 +221,8 @@ class LaterStage:
     size: tuple[int, int]
     """(width, height) of the images it made."""
     sampler: str
+    family: str | None = None
+    """The model family that ran it (`sdxl_refiner`: A1111's Refiner keys, not its hires fix)."""
 
 
 def _later_pairs(
@@ -231,12 +233,16 @@ def _later_pairs(
     A redraw right after txt2img is A1111's hires fix (`Denoising strength`, `Hires upscale` or
     `Hires resize`, `Hires steps`, `Hires upscaler`, and the hires prompt, sampler and CFG where
     they differ); an upscale is its extras tab's `Postprocess upscale by` / `Postprocess upscaler`.
+    An img2img stage on the SDXL refiner is A1111's `Refiner` / `Refiner switch at` (1 - strength).
     A1111 has no key for any other stage: those are in the JSON record only. A key is written once.
     """
     pairs: list[tuple[str, object]] = []
     for position, stage in enumerate(later):
         spec = stage.spec
-        if position == 0 and isinstance(first, Txt2ImgJob) and isinstance(spec, Img2ImgJob):
+        if stage.family == "sdxl_refiner" and isinstance(spec, Img2ImgJob):
+            # A1111 hands the latents over at `switch at`; a stage redraws the image from 1 - strength.
+            pairs += [("Refiner", spec.model), ("Refiner switch at", _number(round(1 - spec.strength, 4)))]
+        elif position == 0 and isinstance(first, Txt2ImgJob) and isinstance(spec, Img2ImgJob):
             (w0, h0), (w, h) = first_size, stage.size
             pairs.append(("Denoising strength", _number(spec.strength)))
             same_shape = w * h0 == h * w0

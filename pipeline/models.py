@@ -59,6 +59,7 @@ PIPELINES: dict[tuple[ModelKind, Task], type[DiffusionPipeline]] = {
     (ModelKind.SD2, Task.IMG2IMG): StableDiffusionImg2ImgPipeline,
     (ModelKind.SDXL, Task.TXT2IMG): StableDiffusionXLPipeline,
     (ModelKind.SDXL, Task.IMG2IMG): StableDiffusionXLImg2ImgPipeline,
+    (ModelKind.SDXL_REFINER, Task.IMG2IMG): StableDiffusionXLImg2ImgPipeline,
     (ModelKind.UPSCALER_X4, Task.UPSCALE): StableDiffusionUpscalePipeline,
     (ModelKind.DEPTH2IMG, Task.DEPTH2IMG): StableDiffusionDepth2ImgPipeline,
 }
@@ -358,7 +359,7 @@ class ModelCache:
         extra: dict[str, Any] = {}
         if kind in (ModelKind.SD1, ModelKind.SD2):
             extra = {"safety_checker": None, "requires_safety_checker": False}
-        elif kind is ModelKind.SDXL:
+        elif kind in (ModelKind.SDXL, ModelKind.SDXL_REFINER):
             extra = {"add_watermarker": False}  # diffusiond applies its own, configurable watermark
         elif kind is ModelKind.DEPTH2IMG:
             _map_removed_transformers_classes()

@@ -175,7 +175,6 @@ def _embeddings(
 ) -> tuple[dict[str, Any], list[int]]:
     """compel's embeddings of every prompt and negative prompt, and each one's own windows (unpadded)."""
     from compel import (  # loads diffusers' pipelines
-        DiffusersTextualInversionManager,
         EmbeddingsProvider,
         ReturnedEmbeddingsType,
         SplitLongTextMode,
@@ -199,7 +198,7 @@ def _embeddings(
     device = str(pipe.device)
     providers = [
         EmbeddingsProvider(
-            textual_inversion_manager=DiffusersTextualInversionManager(pipe),  # multi-vector embeddings
+            textual_inversion_manager=_TextualInversions(pipe, tokenizer),  # multi-vector embeddings
             tokenizer=tokenizer,
             text_encoder=encoder if hasattr(encoder, "text_model") else _TextModelView(encoder),
             truncate=False,
@@ -231,6 +230,21 @@ def _embeddings(
                 "negative_pooled_prompt_embeds": pooled[len(prompts) :],
             }
     return out, own
+
+
+class _TextualInversions:
+    """compel's hook for multi-vector textual-inversion tokens (`name` -> `name name_1 ...`), for one
+    tokenizer: compel's own `DiffusersTextualInversionManager` always uses the pipeline's first one,
+    which the SDXL refiner does not have."""
+
+    def __init__(self, pipe: Any, tokenizer: Any) -> None:
+        self.pipe, self.tokenizer = pipe, tokenizer
+
+    def expand_textual_inversion_token_ids_if_necessary(self, token_ids: list[int]) -> list[int]:
+        if not token_ids or not hasattr(self.pipe, "maybe_convert_prompt"):
+            return token_ids
+        prompt = self.pipe.maybe_convert_prompt(self.tokenizer.decode(token_ids), self.tokenizer)
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
 
 
 class _TextModelView:

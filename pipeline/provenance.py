@@ -255,7 +255,10 @@ def _parameters(made: Sequence[_Made]) -> str:
         model_name=first.spec.model,
         sampler=first.generated.scheduler,
         model_hash=model.hash if (model := first.generated.model) else None,
-        later=[LaterStage(m.spec, m.size, m.generated.scheduler) for m in later],
+        later=[
+            LaterStage(m.spec, m.size, m.generated.scheduler, m.generated.model.family if m.generated.model else None)
+            for m in later
+        ],
         vae=(model.vae, model.vae_hash) if model and model.vae else None,
         lora_hashes=[(lora["name"], lora["hash"]) for lora in first.generated.loras or []],
         ti_hashes=[(e["name"], e["hash"]) for e in first.generated.embeddings or []],

@@ -55,6 +55,7 @@ _SD_DIR = "sd"
 _UPSCALER_DIR = "x4-upscaler"
 _SD2_V_DIR = "sd2-v"
 _SDXL_DIR = "sdxl"
+_SDXL_REFINER_DIR = "sdxl-refiner"
 _DEPTH2IMG_DIR = "depth2img"
 _SD_BETAS: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -98,6 +99,8 @@ class FamilyModelPaths:
     """StableDiffusionXLPipeline folder (two text encoders); also drives StableDiffusionXLImg2ImgPipeline."""
     depth2img: Path
     """StableDiffusionDepth2ImgPipeline folder (5-channel UNet, DPT depth estimator)."""
+    sdxl_refiner: Path
+    """StableDiffusionXLImg2ImgPipeline folder in the refiner layout (second text encoder only)."""
 
 
 def is_test_model(path: Path | str) -> bool:
@@ -186,9 +189,17 @@ def make_family_models(directory: Path, *, overwrite: bool = False) -> FamilyMod
     """
     directory = Path(directory)
     paths = FamilyModelPaths(
-        sd2_v=directory / _SD2_V_DIR, sdxl=directory / _SDXL_DIR, depth2img=directory / _DEPTH2IMG_DIR
+        sd2_v=directory / _SD2_V_DIR,
+        sdxl=directory / _SDXL_DIR,
+        depth2img=directory / _DEPTH2IMG_DIR,
+        sdxl_refiner=directory / _SDXL_REFINER_DIR,
     )
-    builders = {paths.sd2_v: _save_sd2_v, paths.sdxl: _save_sdxl, paths.depth2img: _save_depth2img}
+    builders = {
+        paths.sd2_v: _save_sd2_v,
+        paths.sdxl: _save_sdxl,
+        paths.depth2img: _save_depth2img,
+        paths.sdxl_refiner: _save_sdxl_refiner,
+    }
     _write_models(directory, builders, _build_family_components, overwrite)
     return paths
 
@@ -557,6 +568,25 @@ def _build_family_components() -> dict[str, Any]:
             norm_num_groups=8,
         )
         c["sdxl_vae"] = _vae(scaling_factor=0.13025, force_upcast=True)
+        # The refiner: the second encoder alone (48), pooled projection plus 5 numbers (sizes, crop and the
+        # aesthetic score: 5 * 8 + 48 = 88; real 5 * 256 + 1280 = 2560).
+        c["sdxl_refiner_unet"] = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(16, 32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4, 8),
+            transformer_layers_per_block=(1, 1, 1),
+            use_linear_projection=True,
+            cross_attention_dim=48,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=5 * 8 + 48,
+            norm_num_groups=8,
+        )
     return c
 
 
@@ -615,6 +645,33 @@ def _save_sdxl(c: dict[str, Any], folder: Path) -> None:
         add_watermarker=False,  # not saved; only skips building an encoder here
     )
     _save_with_tokenizers(pipe, folder, c, {"tokenizer": EOS, "tokenizer_2": OPENCLIP_PAD})
+
+
+def _save_sdxl_refiner(c: dict[str, Any], folder: Path) -> None:
+    """SDXL refiner layout: no first text encoder, `requires_aesthetics_score`, the base's VAE and Euler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+
+    scheduler = EulerDiscreteScheduler(
+        **_SD_BETAS,
+        interpolation_type="linear",
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+        use_karras_sigmas=False,
+    )
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=c["sdxl_vae"],
+        text_encoder=None,
+        text_encoder_2=c["sdxl_text_encoder_2"],
+        tokenizer=None,
+        tokenizer_2=c["openclip_tokenizer"],
+        unet=c["sdxl_refiner_unet"],
+        scheduler=scheduler,
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    _save_with_tokenizers(pipe, folder, c, {"tokenizer_2": OPENCLIP_PAD})
 
 
 def _save_depth2img(c: dict[str, Any], folder: Path) -> None:

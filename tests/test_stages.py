@@ -268,3 +268,24 @@ def test_a_stage_that_fails_fails_its_job_and_the_report_names_the_stage(spool: 
     assert (record["index"], record["stage"]) == (2, 2)
     [done] = spool.manifests()
     assert done["index"] == 1
+
+
+def test_the_sdxl_refiner_runs_as_a_stage_and_says_so_as_a1111_does(
+    spool: Spool, test_models: Any, family_models: Any
+) -> None:
+    models = {"xl": str(family_models.sdxl), "refiner": str(family_models.sdxl_refiner)}
+    write_config(spool.root, test_models, models=models, defaults={"all": {"model": "xl", "steps": 4}})
+    spool.drop(
+        "refined.yaml",
+        "prompt: a (lighthouse:1.2)\nseed: 9\nsize: 64\nthen: [{task: img2img, model: refiner, strength: 0.3}]\n",
+    )
+    process = run_real(spool)
+    assert process.returncode == 0, process.stdout.read() if process.stdout else ""
+    [made] = spool.manifests()
+    assert [(s["task"], s["model"]["family"]) for s in made["stages"]] == [
+        ("txt2img", "sdxl"),
+        ("img2img", "sdxl_refiner"),
+    ]
+    with Image.open(spool.outbox / made["outputs"][0]["file"]) as image:
+        parameters = image.text["parameters"]
+    assert "Refiner: refiner, Refiner switch at: 0.7" in parameters and "Hires" not in parameters
