@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from diffusiond.pipeline.backend import ExtraNetworks
 from diffusiond.pipeline.errors import ConfigError, JobRejected
 from diffusiond.pipeline.families import ModelEntry, kind_of_path, native_size
 from diffusiond.pipeline.job import (
@@ -368,6 +369,10 @@ class Config(_Strict):
         if isinstance(self.embeddings, dict):
             return dict(self.embeddings)
         return NamedFiles(self.embeddings, (".safetensors", ".pt", ".bin")) if self.embeddings is not None else {}
+
+    def extra_networks(self) -> ExtraNetworks:
+        """The LoRA and embedding files a job may load, for the generator."""
+        return ExtraNetworks(loras=self.lora_files(), embeddings=self.embedding_files())
 
     def rules(self) -> Rules:
         """What jobs are validated against; read from the model folders once per loaded config.

@@ -65,8 +65,7 @@ def diffusers_generator(config: Config) -> Generator:
         memory=config.memory,
         max_loaded=config.max_loaded_models,
         state_dir=config.state,
-        loras=config.lora_files(),
-        embeddings=config.embedding_files(),
+        networks=config.extra_networks(),
     )
     return DiffusersGenerator(cache)
 
@@ -261,8 +260,7 @@ class Daemon:
                 new.model_entries(),
                 memory=new.memory,
                 max_loaded=new.max_loaded_models,
-                loras=new.lora_files(),
-                embeddings=new.embedding_files(),
+                networks=new.extra_networks(),
             )
         registry.announce(new)
         log.info("config reloaded")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -91,6 +91,15 @@ class Generated:
 
 
 @dataclass(frozen=True)
+class ExtraNetworks:
+    """The files a job may add to a model, by name (A1111 calls them extra networks): only these load."""
+
+    loras: Mapping[str, Path] = field(default_factory=dict)
+    embeddings: Mapping[str, Path] = field(default_factory=dict)
+    """Textual-inversion embeddings."""
+
+
+@dataclass(frozen=True)
 class EarlierStage:
     """A finished stage of a multi-stage job other than its last: the images the next stage ran on.
 
@@ -144,10 +153,9 @@ class Generator(Protocol):
         *,
         memory: str,
         max_loaded: int,
-        loras: Mapping[str, Path] | None = None,
-        embeddings: Mapping[str, Path] | None = None,
+        networks: ExtraNetworks | None = None,
     ) -> None:
-        """A reloaded config: models whose entry changed are dropped, the rest stay warm; LoRA and embedding files."""
+        """A reloaded config: models whose entry changed are dropped, the rest stay warm; its LoRAs and embeddings."""
 
     def loaded(self) -> list[str]:
         """The models held warm now, least recently used first."""

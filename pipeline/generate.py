@@ -13,12 +13,11 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from diffusiond.pipeline.backend import Cancelled, Generated, ModelInfo, StepHook
+from diffusiond.pipeline.backend import Cancelled, ExtraNetworks, Generated, ModelInfo, StepHook
 from diffusiond.pipeline.batch import Batch, step_callback
 from diffusiond.pipeline.embeddings import named
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed, job_context
@@ -63,10 +62,9 @@ class DiffusersGenerator:
         *,
         memory: str,
         max_loaded: int,
-        loras: Mapping[str, Path] | None = None,
-        embeddings: Mapping[str, Path] | None = None,
+        networks: ExtraNetworks | None = None,
     ) -> None:
-        self.cache.update(entries, memory=memory, max_loaded=max_loaded, loras=loras, embeddings=embeddings)
+        self.cache.update(entries, memory=memory, max_loaded=max_loaded, networks=networks)
 
     def loaded(self) -> list[str]:
         return self.cache.loaded()

@@ -34,6 +34,7 @@ from diffusers import (
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
+from diffusiond.pipeline.backend import ExtraNetworks
 from diffusiond.pipeline.embeddings import apply as apply_embeddings
 from diffusiond.pipeline.errors import Code, ConfigError, JobFailed
 from diffusiond.pipeline.families import ModelEntry, ModelKind, detect_kind
@@ -186,14 +187,11 @@ class ModelCache:
         memory: str = "normal",
         max_loaded: int = 2,
         state_dir: Path | None = None,
-        loras: Mapping[str, Path] | None = None,
-        embeddings: Mapping[str, Path] | None = None,
+        networks: ExtraNetworks | None = None,
     ) -> None:
         self.entries = dict(entries)
-        self.embeddings: Mapping[str, Path] = embeddings if embeddings is not None else {}
-        """The config's textual-inversion embeddings by name."""
-        self.loras: Mapping[str, Path] = loras if loras is not None else {}
-        """The config's LoRA files by name: the only ones a job can load."""
+        self.networks = networks or ExtraNetworks()
+        """The config's LoRA and embedding files by name: the only ones a job can load."""
         self.device = device
         self.dtype = dtype
         self.memory = memory
@@ -210,13 +208,11 @@ class ModelCache:
         *,
         memory: str,
         max_loaded: int,
-        loras: Mapping[str, Path] | None = None,
-        embeddings: Mapping[str, Path] | None = None,
+        networks: ExtraNetworks | None = None,
     ) -> None:
         """A reloaded config: models whose entry changed or went away are unloaded, the rest stay warm."""
         with self._lock:
-            self.loras = loras if loras is not None else {}
-            self.embeddings = embeddings if embeddings is not None else {}
+            self.networks = networks or ExtraNetworks()
             for name in list(self._models):
                 if entries.get(name) != self.entries.get(name):
                     self.evict(name)
@@ -367,11 +363,11 @@ class ModelCache:
 
     def use_loras(self, name: str, pipe: Any, uses: Sequence[LoraUse]) -> list[dict[str, Any]]:
         """Set the model's LoRAs for the next call (none: off); what the manifest says of each."""
-        return apply_loras(pipe, uses, self.loras, self._models[name].adapters)
+        return apply_loras(pipe, uses, self.networks.loras, self._models[name].adapters)
 
     def use_embeddings(self, name: str, pipe: Any, texts: Sequence[str]) -> list[dict[str, Any]]:
         """Load the embeddings the prompts name into the model (once); what the manifest says of each."""
-        return apply_embeddings(pipe, texts, self.embeddings, self._models[name].embeddings)
+        return apply_embeddings(pipe, texts, self.networks.embeddings, self._models[name].embeddings)
 
     def _vae(self, entry: ModelEntry, kind: ModelKind) -> Any:
         """The config's VAE for this model: a diffusers folder, or a single .safetensors in the original

@@ -25,7 +25,7 @@ from typing import Literal
 
 from PIL import Image
 
-from diffusiond.pipeline.backend import Cancelled, Generated, ModelInfo, StepHook
+from diffusiond.pipeline.backend import Cancelled, ExtraNetworks, Generated, ModelInfo, StepHook
 from diffusiond.pipeline.errors import job_context
 from diffusiond.pipeline.families import ModelEntry
 from diffusiond.pipeline.job import Job, seeds_for
@@ -109,8 +109,7 @@ class StandInGenerator:
         *,
         memory: str,
         max_loaded: int,
-        loras: Mapping[str, Path] | None = None,
-        embeddings: Mapping[str, Path] | None = None,
+        networks: ExtraNetworks | None = None,
     ) -> None:
         with self._lock:
             self._loaded = [name for name in self._loaded if name in entries]
