@@ -163,17 +163,25 @@ def make_test_lora(model: Path, path: Path, *, seed: int = 7, kohya: bool = True
 
 
 def make_test_embedding(model: Path, path: Path, *, vectors: int = 2, seed: int = 9) -> Path:
-    """A tiny random textual-inversion embedding for the test SD model's text encoder, in A1111's
-    `.pt` layout (`string_to_param`, read back with `weights_only=True`) or, for `.safetensors`,
-    diffusers' one (`{name: tensor}`)."""
+    """A tiny random textual-inversion embedding for a test model's text encoder, in A1111's `.pt`
+    layout (`string_to_param`, read back with `weights_only=True`) or, for `.safetensors`, diffusers'
+    one (`{name: tensor}`); for an SDXL model `{clip_l, clip_g}` (a .safetensors), as SDXL files are."""
     import json
 
     import torch
     from safetensors.torch import save_file
 
-    width = json.loads((Path(model) / "text_encoder" / "config.json").read_text())["hidden_size"]
-    tensor = torch.randn((vectors, width), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+
+    def vectors_for(encoder: str) -> torch.Tensor:
+        width = json.loads((Path(model) / encoder / "config.json").read_text())["hidden_size"]
+        return torch.randn((vectors, width), generator=generator)
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    if (Path(model) / "text_encoder_2").is_dir():  # SDXL: one set of vectors per text encoder
+        save_file({"clip_l": vectors_for("text_encoder"), "clip_g": vectors_for("text_encoder_2")}, str(path))
+        return path
+    tensor = vectors_for("text_encoder")
     if path.suffix == ".safetensors":
         save_file({path.stem: tensor}, str(path))
     else:

@@ -46,3 +46,42 @@ def test_an_embedding_named_in_a_prompt_is_used_and_leaves_other_prompts_alone(
     grain, test_style = (e["hash"] for e in made["weighted"]["embeddings"])
     assert f'TI hashes: "grain: {grain}, test-style: {test_style}"' in parameters
     assert made["weighted"]["prompt_encoding"]["method"] == "compel" and made["before"]["embeddings"] == []
+
+
+def test_sdxl_takes_a_lora_and_a_two_encoder_embedding(
+    spool: Spool, test_models: Any, family_models: Any, tmp_path: Path
+) -> None:
+    from diffusiond.pipeline.testmodel import make_test_lora
+
+    make_test_lora(family_models.sdxl, tmp_path / "loras" / "xl-grain.safetensors", kohya=False)
+    make_test_embedding(family_models.sdxl, tmp_path / "embeddings" / "xl-style.safetensors")
+    write_config(
+        spool.root,
+        test_models,
+        models={"xl": str(family_models.sdxl)},
+        defaults={"all": {"model": "xl", "size": "64x64", "steps": 4}},
+        loras=str(tmp_path / "loras"),
+        embeddings=str(tmp_path / "embeddings"),
+    )
+    jobs = [
+        ("before", "prompt: a fox\nseed: 3\n"),
+        ("lora", "prompt: a fox <lora:xl-grain:1>\nseed: 3\n"),
+        ("style", "prompt: a fox, xl-style\nseed: 3\n"),
+        ("after", "prompt: a fox\nseed: 3\n"),
+    ]
+    made: dict[str, dict[str, Any]] = {}
+    with start_daemon_thread(spool):
+        for name, text in jobs:
+            spool.drop(f"{name}.yaml", text)
+            made[name] = wait_for(
+                lambda name=name: next((m for m in spool.manifests() if m["source"] == f"{name}.yaml"), None),
+                what=name,
+            )
+    image = {}
+    for name, manifest in made.items():
+        with Image.open(spool.outbox / manifest["outputs"][0]["file"]) as png:
+            image[name] = png.convert("RGB").tobytes()
+    assert image["before"] == image["after"]
+    assert len({image["before"], image["lora"], image["style"]}) == 3
+    assert [lora["name"] for lora in made["lora"]["loras"]] == ["xl-grain"]
+    assert [e["name"] for e in made["style"]["embeddings"]] == ["xl-style"]
