@@ -127,11 +127,13 @@ def make_test_model(directory: Path, *, overwrite: bool = False) -> TestModelPat
     return paths
 
 
-def make_test_lora(model: Path, path: Path, *, seed: int = 7, kohya: bool = True) -> Path:
+def make_test_lora(model: Path, path: Path, *, seed: int = 7, kohya: bool = True, text_encoder: bool = False) -> Path:
     """A tiny random LoRA for the test SD model at `model`, written to `path` (a .safetensors).
 
     `kohya`: the Kohya/A1111 layout (`lora_unet_..._to_q.lora_down.weight`, `.alpha`), as LoRA
     files from model sites are; else diffusers' own layout (`unet.<module>.lora_A.weight`).
+    `text_encoder`: also the text encoder's attention (`lora_te_text_model_encoder_layers_N_...`,
+    Kohya layout), as most LoRAs trained with kohya's scripts have.
     """
     import torch
     from diffusers import UNet2DConditionModel
@@ -157,6 +159,15 @@ def make_test_lora(model: Path, path: Path, *, seed: int = 7, kohya: bool = True
         name = "lora_unet_" + module.replace(".", "_")
         tensors[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    if text_encoder:
+        config = json.loads((Path(model) / "text_encoder" / "config.json").read_text())
+        hidden = config["hidden_size"]
+        for layer in range(config["num_hidden_layers"]):
+            for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                name = f"lora_te_text_model_encoder_layers_{layer}_self_attn_{projection}"
+                tensors[f"{name}.lora_down.weight"] = torch.randn((rank, hidden), generator=generator) * 0.3
+                tensors[f"{name}.lora_up.weight"] = torch.randn((hidden, rank), generator=generator) * 0.3
+                tensors[f"{name}.alpha"] = torch.tensor(float(rank))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
     return path

@@ -62,3 +62,30 @@ def test_a_missing_lora_fails_with_the_names_there_are(spool: Spool, test_models
         [report] = wait_for(spool.reports, what="the report")
     assert (report["code"], report["field"], report["value"]) == ("invalid_field", "loras", "missing")
     assert "known: film-grain" in report["error"]
+
+
+def test_a_lora_of_the_text_encoder_reaches_both_prompt_paths(spool: Spool, test_models: Any, tmp_path: Path) -> None:
+    """Kohya's `lora_te_` half changes the conditioning: as text (the pipeline encodes) and through compel."""
+    from safetensors.torch import load_file, save_file
+
+    both = make_test_lora(test_models.sd, tmp_path / "both.safetensors", kohya=True, text_encoder=True)
+    text_only = {k: v for k, v in load_file(str(both)).items() if k.startswith("lora_te_")}
+    (tmp_path / "loras").mkdir()
+    save_file(text_only, str(tmp_path / "loras" / "te.safetensors"))  # no UNet part: only the encoder can change
+    write_config(spool.root, test_models, loras=str(tmp_path / "loras"))
+    made: dict[str, dict[str, Any]] = {}
+    with start_daemon_thread(spool):
+        for name, text in [
+            ("plain", "prompt: a fox\nseed: 3\nloras: [{name: te, weight: 1}]\n"),
+            ("plain-zero", "prompt: a fox\nseed: 3\nloras: [{name: te, weight: 0}]\n"),
+            ("weighted", "prompt: a (fox:1.0)\nseed: 3\nloras: [{name: te, weight: 1}]\n"),
+        ]:
+            spool.drop(f"{name}.yaml", text)
+            made[name] = wait_for(
+                lambda name=name: next((m for m in spool.manifests() if m["source"] == f"{name}.yaml"), None),
+                what=name,
+            )
+    image = {name: pixels(spool, m) for name, m in made.items()}
+    assert image["plain"] != image["plain-zero"]
+    assert made["weighted"]["prompt_encoding"]["method"] == "compel"
+    assert image["weighted"] == image["plain"]  # `(fox:1.0)` through compel, with the LoRA in its encoder
