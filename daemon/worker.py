@@ -193,10 +193,9 @@ def run_claims(
     #    next stage is planned when its stage before has ended, and runs next (daemon/stages.py).
     stopped = False
     todo = collections.deque(plan_batches(pending, config.batch_size))
-    for call in itertools.count():
-        if not todo:
-            break
-        batch = todo.popleft()
+    calls = itertools.count()  # numbers each pipeline call: a stage's images from one call share its timings
+    while todo:
+        call, batch = next(calls), todo.popleft()
         # 3a. Run the batch on the device (this thread) ...
         started = time.perf_counter()
         batch = [item for item in batch if _begin(by_id[item.claim.claim_id])]

@@ -32,6 +32,7 @@ def named(texts: Sequence[str], names: Sequence[str]) -> list[str]:
 
 def apply(pipe: Any, texts: Sequence[str], files: Mapping[str, Path], loaded: set[str]) -> list[dict[str, Any]]:
     """Load the embeddings the texts name (once per model: `loaded`); what the manifest lists of each."""
+    files = dict(files)  # a configured folder is listed here once per call, not once per lookup
     used = named(texts, list(files))
     for name in used:
         if name not in loaded:

@@ -960,14 +960,9 @@ def _validate(document: Any, path: str, rules: Rules, profile: Mapping[str, Any]
             fix="set `task:` to txt2img, img2img or upscale",
         )
     task = Task(task_name)
-    model_cls = _TASK_MODELS[task]
-    task_defaults = {**rules.defaults.get("all", {}), **rules.defaults.get(task, {})}
+    task_defaults = _task_defaults(rules, task)
     model = document.get("model", profile.get("model", task_defaults.get("model")))
-    # Config defaults only fill fields this task has; a field the user wrote is strict.
-    allowed = set(model_cls.model_fields)
-    merged: dict[str, Any] = {}
-    for layer in (task_defaults, rules.model_defaults.get(model, {}) if isinstance(model, str) else {}, profile):
-        merged.update({k: v for k, v in layer.items() if k in allowed})
+    merged = _defaults(rules, task, model, set(_TASK_MODELS[task].model_fields), profile)
     merged.update(document)
     merged["task"] = task
     if task is Task.TXT2IMG and "size" not in merged and isinstance(model, str) and model in rules.native_sizes:
@@ -1006,6 +1001,23 @@ def _validate(document: Any, path: str, rules: Rules, profile: Mapping[str, Any]
         )
     _check_image_path(spec, path)
     return spec
+
+
+def _task_defaults(rules: Rules, task: Task) -> dict[str, Any]:
+    """The config's defaults for a task: `all`, then the task's own."""
+    return {**rules.defaults.get("all", {}), **rules.defaults.get(task, {})}
+
+
+def _defaults(
+    rules: Rules, task: Task, model: Any, allowed: set[str], profile: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A job's (or stage's) fields before its own: the task's defaults, the model's, then the hot
+    folder's profile. They fill only fields in `allowed`; a field the user wrote is checked strictly."""
+    merged: dict[str, Any] = {}
+    model_defaults = rules.model_defaults.get(model, {}) if isinstance(model, str) else {}
+    for layer in (_task_defaults(rules, task), model_defaults, profile or {}):
+        merged.update({k: v for k, v in layer.items() if k in allowed})
+    return merged
 
 
 def _validate_stages(stages: Any, job: Spec, rules: Rules) -> tuple[Spec, ...]:
@@ -1062,14 +1074,10 @@ def _validate_stage(document: Any, previous: Spec, rules: Rules) -> Spec:
             fix="set the stage's `task:` to img2img, upscale or depth2img",
         )
     task = Task(task_name)
-    task_defaults = {**rules.defaults.get("all", {}), **rules.defaults.get(task, {})}
     model = document.get("model")
     if model is None:  # the stage before's model when it can run this task (a hires fix), else the task's default
-        model = previous.model if _can_run(previous.model, task, rules) else task_defaults.get("model")
-    allowed = set(_TASK_MODELS[task].model_fields) - set(NOT_IN_A_STAGE)
-    merged: dict[str, Any] = {}
-    for layer in (task_defaults, rules.model_defaults.get(model, {}) if isinstance(model, str) else {}):
-        merged.update({k: v for k, v in layer.items() if k in allowed})
+        model = previous.model if _can_run(previous.model, task, rules) else _task_defaults(rules, task).get("model")
+    merged = _defaults(rules, task, model, set(_TASK_MODELS[task].model_fields) - set(NOT_IN_A_STAGE))
     merged.update({k: getattr(previous, k) for k in STAGE_INHERITS})
     if model is not None and model == previous.model:
         merged.update({k: getattr(previous, k) for k in STAGE_INHERITS_WITH_MODEL})

@@ -38,6 +38,7 @@ def apply(
         if adapters:
             pipe.disable_lora()
         return []
+    files = dict(files)  # a configured folder is listed here once per call, not once per lookup
     names = []
     for use in uses:
         adapter = _adapter(use.name)

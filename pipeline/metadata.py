@@ -201,8 +201,9 @@ def infotext(
             pairs += [("Postprocess upscale by", _number(spec.scale)), ("Postprocess upscaler", "Lanczos")]
         else:
             pairs += [("Upscaler", spec.method), ("Noise level", spec.noise_level)]
-    written = {key for key, _ in pairs}
-    pairs += [(key, value) for key, value in _later_pairs(spec, size, sampler, later) if key not in written]
+    for key, value in _later_pairs(spec, size, sampler, later):  # a key is written once: the first stage's
+        if all(key != written for written, _ in pairs):
+            pairs.append((key, value))
     if lora_hashes and not plain_upscale:  # A1111: Lora hashes: "name: 0123456789ab, other: ..."
         pairs.append(("Lora hashes", ", ".join(f"{name}: {short}" for name, short in lora_hashes)))
     if ti_hashes and not plain_upscale:  # A1111: TI hashes: "name: 0123456789ab"
@@ -234,7 +235,7 @@ def _later_pairs(
     `Hires resize`, `Hires steps`, `Hires upscaler`, and the hires prompt, sampler and CFG where
     they differ); an upscale is its extras tab's `Postprocess upscale by` / `Postprocess upscaler`.
     An img2img stage on the SDXL refiner is A1111's `Refiner` / `Refiner switch at` (1 - strength).
-    A1111 has no key for any other stage: those are in the JSON record only. A key is written once.
+    A1111 has no key for any other stage: those are in the JSON record only. `infotext` writes a key once.
     """
     pairs: list[tuple[str, object]] = []
     for position, stage in enumerate(later):
@@ -260,7 +261,7 @@ def _later_pairs(
         elif isinstance(spec, UpscaleJob):
             upscaler = "Lanczos" if spec.method == "lanczos" else f"SD x4 ({spec.model})"
             pairs += [("Postprocess upscale by", _number(spec.scale)), ("Postprocess upscaler", upscaler)]
-    return [pair for n, pair in enumerate(pairs) if pair[0] not in {key for key, _ in pairs[:n]}]
+    return pairs
 
 
 # `Key: value` pairs as A1111's parser (infotext_utils.re_param) reads them: a value is

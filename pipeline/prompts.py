@@ -96,12 +96,11 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
 
 def plain_text(text: str) -> str:
     """The prompt without its syntax: what the words are (the pooled SDXL embedding reads this)."""
-    return "".join(" " if w == BREAK else t for t, w in parse_attention(text))
+    return _words_of(parse_attention(text))
 
 
-def has_syntax(text: str) -> bool:
-    """Whether the prompt says more than its words: a weight, a BREAK or an escaped bracket."""
-    return parse_attention(text) != [(text, 1.0)]
+def _words_of(parsed: Sequence[tuple[str, float]]) -> str:
+    return "".join(" " if w == BREAK else t for t, w in parsed)
 
 
 @dataclass(frozen=True)
@@ -150,11 +149,12 @@ def encode(pipe: Any, prompts: Sequence[str], negatives: Sequence[str], *, clip_
     prompts = [LORA_TAG.sub("", p) for p in prompts]  # `<lora:name:w>` picks a LoRA; it is not text
     negatives = [LORA_TAG.sub("", n) for n in negatives]
     pairs = list(zip(prompts, negatives, strict=True))
-    counts = [(_words(tokenizer, p), _words(tokenizer, n)) for p, n in pairs]
-    weighted = [any(w not in (1.0, BREAK) for t in pair for _, w in parse_attention(t)) for pair in pairs]
+    parsed = {text: parse_attention(text) for text in {*prompts, *negatives}}  # once per distinct text
+    tokens = {text: _tokens(tokenizer, _words_of(runs)) for text, runs in parsed.items()}
+    counts = [(tokens[p], tokens[n]) for p, n in pairs]
+    weighted = [any(w not in (1.0, BREAK) for t in pair for _, w in parsed[t]) for pair in pairs]
     plain = clip_skip == 1 and all(
-        not has_syntax(p) and not has_syntax(n) and max(c) <= A1111_WINDOW_TOKENS
-        for (p, n), c in zip(pairs, counts, strict=True)
+        parsed[t] == [(t, 1.0)] and tokens[t] <= A1111_WINDOW_TOKENS for pair in pairs for t in pair
     )
     if tokenizer is None or plain:
         kwargs: dict[str, Any] = {"prompt": list(prompts), "negative_prompt": list(negatives)}
@@ -297,8 +297,8 @@ def _pad_to(embeds: torch.Tensor, width: int, provider: Any) -> torch.Tensor:
     return embeds
 
 
-def _words(tokenizer: Any, text: str) -> int:
-    """Tokens of the prompt's words (its syntax left out, BREAKs too), without start and end tokens."""
+def _tokens(tokenizer: Any, words: str) -> int:
+    """Tokens of a prompt's words (its syntax and BREAKs left out), without start and end tokens."""
     if tokenizer is None:
         return 0
-    return len(tokenizer(plain_text(text), add_special_tokens=False, truncation=False).input_ids)
+    return len(tokenizer(words, add_special_tokens=False, truncation=False).input_ids)

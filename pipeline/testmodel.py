@@ -530,7 +530,6 @@ def _sd2_unet(*, in_channels: int, upcast_attention: bool) -> Any:
 def _build_family_components() -> dict[str, Any]:
     """Every module of the SD 2.x, SDXL and depth models, made in a fixed order after one fixed seed."""
     import torch
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, DPTConfig, DPTForDepthEstimation
 
     vocab, merges = _vocab_and_merges()
@@ -569,44 +568,37 @@ def _build_family_components() -> dict[str, Any]:
         c["sdxl_text_encoder_2"] = CLIPTextModelWithProjection(
             _text_config(vocab, hidden=48, act="gelu", pad_token=OPENCLIP_PAD)
         )
-        c["sdxl_unet"] = UNet2DConditionModel(
-            sample_size=8,  # 64 px by default (real: 128 -> 1024 px)
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=2,
-            block_out_channels=(16, 32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4, 8),
-            transformer_layers_per_block=(1, 2, 2),  # real: 1, 2, 10
-            use_linear_projection=True,
-            cross_attention_dim=32 + 48,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 48,
-            norm_num_groups=8,
-        )
+        c["sdxl_unet"] = _sdxl_unet(cross_attention_dim=32 + 48, time_numbers=6, transformer_layers=(1, 2, 2))
         c["sdxl_vae"] = _vae(scaling_factor=0.13025, force_upcast=True)
         # The refiner: the second encoder alone (48), pooled projection plus 5 numbers (sizes, crop and the
         # aesthetic score: 5 * 8 + 48 = 88; real 5 * 256 + 1280 = 2560).
-        c["sdxl_refiner_unet"] = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=2,
-            block_out_channels=(16, 32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4, 8),
-            transformer_layers_per_block=(1, 1, 1),
-            use_linear_projection=True,
-            cross_attention_dim=48,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=5 * 8 + 48,
-            norm_num_groups=8,
-        )
+        c["sdxl_refiner_unet"] = _sdxl_unet(cross_attention_dim=48, time_numbers=5, transformer_layers=(1, 1, 1))
     return c
+
+
+def _sdxl_unet(*, cross_attention_dim: int, time_numbers: int, transformer_layers: tuple[int, ...]) -> Any:
+    """A tiny SDXL UNet: 64 px by default (real: 128 latents, 1024 px), conditioned on the text encoders'
+    hidden states (`cross_attention_dim`) and on the second one's pooled projection (48) plus
+    `time_numbers` sizes, crops (and the refiner's aesthetic score), 8 dimensions each."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 8),
+        transformer_layers_per_block=transformer_layers,
+        use_linear_projection=True,
+        cross_attention_dim=cross_attention_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=time_numbers * 8 + 48,
+        norm_num_groups=8,
+    )
 
 
 def _save_with_tokenizers(pipe: Any, folder: Path, c: dict[str, Any], pads: dict[str, str]) -> None:
@@ -640,11 +632,11 @@ def _save_sd2_v(c: dict[str, Any], folder: Path) -> None:
     _save_with_tokenizers(pipe, folder, c, {"tokenizer": OPENCLIP_PAD})
 
 
-def _save_sdxl(c: dict[str, Any], folder: Path) -> None:
-    """SDXL base layout: Euler, `force_zeros_for_empty_prompt`, no image encoder (IP-Adapter) parts."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+def _sdxl_scheduler() -> Any:
+    """Euler as SDXL base 1.0 and its refiner ship it."""
+    from diffusers import EulerDiscreteScheduler
 
-    scheduler = EulerDiscreteScheduler(
+    return EulerDiscreteScheduler(
         **_SD_BETAS,
         interpolation_type="linear",
         prediction_type="epsilon",
@@ -652,6 +644,12 @@ def _save_sdxl(c: dict[str, Any], folder: Path) -> None:
         timestep_spacing="leading",
         use_karras_sigmas=False,
     )
+
+
+def _save_sdxl(c: dict[str, Any], folder: Path) -> None:
+    """SDXL base layout: Euler, `force_zeros_for_empty_prompt`, no image encoder (IP-Adapter) parts."""
+    from diffusers import StableDiffusionXLPipeline
+
     pipe = StableDiffusionXLPipeline(
         vae=c["sdxl_vae"],
         text_encoder=c["sdxl_text_encoder"],
@@ -659,7 +657,7 @@ def _save_sdxl(c: dict[str, Any], folder: Path) -> None:
         tokenizer=c["clip_tokenizer"],
         tokenizer_2=c["openclip_tokenizer"],
         unet=c["sdxl_unet"],
-        scheduler=scheduler,
+        scheduler=_sdxl_scheduler(),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,  # not saved; only skips building an encoder here
     )
@@ -668,16 +666,8 @@ def _save_sdxl(c: dict[str, Any], folder: Path) -> None:
 
 def _save_sdxl_refiner(c: dict[str, Any], folder: Path) -> None:
     """SDXL refiner layout: no first text encoder, `requires_aesthetics_score`, the base's VAE and Euler."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+    from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    scheduler = EulerDiscreteScheduler(
-        **_SD_BETAS,
-        interpolation_type="linear",
-        prediction_type="epsilon",
-        steps_offset=1,
-        timestep_spacing="leading",
-        use_karras_sigmas=False,
-    )
     pipe = StableDiffusionXLImg2ImgPipeline(
         vae=c["sdxl_vae"],
         text_encoder=None,
@@ -685,7 +675,7 @@ def _save_sdxl_refiner(c: dict[str, Any], folder: Path) -> None:
         tokenizer=None,
         tokenizer_2=c["openclip_tokenizer"],
         unet=c["sdxl_refiner_unet"],
-        scheduler=scheduler,
+        scheduler=_sdxl_scheduler(),
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
         add_watermarker=False,

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,27 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = CEILING_S, what: s
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def run_in_turn(spool: Spool, jobs: Sequence[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    """Drop each `(stem, job text)` and wait for its manifest before the next, under a running daemon:
+    each job runs after the one before it (e.g. after a LoRA was loaded). Manifests by stem."""
+    made: dict[str, dict[str, Any]] = {}
+    for name, text in jobs:
+        spool.drop(f"{name}.yaml", text)
+        made[name] = wait_for(
+            lambda name=name: next((m for m in spool.manifests() if m["source"] == f"{name}.yaml"), None),
+            what=f"the manifest of {name}.yaml",
+        )
+    return made
+
+
+def first_image_pixels(spool: Spool, manifest: dict[str, Any]) -> bytes:
+    """The RGB pixels of a manifest's first image (metadata left out)."""
+    from PIL import Image
+
+    with Image.open(spool.outbox / manifest["outputs"][0]["file"]) as image:
+        return image.convert("RGB").tobytes()
 
 
 @contextlib.contextmanager

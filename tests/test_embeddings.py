@@ -9,7 +9,7 @@ from PIL import Image
 
 from diffusiond.pipeline.hashing import file_sha256
 from diffusiond.pipeline.testmodel import make_test_embedding
-from tests.conftest import Spool, start_daemon_thread, wait_for, write_config
+from tests.conftest import Spool, first_image_pixels, run_in_turn, start_daemon_thread, write_config
 
 
 def test_an_embedding_named_in_a_prompt_is_used_and_leaves_other_prompts_alone(
@@ -25,20 +25,11 @@ def test_an_embedding_named_in_a_prompt_is_used_and_leaves_other_prompts_alone(
         ("weighted", "prompt: a (fox:1.3), test-style\nnegative_prompt: grain\nseed: 3\n"),
         ("after", "prompt: a fox\nseed: 3\n"),
     ]
-    made: dict[str, dict[str, Any]] = {}
     with start_daemon_thread(spool):
-        for name, text in jobs:
-            spool.drop(f"{name}.yaml", text)
-            made[name] = wait_for(
-                lambda name=name: next((m for m in spool.manifests() if m["source"] == f"{name}.yaml"), None),
-                what=name,
-            )
-    image = {}
-    for name, manifest in made.items():
-        with Image.open(spool.outbox / manifest["outputs"][0]["file"]) as png:
-            image[name] = png.convert("RGB").tobytes()
-            if name == "weighted":
-                parameters = png.text["parameters"]
+        made = run_in_turn(spool, jobs)
+    image = {name: first_image_pixels(spool, m) for name, m in made.items()}
+    with Image.open(spool.outbox / made["weighted"]["outputs"][0]["file"]) as png:
+        parameters = png.text["parameters"]
     assert image["before"] == image["after"]  # a loaded embedding changes no other prompt
     assert len({image["before"], image["style"], image["weighted"]}) == 3
     assert [(e["name"], e["sha256"]) for e in made["style"]["embeddings"]] == [("test-style", file_sha256(style))]
@@ -69,18 +60,9 @@ def test_sdxl_takes_a_lora_and_a_two_encoder_embedding(
         ("style", "prompt: a fox, xl-style\nseed: 3\n"),
         ("after", "prompt: a fox\nseed: 3\n"),
     ]
-    made: dict[str, dict[str, Any]] = {}
     with start_daemon_thread(spool):
-        for name, text in jobs:
-            spool.drop(f"{name}.yaml", text)
-            made[name] = wait_for(
-                lambda name=name: next((m for m in spool.manifests() if m["source"] == f"{name}.yaml"), None),
-                what=name,
-            )
-    image = {}
-    for name, manifest in made.items():
-        with Image.open(spool.outbox / manifest["outputs"][0]["file"]) as png:
-            image[name] = png.convert("RGB").tobytes()
+        made = run_in_turn(spool, jobs)
+    image = {name: first_image_pixels(spool, m) for name, m in made.items()}
     assert image["before"] == image["after"]
     assert len({image["before"], image["lora"], image["style"]}) == 3
     assert [lora["name"] for lora in made["lora"]["loras"]] == ["xl-grain"]

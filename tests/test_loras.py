@@ -9,12 +9,7 @@ from PIL import Image
 
 from diffusiond.pipeline.hashing import file_sha256, lora_hash
 from diffusiond.pipeline.testmodel import make_test_lora
-from tests.conftest import Spool, start_daemon_thread, wait_for, write_config
-
-
-def pixels(spool: Spool, manifest: dict[str, Any]) -> bytes:
-    with Image.open(spool.outbox / manifest["outputs"][0]["file"]) as image:
-        return image.convert("RGB").tobytes()
+from tests.conftest import Spool, first_image_pixels, run_in_turn, start_daemon_thread, wait_for, write_config
 
 
 def test_a_lora_changes_the_image_at_weight_1_not_at_0_and_leaves_no_trace(
@@ -31,15 +26,9 @@ def test_a_lora_changes_the_image_at_weight_1_not_at_0_and_leaves_no_trace(
         ("two", "prompt: a fox <lora:style/ink:0.8>\nseed: 3\nloras: [{name: film-grain, weight: 1}]\n"),
         ("after", "prompt: a fox\nseed: 3\n"),
     ]
-    made: dict[str, dict[str, Any]] = {}
     with start_daemon_thread(spool):
-        for name, text in jobs:  # one at a time: "after" runs once the LoRAs were loaded
-            spool.drop(f"{name}.yaml", text)
-            made[name] = wait_for(
-                lambda name=name: next((m for m in spool.manifests() if m["source"] == f"{name}.yaml"), None),
-                what=name,
-            )
-    image = {name: pixels(spool, m) for name, m in made.items()}
+        made = run_in_turn(spool, jobs)  # one at a time: "after" runs once the LoRAs were loaded
+    image = {name: first_image_pixels(spool, m) for name, m in made.items()}
     assert image["zero"] == image["before"] == image["after"]  # weight 0 is no LoRA; none is left behind
     assert len({image["before"], image["tag"], image["two"]}) == 3
     tag, two = made["tag"], made["two"]
@@ -73,19 +62,14 @@ def test_a_lora_of_the_text_encoder_reaches_both_prompt_paths(spool: Spool, test
     (tmp_path / "loras").mkdir()
     save_file(text_only, str(tmp_path / "loras" / "te.safetensors"))  # no UNet part: only the encoder can change
     write_config(spool.root, test_models, loras=str(tmp_path / "loras"))
-    made: dict[str, dict[str, Any]] = {}
+    jobs = [
+        ("plain", "prompt: a fox\nseed: 3\nloras: [{name: te, weight: 1}]\n"),
+        ("plain-zero", "prompt: a fox\nseed: 3\nloras: [{name: te, weight: 0}]\n"),
+        ("weighted", "prompt: a (fox:1.0)\nseed: 3\nloras: [{name: te, weight: 1}]\n"),
+    ]
     with start_daemon_thread(spool):
-        for name, text in [
-            ("plain", "prompt: a fox\nseed: 3\nloras: [{name: te, weight: 1}]\n"),
-            ("plain-zero", "prompt: a fox\nseed: 3\nloras: [{name: te, weight: 0}]\n"),
-            ("weighted", "prompt: a (fox:1.0)\nseed: 3\nloras: [{name: te, weight: 1}]\n"),
-        ]:
-            spool.drop(f"{name}.yaml", text)
-            made[name] = wait_for(
-                lambda name=name: next((m for m in spool.manifests() if m["source"] == f"{name}.yaml"), None),
-                what=name,
-            )
-    image = {name: pixels(spool, m) for name, m in made.items()}
+        made = run_in_turn(spool, jobs)
+    image = {name: first_image_pixels(spool, m) for name, m in made.items()}
     assert image["plain"] != image["plain-zero"]
     assert made["weighted"]["prompt_encoding"]["method"] == "compel"
     assert image["weighted"] == image["plain"]  # `(fox:1.0)` through compel, with the LoRA in its encoder
