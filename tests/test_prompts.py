@@ -165,3 +165,22 @@ def test_clip_skip_and_eta_run_through_the_daemon_and_are_in_the_infotext(spool:
     assert "Clip skip" not in Image.open(images["base.yaml"]).text["parameters"]
     [report] = spool.reports()
     assert (report["file"], report["field"]) == ("bad.yaml", "eta") and "DDIM's" in report["error"]
+
+
+@pytest.mark.parametrize(
+    ("job", "field", "says"),
+    [
+        ("model: xl\nclip_skip: 2\n", "clip_skip", "is for SD 1.x and 2.x"),
+        ("prompt: 'a fox <lora:grain:much>'\n", "prompt", "weight that is not a number"),
+        ("task: upscale\nmodel: x4\nloras: [{name: grain}]\n", "loras", "for txt2img and img2img"),
+    ],
+)
+def test_knobs_a_model_cannot_take_are_refused(job: str, field: str, says: str) -> None:
+    rules = Rules(
+        models={"sd": ModelKind.SD1, "xl": ModelKind.SDXL, "x4": ModelKind.UPSCALER_X4},
+        defaults={"all": {"model": "sd"}},
+        loras={"grain": None},
+    )
+    with pytest.raises(JobRejected) as caught:
+        parse_job_text(f"prompt: x\n{job}" if "prompt" not in job else job, path="a.yaml", rules=rules)
+    assert caught.value.field == field and says in str(caught.value)

@@ -98,3 +98,14 @@ def test_the_reproduce_folder_cannot_be_a_profile_or_a_path(spool: Spool, test_m
             assert exc.field == "reproduce" and "a folder name of its own" in str(exc)
         else:
             raise AssertionError(f"reproduce: {value} was taken")
+
+
+def test_a1111_clip_skip_and_eta_come_back(tmp_path) -> None:
+    from diffusiond.pipeline.reproduce import job_from_image
+
+    path = tmp_path / "a.png"
+    path.write_bytes(
+        a1111_png("x\nSteps: 2, Sampler: DDIM, Seed: 1, Size: 64x64, Model: test, Clip skip: 2, Eta DDIM: 0.5")
+    )
+    job = job_from_image(path, label="reproduce/a.png", models={"test": None}, model_hashes=dict)
+    assert (job["clip_skip"], job["eta"], job["scheduler"]) == (2, 0.5, "ddim")

@@ -289,3 +289,18 @@ def test_the_sdxl_refiner_runs_as_a_stage_and_says_so_as_a1111_does(
     with Image.open(spool.outbox / made["outputs"][0]["file"]) as image:
         parameters = image.text["parameters"]
     assert "Refiner: refiner, Refiner switch at: 0.7" in parameters and "Hires" not in parameters
+
+
+def test_stages_from_a_profile_or_defaults_and_a_job_that_turns_them_off() -> None:
+    from diffusiond.pipeline.job import validate_job
+
+    profile = {
+        "task": "img2img",
+        "prompt": "a watercolor",
+        "then": [{"task": "upscale", "method": "lanczos", "scale": 2}],
+    }
+    spec = validate_job({"image": "a.png"}, path="sketches/a.png", index=1, rules=RULES, profile=profile)
+    assert [s.task for s in stage_specs(spec)] == ["img2img", "upscale"]
+    defaults = Rules(RULES.models, {**RULES.defaults, "txt2img": {"then": [{"task": "img2img"}]}})
+    assert len(parse("prompt: x\n", defaults).then) == 1
+    assert parse("prompt: x\nthen: []\n", defaults).then == ()
