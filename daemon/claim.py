@@ -24,6 +24,7 @@ import errno
 import json
 import logging
 import os
+import posixpath
 import re
 import secrets
 import time
@@ -36,11 +37,12 @@ from pydantic import ValidationError
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.faults import fault_point
 from diffusiond.daemon.fsutil import NO_LINKS, atomic_write, fsync_dir, rename_checked
-from diffusiond.daemon.pairing import Intent, Parsed, file_stamp, job_file_reader, profile_of, resolve_image
+from diffusiond.daemon.pairing import Intent, Parsed, file_stamp, job_file_reader, profile_of, resolve_inputs
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobRejected, job_context
 from diffusiond.pipeline.hashing import model_hash
 from diffusiond.pipeline.inputs import probe_image
 from diffusiond.pipeline.job import (
+    Img2ImgJob,
     InputImage,
     Job,
     RedrawJob,
@@ -291,11 +293,22 @@ def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> lis
 
     jobs: list[Job] = []
     for index, spec in enumerate(specs, start=1):
-        image = None
-        if spec.task.takes_image:
-            spec, image = _precheck_image(claim, config, spec, index, resolve_image(spec, claim.source, exists))
+        needs = resolve_inputs(spec, claim.source, exists)
+        image = mask = None
+        if spec.needs_image:
+            spec, image = _precheck_image(claim, config, spec, index, needs["image"])
+        mask_name = needs.get("mask")
+        if isinstance(spec, Img2ImgJob) and mask_name is not None:
+            spec, mask = _precheck_mask(claim, config, spec, index, mask_name, image)
+        controls: list[InputImage] = []
+        for number, use in enumerate(spec.control):
+            field_name = f"control.{number}.image"
+            if use.image is not None:
+                controls.append(_precheck_input(claim, config, index, field_name, needs[field_name]))
+            elif image is not None:  # `needs_image` holds: the control reads the job's input
+                controls.append(image)
         job_id = claim.claim_id if len(specs) == 1 else f"{claim.claim_id}-{index}"
-        jobs.append(Job(job_id, claim.source, index, fill_seed(spec), image))
+        jobs.append(Job(job_id, claim.source, index, fill_seed(spec), image, mask, tuple(controls)))
     # `image` stays the inbox-relative name, as before the probe was kept: a daemon of the previous
     # version that resumes this claim reads the record as it always did.
     records = [
@@ -306,6 +319,8 @@ def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> lis
             "probe": job.image.probe_record() if job.image else None,
             "spec": job.spec.model_dump(mode="json"),
         }
+        | ({"mask": job.mask.name, "mask_probe": job.mask.probe_record()} if job.mask else {})
+        | ({"controls": [[c.name, c.probe_record()] for c in job.controls]} if job.controls else {})
         for job in jobs
     ]
     atomic_write(saved, json.dumps(records, indent=1).encode(), durable=False)
@@ -321,7 +336,11 @@ def _job_from_record(claim: Claim, config: Config, record: dict[str, Any]) -> Jo
         found = InputImage.from_record(str(image), probe, folder=claim.inputs)
     elif image is not None:  # written before jobs.json kept the probe: probe the file now
         spec, found = _precheck_image(claim, config, spec, record["index"], image)
-    return Job(record["job_id"], claim.source, record["index"], spec, found)
+    mask = None
+    if record.get("mask") is not None:
+        mask = InputImage.from_record(str(record["mask"]), record["mask_probe"], folder=claim.inputs)
+    controls = tuple(InputImage.from_record(str(n), p, folder=claim.inputs) for n, p in record.get("controls", []))
+    return Job(record["job_id"], claim.source, record["index"], spec, found, mask, controls)
 
 
 def _validate(claim: Claim, config: Config, parsed: Parsed | None) -> list[Spec]:
@@ -343,6 +362,42 @@ def _validate(claim: Claim, config: Config, parsed: Parsed | None) -> list[Spec]
         name = Path(claim.source).name
         return [validate_job(dict(template or {}) | {"image": name}, path=claim.source, index=1, rules=rules)]
     return job_file_reader(claim.inputs, rules=rules, profiles=config.profiles)(claim.source)
+
+
+def _precheck_input(claim: Claim, config: Config, index: int, field_name: str, name: str | None) -> InputImage:
+    """A control's own image (or a mask): there, a real image, within the file size limit."""
+    with job_context(path=claim.source, job_index=index):
+        if name is None or not os.path.lexists(claim.inputs / name):
+            raise JobRejected(
+                f"the {field_name} {name!r} is not in the inbox",
+                code=Code.MISSING_INPUT,
+                field=field_name,
+                value=name,
+                fix=f"drop the image into the inbox with its job file (same folder, same name as in `{field_name}:`)",
+            )
+        return probe_image(
+            claim.inputs / name, label=name, max_file_bytes=config.limits.max_file_bytes, field=field_name
+        )
+
+
+def _precheck_mask(
+    claim: Claim, config: Config, spec: Img2ImgJob, index: int, name: str, image: InputImage | None
+) -> tuple[Img2ImgJob, InputImage]:
+    """The mask is an image of its input's size; the spec names it (relative to the job file), so the job
+    as recorded says which mask it ran with, whether the user wrote `mask:` or dropped `<stem>.mask.png`."""
+    mask = _precheck_input(claim, config, index, "mask", name)
+    if image is not None and mask.size_px != image.size_px:
+        with job_context(path=claim.source, job_index=index):
+            raise JobRejected(
+                f"the mask {name!r} is {mask.size_px[0]}x{mask.size_px[1]} but its image {image.name!r} is "
+                f"{image.size_px[0]}x{image.size_px[1]}",
+                code=Code.BAD_IMAGE,
+                field="mask",
+                value=name,
+                fix="draw the mask at the image's size (white where it is redrawn, black where it is kept)",
+            )
+    written = posixpath.relpath(name, posixpath.dirname(claim.source) or ".")
+    return spec.model_copy(update={"mask": written}), mask
 
 
 def _precheck_image(claim: Claim, config: Config, spec: Spec, index: int, image: str | None) -> tuple[Spec, InputImage]:

@@ -19,7 +19,7 @@ from diffusiond.daemon import registry
 from diffusiond.daemon.config import Config, load_config
 from diffusiond.daemon.fsutil import atomic_write
 from diffusiond.daemon.journal import setup_logging
-from diffusiond.daemon.pairing import resolve_image
+from diffusiond.daemon.pairing import resolve_inputs
 from diffusiond.daemon.status import EventTail
 from diffusiond.pipeline.errors import DiffusiondError
 from diffusiond.pipeline.job import IMAGE_SUFFIXES, Rules, Spec, UpscaleJob, read_job_file
@@ -190,9 +190,10 @@ def _validate(args: argparse.Namespace) -> int:
         for index, spec in enumerate(specs, start=1):
             how = f"method={spec.method}" if isinstance(spec, UpscaleJob) else f"model={spec.model}"
             print(f"  {index}. {spec.task} {how} steps={spec.steps} count={spec.count} seed={spec.seed}")
-            image = resolve_image(spec, path.name, _beside(path))
-            if spec.task.takes_image and (image is None or not (path.parent / image).is_file()):
-                print(f"     note: its image ({spec.input_image or 'same-stem image'}) is not next to the job file")
+            for field_name, image in resolve_inputs(spec, path.name, _beside(path)).items():
+                if image is None or not (path.parent / image).is_file():
+                    written = spec.named_inputs().get(field_name) or "same-stem image"
+                    print(f"     note: its {field_name} ({written}) is not next to the job file")
     return 1 if failures else 0
 
 
@@ -231,17 +232,19 @@ def _submit(args: argparse.Namespace) -> int:
         stem = f"{stem}-{secrets.token_hex(3)}"  # a name of our own, so --wait finds our results only
     # Images first, job file last: the daemon then finds the job complete.
     for spec in specs:
-        image = resolve_image(spec, job_path.name, _beside(job_path))
-        if image is None:
-            continue
-        source = job_path.parent / image
-        renamed = spec.input_image is None  # the same-stem sketch follows the job file's new stem
-        target = inbox / (f"{stem}{source.suffix}" if renamed else image)
-        if target.exists() and target.read_bytes() != source.read_bytes():
-            print(f"diffusiond: {target} already exists with other content; rename {image}", file=sys.stderr)
-            return 2
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, source.read_bytes())
+        for field_name, image in resolve_inputs(spec, job_path.name, _beside(job_path)).items():
+            if image is None:
+                continue
+            source = job_path.parent / image
+            # The same-stem sketch and its mask follow the job file's new stem.
+            renamed = field_name not in spec.named_inputs() and "/" not in image
+            new_name = stem + image[len(job_path.stem) :] if image.startswith(job_path.stem) else image
+            target = inbox / (new_name if renamed else image)
+            if target.exists() and target.read_bytes() != source.read_bytes():
+                print(f"diffusiond: {target} already exists with other content; rename {image}", file=sys.stderr)
+                return 2
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, source.read_bytes())
     dropped = inbox / f"{stem}{job_path.suffix}"
     atomic_write(dropped, job_path.read_bytes())
     print(f"submitted {dropped}", file=sys.stderr if args.json else sys.stdout)
@@ -388,13 +391,20 @@ def _make_test_model(args: argparse.Namespace) -> int:
     """Every tiny family the tests use, each in its own folder, and the config lines that name them."""
     from diffusiond.pipeline.testmodel import (  # imports torch
         make_family_models,
+        make_test_controlnet,
         make_test_embedding,
+        make_test_inpaint,
         make_test_lora,
         make_test_model,
+        make_test_sdxl_inpaint,
     )
 
     paths = make_test_model(args.directory)
     families = make_family_models(args.directory)
+    inpaint, sdxl_inpaint = make_test_inpaint(args.directory), make_test_sdxl_inpaint(args.directory)
+    controlnets = Path(args.directory) / "controlnets"
+    make_test_controlnet(paths.sd, controlnets / "scribble")
+    make_test_controlnet(families.sdxl, controlnets / "sdxl-scribble")
     lora = Path(args.directory) / "loras" / "test-lora.safetensors"
     if not lora.exists():
         make_test_lora(paths.sd, lora)
@@ -409,10 +419,13 @@ def _make_test_model(args: argparse.Namespace) -> int:
         ("test-sdxl", families.sdxl),
         ("test-depth", families.depth2img),
         ("test-refiner", families.sdxl_refiner),
+        ("test-inpaint", inpaint),
+        ("test-sdxl-inpaint", sdxl_inpaint),
     ):
         print(f"  {name}: {path}")
     print(f"loras: {lora.parent}                 # <lora:test-lora:0.8> (for the model test)")
     print(f"embeddings: {embedding.parent}       # test-style in a prompt (for the model test)")
+    print(f"controlnets: {controlnets}     # control: {{model: scribble}} (test), sdxl-scribble (test-sdxl)")
     return 0
 
 

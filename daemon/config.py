@@ -70,17 +70,23 @@ class NamedFiles(Mapping[str, Path]):
     """A folder's files of the given suffixes by name (their path in it without the extension), listed
     at each use. Links that lead out of the folder are not followed: only files under it load."""
 
-    def __init__(self, root: Path, suffixes: tuple[str, ...]) -> None:
+    def __init__(self, root: Path, suffixes: tuple[str, ...], *, folders_with: str | None = None) -> None:
         self.root = root
         self.suffixes = suffixes
+        self.folders_with = folders_with
+        """A folder holding this file is one entry (a diffusers model folder), and what is in it is not."""
 
     def _files(self) -> dict[str, Path]:
         root = self.root.resolve()
         found: dict[str, Path] = {}
+        folders: list[Path] = []
         for path in sorted(self.root.rglob("*")) if self.root.is_dir() else []:
-            if path.suffix.lower() not in self.suffixes:
+            if not path.resolve().is_relative_to(root) or any(path.is_relative_to(f) for f in folders):
                 continue
-            if path.is_file() and path.resolve().is_relative_to(root):
+            if self.folders_with and path.is_dir() and (path / self.folders_with).is_file():
+                folders.append(path)
+                found[path.relative_to(self.root).as_posix()] = path
+            elif path.suffix.lower() in self.suffixes and path.is_file():
                 found[path.relative_to(self.root).with_suffix("").as_posix()] = path
         return found
 
@@ -236,6 +242,10 @@ class Config(_Strict):
     embeddings: Path | dict[str, Path] | None = None
     """Textual-inversion embeddings: a folder (each `*.safetensors`, `*.pt`, `*.bin` under it, named by
     its path without the extension) or names mapped to files; a prompt that names one uses it."""
+    controlnets: Path | dict[str, Path] | None = None
+    """ControlNet models jobs may use (`control: {model: NAME}`): a folder (each diffusers ControlNet
+    folder, with its config.json, and each `*.safetensors` under it, named by its path without the
+    extension) or names mapped to folders or files."""
     max_loaded_models: int = Field(2, ge=1)
     """Models kept warm at once; the least recently used is unloaded to make room."""
     preload: list[str] = []
@@ -370,9 +380,19 @@ class Config(_Strict):
             return dict(self.embeddings)
         return NamedFiles(self.embeddings, (".safetensors", ".pt", ".bin")) if self.embeddings is not None else {}
 
+    def controlnet_files(self) -> Mapping[str, Path]:
+        """The ControlNets by name: diffusers folders and single files, listed at each use like the LoRAs."""
+        if isinstance(self.controlnets, dict):
+            return dict(self.controlnets)
+        if self.controlnets is None:
+            return {}
+        return NamedFiles(self.controlnets, (".safetensors",), folders_with="config.json")
+
     def extra_networks(self) -> ExtraNetworks:
-        """The LoRA and embedding files a job may load, for the generator."""
-        return ExtraNetworks(loras=self.lora_files(), embeddings=self.embedding_files())
+        """The LoRA, embedding and ControlNet files a job may load, for the generator."""
+        return ExtraNetworks(
+            loras=self.lora_files(), embeddings=self.embedding_files(), controlnets=self.controlnet_files()
+        )
 
     def rules(self) -> Rules:
         """What jobs are validated against; read from the model folders once per loaded config.
@@ -399,6 +419,7 @@ class Config(_Strict):
             ),
             model_defaults={name: spec.defaults for name, spec in self.models.items() if spec.defaults},
             loras=self.lora_files(),
+            controlnets=self.controlnet_files(),
             native_sizes={name: size for name, size in sizes.items() if size},
             watermark_required=self.watermark.required,
         )
@@ -419,8 +440,17 @@ class Config(_Strict):
         if self.sketch_job is not None:
             templates["sketch_job"] = self.sketch_job
         for label, template in templates.items():
+            if template.get("task", "txt2img") == "txt2img" and not template.get("control"):
+                raise ConfigError(
+                    f"{label} must be an img2img or upscale job, or a txt2img job with `control:` (it runs on a "
+                    "dropped image)",
+                    field=f"{label}.task",
+                    value=template.get("task"),
+                    fix="set `task: img2img` or `task: upscale`, or add `control: {model: NAME}` to guide txt2img "
+                    "by the image",
+                )
             try:
-                validate_job({"image": "sketch.png"} | dict(template), path=label, index=1, rules=rules)
+                spec = validate_job({"image": "sketch.png"} | dict(template), path=label, index=1, rules=rules)
             except JobRejected as exc:
                 raise ConfigError(
                     f"{label}: {exc.message}",
@@ -428,12 +458,12 @@ class Config(_Strict):
                     value=exc.value,
                     fix=exc.fix,
                 ) from exc
-            if template.get("task", "txt2img") == "txt2img":
+            if not spec.needs_image:
                 raise ConfigError(
-                    f"{label} must be an img2img or upscale job (it runs on a dropped image)",
-                    field=f"{label}.task",
-                    value=template.get("task"),
-                    fix="set `task: img2img` or `task: upscale`",
+                    f"{label}: every control names its own image, so the dropped image would not be used",
+                    field=f"{label}.control",
+                    value=[use.model for use in spec.control],
+                    fix="leave `image:` out of one control: it then reads the dropped image",
                 )
 
 
@@ -473,6 +503,13 @@ def load_config(
     for spec in config.models.values():
         spec.path = _clean(base / spec.path)
         spec.config = _clean(base / spec.config) if spec.config else None
+        spec.vae = _clean(base / spec.vae) if spec.vae else None
+    for name in ("loras", "embeddings", "controlnets"):
+        value = getattr(config, name)
+        if isinstance(value, dict):
+            setattr(config, name, {key: _clean(base / file) for key, file in value.items()})
+        elif value is not None:
+            setattr(config, name, _clean(base / value))
     for index, hook in enumerate(config.notify):
         if hook.secret_file is not None:
             hook.secret_file = _clean(base / hook.secret_file)

@@ -25,7 +25,7 @@ from diffusiond.daemon.claim import Claim
 from diffusiond.pipeline.backend import EarlierStage, Generated
 from diffusiond.pipeline.errors import DiffusiondError
 from diffusiond.pipeline.hashing import file_sha256
-from diffusiond.pipeline.job import Job, RedrawJob, Spec, stage_record, stage_specs
+from diffusiond.pipeline.job import InputImage, Job, RedrawJob, Spec, stage_record, stage_specs
 from diffusiond.pipeline.provenance import OutputRecord, StampedJob, job_record
 
 SCHEMA = 1
@@ -69,6 +69,12 @@ class Manifest:
     """The LoRAs the first stage ran with: `name`, `weight`, `file`, `sha256`, A1111's short `hash`."""
     embeddings: list[dict[str, Any]]
     """The textual-inversion embeddings its prompts named: `name`, `file`, `sha256`, short `hash`."""
+    mask: dict[str, Any] | None
+    """An inpainting job's mask: `file` (inbox-relative), `sha256`, `width`, `height` (the job's
+    `mask_blur`, `invert_mask` and `inpaint_full_res` say how it was used); None without one."""
+    controls: list[dict[str, Any]]
+    """Each ControlNet, in the job's order: the `control:` entry's fields as run, the `image` it read
+    (`file`, `sha256`) and its model (`name`, `file`, `sha256`, A1111's short `hash`)."""
     prompt_encoding: dict[str, Any] | None
     """How the prompts reached the text encoder (the first stage's): `method` (`text`, or `compel` for
     A1111 weights, BREAK or a prompt over 75 tokens), `tokens`, `windows` (77-token windows encoded),
@@ -134,6 +140,8 @@ def build_manifest(
         prediction=first.prediction,
         loras=list(first.loras or []),
         embeddings=list(first.embeddings or []),
+        mask=_file_record(job.mask),
+        controls=_controls(job, first),
         prompt_encoding=first.prompt_encoding,
         device=generated.device,
         dtype=generated.dtype,
@@ -162,6 +170,21 @@ def _input_image(job: Job) -> dict[str, Any] | None:
     if isinstance(job.spec, RedrawJob):
         record["run_size"] = list(job.spec.run_size(job.image.size_px))
     return record
+
+
+def _file_record(image: InputImage | None) -> dict[str, Any] | None:
+    if image is None:
+        return None
+    return {"file": image.name, "sha256": image.sha256, "width": image.size_px[0], "height": image.size_px[1]}
+
+
+def _controls(job: Job, generated: Generated) -> list[dict[str, Any]]:
+    models: list[dict[str, Any] | None] = [*(generated.controls or [])]
+    models += [None] * (len(job.spec.control) - len(models))  # the stand-in loads no ControlNet
+    return [
+        use.model_dump(mode="json") | {"image": _file_record(image), "controlnet": model}
+        for use, image, model in zip(job.spec.control, job.controls, models, strict=True)
+    ]
 
 
 def _stage(

@@ -24,6 +24,7 @@ from diffusiond.pipeline.job import (
     JOB_SUFFIXES,
     Rules,
     Spec,
+    Task,
     file_kind,
     inbox_relative,
     name_problem,
@@ -134,15 +135,55 @@ def profile_of(relative: str) -> str | None:
 
 def resolve_image(spec: Spec, job_path: str, exists: Callable[[str], bool]) -> str | None:
     """The inbox-relative image a job needs: its `image:`, else the job file's same-stem sketch."""
-    if not spec.task.takes_image:
+    if not spec.needs_image:
         return None
     if spec.input_image is not None:
         return inbox_relative(job_path, spec.input_image)
     return _same_stem_image(job_path, exists)
 
 
+def resolve_inputs(spec: Spec, job_path: str, exists: Callable[[str], bool]) -> dict[str, str | None]:
+    """Every inbox-relative file a job needs, by the field that asks for it (None: not found).
+
+    `image` (for a task or control that reads the job's input), each control's own `image`, and the
+    mask: its `mask:`, else the input's `<stem>.mask.png` when one is there (an img2img job only).
+    """
+    needs: dict[str, str | None] = {}
+    if spec.needs_image:
+        needs["image"] = resolve_image(spec, job_path, exists)
+    for field_name, name in spec.named_inputs().items():
+        if field_name != "image":
+            needs[field_name] = inbox_relative(job_path, name)
+    image = needs.get("image")
+    if spec.task is Task.IMG2IMG and "mask" not in needs and image is not None:
+        mask = same_stem_mask(image, exists)
+        if mask is not None:
+            needs["mask"] = mask
+    return needs
+
+
 def _same_stem_image(job_path: str, exists: Callable[[str], bool]) -> str | None:
-    stem = posixpath.splitext(job_path)[0]
+    return _first_existing(posixpath.splitext(job_path)[0], exists)
+
+
+MASK_INFIX = ".mask"
+"""`sketch.mask.png` is the mask of `sketch.png` (or of `sketch.yaml`'s same-stem sketch)."""
+
+
+def same_stem_mask(image: str, exists: Callable[[str], bool]) -> str | None:
+    """The inbox-relative mask beside an image (`a/x.png` -> `a/x.mask.png`, `.jpg`, `.webp`), or None."""
+    return _first_existing(posixpath.splitext(image)[0] + MASK_INFIX, exists)
+
+
+def mask_partner(path: str) -> str | None:
+    """For a mask's name (`x.mask.png`), the stem its image or job file has (`x`); None for other files."""
+    stem, suffix = posixpath.splitext(path)
+    if suffix.lower() not in IMAGE_SUFFIXES or not stem.lower().endswith(MASK_INFIX):
+        return None
+    return stem[: -len(MASK_INFIX)]
+
+
+def _first_existing(stem: str, exists: Callable[[str], bool]) -> str | None:
     for suffix in IMAGE_SUFFIXES:
         for candidate in (stem + suffix, stem + suffix.upper()):
             if exists(candidate):
@@ -151,35 +192,48 @@ def _same_stem_image(job_path: str, exists: Callable[[str], bool]) -> str | None
 
 
 def _refused_image(
-    specs: Sequence[Spec], wanted: Sequence[str | None], stable: Container[str], stamp: Callable[[str], object]
+    specs: Sequence[Spec],
+    needs: Sequence[Mapping[str, str | None]],
+    stable: Container[str],
+    stamp: Callable[[str], object],
 ) -> JobRejected | None:
     """A named image that is a link or a folder: never tracked, so never stable; waiting for it is pointless."""
-    for index, (spec, image) in enumerate(zip(specs, wanted, strict=True), start=1):
-        if image is None or image in stable:
-            continue
-        try:
-            stamped = stamp(image)
-        except OSError:  # a stamp function may raise for a file that is not there; `file_stamp` says None
-            continue
-        kind = file_kind(stamped.mode) if isinstance(stamped, Stamp) else None
-        if kind == "a symbolic link":
-            message, fix = (
-                "is a symbolic link, which the daemon does not follow",
-                "drop the image itself, not a link to it",
-            )
-        elif kind == "a folder":
-            message, fix = "is a folder, not an image file", "name a plain image file in `image:`"
-        else:
-            continue
-        return JobRejected(
-            f"the image {spec.input_image or image!r} {message}",
-            code=Code.BAD_IMAGE,
-            job_index=index,
-            field="image",
-            value=spec.input_image or image,
-            fix=fix,
-        )
+    for index, (spec, need) in enumerate(zip(specs, needs, strict=True), start=1):
+        for field_name, image in need.items():
+            if image is None or image in stable:
+                continue
+            refused = _refused_kind(spec, index, field_name, image, stamp)
+            if refused is not None:
+                return refused
     return None
+
+
+def _refused_kind(
+    spec: Spec, index: int, field_name: str, image: str, stamp: Callable[[str], object]
+) -> JobRejected | None:
+    try:
+        stamped = stamp(image)
+    except OSError:  # a stamp function may raise for a file that is not there; `file_stamp` says None
+        return None
+    kind = file_kind(stamped.mode) if isinstance(stamped, Stamp) else None
+    if kind == "a symbolic link":
+        message, fix = (
+            "is a symbolic link, which the daemon does not follow",
+            "drop the image itself, not a link to it",
+        )
+    elif kind == "a folder":
+        message, fix = "is a folder, not an image file", f"name a plain image file in `{field_name}:`"
+    else:
+        return None
+    written = spec.named_inputs().get(field_name) or image
+    return JobRejected(
+        f"the {'image' if field_name == 'image' else field_name} {written!r} {message}",
+        code=Code.BAD_IMAGE,
+        job_index=index,
+        field=field_name,
+        value=written,
+        fix=fix,
+    )
 
 
 @dataclass
@@ -244,35 +298,40 @@ class Pairing:
                 intents.append(Intent(path, (path,), parsed=usable))
                 continue
             specs = parsed.outcome
-            wanted = [resolve_image(s, path, present.__contains__) for s in specs]
-            refused = _refused_image(specs, wanted, stable_set, stamp)
+            needs = [resolve_inputs(s, path, present.__contains__) for s in specs]
+            wanted = [name for need in needs for name in need.values()]
+            refused = _refused_image(specs, needs, stable_set, stamp)
             if refused is not None:
                 refused.add_context(path=path)
                 images = tuple(dict.fromkeys(w for w in wanted if w is not None and w in stable_set))
                 intents.append(Intent(path, (path, *images), problem=refused.report()))
                 continue
             missing = [
-                s.input_image or "(same-stem image)"
-                for s, w in zip(specs, wanted, strict=True)
-                if s.task.takes_image and (w is None or w not in stable_set)
+                (field_name, s.named_inputs().get(field_name) or name or "(same-stem image)")
+                for s, need in zip(specs, needs, strict=True)
+                for field_name, name in need.items()
+                if name is None or name not in stable_set
             ]
-            # The same-stem sketch always travels with its job file, used or not, so it is archived with it;
-            # one that is still being written is waited for like a needed image.
+            # The same-stem sketch (and its mask) always travel with their job file, used or not, so they
+            # are archived with it; one that is still being written is waited for like a needed image.
             same_stem = _same_stem_image(path, present.__contains__)
-            unsettled_sketch = same_stem is not None and same_stem not in stable_set
-            wanted.append(same_stem)
+            its_mask = same_stem_mask(same_stem, present.__contains__) if same_stem is not None else None
+            unsettled_sketch = any(f is not None and f not in stable_set for f in (same_stem, its_mask))
+            wanted += [same_stem, its_mask]
             images = tuple(dict.fromkeys(w for w in wanted if w is not None and w in stable_set))
             reserved.update(w for w in wanted if w is not None)
             waited_out = now - self._stable_since[path] >= self.pair_wait_s
             if not missing and (not unsettled_sketch or waited_out):
                 intents.append(Intent(path, (path, *images), parsed=usable))
             elif missing and waited_out:
+                field_name, name = missing[0]
+                what = "image" if field_name == "image" else field_name
                 problem = JobRejected(
-                    f"the image {missing[0]!r} did not arrive within {self.pair_wait_s:g} s of the job file",
+                    f"the {what} {name!r} did not arrive within {self.pair_wait_s:g} s of the job file",
                     code=Code.MISSING_INPUT,
                     path=path,
-                    field="image",
-                    value=missing[0],
+                    field=field_name,
+                    value=name,
                     fix="drop the image into the inbox before (or together with) its job file",
                 )
                 intents.append(Intent(path, (path, *images), problem=problem.report()))
@@ -280,11 +339,18 @@ class Pairing:
         for path in [p for p in stable if not is_job_file(p)]:
             if path in claimed or path in reserved or self._has_job_file(path, present):
                 continue
+            partner = mask_partner(path)
+            if partner is not None and _first_existing(partner, present.__contains__) is not None:
+                continue  # a mask goes with its image
             if now - self._stable_since[path] < self.pair_wait_s:
                 continue
+            mask = same_stem_mask(path, present.__contains__)
+            if mask is not None and mask not in stable_set and now - self._stable_since[path] < 2 * self.pair_wait_s:
+                continue  # its mask is still being written; one never stable (a link) is left behind after that
             if limit is not None and len(intents) >= limit:
                 break
-            intents.append(Intent(path, (path,), bare_image=True, problem=self._bare_problem(path)))
+            files = (path, mask) if mask is not None and mask in stable_set else (path,)
+            intents.append(Intent(path, files, bare_image=True, problem=self._bare_problem(path)))
         return intents
 
     @staticmethod
@@ -296,6 +362,15 @@ class Pairing:
         if (bad_name := name_problem(image)) is not None:
             bad_name.add_context(path=image)
             return bad_name.report()
+        if (partner := mask_partner(image)) is not None:
+            return JobRejected(
+                f"a mask with no image: {posixpath.basename(partner)}.png (or .jpg, .webp) did not arrive "
+                f"within {self.pair_wait_s:g} s",
+                code=Code.NO_JOB_FOR_IMAGE,
+                path=image,
+                fix=f"drop the mask together with its image ({posixpath.basename(partner)}.png), or rename it "
+                "if it is a sketch of its own (a name ending in .mask.png is a mask)",
+            ).report()
         profile = profile_of(image)
         if profile is None and self.has_sketch_job:
             return None

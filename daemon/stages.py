@@ -104,6 +104,7 @@ class Chain:
             prompt_encoding=first.prompt_encoding,
             loras=first.loras,
             embeddings=first.embeddings,
+            controls=first.controls,
         )
 
     def keep(self, claim_folder: Path, generated: Generated, attempt: int) -> EarlierStage:
@@ -183,6 +184,7 @@ def _record(stage: EarlierStage) -> dict[str, Any]:
         "prompt_encoding": made.prompt_encoding,
         "loras": made.loras,
         "embeddings": made.embeddings,
+        "controls": made.controls,
         "attempt": stage.attempt,
         "finished_at": stage.finished_at,
     }
@@ -210,6 +212,7 @@ def _from_record(record: dict[str, Any], spec: Spec, folder: Path) -> EarlierSta
             prompt_encoding=record.get("prompt_encoding"),
             loras=record.get("loras"),
             embeddings=record.get("embeddings"),
+            controls=record.get("controls"),
         )
         sizes = tuple((int(w), int(h)) for w, h in record["sizes"])
         return EarlierStage(

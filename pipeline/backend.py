@@ -88,6 +88,8 @@ class Generated:
     """The LoRAs of the call: name, weight, file, sha256 and A1111's short `hash` of each."""
     embeddings: list[dict[str, Any]] | None = None
     """The textual-inversion embeddings the job's prompts named: name, file, sha256, short `hash`."""
+    controls: list[dict[str, Any]] | None = None
+    """The ControlNet models of the call, in the job's `control:` order: name, file, sha256, short `hash`."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class ExtraNetworks:
     loras: Mapping[str, Path] = field(default_factory=dict)
     embeddings: Mapping[str, Path] = field(default_factory=dict)
     """Textual-inversion embeddings."""
+    controlnets: Mapping[str, Path] = field(default_factory=dict)
+    """ControlNet models: diffusers folders or single `.safetensors` files."""
 
 
 @dataclass(frozen=True)

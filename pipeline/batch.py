@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -30,6 +30,8 @@ class Batch:
     specs: list[Spec]
     inputs: list[Image.Image | None]
     """Each job's input image (None for txt2img)."""
+    masks: list[Image.Image | None] = field(default_factory=list)
+    """Each job's mask (None: none); a masked job runs alone (`batch_key`)."""
 
     @property
     def first(self) -> Spec:

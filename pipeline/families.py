@@ -39,6 +39,12 @@ class ModelKind(StrEnum):
     """Stable Diffusion XL (two text encoders, 1024 px): txt2img, img2img."""
     SDXL_REFINER = "sdxl_refiner"
     """The SDXL refiner (its second text encoder only, aesthetic-score conditioning): img2img, as a stage."""
+    SD1_INPAINT = "sd1_inpaint"
+    """An SD 1.x inpainting model (9-channel UNet: latents, mask, masked image): img2img with a mask."""
+    SD2_INPAINT = "sd2_inpaint"
+    """An SD 2.x inpainting model (`stabilityai/stable-diffusion-2-inpainting`): img2img with a mask."""
+    SDXL_INPAINT = "sdxl_inpaint"
+    """An SDXL inpainting model (9-channel UNet): img2img with a mask."""
     UPSCALER_X4 = "upscaler_x4"
     """The prompt-guided x4 upscaler (`stabilityai/stable-diffusion-x4-upscaler` layout)."""
     DEPTH2IMG = "depth2img"
@@ -75,14 +81,31 @@ def detect_kind(path: Path) -> ModelKind:
     if class_name.startswith("StableDiffusionXL"):
         index = _read_json(path / "model_index.json")
         first_encoder = index.get("text_encoder") or [None]
-        return ModelKind.SDXL_REFINER if first_encoder[0] is None else ModelKind.SDXL
+        if first_encoder[0] is None:
+            return ModelKind.SDXL_REFINER
+        return ModelKind.SDXL_INPAINT if _unet_in_channels(path) == 9 else ModelKind.SDXL
     if class_name == "StableDiffusionUpscalePipeline":
         return ModelKind.UPSCALER_X4
     if class_name == "StableDiffusionDepth2ImgPipeline":
         return ModelKind.DEPTH2IMG
     if class_name.startswith("StableDiffusion"):
-        return ModelKind.SD2 if _is_sd2(path) else ModelKind.SD1
+        sd2 = _is_sd2(path)
+        if _unet_in_channels(path) == 9:  # the inpainting UNet, whatever class the folder was saved as
+            return ModelKind.SD2_INPAINT if sd2 else ModelKind.SD1_INPAINT
+        return ModelKind.SD2 if sd2 else ModelKind.SD1
     return ModelKind.UNKNOWN
+
+
+INPAINT_KINDS = (ModelKind.SD1_INPAINT, ModelKind.SD2_INPAINT, ModelKind.SDXL_INPAINT)
+"""Inpainting models: the UNet also takes the mask and the masked image (9 input channels)."""
+
+
+def _unet_in_channels(path: Path) -> int | None:
+    try:
+        value = _read_json(path / "unet" / "config.json").get("in_channels")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def _is_sd2(path: Path) -> bool:
@@ -106,6 +129,9 @@ _FAMILY_SIZES = {
     ModelKind.SDXL: 1024,
     ModelKind.SDXL_REFINER: 1024,
     ModelKind.DEPTH2IMG: 512,
+    ModelKind.SD1_INPAINT: 512,
+    ModelKind.SD2_INPAINT: 512,
+    ModelKind.SDXL_INPAINT: 1024,
 }
 
 
@@ -157,7 +183,10 @@ def inspect_shapes(shapes: Mapping[str, tuple[int, ...]]) -> CheckpointInfo:
 
     unet_in = shapes.get(UNET_IN, ())
     in_channels = unet_in[1] if len(unet_in) >= 2 else None
-    inpaint = "inpainting checkpoints are not supported (diffusiond runs txt2img, img2img and upscale)"
+    inpaint = (
+        "inpainting checkpoints load as diffusers folders only; convert it once with diffusers' "
+        "StableDiffusionInpaintPipeline.from_single_file(...).save_pretrained(folder) and name the folder"
+    )
     if has("conditioner.embedders."):
         if not has("conditioner.embedders.1."):
             return CheckpointInfo(

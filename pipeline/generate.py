@@ -19,10 +19,12 @@ from PIL import Image
 
 from diffusiond.pipeline.backend import Cancelled, ExtraNetworks, Generated, ModelInfo, StepHook
 from diffusiond.pipeline.batch import Batch, step_callback
+from diffusiond.pipeline.controls import call_arguments
 from diffusiond.pipeline.embeddings import named
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed, job_context
 from diffusiond.pipeline.families import ModelEntry
 from diffusiond.pipeline.img2img import img2img
+from diffusiond.pipeline.inpaint import inpaint
 from diffusiond.pipeline.inputs import open_image
 from diffusiond.pipeline.job import Job, Task, UpscaleJob, seeds_for
 from diffusiond.pipeline.models import Loaded, ModelCache, is_out_of_memory
@@ -95,16 +97,20 @@ class DiffusersGenerator:
                 Generated(images, [spec.seed or 0], "lanczos", 0.0, took, cache.device, dtype, _unused(cache, spec))
             ]
         name = _need_model(spec.model)
-        batch = Batch([job.spec for job in jobs], inputs)
+        batch = Batch([job.spec for job in jobs], inputs, [_input(job, "mask") for job in jobs])
+        controls = [use.model for use in spec.control]
         while True:
             try:
-                loaded = cache.pipeline(name, spec.task)
+                masked = batch.masks[0] is not None
+                loaded = cache.variant(name, spec.task, masked=masked, controls=controls)
                 loaded_at = time.perf_counter()
                 callback = step_callback(cancel, on_step, spec.denoise_steps())
                 loras = cache.use_loras(name, loaded.pipe, spec.loras)  # before encoding: they change the text encoder
                 embeddings = cache.use_embeddings(name, loaded.pipe, [*batch.prompts(), *batch.negative_prompts()])
                 encoded = encode(loaded.pipe, batch.prompts(), batch.negative_prompts(), clip_skip=spec.clip_skip)
-                images = TASK_RUNNERS[spec.task](loaded, batch, callback, encoded.kwargs)
+                extra = dict(encoded.kwargs) | _control_arguments(jobs[0])  # a controlled job runs alone
+                runner = inpaint if loaded.masked else TASK_RUNNERS[spec.task]
+                images = runner(loaded, batch, callback, extra)
                 break
             except (Cancelled, DiffusiondError):  # a model that did not load says so itself
                 raise
@@ -133,6 +139,7 @@ class DiffusersGenerator:
                 prompt_encoding=encoded.encodings[first].record(),
                 loras=loras,
                 embeddings=_named(job_spec, embeddings),
+                controls=cache.controlnet_records(controls) or None,
             )
             for job_spec, part, first in zip(batch.specs, batch.split(images), first_images, strict=True)
         ]
@@ -150,12 +157,22 @@ def _unused(cache: ModelCache, spec: UpscaleJob) -> ModelInfo | None:
     return ModelInfo(entry.name, str(entry.path)) if entry is not None else None
 
 
-def _input(job: Job) -> Image.Image | None:
-    """The job's input pixels; an error names this job, not the batch's first."""
-    if job.image is None:
+def _input(job: Job, which: str = "image") -> Image.Image | None:
+    """The job's input pixels (or its mask's); an error names this job, not the batch's first."""
+    image = job.image if which == "image" else job.mask
+    if image is None:
         return None
     with job_context(path=job.source, job_index=job.index):
-        return open_image(job.image)
+        return open_image(image, field=which)
+
+
+def _control_arguments(job: Job) -> dict[str, Any]:
+    """The ControlNet pipeline's arguments for the job's controls (none: none)."""
+    if not job.spec.control:
+        return {}
+    with job_context(path=job.source, job_index=job.index):
+        images = [open_image(image, field=f"control.{number}.image") for number, image in enumerate(job.controls)]
+    return call_arguments(job.spec.task, job.spec.control, images, job.spec.run_size(job.input_size))
 
 
 def _translate(exc: Exception, task: Task) -> JobFailed:

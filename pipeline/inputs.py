@@ -22,13 +22,13 @@ MAX_DECODE_PIXELS = 89_478_485
 takes 256 MiB as RGB, and a 100-byte PNG can declare it."""
 
 
-def probe_image(path: Path, *, label: str, max_file_bytes: int) -> InputImage:
+def probe_image(path: Path, *, label: str, max_file_bytes: int, field: str = "image") -> InputImage:
     """Check that an input is a plain, whole, decodable image within the size limit; its size and hash.
 
     `label` is the name the user knows the file by (its inbox path). The errors name the field
     `image` with `label` as its value; the caller's `job_context` adds the job file and position.
     """
-    with job_context(field="image", value=label):
+    with job_context(field=field, value=label):
         data = read_plain_file(
             path,
             what="image",
@@ -46,9 +46,9 @@ def probe_image(path: Path, *, label: str, max_file_bytes: int) -> InputImage:
     return InputImage(label, path, image.size, hashlib.sha256(data).hexdigest())
 
 
-def open_image(image: InputImage) -> Image.Image:
+def open_image(image: InputImage, *, field: str = "image") -> Image.Image:
     """The pixels of a probed input, upright and in RGB, decoded fully (not lazily)."""
-    with job_context(field="image", value=image.name):
+    with job_context(field=field, value=image.name):
         return _decode(image.path, name=image.name)
 
 

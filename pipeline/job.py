@@ -32,7 +32,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from diffusiond.pipeline.errors import Code, JobRejected, job_context
 from diffusiond.pipeline.families import ModelKind
@@ -119,6 +128,9 @@ TASKS_BY_KIND: dict[ModelKind, tuple[Task, ...]] = {
     ModelKind.SD2: (Task.TXT2IMG, Task.IMG2IMG),
     ModelKind.SDXL: (Task.TXT2IMG, Task.IMG2IMG),
     ModelKind.SDXL_REFINER: (Task.IMG2IMG,),
+    ModelKind.SD1_INPAINT: (Task.IMG2IMG,),  # with a mask; none is a mask of the whole image
+    ModelKind.SD2_INPAINT: (Task.IMG2IMG,),
+    ModelKind.SDXL_INPAINT: (Task.IMG2IMG,),
     ModelKind.UPSCALER_X4: (Task.UPSCALE,),
     ModelKind.DEPTH2IMG: (Task.DEPTH2IMG,),
     ModelKind.UNKNOWN: (),
@@ -217,6 +229,62 @@ LORA_TASKS = ("txt2img", "img2img")
 """The tasks whose models take LoRAs (SD 1.x, 2.x and SDXL): a tag in another task's prompt is dropped."""
 
 
+ResizeMode = Literal["crop", "fill", "stretch", "fit"]
+RESIZE_MODES: tuple[ResizeMode, ...] = typing.get_args(ResizeMode)
+PREPROCESSORS = ("none", "invert", "scribble", "canny")
+"""What a control does to its image first (pipeline/controls.py): nothing; invert it (dark lines on
+white, as a sketch is drawn, become the white-on-black lines ControlNets were trained on); threshold
+and invert it into a scribble; or find its edges with OpenCV's Canny. None needs downloaded weights."""
+MAX_CONTROLS = 4
+"""ControlNets per job: each is a second network run at every step."""
+
+
+class ControlUse(BaseModel):
+    """One ControlNet of a job: a model from the config's `controlnets:` guided by an image
+    (A1111's ControlNet unit)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model: str = Field(min_length=1)
+    """A name from the config's `controlnets:` (the file or folder name without extension)."""
+    image: str | None = None
+    """Relative to the job file, inside the inbox; None: the job's input (its `image:` or same-stem sketch)."""
+    weight: float = Field(1.0, ge=0, le=2)
+    """How strongly the control steers (A1111's Weight; diffusers' controlnet_conditioning_scale)."""
+    preprocess: Literal["none", "invert", "scribble", "canny"] = "none"
+    start: float = Field(0.0, ge=0, le=1)
+    """The fraction of the steps at which the control starts steering (A1111's Guidance Start)."""
+    end: float = Field(1.0, ge=0, le=1)
+    """The fraction of the steps at which it stops (Guidance End)."""
+    resize: ResizeMode = "crop"
+    """How the control image is made the size the job runs at (A1111's Resize Mode; `fit` as `fill`)."""
+    threshold: int = Field(128, ge=0, le=255)
+    """`scribble`: pixels darker than this are lines."""
+    low_threshold: int = Field(100, ge=0, le=255)
+    """`canny`: OpenCV's first hysteresis threshold."""
+    high_threshold: int = Field(200, ge=0, le=255)
+    """`canny`: OpenCV's second hysteresis threshold."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ControlUse:
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start:g}) must be before end ({self.end:g})")
+        if self.preprocess == "canny" and self.low_threshold > self.high_threshold:
+            raise ValueError(
+                f"low_threshold ({self.low_threshold}) must not be above high_threshold ({self.high_threshold})"
+            )
+        return self
+
+
+def _control_list(value: Any) -> Any:
+    """`control:` may be one control (a mapping) or a list of them."""
+    return [value] if isinstance(value, dict) else value
+
+
+Controls = Annotated[tuple[ControlUse, ...], BeforeValidator(_control_list)]
+CONTROL_TASKS = ("txt2img", "img2img")
+"""The tasks a ControlNet steers (SD 1.x, 2.x and SDXL models)."""
+
+
 class InvisibleWatermark(BaseModel):
     """A payload hidden in the pixels (invisible-watermark); `method` None = the config's."""
 
@@ -276,6 +344,9 @@ class _JobFields(BaseModel):
     many SD 1.x anime models were trained with). Not for SDXL, which already takes the one before."""
     eta: float = Field(0.0, ge=0, le=1)
     """DDIM's eta: the noise added at each step (0 is deterministic DDIM); the ddim scheduler only."""
+    control: Controls = ()
+    """ControlNets that steer txt2img or img2img, e.g. `{model: scribble, preprocess: scribble}` (one
+    mapping or a list, at most 4); each reads its `image:`, else the job's input image."""
     output: OutputSpec = OutputSpec()
     watermark: WatermarkSpec = WatermarkSpec()
     then: tuple[StageSpec, ...] = ()
@@ -328,6 +399,16 @@ class _JobFields(BaseModel):
         return None
 
     @property
+    def needs_image(self) -> bool:
+        """Whether the job runs on an input image: its task's, or the one a control reads by default."""
+        return self.task.takes_image or any(use.image is None for use in self.control)
+
+    def named_inputs(self) -> dict[str, str]:
+        """Every file the job names, by the field that names it (`image`, `mask`, `control.0.image`)."""
+        named = {"image": self.input_image} | {f"control.{i}.image": use.image for i, use in enumerate(self.control)}
+        return {field: name for field, name in named.items() if name is not None}
+
+    @property
     def uses_model(self) -> bool:
         """False for work done without a model (a Lanczos upscale): nothing to load, nothing to batch."""
         return True
@@ -350,8 +431,8 @@ class _JobFields(BaseModel):
         Everything the pipeline takes as one value for the whole call is in the key;
         prompts, negative prompts, seeds and input images are per image.
         """
-        if not self.uses_model:
-            return None
+        if not self.uses_model or self.control or getattr(self, "mask", None):
+            return None  # its own call: the control and mask images are the job's (pipeline/controls.py)
         return (
             self.task,
             self.model,
@@ -375,6 +456,13 @@ class Txt2ImgJob(_JobFields):
 
     task: Literal[Task.TXT2IMG] = Task.TXT2IMG
     size: Size = (512, 512)
+    image: str | None = None
+    """With `control:` only: the picture its controls read (relative to the job file; None: the
+    job file's same-stem sketch). txt2img itself starts from noise."""
+
+    @property
+    def input_image(self) -> str | None:
+        return self.image
 
     def run_size(self, input_size: tuple[int, int] | None) -> tuple[int, int]:
         return self.size
@@ -421,9 +509,28 @@ class RedrawJob(_InputJob):
 
 
 class Img2ImgJob(RedrawJob):
-    """Image to image: `image` is redrawn; `strength` 1.0 ignores it almost entirely."""
+    """Image to image: `image` is redrawn; `strength` 1.0 ignores it almost entirely.
+
+    With a mask it is inpainting: only the mask's white part is redrawn (with an inpainting model, or
+    a normal one as masked img2img), and the rest keeps the input's pixels.
+    """
 
     task: Literal[Task.IMG2IMG]
+    mask: str | None = None
+    """Relative to the job file: white is redrawn, black kept. None: the input's `<stem>.mask.png`
+    (`.jpg`, `.webp`) beside it when there is one, else no mask."""
+    mask_blur: int = Field(4, ge=0, le=64)
+    """Pixels of Gaussian blur on the mask's edge, so the redrawn part blends in (A1111's Mask blur)."""
+    invert_mask: bool = False
+    """Redraw the black part instead (A1111's "Inpaint not masked")."""
+    inpaint_full_res: bool = False
+    """Redraw only the masked area, cropped with `inpaint_full_res_padding` and scaled to the job's
+    size, then pasted back (A1111's "Only masked"): detail for a small area of a big image."""
+    inpaint_full_res_padding: int = Field(32, ge=0, le=256)
+    """Pixels of context around the masked area with `inpaint_full_res`."""
+
+    def named_inputs(self) -> dict[str, str]:
+        return super().named_inputs() | ({"mask": self.mask} if self.mask is not None else {})
 
 
 class UpscaleJob(_InputJob):
@@ -456,10 +563,6 @@ class Depth2ImgJob(RedrawJob):
 
     task: Literal[Task.DEPTH2IMG]
     strength: float = Field(0.8, gt=0, le=1)
-
-
-ResizeMode = Literal["crop", "fill", "stretch", "fit"]
-RESIZE_MODES: tuple[ResizeMode, ...] = typing.get_args(ResizeMode)
 
 
 def fit_inside(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
@@ -508,6 +611,8 @@ NOT_IN_A_STAGE = {
     "watermark": "the job's `watermark:` applies to the images it publishes; set it on the job",
     "keep": "`keep:` is the job's; set it on the job",
     "then": "stages do not nest; list every stage in the job's `then:`",
+    "control": "ControlNets steer the job's first stage, from its input; a stage runs on the image before",
+    "mask": "a mask goes with the job's input image; a stage runs on the images of the stage before it",
 }
 """Fields only a job has, and why a stage cannot set them."""
 
@@ -630,6 +735,10 @@ class Job:
     spec: Spec
     image: InputImage | None = None
     """Set for tasks that take an input image, by the pre-check."""
+    mask: InputImage | None = None
+    """An img2img job's mask (its `mask:` or the input's `<stem>.mask.png`): inpainting."""
+    controls: tuple[InputImage, ...] = ()
+    """One image per `control:` entry, in order (the job's `image` where the control names none)."""
 
     @property
     def task(self) -> Task:
@@ -652,6 +761,8 @@ class Rules:
     """Per model, over the task defaults (e.g. an SD 2 model's habitual negative prompt)."""
     loras: Mapping[str, Any] | None = None
     """The config's LoRA names (None where unknown: `submit --spool` with no daemon announced)."""
+    controlnets: Mapping[str, Any] | None = None
+    """The config's ControlNet names (None where unknown, like `loras`)."""
     native_sizes: Mapping[str, int] = field(default_factory=dict)
     """Per model, the side in pixels it was trained at: txt2img's size when the job gives none."""
     watermark_required: bool = False
@@ -847,7 +958,7 @@ def parse_job_text(
     return specs
 
 
-SWEEP_EXCLUDED = ("task", "then", "keep", "output", "watermark", "sweep", "count", "image")
+SWEEP_EXCLUDED = ("task", "then", "keep", "output", "watermark", "sweep", "count", "image", "mask", "control")
 """Fields a sweep cannot vary: what a job is, and what shapes its outputs."""
 
 
@@ -976,6 +1087,7 @@ def _validate(document: Any, path: str, rules: Rules, profile: Mapping[str, Any]
     _check_limits(spec, rules)
     _check_model(spec, rules)
     _check_loras(spec, rules)
+    _check_controls(spec, rules)
     if stages:
         spec = spec.model_copy(update={"then": _validate_stages(stages, spec, rules)})
     if not task.takes_image:  # the sizes of every stage are known now; an input's once it is probed
@@ -1136,6 +1248,45 @@ def _check_loras(spec: Spec, rules: Rules) -> None:
                 value=use.name,
                 fix="use a LoRA name from the list (the file name without .safetensors), or add the file to "
                 "the config's `loras:` folder",
+            )
+
+
+def _check_controls(spec: Spec, rules: Rules) -> None:
+    if isinstance(spec, Txt2ImgJob) and spec.image is not None and not spec.control:
+        raise JobRejected(
+            "txt2img starts from noise: its `image:` is only the picture its ControlNets read, and it has none",
+            field="image",
+            value=shown(spec.image),
+            fix="add `control: {model: NAME}` to guide the image by it, or use `task: img2img` to redraw it",
+        )
+    if not spec.control:
+        return
+    if spec.task not in CONTROL_TASKS:
+        raise JobRejected(
+            f"ControlNets steer txt2img and img2img; a {spec.task} job cannot use them",
+            field="control",
+            value=[use.model for use in spec.control],
+            fix="remove `control:` from this job",
+        )
+    if len(spec.control) > MAX_CONTROLS:
+        raise JobRejected(
+            f"the job has {len(spec.control)} controls; at most {MAX_CONTROLS} are allowed",
+            code=Code.OVER_LIMIT,
+            field="control",
+            value=[use.model for use in spec.control],
+            fix=f"keep at most {MAX_CONTROLS} controls in the job",
+        )
+    if rules.controlnets is None or not rules.check_models:
+        return
+    for number, use in enumerate(spec.control):
+        if use.model not in rules.controlnets:
+            known = ", ".join(sorted(rules.controlnets)) or "(none: the config has no `controlnets:`)"
+            raise JobRejected(
+                f"ControlNet {shown_text(use.model)} is not in the config's controlnets; known: {known}",
+                field=f"control.{number}.model",
+                value=use.model,
+                fix="use a ControlNet name from the list (its file or folder name), or add it to the config's "
+                "`controlnets:` folder",
             )
 
 
@@ -1334,7 +1485,7 @@ def _check_model(spec: Spec, rules: Rules) -> None:
             fix="use a model name from the config, or add the model to `models:` in the config",
         )
     kind = rules.models[spec.model]
-    if spec.clip_skip != 1 and kind in (ModelKind.SDXL, ModelKind.SDXL_REFINER):
+    if spec.clip_skip != 1 and kind in (ModelKind.SDXL, ModelKind.SDXL_REFINER, ModelKind.SDXL_INPAINT):
         raise JobRejected(
             f"clip_skip {spec.clip_skip} is for SD 1.x and 2.x: SDXL ('{spec.model}') already conditions on "
             "the text encoders' next-to-last layer",
@@ -1353,27 +1504,27 @@ def _check_model(spec: Spec, rules: Rules) -> None:
 
 
 def _check_image_path(spec: Spec, path: str) -> None:
-    image = spec.input_image
-    if image is None:
-        return
-    if posixpath.isabs(image) or "\\" in image or inbox_relative(path, image) is None:
-        raise JobRejected(
-            f"image path {shown_text(image)} leaves the inbox",
-            code=Code.PATH_ESCAPES,
-            field="image",
-            value=image,
-            fix="put the image in the inbox and name it relative to the job file, e.g. `image: sketch.png`",
-        )
-    if (problem := name_problem(image)) is not None:
-        problem.add_context(field="image", value=shown(image))
-        raise problem
-    if not image.lower().endswith(IMAGE_SUFFIXES):
-        raise JobRejected(
-            f"image {shown_text(image)} is not a {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} file",
-            field="image",
-            value=image,
-            fix="convert the image to PNG, JPEG or WebP",
-        )
+    """Every file the job names (`image`, `mask`, each control's `image`) stays in the inbox and is an image."""
+    for name, image in spec.named_inputs().items():
+        what = "image" if name == "image" else name
+        if posixpath.isabs(image) or "\\" in image or inbox_relative(path, image) is None:
+            raise JobRejected(
+                f"{what} path {shown_text(image)} leaves the inbox",
+                code=Code.PATH_ESCAPES,
+                field=name,
+                value=image,
+                fix=f"put the file in the inbox and name it relative to the job file, e.g. `{name}: sketch.png`",
+            )
+        if (problem := name_problem(image)) is not None:
+            problem.add_context(field=name, value=shown(image))
+            raise problem
+        if not image.lower().endswith(IMAGE_SUFFIXES):
+            raise JobRejected(
+                f"{what} {shown_text(image)} is not a {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} file",
+                field=name,
+                value=image,
+                fix="convert the image to PNG, JPEG or WebP",
+            )
 
 
 def name_problem(name: str) -> JobRejected | None:

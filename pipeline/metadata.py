@@ -166,6 +166,7 @@ def infotext(
     vae: tuple[str, str | None] | None = None,
     lora_hashes: Sequence[tuple[str, str]] = (),
     ti_hashes: Sequence[tuple[str, str]] = (),
+    controlnets: Sequence[str | None] = (),
 ) -> str:
     """The AUTOMATIC1111 `parameters` text: prompt, negative prompt, then `Key: value` pairs.
 
@@ -174,6 +175,7 @@ def infotext(
     The keys follow A1111's `create_infotext` order. For a multi-stage job the text is the
     first stage's (its prompt, seed and size, as A1111 writes a hires-fixed image) with
     `later`'s keys added (`_later_pairs`). `vae` is (name, short hash) of a VAE that replaced the model's.
+    `controlnets` names each of the job's controls' models as A1111 does (`name [hash]`).
     """
     plain_upscale = isinstance(spec, UpscaleJob) and spec.method == "lanczos"
     pairs: list[tuple[str, object]] = []
@@ -184,6 +186,10 @@ def infotext(
             pairs.append(("Schedule type", schedule_type))
         pairs += [("CFG scale", _number(spec.guidance)), ("Seed", seed)]
     pairs.append(("Size", f"{size[0]}x{size[1]}"))
+    # A1111 writes the ControlNet units later, among the extra parameters; here they come before the
+    # model's keys, which every A1111 parser reads the same, so that sd-parsers (which splits at every
+    # comma and colon, quotes or not) still takes the checkpoint's `Model:`, not the last unit's.
+    pairs += _controlnet_pairs(spec, size, controlnets)
     if model_hash and not plain_upscale:
         pairs.append(("Model hash", model_hash))
     if model_name and not plain_upscale:
@@ -192,6 +198,13 @@ def infotext(
         pairs += [*([("VAE hash", vae[1])] if vae[1] else []), ("VAE", vae[0])]
     if isinstance(spec, Img2ImgJob | Depth2ImgJob):
         pairs.append(("Denoising strength", _number(spec.strength)))
+    if isinstance(spec, Img2ImgJob) and spec.mask is not None:  # A1111's img2img inpaint keys, as it writes them
+        if spec.invert_mask:
+            pairs.append(("Mask mode", "Inpaint not masked"))
+        if spec.mask_blur:
+            pairs.append(("Mask blur", spec.mask_blur))
+        if spec.inpaint_full_res:
+            pairs += [("Inpaint area", "Only masked"), ("Masked area padding", spec.inpaint_full_res_padding)]
     if spec.clip_skip != 1 and not plain_upscale:
         pairs.append(("Clip skip", spec.clip_skip))
     if spec.eta and not plain_upscale:
@@ -212,6 +225,46 @@ def infotext(
     settings = ", ".join(f"{key}: {_quote(value)}" for key, value in pairs)
     negative = f"\nNegative prompt: {spec.negative_prompt}" if spec.negative_prompt else ""
     return f"{spec.prompt}{negative}\n{settings}".strip()
+
+
+_CONTROL_MODULES = {
+    "none": "none",
+    "invert": "invert (from white bg & black line)",
+    "canny": "canny",
+    "scribble": "scribble_threshold",  # diffusiond's own: A1111 has no threshold-and-invert module
+}
+_RESIZE_MODES = {
+    "crop": "Crop and Resize",
+    "fill": "Resize and Fill",
+    "fit": "Resize and Fill",
+    "stretch": "Just Resize",
+}
+
+
+def _controlnet_pairs(spec: Spec, size: tuple[int, int], models: Sequence[str | None]) -> list[tuple[str, str]]:
+    """`ControlNet 0: "Module: canny, Model: name [hash], Weight: 1.0, ..."`: sd-webui-controlnet's keys
+    and order (internal_controlnet/args.py, `infotext_fields`). The control image is preprocessed at the
+    size the job runs at: A1111's Pixel Perfect, at that size's short side."""
+    pairs = []
+    for number, use in enumerate(spec.control):
+        model = models[number] if number < len(models) and models[number] else use.model
+        thresholds = {"scribble": (use.threshold, -1), "canny": (use.low_threshold, use.high_threshold)}
+        low, high = thresholds.get(use.preprocess, (-1, -1))
+        unit = {
+            "Module": _CONTROL_MODULES[use.preprocess],
+            "Model": model,
+            "Weight": float(use.weight),
+            "Resize Mode": _RESIZE_MODES[use.resize],
+            "Processor Res": min(size),
+            "Threshold A": float(low),
+            "Threshold B": float(high),
+            "Guidance Start": float(use.start),
+            "Guidance End": float(use.end),
+            "Pixel Perfect": True,
+            "Control Mode": "Balanced",
+        }
+        pairs.append((f"ControlNet {number}", ", ".join(f"{key}: {value}" for key, value in unit.items())))
+    return pairs
 
 
 @dataclass(frozen=True)

@@ -24,20 +24,29 @@ from typing import Any
 import torch
 from diffusers import (
     DiffusionPipeline,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
     StableDiffusionDepth2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from diffusiond.pipeline.backend import ExtraNetworks
+from diffusiond.pipeline.controls import MAX_CONTROLNETS, check_fits, controlnet_record, load_controlnet
 from diffusiond.pipeline.embeddings import apply as apply_embeddings
 from diffusiond.pipeline.errors import Code, ConfigError, JobFailed
-from diffusiond.pipeline.families import ModelEntry, ModelKind, detect_kind
+from diffusiond.pipeline.families import INPAINT_KINDS, ModelEntry, ModelKind, detect_kind
 from diffusiond.pipeline.hashing import model_hash
 from diffusiond.pipeline.job import LoraUse, Task
 from diffusiond.pipeline.loras import apply as apply_loras
@@ -61,9 +70,30 @@ PIPELINES: dict[tuple[ModelKind, Task], type[DiffusionPipeline]] = {
     (ModelKind.SDXL, Task.TXT2IMG): StableDiffusionXLPipeline,
     (ModelKind.SDXL, Task.IMG2IMG): StableDiffusionXLImg2ImgPipeline,
     (ModelKind.SDXL_REFINER, Task.IMG2IMG): StableDiffusionXLImg2ImgPipeline,
+    (ModelKind.SD1_INPAINT, Task.IMG2IMG): StableDiffusionInpaintPipeline,
+    (ModelKind.SD2_INPAINT, Task.IMG2IMG): StableDiffusionInpaintPipeline,
+    (ModelKind.SDXL_INPAINT, Task.IMG2IMG): StableDiffusionXLInpaintPipeline,
     (ModelKind.UPSCALER_X4, Task.UPSCALE): StableDiffusionUpscalePipeline,
     (ModelKind.DEPTH2IMG, Task.DEPTH2IMG): StableDiffusionDepth2ImgPipeline,
 }
+
+_SD_KINDS = (ModelKind.SD1, ModelKind.SD2, ModelKind.SD1_INPAINT, ModelKind.SD2_INPAINT)
+_XL_KINDS = (ModelKind.SDXL, ModelKind.SDXL_INPAINT)
+# (SDXL?, task, masked, controlled) -> the pipeline a job with a mask or ControlNets runs on, built
+# over the model's weights like another task's (`DiffusionPipeline.from_pipe`: no copy).
+VARIANTS: dict[tuple[bool, Task, bool, bool], type[DiffusionPipeline]] = {
+    (False, Task.IMG2IMG, True, False): StableDiffusionInpaintPipeline,
+    (False, Task.TXT2IMG, False, True): StableDiffusionControlNetPipeline,
+    (False, Task.IMG2IMG, False, True): StableDiffusionControlNetImg2ImgPipeline,
+    (False, Task.IMG2IMG, True, True): StableDiffusionControlNetInpaintPipeline,
+    (True, Task.IMG2IMG, True, False): StableDiffusionXLInpaintPipeline,
+    (True, Task.TXT2IMG, False, True): StableDiffusionXLControlNetPipeline,
+    (True, Task.IMG2IMG, False, True): StableDiffusionXLControlNetImg2ImgPipeline,
+    (True, Task.IMG2IMG, True, True): StableDiffusionXLControlNetInpaintPipeline,
+}
+"""An inpainting model (9-channel UNet) and a normal one run the same inpaint pipelines: diffusers
+gives the former the mask and masked image as input, and blends the latter's latents with the
+input's outside the mask at every step (masked img2img)."""
 
 
 class Memory(IntEnum):
@@ -157,6 +187,8 @@ class Loaded:
     vae: str | None = None
     """The file or folder name of a VAE the config put in place of the model's own."""
     vae_hash: str | None = None
+    masked: bool = False
+    """An inpainting pipeline (`variant`): the job runs through pipeline/inpaint.py."""
 
 
 @dataclass
@@ -173,6 +205,14 @@ class _Model:
     """LoRAs loaded on its UNet and text encoders (peft adapter name -> LoRA name): pipeline/loras.py."""
     embeddings: set[str] = field(default_factory=set)
     """Textual-inversion embeddings loaded into its tokenizers and text encoders: pipeline/embeddings.py."""
+
+
+@dataclass(frozen=True)
+class _ControlNet:
+    path: str
+    module: Any
+    record: dict[str, Any]
+    """What the manifest and infotext say of it: name, file, sha256, A1111's short `hash`."""
 
 
 class ModelCache:
@@ -201,6 +241,8 @@ class ModelCache:
         self._levels: dict[str, Memory] = {}
         """The memory level that worked for each model, kept across evictions."""
         self._lock = threading.RLock()
+        self._controlnets: OrderedDict[str, _ControlNet] = OrderedDict()
+        """ControlNets by config name, the least recently used first."""
 
     def update(
         self,
@@ -213,6 +255,9 @@ class ModelCache:
         """A reloaded config: models whose entry changed or went away are unloaded, the rest stay warm."""
         with self._lock:
             self.networks = networks or ExtraNetworks()
+            for name, loaded in list(self._controlnets.items()):
+                if str(self.networks.controlnets.get(name)) != loaded.path:
+                    del self._controlnets[name]
             for name in list(self._models):
                 if entries.get(name) != self.entries.get(name):
                     self.evict(name)
@@ -236,6 +281,68 @@ class ModelCache:
                 model.vae,
                 model.vae_hash,
             )
+
+    def variant(self, name: str, task: Task, *, masked: bool, controls: Sequence[str] = ()) -> Loaded:
+        """The pipeline for a job with a mask (inpainting) or ControlNets, over the model's warm weights.
+
+        An inpainting model is always masked: a job without a mask gives it one of the whole image.
+        """
+        with self._lock:
+            loaded = self.pipeline(name, task)
+            model = self._models[name]
+            masked = masked or model.kind in INPAINT_KINDS
+            if not masked and not controls:
+                return loaded
+            family = model.kind in _XL_KINDS
+            runs_variants = model.kind in (*_SD_KINDS, *_XL_KINDS)
+            cls = VARIANTS.get((family, task, masked, bool(controls))) if runs_variants else None
+            if cls is None:
+                raise JobFailed(
+                    f"model '{name}' ({model.kind}) cannot run {task} with "
+                    f"{'a mask' if masked and not controls else 'ControlNets'}",
+                    code=Code.MODEL_FAILED,
+                    field="control" if controls else "mask",
+                    value=name,
+                    fix="use an SD 1.x, 2.x or SDXL model for inpainting and ControlNets",
+                )
+            extra: dict[str, Any] = {}
+            if controls:
+                nets = [self._controlnet(control, name, model) for control in controls]
+                extra["controlnet"] = nets[0] if len(nets) == 1 else nets
+            if family:
+                extra["add_watermarker"] = False  # diffusiond applies its own, configurable watermark
+            base = loaded.pipe
+            pipe = base if type(base) is cls else cls.from_pipe(base, **extra)
+            pipe.set_progress_bar_config(disable=True)
+            record = (model.scheduler_config, model.kind, model.hash, model.path, model.vae, model.vae_hash)
+            return Loaded(name, pipe, *record, masked=masked)
+
+    def controlnet_records(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        """What the manifest says of each loaded ControlNet (call after `variant`)."""
+        return [dict(self._controlnets[name].record) for name in names]
+
+    def _controlnet(self, control: str, model_name: str, model: _Model) -> Any:
+        """A ControlNet from the config's `controlnets:`, loaded once and kept (at most MAX_CONTROLNETS)."""
+        path = self.networks.controlnets.get(control)
+        if path is None:  # the config was reloaded without it since the job was validated
+            raise JobFailed(
+                f"ControlNet {control!r} is no longer in the config's controlnets",
+                code=Code.MODEL_FAILED,
+                field="control",
+                value=control,
+                fix="put it back in the controlnets folder, or drop the job again without it",
+            )
+        cached = self._controlnets.get(control)
+        if cached is None or cached.path != str(path):
+            module = load_controlnet(control, Path(path), dtype=self.dtype, base=next(iter(model.pipes.values())))
+            module.to(self.device)
+            cached = _ControlNet(str(path), module, controlnet_record(control, Path(path)))
+            self._controlnets[control] = cached
+            while len(self._controlnets) > MAX_CONTROLNETS:
+                self._controlnets.popitem(last=False)
+        self._controlnets.move_to_end(control)
+        check_fits(control, cached.module, model_name, next(iter(model.pipes.values())))
+        return cached.module
 
     def preload(self, names: Iterable[str]) -> None:
         for name in names:

@@ -262,6 +262,7 @@ def _parameters(made: Sequence[_Made]) -> str:
         vae=(model.vae, model.vae_hash) if model and model.vae else None,
         lora_hashes=[(lora["name"], lora["hash"]) for lora in first.generated.loras or []],
         ti_hashes=[(e["name"], e["hash"]) for e in first.generated.embeddings or []],
+        controlnets=[f"{c['name']} [{c['hash']}]" for c in first.generated.controls or []],
     )
 
 

@@ -50,6 +50,8 @@ def job_from_image(
         job = {k: v for k, v in record["job"].items() if v is not None}
         if job.get("task", "txt2img") != "txt2img":
             raise _rejected(label, f"it was made by {job['task']}, whose input image it does not carry", Code.NOT_A_JOB)
+        if job.get("control"):
+            raise _rejected(label, "it was guided by a ControlNet, whose image it does not carry", Code.NOT_A_JOB)
         job |= {"seed": record.get("seed", job.get("seed")), "count": 1}
         if job.get("then"):
             job["then"] = _stages_that_made(job["then"], record.get("stages"))

@@ -26,6 +26,12 @@ Shapes follow the real models where the pipelines depend on them:
   estimator and its image processor (the PIL one: transformers 5 wants torchvision otherwise).
 
 Their default size is 64 px (`sample_size` 8), not the real 768/1024/512 px.
+
+`make_test_inpaint` writes `sd-inpaint`, the SD 1.5 inpainting layout (a 9-channel UNet: latent,
+mask, masked-image latent) with the `sd` model's text encoder, tokenizer and VAE (and
+`make_test_sdxl_inpaint` `sdxl-inpaint`, the same for SDXL), and
+`make_test_controlnet` a ControlNet for any of the test models (its UNet's encoder copied, the
+zero-initialised output convs made random so that a control changes the image).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -57,6 +64,12 @@ _SD2_V_DIR = "sd2-v"
 _SDXL_DIR = "sdxl"
 _SDXL_REFINER_DIR = "sdxl-refiner"
 _DEPTH2IMG_DIR = "depth2img"
+_SD_INPAINT_DIR = "sd-inpaint"
+_SDXL_INPAINT_DIR = "sdxl-inpaint"
+_CONTROLNET_KIND = "controlnet"
+_CONTROL_EMBEDDING_CHANNELS = (8, 8, 16, 16)
+"""The control image encoder's channels: 4 entries, 3 stride-2 convs, so a control image is encoded
+at 1/8 of its size, the latent size (real ControlNets: 16, 32, 96, 256)."""
 _SD_BETAS: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -125,6 +138,152 @@ def make_test_model(directory: Path, *, overwrite: bool = False) -> TestModelPat
     paths = TestModelPaths(sd=directory / _SD_DIR, upscaler=directory / _UPSCALER_DIR)
     _write_models(directory, {paths.sd: _save_sd, paths.upscaler: _save_upscaler}, _build_components, overwrite)
     return paths
+
+
+def make_test_inpaint(directory: Path, *, overwrite: bool = False) -> Path:
+    """Write a tiny random-weight SD 1.5 inpainting model into `directory/sd-inpaint` and return its path.
+
+    A StableDiffusionInpaintPipeline folder: the `sd` test model's text encoder, tokenizer, VAE and
+    scheduler (the same seed gives the same modules) and a UNet like its UNet but with 9 input channels
+    (4 latent + 1 mask + 4 masked-image latent), as runwayml's stable-diffusion-inpainting has. Kept,
+    replaced and written exactly as `make_test_model` does.
+    """
+    directory = Path(directory)
+    target = directory / _SD_INPAINT_DIR
+    _write_models(directory, {target: _save_sd_inpaint}, _build_inpaint_components, overwrite)
+    return target
+
+
+def make_test_sdxl_inpaint(directory: Path, *, overwrite: bool = False) -> Path:
+    """Write a tiny random-weight SDXL inpainting model into `directory/sdxl-inpaint` and return its path.
+
+    A StableDiffusionXLInpaintPipeline folder as diffusers/stable-diffusion-xl-1.0-inpainting-0.1 ships
+    it: the `sdxl` test model's text encoders, tokenizers, VAE and scheduler, and its UNet with 9 input
+    channels. Kept, replaced and written exactly as `make_test_model` does.
+    """
+    directory = Path(directory)
+    target = directory / _SDXL_INPAINT_DIR
+    _write_models(directory, {target: _save_sdxl_inpaint}, _build_sdxl_inpaint_components, overwrite)
+    return target
+
+
+def write_controlnet_file(controlnet: Path, path: Path) -> Path:
+    """A diffusers ControlNet folder (`make_test_controlnet`) as one `.safetensors` file in the original
+    (lllyasviel) layout, `control_model.input_blocks...`, as ControlNets are published: the reverse of
+    diffusers' `convert_controlnet_checkpoint`, so loading it back gives every tensor again (SD 1.x, 2.x)."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((Path(controlnet) / "config.json").read_text(encoding="utf-8"))
+    per_block = config["layers_per_block"]
+    resnet = (
+        ("norm1", "in_layers.0"),
+        ("conv1", "in_layers.2"),
+        ("time_emb_proj", "emb_layers.1"),
+        ("norm2", "out_layers.0"),
+        ("conv2", "out_layers.3"),
+        ("conv_shortcut", "skip_connection"),
+    )
+    plain = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "controlnet_cond_embedding.conv_in": "input_hint_block.0",
+        "controlnet_cond_embedding.conv_out": "input_hint_block.14",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+    }
+
+    def resnet_key(key: str) -> str:
+        for ours, theirs in resnet:
+            if key.startswith(ours):
+                return theirs + key[len(ours) :]
+        return key
+
+    original = {}
+    for key, tensor in load_file(str(Path(controlnet) / "diffusion_pytorch_model.safetensors")).items():
+        if found := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.*)", key):
+            block, kind, layer, rest = int(found[1]), found[2], int(found[3]), found[4]
+            first = 1 + block * (per_block + 1)
+            if kind == "resnets":
+                name = f"input_blocks.{first + layer}.0.{resnet_key(rest)}"
+            elif kind == "attentions":
+                name = f"input_blocks.{first + layer}.1.{rest}"
+            else:
+                name = f"input_blocks.{first + per_block}.0.op.{rest.removeprefix('conv.')}"
+        elif found := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            kind, layer, rest = found[1], int(found[2]), found[3]
+            name = f"middle_block.{2 * layer}.{resnet_key(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+        elif found := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(.*)", key):
+            name = f"zero_convs.{found[1]}.0.{found[2]}"
+        elif key.startswith("controlnet_mid_block."):
+            name = "middle_block_out.0." + key.split(".", 1)[1]
+        elif found := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.(.*)", key):
+            name = f"input_hint_block.{2 * (int(found[1]) + 1)}.{found[2]}"
+        else:
+            module, parameter = key.rsplit(".", 1)
+            name = f"{plain[module]}.{parameter}"
+        original[f"control_model.{name}"] = tensor.contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(original, str(path))
+    return path
+
+
+def make_test_controlnet(model: Path, path: Path, *, seed: int = 11) -> Path:
+    """Write a tiny random-weight ControlNet for the test model folder `model` into the folder `path`.
+
+    A diffusers `ControlNetModel` folder (config.json, diffusion_pytorch_model.safetensors) made with
+    `ControlNetModel.from_unet` from `model`'s UNet (SD 1, SD 2.x and SDXL alike: the SDXL `text_time`
+    conditioning comes along), so it has the UNet's encoder weights; its control image encoder has
+    small channels and encodes at 1/8 of the image size (a 64 px control image gives 8 x 8 features,
+    the latent size). A real ControlNet starts with zero output convolutions, which add nothing to
+    the UNet: here they are random (after `seed`), so a control visibly changes the image, and a
+    different control image gives a different image.
+
+    A folder that already holds a test ControlNet made with `seed` is kept as it is; one that is not
+    a test model is never deleted (`FileExistsError`); the folder is written to a temporary folder
+    next to it and renamed into place.
+    """
+    path = Path(path)
+    if not _needs_build(path, overwrite=False):
+        marker = json.loads((path / MARKER_NAME).read_text(encoding="utf-8"))
+        if marker.get("kind") != _CONTROLNET_KIND:
+            raise FileExistsError(f"{path} is a diffusiond test model, not a ControlNet; refusing to replace it")
+        if marker.get("seed") == seed:
+            return path
+
+    def save(staging: Path) -> None:
+        import torch
+        from diffusers import ControlNetModel, UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(Path(model) / "unet", local_files_only=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the modules from_unet does not copy from the UNet
+            controlnet = ControlNetModel.from_unet(
+                unet, conditioning_embedding_out_channels=_CONTROL_EMBEDDING_CHANNELS
+            )
+        # The zero convolutions (into the UNet's skip connections) made random; and the control image's
+        # encoder given He-normal weights and a strong output conv: with the default init its features are
+        # so small that two different control images gave the same picture (0.001 of 255 apart; now ~4).
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, parameter in controlnet.named_parameters():
+                if name.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")):
+                    scale = 0.1
+                elif name.startswith("controlnet_cond_embedding.conv_out."):
+                    scale = 1.0
+                elif name.startswith("controlnet_cond_embedding.") and name.endswith(".weight"):
+                    scale = (2.0 / parameter[0].numel()) ** 0.5
+                else:
+                    continue
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+        controlnet.save_pretrained(staging, safe_serialization=True)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, save, kind=_CONTROLNET_KIND, seed=seed)
+    return path
 
 
 def make_test_lora(model: Path, path: Path, *, seed: int = 7, kohya: bool = True, text_encoder: bool = False) -> Path:
@@ -236,18 +395,23 @@ def _write_models(
     directory.mkdir(parents=True, exist_ok=True)
     components = build_components()
     for target in todo:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=directory))
-        try:
-            with _no_progress_bars():
-                builders[target](components, staging)
-            _write_marker(staging, kind=target.name)
-            _readable_by_all(staging)
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
+        _write_atomically(target, partial(builders[target], components), kind=target.name)
+
+
+def _write_atomically(target: Path, save: Callable[[Path], None], *, kind: str, seed: int = SEED) -> None:
+    """`save` into a temporary folder beside `target`, mark it, open its modes, then rename it into place."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with _no_progress_bars():
+            save(staging)
+        _write_marker(staging, kind=kind, seed=seed)
+        _readable_by_all(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def _readable_by_all(folder: Path) -> None:
@@ -300,13 +464,13 @@ def _needs_build(target: Path, overwrite: bool) -> bool:
     return marker.get("format") != _FORMAT_VERSION
 
 
-def _write_marker(folder: Path, *, kind: str) -> None:
+def _write_marker(folder: Path, *, kind: str, seed: int = SEED) -> None:
     marker = {
         "test_model": True,
         "note": "random weights: images are noise; made by diffusiond.pipeline.testmodel for tests",
         "kind": kind,
         "format": _FORMAT_VERSION,
-        "seed": SEED,
+        "seed": seed,
     }
     (folder / MARKER_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -356,17 +520,7 @@ def _build_components() -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         text_encoder = CLIPTextModel(_text_config(vocab, hidden=32, act="quick_gelu", pad_token=EOS))
-        sd_unet = UNet2DConditionModel(
-            sample_size=8,  # default size 8 * 8 = 64 px (SD 1.5: 64 -> 512 px)
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=2,
-            block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-        )
+        sd_unet = _sd_unet(in_channels=4)
         sd_vae = _vae(scaling_factor=0.18215)
         up_unet = UNet2DConditionModel(
             sample_size=32,
@@ -396,23 +550,74 @@ def _build_components() -> dict[str, Any]:
     }
 
 
-def _save_sd(c: dict[str, Any], folder: Path) -> None:
-    """SD 1.5 layout with the SD 1.5 scheduler config; no safety checker."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+def _sd_unet(*, in_channels: int) -> Any:
+    """The SD 1 test UNet: 2 blocks, 64 px by default (sample size 8; SD 1.5: 64 -> 512 px)."""
+    from diffusers import UNet2DConditionModel
 
-    scheduler = PNDMScheduler(
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+
+
+def _build_inpaint_components() -> dict[str, Any]:
+    """`_build_components`'s modules (so `sd-inpaint` shares the `sd` text encoder and VAE) and a 9-channel UNet."""
+    import torch
+
+    c = _build_components()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        c["inpaint_unet"] = _sd_unet(in_channels=9)  # 4 latent + 1 mask + 4 masked-image latent channels
+    return c
+
+
+def _sd_scheduler() -> Any:
+    """PNDM as SD 1.5 (and its inpainting model) ships it."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
         **_SD_BETAS,
         skip_prk_steps=True,
         set_alpha_to_one=False,
         steps_offset=1,
         prediction_type="epsilon",
     )
+
+
+def _save_sd(c: dict[str, Any], folder: Path) -> None:
+    """SD 1.5 layout with the SD 1.5 scheduler config; no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(
         vae=c["sd_vae"],
         text_encoder=c["text_encoder"],
         tokenizer=c["tokenizer"],
         unet=c["sd_unet"],
-        scheduler=scheduler,
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    _save_with_tokenizers(pipe, folder, c, {"tokenizer": EOS})
+
+
+def _save_sd_inpaint(c: dict[str, Any], folder: Path) -> None:
+    """SD 1.5 inpainting layout: the `sd` model's parts and scheduler, the 9-channel UNet; no safety checker."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline(
+        vae=c["sd_vae"],
+        text_encoder=c["text_encoder"],
+        tokenizer=c["tokenizer"],
+        unet=c["inpaint_unet"],
+        scheduler=_sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -576,7 +781,9 @@ def _build_family_components() -> dict[str, Any]:
     return c
 
 
-def _sdxl_unet(*, cross_attention_dim: int, time_numbers: int, transformer_layers: tuple[int, ...]) -> Any:
+def _sdxl_unet(
+    *, cross_attention_dim: int, time_numbers: int, transformer_layers: tuple[int, ...], in_channels: int = 4
+) -> Any:
     """A tiny SDXL UNet: 64 px by default (real: 128 latents, 1024 px), conditioned on the text encoders'
     hidden states (`cross_attention_dim`) and on the second one's pooled projection (48) plus
     `time_numbers` sizes, crops (and the refiner's aesthetic score), 8 dimensions each."""
@@ -584,7 +791,7 @@ def _sdxl_unet(*, cross_attention_dim: int, time_numbers: int, transformer_layer
 
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         layers_per_block=2,
         block_out_channels=(16, 32, 64),
@@ -660,6 +867,38 @@ def _save_sdxl(c: dict[str, Any], folder: Path) -> None:
         scheduler=_sdxl_scheduler(),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,  # not saved; only skips building an encoder here
+    )
+    _save_with_tokenizers(pipe, folder, c, {"tokenizer": EOS, "tokenizer_2": OPENCLIP_PAD})
+
+
+def _build_sdxl_inpaint_components() -> dict[str, Any]:
+    """`_build_family_components`'s modules (`sdxl-inpaint` shares the `sdxl` encoders and VAE) and a 9-channel UNet."""
+    import torch
+
+    c = _build_family_components()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        c["sdxl_inpaint_unet"] = _sdxl_unet(
+            cross_attention_dim=32 + 48, time_numbers=6, transformer_layers=(1, 2, 2), in_channels=9
+        )
+    return c
+
+
+def _save_sdxl_inpaint(c: dict[str, Any], folder: Path) -> None:
+    """SDXL inpainting layout: the base's parts and Euler, the 9-channel UNet, no aesthetic score."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    pipe = StableDiffusionXLInpaintPipeline(
+        vae=c["sdxl_vae"],
+        text_encoder=c["sdxl_text_encoder"],
+        text_encoder_2=c["sdxl_text_encoder_2"],
+        tokenizer=c["clip_tokenizer"],
+        tokenizer_2=c["openclip_tokenizer"],
+        unet=c["sdxl_inpaint_unet"],
+        scheduler=_sdxl_scheduler(),
+        requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
     _save_with_tokenizers(pipe, folder, c, {"tokenizer": EOS, "tokenizer_2": OPENCLIP_PAD})
 

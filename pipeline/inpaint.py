@@ -1,0 +1,82 @@
+"""Inpainting (img2img with a mask), as numbered steps: only the mask's white part is redrawn.
+
+An inpainting model (9-channel UNet) sees the mask and the masked image at every step; a normal
+model runs as masked img2img (diffusers blends its latents with the input's outside the mask at
+every step). Either way the result is laid over the input through the blurred mask at the end, as
+A1111 does, so the pixels outside the mask are the input's own, not the VAE's copy of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from PIL import Image, ImageFilter, ImageOps
+
+from diffusiond.pipeline.batch import Batch
+from diffusiond.pipeline.inputs import fit_to_multiple_of_8, resized_input
+from diffusiond.pipeline.job import Img2ImgJob
+from diffusiond.pipeline.models import Loaded
+from diffusiond.pipeline.schedulers import make_scheduler
+
+
+def prepare_mask(mask: Image.Image | None, size: tuple[int, int], spec: Img2ImgJob) -> Image.Image:
+    """The mask at `size` by the job's resize mode (as its input), inverted if asked, its edge blurred.
+    No mask (an inpainting model's job without one) is a mask of the whole image."""
+    if mask is None:
+        return Image.new("L", size, 255)
+    gray = mask.convert("L")
+    gray = resized_input(gray.convert("RGB"), size, spec.resize).convert("L") if spec.size else _cropped(gray, size)
+    if spec.invert_mask:
+        gray = ImageOps.invert(gray)
+    if spec.mask_blur:
+        # A1111 blurs with OpenCV's GaussianBlur at sigma = mask_blur; Pillow's radius is that sigma.
+        gray = gray.filter(ImageFilter.GaussianBlur(spec.mask_blur))
+    return gray
+
+
+def _cropped(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Cropped like an input without `size:` (to multiples of 8), so it stays on its image's pixels."""
+    return mask.crop((0, 0, *size)) if mask.size != size else mask
+
+
+def inpaint(
+    loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, Any]], extra: Mapping[str, Any]
+) -> list[Image.Image]:
+    """One masked job (a mask is the job's own, so it runs alone): every image of it in one call."""
+    spec = batch.first_as(Img2ImgJob)
+    # 1. The input at the size the job runs at, and its mask made the same way.
+    source = batch.images()[0]
+    image = (
+        resized_input(source, spec.run_size(source.size), spec.resize)
+        if spec.size
+        else fit_to_multiple_of_8(source, None)
+    )
+    mask = prepare_mask(batch.masks[0], image.size, spec)
+    # 2. A fresh scheduler for this call.
+    # Copied from diffusiond.pipeline.txt2img.txt2img, step 1
+    pipe = loaded.pipe
+    pipe.scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)
+    # 3. Noise the masked part to `strength` with each image's seed, denoise and decode. With
+    #    `inpaint_full_res` only the mask's box (and its padding) is redrawn, at the job's size.
+    width, height = image.size
+    result = pipe(
+        **extra,  # the texts or their embeddings (pipeline/prompts.py), and any ControlNets' arguments
+        image=image,
+        mask_image=mask,
+        width=width,
+        height=height,
+        strength=spec.strength,
+        padding_mask_crop=spec.inpaint_full_res_padding if spec.inpaint_full_res else None,
+        num_inference_steps=spec.steps,
+        guidance_scale=spec.guidance,
+        eta=spec.eta,
+        generator=batch.generators(),
+        callback_on_step_end=callback,
+        output_type="pil",
+    )
+    # 4. The input laid back over the result outside the mask (with `padding_mask_crop` diffusers has
+    #    already pasted the redrawn box into the input the same way).
+    if spec.inpaint_full_res:
+        return list(result.images)
+    return [Image.composite(made, image, mask) for made in result.images]
