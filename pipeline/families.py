@@ -184,8 +184,9 @@ def inspect_shapes(shapes: Mapping[str, tuple[int, ...]]) -> CheckpointInfo:
     unet_in = shapes.get(UNET_IN, ())
     in_channels = unet_in[1] if len(unet_in) >= 2 else None
     inpaint = (
-        "inpainting checkpoints load as diffusers folders only; convert it once with diffusers' "
-        "StableDiffusionInpaintPipeline.from_single_file(...).save_pretrained(folder) and name the folder"
+        "inpainting checkpoints load as diffusers folders only; convert it once where the hub can be reached "
+        "(diffusers' StableDiffusionInpaintPipeline.from_single_file(file).save_pretrained(folder)) and name "
+        "the folder"
     )
     if has("conditioner.embedders."):
         if not has("conditioner.embedders.1."):

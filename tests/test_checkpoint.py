@@ -254,7 +254,7 @@ def test_a_lora_is_not_a_model(tmp_path: Path) -> None:
 
 def test_an_inpainting_file_is_refused_with_the_reason(tmp_path: Path) -> None:
     path = ldm.fake_checkpoint(tmp_path / "inpaint.safetensors", {SD1_TEXT: (2, 2), UNET_IN: (8, 9, 3, 3)})
-    with pytest.raises(JobFailed, match="inpainting checkpoints are not supported") as caught:
+    with pytest.raises(JobFailed, match="inpainting checkpoints load as diffusers folders only") as caught:
         load_single_file(entry(path), ModelKind.UNKNOWN, dtype=torch.float32)
     assert caught.value.code is Code.MODEL_FAILED
 

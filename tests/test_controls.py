@@ -4,6 +4,7 @@ once, from a job or a hot folder's profile; built-in preprocessing; SD 1.x and S
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from diffusiond.pipeline.inputs import probe_image
 from diffusiond.pipeline.job import ControlUse, Job, Rules, fill_seed, validate_job
 from diffusiond.pipeline.metadata import parse_infotext
 from diffusiond.pipeline.models import ModelCache
-from diffusiond.pipeline.testmodel import make_test_controlnet
+from diffusiond.pipeline.testmodel import make_test_controlnet, write_controlnet_file
 from tests.conftest import Spool, first_image_pixels, run_in_turn, start_daemon_thread, wait_for, write_config
 
 
@@ -224,3 +225,43 @@ def test_sdxl_takes_its_own_controlnet_and_refuses_one_made_for_sd1(
     assert steered.model is not None and steered.model.pipeline == "StableDiffusionXLControlNetPipeline"
     with pytest.raises(JobFailed, match="made for another model family"):
         run("sd1-scribble", 1.0)
+
+
+def test_single_file_controlnets_load_in_either_layout_and_a_broken_one_fails_clearly(
+    test_models: Any, controlnets: Path, tmp_path: Path
+) -> None:
+    """`control_v11p_sd15_scribble.safetensors` as published (original layout) and a diffusers-layout file,
+    from a `controlnets:` folder; both steer like the folder they were made from."""
+    from diffusiond.daemon.config import NamedFiles
+
+    folder = tmp_path / "controlnets"
+    write_controlnet_file(controlnets / "scribble", folder / "original.safetensors")
+    folder.joinpath("diffusers.safetensors").write_bytes(
+        (controlnets / "scribble" / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    folder.joinpath("broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    folder.joinpath("pickled.pth").write_bytes(b"not listed")
+    shutil.copytree(controlnets / "scribble", folder / "sd15" / "scribble")  # a diffusers folder, in a subfolder
+    files = NamedFiles(folder, (".safetensors",), folders_with="config.json")
+    assert sorted(files) == ["broken", "diffusers", "original", "sd15/scribble"]
+    cache = ModelCache(
+        {"test": ModelEntry("test", test_models.sd, ModelKind.SD1)},
+        device="cpu",
+        dtype=torch.float32,
+        networks=ExtraNetworks(controlnets=dict(files)),
+    )
+    (tmp_path / "s.png").write_bytes(sketch())
+    image = probe_image(tmp_path / "s.png", label="s.png", max_file_bytes=1 << 20)
+    generator = DiffusersGenerator(cache)
+    rules = Rules(models={"test": ModelKind.SD1}, defaults={}, controlnets=dict(files))
+
+    def pixels(name: str) -> bytes:
+        document = {"model": "test", "size": "64x64", "steps": 2, "seed": 1, "control": {"model": name}}
+        spec = validate_job(document, path="s.yaml", index=1, rules=rules)
+        [made] = generator.generate([Job("j", "s.yaml", 1, fill_seed(spec), image, None, (image,))])
+        return made.images[0].tobytes()
+
+    assert pixels("original") == pixels("diffusers") == pixels("sd15/scribble")
+    with pytest.raises(JobFailed, match=r"ControlNet 'broken' at .*broken\.safetensors") as caught:
+        pixels("broken")
+    assert caught.value.field == "control"
