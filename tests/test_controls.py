@@ -22,7 +22,7 @@ from diffusiond.pipeline.inputs import probe_image
 from diffusiond.pipeline.job import ControlUse, Job, Rules, fill_seed, validate_job
 from diffusiond.pipeline.metadata import parse_infotext
 from diffusiond.pipeline.models import ModelCache
-from diffusiond.pipeline.testmodel import make_test_controlnet, write_controlnet_file
+from diffusiond.pipeline.testmodel import make_test_controlnet, make_test_lora, write_controlnet_file
 from tests.conftest import Spool, first_image_pixels, run_in_turn, start_daemon_thread, wait_for, write_config
 
 
@@ -95,16 +95,24 @@ def test_a_scribble_job_from_a_sketch_runs_through_the_daemon(
 def test_a_profile_folder_runs_each_bare_sketch_with_its_controls(
     spool: Spool, test_models: Any, controlnets: Path, tmp_path: Path
 ) -> None:
-    """A hot folder whose profile has two controls: the sketch as a scribble and its Canny edges."""
+    """What an A1111 user does: a prompt with weights and a LoRA tag, and a hot folder whose profile has
+    two controls (the sketch as a scribble and its Canny edges); a sketch dropped there is the job."""
+    make_test_lora(test_models.sd, tmp_path / "loras" / "film-grain.safetensors")
     profile = {
         "task": "txt2img",
-        "prompt": "a castle",
+        "prompt": "a (castle:1.3) on a hill <lora:film-grain:0.7>",
         "control": [
             {"model": "scribble", "preprocess": "scribble"},
             {"model": "scribble", "preprocess": "canny", "weight": 0.5, "start": 0.2, "end": 0.8},
         ],
     }
-    write_config(spool.root, test_models, controlnets=str(controlnets), profiles={"scribble": profile})
+    write_config(
+        spool.root,
+        test_models,
+        controlnets=str(controlnets),
+        loras=str(tmp_path / "loras"),
+        profiles={"scribble": profile},
+    )
     spool.drop("scribble/castle.png", sketch())
     with start_daemon_thread(spool):
         [manifest] = wait_for(spool.manifests, what="the manifest")
@@ -115,6 +123,9 @@ def test_a_profile_folder_runs_each_bare_sketch_with_its_controls(
     with Image.open(spool.outbox / manifest["outputs"][0]["file"]) as png:
         settings = parse_infotext(png.text["parameters"])["settings"]
     assert "Guidance Start: 0.2, Guidance End: 0.8" in settings["ControlNet 1"]
+    assert [(lora["name"], lora["weight"]) for lora in manifest["loras"]] == [("film-grain", 0.7)]
+    assert manifest["prompt_encoding"]["method"] == "compel" and manifest["prompt_encoding"]["weighted"]
+    assert "Lora hashes" in settings
     assert (
         "Module: canny" in settings["ControlNet 1"]
         and "Threshold A: 100.0, Threshold B: 200.0" in settings["ControlNet 1"]
