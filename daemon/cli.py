@@ -232,14 +232,17 @@ def _submit(args: argparse.Namespace) -> int:
         stem = f"{stem}-{secrets.token_hex(3)}"  # a name of our own, so --wait finds our results only
     # Images first, job file last: the daemon then finds the job complete.
     for spec in specs:
-        for field_name, image in resolve_inputs(spec, job_path.name, _beside(job_path)).items():
+        needs = resolve_inputs(spec, job_path.name, _beside(job_path))
+        same_stem = "image" in needs and "image" not in spec.named_inputs()
+        for field_name, image in needs.items():
             if image is None:
                 continue
             source = job_path.parent / image
-            # The same-stem sketch and its mask follow the job file's new stem.
-            renamed = field_name not in spec.named_inputs() and "/" not in image
-            new_name = stem + image[len(job_path.stem) :] if image.startswith(job_path.stem) else image
-            target = inbox / (new_name if renamed else image)
+            # The same-stem sketch follows the job file's new stem, and so does the mask found beside
+            # it; the files the job names keep their names (a mask beside a named image: its image's).
+            target = inbox / image
+            if same_stem and (field_name == "image" or (field_name == "mask" and "mask" not in spec.named_inputs())):
+                target = inbox / (stem + image[len(job_path.stem) :])
             if target.exists() and target.read_bytes() != source.read_bytes():
                 print(f"diffusiond: {target} already exists with other content; rename {image}", file=sys.stderr)
                 return 2

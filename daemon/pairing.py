@@ -171,8 +171,12 @@ MASK_INFIX = ".mask"
 
 
 def same_stem_mask(image: str, exists: Callable[[str], bool]) -> str | None:
-    """The inbox-relative mask beside an image (`a/x.png` -> `a/x.mask.png`, `.jpg`, `.webp`), or None."""
-    return _first_existing(posixpath.splitext(image)[0] + MASK_INFIX, exists)
+    """The inbox-relative mask beside an image (`a/x.png` -> `a/x.mask.png`, `.jpg`, `.webp`, any case), or None."""
+    stem = posixpath.splitext(image)[0]
+    for infix in (MASK_INFIX, MASK_INFIX.upper(), MASK_INFIX.title()):
+        if (found := _first_existing(stem + infix, exists)) is not None:
+            return found
+    return None
 
 
 def mask_partner(path: str) -> str | None:

@@ -11,6 +11,7 @@ inverted: every stroke darker than `threshold` is a line, whatever the paper's s
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -84,6 +85,9 @@ def load_controlnet(name: str, path: Path, *, dtype: Any, base: Any) -> Any:
             ControlNetModel.from_unet(
                 base.unet, conditioning_embedding_out_channels=channels, load_weights_from_unet=False
             ).save_config(folder)
+            config = Path(folder) / "config.json"
+            # It takes the 4 latent channels, also beside an inpainting model's 9-channel UNet.
+            config.write_text(json.dumps(json.loads(config.read_text()) | {"in_channels": 4}), encoding="utf-8")
             return ControlNetModel.from_single_file(str(path), config=folder, dtype=dtype, local_files_only=True)
     except DiffusiondError as exc:  # its header is not a safetensors header
         raise JobFailed(

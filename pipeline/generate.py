@@ -139,7 +139,7 @@ class DiffusersGenerator:
                 prompt_encoding=encoded.encodings[first].record(),
                 loras=loras,
                 embeddings=_named(job_spec, embeddings),
-                controls=cache.controlnet_records(controls) or None,
+                controls=list(loaded.controls) or None,
             )
             for job_spec, part, first in zip(batch.specs, batch.split(images), first_images, strict=True)
         ]

@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image, ImageFilter, ImageOps
 
 from diffusiond.pipeline.batch import Batch
+from diffusiond.pipeline.errors import JobRejected
 from diffusiond.pipeline.inputs import fit_to_multiple_of_8, resized_input
 from diffusiond.pipeline.job import Img2ImgJob
 from diffusiond.pipeline.models import Loaded
@@ -43,31 +44,44 @@ def _cropped(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
 def inpaint(
     loaded: Loaded, batch: Batch, callback: Callable[..., dict[str, Any]], extra: Mapping[str, Any]
 ) -> list[Image.Image]:
-    """One masked job (a mask is the job's own, so it runs alone): every image of it in one call."""
+    """Every image of the batch in one call: one masked job (a mask is the job's own, so it runs alone),
+    or an inpainting model's jobs without masks (whole-image masks), which may share a call."""
     spec = batch.first_as(Img2ImgJob)
-    # 1. The input at the size the job runs at, and its mask made the same way.
-    source = batch.images()[0]
-    image = (
+    # 1. Each input at the size the job runs at, and its mask made the same way. One job gives the
+    #    pipeline its one input and mask (it repeats them for each image, and crops by that mask).
+    images = [
         resized_input(source, spec.run_size(source.size), spec.resize)
         if spec.size
         else fit_to_multiple_of_8(source, None)
-    )
-    mask = prepare_mask(batch.masks[0], image.size, spec)
+        for source in batch.images()
+    ]
+    masks = [
+        prepare_mask(mask, image.size, spec) for mask, image in zip(batch.per_image(batch.masks), images, strict=True)
+    ]
+    if masks[0].getbbox() is None:
+        raise JobRejected(
+            f"the mask is all black{' after invert_mask' if spec.invert_mask else ''}: there is nothing to redraw",
+            field="mask",
+            value=spec.mask,
+            fix="paint the part to redraw white in the mask (black is kept), or remove `invert_mask`",
+        )
+    single = len(batch.specs) == 1
+    cropped = spec.inpaint_full_res and single  # whole-image masks (several jobs) have nothing to crop to
     # 2. A fresh scheduler for this call.
     # Copied from diffusiond.pipeline.txt2img.txt2img, step 1
     pipe = loaded.pipe
     pipe.scheduler = make_scheduler(spec.scheduler, loaded.scheduler_config)
     # 3. Noise the masked part to `strength` with each image's seed, denoise and decode. With
     #    `inpaint_full_res` only the mask's box (and its padding) is redrawn, at the job's size.
-    width, height = image.size
+    width, height = images[0].size
     result = pipe(
         **extra,  # the texts or their embeddings (pipeline/prompts.py), and any ControlNets' arguments
-        image=image,
-        mask_image=mask,
+        image=images[0] if single else images,
+        mask_image=masks[0] if single else masks,
         width=width,
         height=height,
         strength=spec.strength,
-        padding_mask_crop=spec.inpaint_full_res_padding if spec.inpaint_full_res else None,
+        padding_mask_crop=spec.inpaint_full_res_padding if cropped else None,
         num_inference_steps=spec.steps,
         guidance_scale=spec.guidance,
         eta=spec.eta,
@@ -77,6 +91,6 @@ def inpaint(
     )
     # 4. The input laid back over the result outside the mask (with `padding_mask_crop` diffusers has
     #    already pasted the redrawn box into the input the same way).
-    if spec.inpaint_full_res:
+    if cropped:
         return list(result.images)
-    return [Image.composite(made, image, mask) for made in result.images]
+    return [Image.composite(made, image, mask) for made, image, mask in zip(result.images, images, masks, strict=True)]

@@ -532,6 +532,10 @@ class Img2ImgJob(RedrawJob):
     def named_inputs(self) -> dict[str, str]:
         return super().named_inputs() | ({"mask": self.mask} if self.mask is not None else {})
 
+    def _call_values(self) -> tuple[Any, ...]:
+        # An inpainting model's jobs share a call without masks of their own: their mask settings too.
+        return (self.strength, self.mask_blur, self.invert_mask, self.inpaint_full_res, self.inpaint_full_res_padding)
+
 
 class UpscaleJob(_InputJob):
     """Upscale `image` by `scale`, with the x4 model (prompt-guided) or plain Lanczos."""
@@ -1261,6 +1265,13 @@ def _check_controls(spec: Spec, rules: Rules) -> None:
         )
     if not spec.control:
         return
+    if isinstance(spec, Txt2ImgJob) and spec.image is not None and not spec.needs_image:
+        raise JobRejected(
+            "every control names its own image, so the job's `image:` would not be read",
+            field="image",
+            value=shown(spec.image),
+            fix="remove `image:`, or remove `image:` from the control that should read it",
+        )
     if spec.task not in CONTROL_TASKS:
         raise JobRejected(
             f"ControlNets steer txt2img and img2img; a {spec.task} job cannot use them",

@@ -372,9 +372,10 @@ def _xml_text(text: str) -> str:
     return escape(_NOT_XML.sub("", text), {'"': "&quot;"})
 
 
-def digital_source_type(task: str, method: str | None = None) -> str:
-    """The IPTC digital source type of a task's output: machine-made, or a machine-changed input."""
-    if task == "txt2img":
+def digital_source_type(task: str, method: str | None = None, *, guided: bool = False) -> str:
+    """The IPTC digital source type of a task's output: machine-made, or a machine-changed input
+    (`guided`: txt2img that a ControlNet steered by the user's picture)."""
+    if task == "txt2img" and not guided:
         return TRAINED
     if task == "upscale" and method == "lanczos":
         return ENHANCED
@@ -469,13 +470,15 @@ def _xmp_value(element: ET.Element) -> str | None:
 # --- Writing ----------------------------------------------------------------------------
 
 
-def _job_facts(spec: Spec | None, record: Mapping[str, Any]) -> tuple[str, str | None, str]:
-    """Task, upscale method and prompt, from the spec or else from the record's `job`."""
+def _job_facts(spec: Spec | None, record: Mapping[str, Any]) -> tuple[str, str | None, str, bool]:
+    """Task, upscale method, prompt and whether a control steered it, from the spec or else the record's `job`."""
     if spec is not None:
-        return spec.task, spec.method if isinstance(spec, UpscaleJob) else None, spec.prompt
+        method = spec.method if isinstance(spec, UpscaleJob) else None
+        return spec.task, method, spec.prompt, bool(spec.control)
     job = record.get("job")
     job = job if isinstance(job, Mapping) else {}
-    return str(job.get("task", record.get("task", "txt2img"))), job.get("method"), str(job.get("prompt", ""))
+    task = str(job.get("task", record.get("task", "txt2img")))
+    return task, job.get("method"), str(job.get("prompt", "")), bool(job.get("control"))
 
 
 def encode(
@@ -500,7 +503,7 @@ def encode(
     in EXIF, ImageDescription goes, then UserComment. WebP and PNG have no such limit.
     """
     options = options or MetadataOptions()
-    task, method, prompt = _job_facts(spec, record)
+    task, method, prompt, guided = _job_facts(spec, record)
     record_json = json.dumps(record, ensure_ascii=False, sort_keys=True) if options.record else None
     buffer = io.BytesIO()
     if output.format == "png":
@@ -510,7 +513,7 @@ def encode(
         if record_json is not None:
             info.add_itxt(RECORD_KEY, record_json)
         if options.xmp:
-            packet = xmp_packet(source_type=digital_source_type(task, method), description=prompt)
+            packet = xmp_packet(source_type=digital_source_type(task, method, guided=guided), description=prompt)
             info.add_itxt("XML:com.adobe.xmp", packet.decode("utf-8"), lang="", tkey="")
         if options.exif:
             info.add_text("Software", CREATOR_TOOL)
@@ -531,7 +534,7 @@ def encode(
     if exif:
         # JPEG's APP1 starts `Exif\0\0`; WebP's EXIF chunk is the bare TIFF data (WebP container spec).
         extra["exif"] = exif if output.format == "jpeg" else exif.removeprefix(b"Exif\x00\x00")
-    source_type = digital_source_type(task, method) if options.xmp else None
+    source_type = digital_source_type(task, method, guided=guided) if options.xmp else None
     xmp = _fit(
         lambda parts: _xmp_or_none(source_type, **parts),
         {"record_json": record_json, "description": prompt if options.xmp else None},

@@ -189,6 +189,8 @@ class Loaded:
     vae_hash: str | None = None
     masked: bool = False
     """An inpainting pipeline (`variant`): the job runs through pipeline/inpaint.py."""
+    controls: tuple[dict[str, Any], ...] = ()
+    """What the manifest says of each ControlNet of the pipeline (`variant`), in the job's order."""
 
 
 @dataclass
@@ -306,22 +308,22 @@ class ModelCache:
                     fix="use an SD 1.x, 2.x or SDXL model for inpainting and ControlNets",
                 )
             extra: dict[str, Any] = {}
+            records: list[dict[str, Any]] = []
             if controls:
-                nets = [self._controlnet(control, name, model) for control in controls]
+                loaded_nets = [self._controlnet(control, name, model) for control in controls]
+                nets = [net.module for net in loaded_nets]
+                records = [dict(net.record) for net in loaded_nets]
                 extra["controlnet"] = nets[0] if len(nets) == 1 else nets
             if family:
                 extra["add_watermarker"] = False  # diffusiond applies its own, configurable watermark
             base = loaded.pipe
-            pipe = base if type(base) is cls else cls.from_pipe(base, **extra)
+            # from_pipe casts what it shares to `dtype`, float32 unless told: the warm model's own.
+            pipe = base if type(base) is cls else cls.from_pipe(base, dtype=self.dtype, **extra)
             pipe.set_progress_bar_config(disable=True)
             record = (model.scheduler_config, model.kind, model.hash, model.path, model.vae, model.vae_hash)
-            return Loaded(name, pipe, *record, masked=masked)
+            return Loaded(name, pipe, *record, masked=masked, controls=tuple(records))
 
-    def controlnet_records(self, names: Sequence[str]) -> list[dict[str, Any]]:
-        """What the manifest says of each loaded ControlNet (call after `variant`)."""
-        return [dict(self._controlnets[name].record) for name in names]
-
-    def _controlnet(self, control: str, model_name: str, model: _Model) -> Any:
+    def _controlnet(self, control: str, model_name: str, model: _Model) -> _ControlNet:
         """A ControlNet from the config's `controlnets:`, loaded once and kept (at most MAX_CONTROLNETS)."""
         path = self.networks.controlnets.get(control)
         if path is None:  # the config was reloaded without it since the job was validated
@@ -342,7 +344,7 @@ class ModelCache:
                 self._controlnets.popitem(last=False)
         self._controlnets.move_to_end(control)
         check_fits(control, cached.module, model_name, next(iter(model.pipes.values())))
-        return cached.module
+        return cached
 
     def preload(self, names: Iterable[str]) -> None:
         for name in names:
@@ -460,9 +462,9 @@ class ModelCache:
             cache_dir = self.state_dir / "configs" if self.state_dir else None
             return load_single_file(entry, kind, dtype=self.dtype, cache_dir=cache_dir)
         extra: dict[str, Any] = {}
-        if kind in (ModelKind.SD1, ModelKind.SD2):
+        if kind in (ModelKind.SD1, ModelKind.SD2, ModelKind.SD1_INPAINT, ModelKind.SD2_INPAINT):
             extra = {"safety_checker": None, "requires_safety_checker": False}
-        elif kind in (ModelKind.SDXL, ModelKind.SDXL_REFINER):
+        elif kind in (ModelKind.SDXL, ModelKind.SDXL_REFINER, ModelKind.SDXL_INPAINT):
             extra = {"add_watermarker": False}  # diffusiond applies its own, configurable watermark
         elif kind is ModelKind.DEPTH2IMG:
             _map_removed_transformers_classes()

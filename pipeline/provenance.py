@@ -141,8 +141,8 @@ def stamp(
                 output.format,
                 config=c2pa,
                 title=str(record.get("job_id", "diffusiond image")),
-                source_type=digital_source_type(spec.task, getattr(spec, "method", None)),
-                composite=spec.task != "txt2img",
+                source_type=digital_source_type(spec.task, getattr(spec, "method", None), guided=bool(spec.control)),
+                composite=spec.task != "txt2img" or bool(spec.control),
             )
         except ValueError as exc:
             raise JobFailed(
@@ -262,7 +262,9 @@ def _parameters(made: Sequence[_Made]) -> str:
         vae=(model.vae, model.vae_hash) if model and model.vae else None,
         lora_hashes=[(lora["name"], lora["hash"]) for lora in first.generated.loras or []],
         ti_hashes=[(e["name"], e["hash"]) for e in first.generated.embeddings or []],
-        controlnets=[f"{c['name']} [{c['hash']}]" for c in first.generated.controls or []],
+        controlnets=[
+            f"{c['name']} [{c['hash']}]" if c.get("hash") else c["name"] for c in first.generated.controls or []
+        ],
     )
 
 

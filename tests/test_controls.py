@@ -175,6 +175,7 @@ RULES = Rules(
     [
         ({"task": "upscale", "model": "x4", "control": {"model": "c"}}, "control", "steer txt2img and img2img"),
         ({"image": "a.png"}, "image", "only the picture its ControlNets read"),
+        ({"image": "a.png", "control": {"model": "c", "image": "b.png"}}, "image", "would not be read"),
         ({"control": {"model": "c", "start": 0.5, "end": 0.5}}, "control.0", "must be before end"),
         ({"control": [{"model": "c"}] * 5}, "control", "at most 4"),
         ({"control": {"model": "c", "image": "../out.png"}}, "control.0.image", "leaves the inbox"),

@@ -165,3 +165,86 @@ def test_pairing_keeps_a_mask_with_its_image_and_waits_for_one_being_written() -
     [intent] = pairing.decide(["sketches/a.png", "sketches/a.mask.png"], present, 1.6, stamp)
     assert intent.files == ("sketches/a.png", "sketches/a.mask.png") and intent.problem is None
     assert Rules is not None
+
+
+def test_submit_carries_a_sketch_and_its_mask_under_the_new_stem(spool: Spool, tmp_path: Path) -> None:
+    """`submit` renames a same-stem sketch when the inbox has its name: its mask follows it; a mask beside a
+    named image keeps its image's name."""
+    from tests.test_cli import cli
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _photo().save(outside / "room.png")
+    _mask().save(outside / "room.mask.png")
+    (outside / "room.yaml").write_text("task: img2img\nprompt: a sofa\n")
+    _photo().save(outside / "garden-photo.png")
+    _mask().save(outside / "garden-photo.mask.png")
+    (outside / "garden.yaml").write_text("task: img2img\nprompt: a pond\nimage: garden-photo.png\n")
+    spool.drop("room.yaml", "prompt: already here\n")  # takes the name: the submitted one gets a stem of its own
+    for job in ("room.yaml", "garden.yaml"):
+        assert cli("submit", str(outside / job), "--config", str(spool.config_path)).returncode == 0
+    names = sorted(p.name for p in spool.inbox.iterdir())
+    [renamed] = [n for n in names if n.startswith("room-") and n.endswith(".yaml")]
+    stem = renamed.removesuffix(".yaml")
+    assert f"{stem}.png" in names and f"{stem}.mask.png" in names
+    assert "garden-photo.png" in names and "garden-photo.mask.png" in names
+
+
+def test_pairing_finds_a_mask_whatever_the_case_of_its_name() -> None:
+    pairing = Pairing(parse=lambda _p: [], profiles={"s": {"task": "img2img"}}, has_sketch_job=False, pair_wait_s=1.0)
+    files = ["s/X.PNG", "s/X.MASK.PNG"]
+    assert pairing.decide(files, set(files), 0.0, lambda _p: None) == []  # a bare image waits for a job file
+    [intent] = pairing.decide(files, set(files), 1.5, lambda _p: None)
+    assert intent.files == ("s/X.PNG", "s/X.MASK.PNG")
+
+
+def test_an_all_black_mask_is_refused_not_run(spool: Spool, tmp_path: Path) -> None:
+    spool.drop("dark.png", _png(_photo(), tmp_path / "a.png"))
+    spool.drop("dark.mask.png", _png(Image.new("L", (64, 64), 0), tmp_path / "b.png"))
+    spool.drop("dark.yaml", "task: img2img\nprompt: a cat\ninpaint_full_res: true\n")
+    with start_daemon_thread(spool):
+        [report] = wait_for(spool.reports, what="the report")
+    assert report["field"] == "mask" and "all black" in report["error"]
+
+
+def test_an_inpainting_model_keeps_each_input_of_a_shared_call_and_the_dtype_of_its_weights(
+    test_models: Any, inpaint_model: Path, tmp_path: Path
+) -> None:
+    """Jobs without masks on an inpainting model share a call: each is redrawn from its own input, as alone.
+    A bf16 model stays bf16 after a job on an inpaint pipeline built over its weights."""
+    import torch
+
+    from diffusiond.pipeline.families import ModelEntry, ModelKind
+    from diffusiond.pipeline.generate import DiffusersGenerator
+    from diffusiond.pipeline.inputs import probe_image
+    from diffusiond.pipeline.job import Job, fill_seed, validate_job
+    from diffusiond.pipeline.models import ModelCache
+
+    entries = {
+        "inpaint": ModelEntry("inpaint", inpaint_model, ModelKind.SD1_INPAINT),
+        "test": ModelEntry("test", test_models.sd, ModelKind.SD1),
+    }
+    rules = Rules(models={n: e.kind for n, e in entries.items()}, defaults={})
+    inputs = []
+    for number, seed in enumerate((1, 2)):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+            tmp_path / f"{number}.png"
+        )
+        inputs.append(probe_image(tmp_path / f"{number}.png", label=f"{number}.png", max_file_bytes=1 << 20))
+    document = {"task": "img2img", "model": "inpaint", "steps": 2, "strength": 0.5, "seed": 3, "prompt": "a cat"}
+    spec = fill_seed(validate_job(document, path="j.yaml", index=1, rules=rules))
+    jobs = [Job(f"j{n}", "j.yaml", 1, spec, image) for n, image in enumerate(inputs)]
+    assert jobs[0].spec.batch_key((64, 64)) == jobs[1].spec.batch_key((64, 64))
+    generator = DiffusersGenerator(ModelCache(entries, device="cpu", dtype=torch.float32))
+    together = [made.images[0].tobytes() for made in generator.generate(jobs)]
+    alone = [generator.generate([job])[0].images[0].tobytes() for job in jobs]
+    assert together[0] != together[1]
+    assert np.abs(np.frombuffer(together[0], np.uint8).astype(int) - np.frombuffer(alone[0], np.uint8)).max() <= 2
+
+    cache = ModelCache(entries, device="cpu", dtype=torch.bfloat16)
+    (tmp_path / "m.png").write_bytes(_png(_mask(), tmp_path / "m2.png"))
+    mask = probe_image(tmp_path / "m.png", label="m.png", max_file_bytes=1 << 20, field="mask")
+    masked = fill_seed(validate_job(document | {"model": "test", "mask": "m.png"}, path="j.yaml", index=1, rules=rules))
+    DiffusersGenerator(cache).generate([Job("k", "j.yaml", 1, masked, inputs[0], mask)])
+    plain = cache.pipeline("test", masked.task).pipe
+    assert {plain.unet.dtype, plain.vae.dtype, plain.text_encoder.dtype} == {torch.bfloat16}
