@@ -59,6 +59,8 @@ def job_from_image(
         model_hash = _infotext(parameters).get("Model hash") if parameters else None
     elif parameters:
         fields = _infotext(parameters)
+        if any(key.startswith("ControlNet") for key in fields):
+            raise _rejected(label, "it was guided by a ControlNet, whose image it does not carry", Code.NOT_A_JOB)
         job = _a1111_job(fields)
         model_hash = fields.get("Model hash")
     else:

@@ -208,13 +208,21 @@ def test_preprocessing_turns_a_sketch_into_what_a_controlnet_was_trained_on() ->
     assert wide.size == (128, 64)
 
 
-def test_sdxl_takes_its_own_controlnet_and_refuses_one_made_for_sd1(
-    family_models: Any, test_models: Any, tmp_path: Path
+@pytest.mark.parametrize(
+    ("family", "kind", "pipeline"),
+    [
+        ("sdxl", ModelKind.SDXL, "StableDiffusionXLControlNetPipeline"),
+        ("sd2_v", ModelKind.SD2, "StableDiffusionControlNetPipeline"),
+    ],
+)
+def test_sdxl_and_sd2_take_their_own_controlnet_and_refuse_one_made_for_sd1(
+    family_models: Any, test_models: Any, tmp_path: Path, family: str, kind: ModelKind, pipeline: str
 ) -> None:
-    xl = make_test_controlnet(family_models.sdxl, tmp_path / "xl-scribble")
+    model = getattr(family_models, family)
+    xl = make_test_controlnet(model, tmp_path / "xl-scribble")
     sd1 = make_test_controlnet(test_models.sd, tmp_path / "sd1-scribble")
     cache = ModelCache(
-        {"xl": ModelEntry("xl", family_models.sdxl, ModelKind.SDXL)},
+        {"xl": ModelEntry("xl", model, kind)},
         device="cpu",
         dtype=torch.float32,
         networks=ExtraNetworks(controlnets={"xl-scribble": xl, "sd1-scribble": sd1}),
@@ -222,7 +230,7 @@ def test_sdxl_takes_its_own_controlnet_and_refuses_one_made_for_sd1(
     (tmp_path / "s.png").write_bytes(sketch())
     image = probe_image(tmp_path / "s.png", label="s.png", max_file_bytes=1 << 20)
     generator = DiffusersGenerator(cache)
-    rules = Rules(models={"xl": ModelKind.SDXL}, defaults={}, controlnets={"xl-scribble": xl, "sd1-scribble": sd1})
+    rules = Rules(models={"xl": kind}, defaults={}, controlnets={"xl-scribble": xl, "sd1-scribble": sd1})
 
     def run(name: str, weight: float) -> Any:
         document = {"model": "xl", "size": "64x64", "steps": 2, "seed": 1, "prompt": "a fox"}
@@ -234,7 +242,7 @@ def test_sdxl_takes_its_own_controlnet_and_refuses_one_made_for_sd1(
 
     steered, unsteered = run("xl-scribble", 1.0), run("xl-scribble", 0.0)
     assert steered.images[0].tobytes() != unsteered.images[0].tobytes()
-    assert steered.model is not None and steered.model.pipeline == "StableDiffusionXLControlNetPipeline"
+    assert steered.model is not None and steered.model.pipeline == pipeline
     with pytest.raises(JobFailed, match="made for another model family"):
         run("sd1-scribble", 1.0)
 
@@ -277,3 +285,19 @@ def test_single_file_controlnets_load_in_either_layout_and_a_broken_one_fails_cl
     with pytest.raises(JobFailed, match=r"ControlNet 'broken' at .*broken\.safetensors") as caught:
         pixels("broken")
     assert caught.value.field == "control"
+
+
+def test_reproduce_refuses_an_image_a_controlnet_steered(tmp_path: Path) -> None:
+    """Its control image is not in it: made again without it would not be the same picture."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from diffusiond.pipeline.reproduce import job_from_image
+
+    info = PngInfo()
+    unit = "Module: canny, Model: canny [d14c016b], Weight: 1.0, Guidance Start: 0.0, Guidance End: 1.0"
+    info.add_text(
+        "parameters", f'a fox\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, ControlNet 0: "{unit}"'
+    )
+    Image.new("RGB", (64, 64)).save(tmp_path / "a1111.png", pnginfo=info)
+    with pytest.raises(JobRejected, match="guided by a ControlNet"):
+        job_from_image(tmp_path / "a1111.png", label="reproduce/a1111.png", models={}, model_hashes=dict)
