@@ -176,6 +176,7 @@ def old_a1111_hash(path: Path) -> str:
 
 
 def _weights_file(folder: Path) -> Path | None:
-    for candidate in sorted(folder.glob("diffusion_pytorch_model*.safetensors")) + sorted(folder.glob("*.bin")):
-        return candidate
-    return None
+    """The file `from_pretrained` loads: the plain name first (not a `.fp16` variant)."""
+    plain = folder / "diffusion_pytorch_model.safetensors"
+    others = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) + sorted(folder.glob("*.bin"))
+    return plain if plain.is_file() else next(iter(others), None)

@@ -617,6 +617,10 @@ NOT_IN_A_STAGE = {
     "then": "stages do not nest; list every stage in the job's `then:`",
     "control": "ControlNets steer the job's first stage, from its input; a stage runs on the image before",
     "mask": "a mask goes with the job's input image; a stage runs on the images of the stage before it",
+    **dict.fromkeys(
+        ("mask_blur", "invert_mask", "inpaint_full_res", "inpaint_full_res_padding"),
+        "a stage has no mask (it redraws the whole image before); set it on the job with its mask",
+    ),
 }
 """Fields only a job has, and why a stage cannot set them."""
 

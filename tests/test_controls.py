@@ -181,6 +181,7 @@ RULES = Rules(
         ({"control": {"model": "c", "image": "../out.png"}}, "control.0.image", "leaves the inbox"),
         ({"control": {"model": "c", "preprocess": "hed"}}, "control.0.preprocess", "'none', 'invert', 'scribble'"),
         ({"task": "img2img", "then": [{"task": "img2img", "control": {"model": "c"}}]}, "control", "first stage"),
+        ({"task": "img2img", "then": [{"task": "img2img", "mask_blur": 8}]}, "mask_blur", "a stage has no mask"),
     ],
 )
 def test_control_fields_are_checked_before_anything_runs(document: dict[str, Any], field: str, says: str) -> None:
