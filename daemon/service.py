@@ -115,7 +115,8 @@ class Daemon:
         self._prefetch = max(config.prefetch, config.batch_size)
 
     def run(self) -> int:
-        """Serve until stopped (or, with `oneshot`, until the inbox is empty); returns the exit code.
+        """Serve until stopped (or, with `oneshot`, until the inbox is empty); returns the exit code:
+        0, or with `oneshot` 1 when any job failed or was rejected.
 
         The work folder is this daemon's for the whole run: another live daemon with the same
         instance makes this one refuse to start (ConfigError) before it touches anything.
@@ -207,11 +208,13 @@ class Daemon:
             self.hooks.close()  # the last jobs' hooks, each within its timeout
             self.webhooks.close()  # what is unsent stays in <state>/notify/ for the next start
             registry.withdraw(self.config)
-        log.info("stopped: %d claims finished, %d failed", worker.finished, worker.failed + self.rejected)
+        failed = worker.failed + self.rejected
+        log.info("stopped: %d claims finished, %d failed", worker.finished, failed)
         self.notifier.close()
         self.board.state(DaemonState.STOPPED)
         self.board.flush()
-        return 0
+        # `run --oneshot` is a batch run that scripts check: 1 when any input failed. A service stops with 0.
+        return 1 if self.oneshot and failed else 0
 
     def _on_job_end(self, event: dict[str, object]) -> None:
         """A job done or a file failed (from the board, on the thread that ended it): its hook, if any."""

@@ -124,19 +124,18 @@ def test_run_with_no_config_file_at_all(tmp_path: Path) -> None:
     (spool / "inbox" / "small.png").write_bytes(buffer.getvalue())
     (spool / "inbox" / "small.yaml").write_text("task: upscale\nmethod: lanczos\nscale: 3\n")
     (spool / "inbox" / "nomodel.yaml").write_text("prompt: needs a model\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "diffusiond.daemon.cli", "run", "--spool", str(spool), "--oneshot"],
-        capture_output=True,
-        text=True,
-        timeout=CEILING_S,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
+    command = [sys.executable, "-m", "diffusiond.daemon.cli", "run", "--spool", str(spool), "--oneshot"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=CEILING_S, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr  # a job failed: a script running --oneshot can tell
     [manifest] = [json.loads(p.read_text()) for p in (spool / "outbox").glob("*.json")]
     with Image.open(spool / "outbox" / manifest["outputs"][0]["file"]) as image:
         assert image.size == (120, 72)
     report = yaml.safe_load((spool / "failed" / "nomodel.error.yaml").read_text())
     assert report["field"] == "model" and "add `model:`" in report["fix"]
+    (spool / "inbox" / "again.png").write_bytes(buffer.getvalue())
+    (spool / "inbox" / "again.yaml").write_text("task: upscale\nmethod: lanczos\nscale: 2\n")
+    again = subprocess.run(command, capture_output=True, text=True, timeout=CEILING_S, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr  # every job of this run succeeded
 
 
 def test_a_bad_config_stops_the_start_with_a_clear_message(tmp_path: Path) -> None:

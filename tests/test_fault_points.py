@@ -143,7 +143,8 @@ def test_randomized_kills_over_a_stream_lose_nothing_and_double_nothing(spool: S
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
                 kills += 1
                 continue
-            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"run {runs} ended with status {status}"
+            # 1: the round's bad file failed in this run (a run that only resumed good jobs exits 0).
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, 1), f"run {runs} ended with status {status}"
             if not spool.claims() and not [p for p in spool.inbox.iterdir() if not p.name.startswith(".")]:
                 break
         assert runs < 40 * KILLS, "the stream never finished"
