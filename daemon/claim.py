@@ -304,7 +304,7 @@ def load_jobs(claim: Claim, config: Config, parsed: Parsed | None = None) -> lis
         for number, use in enumerate(spec.control):
             field_name = f"control.{number}.image"
             if use.image is not None:
-                controls.append(_precheck_input(claim, config, index, field_name, needs[field_name]))
+                controls.append(_precheck_input(claim, config, index, field_name, needs[field_name], written=use.image))
             elif image is not None:  # `needs_image` holds: the control reads the job's input
                 controls.append(image)
         job_id = claim.claim_id if len(specs) == 1 else f"{claim.claim_id}-{index}"
@@ -364,15 +364,19 @@ def _validate(claim: Claim, config: Config, parsed: Parsed | None) -> list[Spec]
     return job_file_reader(claim.inputs, rules=rules, profiles=config.profiles)(claim.source)
 
 
-def _precheck_input(claim: Claim, config: Config, index: int, field_name: str, name: str | None) -> InputImage:
-    """A control's own image (or a mask): there, a real image, within the file size limit."""
+def _precheck_input(
+    claim: Claim, config: Config, index: int, field_name: str, name: str | None, *, written: str | None = None
+) -> InputImage:
+    """An input (the job's image, a mask, a control's image): there, a real image, within the file size
+    limit. `written` is its name as the job wrote it (None for a same-stem file)."""
+    what = "input image" if field_name == "image" else field_name
     with job_context(path=claim.source, job_index=index):
         if name is None or not os.path.lexists(claim.inputs / name):
             raise JobRejected(
-                f"the {field_name} {name!r} is not in the inbox",
+                f"the {what} {written or name or '(same-stem image)'!r} is not in the inbox",
                 code=Code.MISSING_INPUT,
                 field=field_name,
-                value=name,
+                value=written,
                 fix=f"drop the image into the inbox with its job file (same folder, same name as in `{field_name}:`)",
             )
         return probe_image(
@@ -385,7 +389,7 @@ def _precheck_mask(
 ) -> tuple[Img2ImgJob, InputImage]:
     """The mask is an image of its input's size; the spec names it (relative to the job file), so the job
     as recorded says which mask it ran with, whether the user wrote `mask:` or dropped `<stem>.mask.png`."""
-    mask = _precheck_input(claim, config, index, "mask", name)
+    mask = _precheck_input(claim, config, index, "mask", name, written=spec.mask or name)
     if image is not None and mask.size_px != image.size_px:
         with job_context(path=claim.source, job_index=index):
             raise JobRejected(
@@ -406,16 +410,8 @@ def _precheck_image(claim: Claim, config: Config, spec: Spec, index: int, image:
     A redraw with no `size:` of an input over `limits.max_pixels` (a phone photo) is given the size
     that fits, keeping the aspect ratio, instead of being refused: the spec returned says so.
     """
+    probe = _precheck_input(claim, config, index, "image", image, written=spec.input_image)
     with job_context(path=claim.source, job_index=index):
-        if image is None or not os.path.lexists(claim.inputs / image):
-            raise JobRejected(
-                f"the input image {spec.input_image or image or '(same-stem image)'!r} is not in the inbox",
-                code=Code.MISSING_INPUT,
-                field="image",
-                value=spec.input_image,
-                fix="drop the image into the inbox with its job file (same folder, same name as in `image:`)",
-            )
-        probe = probe_image(claim.inputs / image, label=image, max_file_bytes=config.limits.max_file_bytes)
         limit = config.limits.max_pixels
         (w, h) = probe.size_px
         if isinstance(spec, RedrawJob) and spec.size is None and w * h > limit:

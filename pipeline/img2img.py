@@ -8,7 +8,7 @@ from typing import Any
 from PIL import Image
 
 from diffusiond.pipeline.batch import Batch
-from diffusiond.pipeline.inputs import fit_to_multiple_of_8, resized_input
+from diffusiond.pipeline.inputs import redraw_input
 from diffusiond.pipeline.job import RedrawJob
 from diffusiond.pipeline.models import Loaded
 from diffusiond.pipeline.schedulers import make_scheduler
@@ -21,10 +21,7 @@ def img2img(
     spec = batch.first_as(RedrawJob)
     # 1. Each input at the size the job runs at: its `size` by its `resize` mode, or the input's own
     #    size cropped to multiples of 8.
-    images = [
-        resized_input(image, spec.run_size(image.size), spec.resize) if spec.size else fit_to_multiple_of_8(image, None)
-        for image in batch.images()
-    ]
+    images = [redraw_input(image, spec) for image in batch.images()]
     # 2. A fresh scheduler for this call.
     # Copied from diffusiond.pipeline.txt2img.txt2img, step 1
     pipe = loaded.pipe

@@ -15,7 +15,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from diffusiond.pipeline.batch import Batch
 from diffusiond.pipeline.errors import JobRejected
-from diffusiond.pipeline.inputs import fit_to_multiple_of_8, resized_input
+from diffusiond.pipeline.inputs import redraw_input
 from diffusiond.pipeline.job import Img2ImgJob
 from diffusiond.pipeline.models import Loaded
 from diffusiond.pipeline.schedulers import make_scheduler
@@ -26,19 +26,14 @@ def prepare_mask(mask: Image.Image | None, size: tuple[int, int], spec: Img2ImgJ
     No mask (an inpainting model's job without one) is a mask of the whole image."""
     if mask is None:
         return Image.new("L", size, 255)
-    gray = mask.convert("L")
-    gray = resized_input(gray.convert("RGB"), size, spec.resize).convert("L") if spec.size else _cropped(gray, size)
+    # The mask has its input's size (checked at the claim): made the job's size the same way.
+    gray = redraw_input(mask.convert("RGB"), spec).convert("L")
     if spec.invert_mask:
         gray = ImageOps.invert(gray)
     if spec.mask_blur:
         # A1111 blurs with OpenCV's GaussianBlur at sigma = mask_blur; Pillow's radius is that sigma.
         gray = gray.filter(ImageFilter.GaussianBlur(spec.mask_blur))
     return gray
-
-
-def _cropped(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Cropped like an input without `size:` (to multiples of 8), so it stays on its image's pixels."""
-    return mask.crop((0, 0, *size)) if mask.size != size else mask
 
 
 def inpaint(
@@ -49,12 +44,7 @@ def inpaint(
     spec = batch.first_as(Img2ImgJob)
     # 1. Each input at the size the job runs at, and its mask made the same way. One job gives the
     #    pipeline its one input and mask (it repeats them for each image, and crops by that mask).
-    images = [
-        resized_input(source, spec.run_size(source.size), spec.resize)
-        if spec.size
-        else fit_to_multiple_of_8(source, None)
-        for source in batch.images()
-    ]
+    images = [redraw_input(source, spec) for source in batch.images()]
     masks = [
         prepare_mask(mask, image.size, spec) for mask, image in zip(batch.per_image(batch.masks), images, strict=True)
     ]

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffusiond.pipeline.errors import Code, JobRejected, job_context
-from diffusiond.pipeline.job import InputImage, ResizeMode, fit_multiple_of_8, read_plain_file
+from diffusiond.pipeline.job import InputImage, RedrawJob, ResizeMode, fit_multiple_of_8, read_plain_file
 
 MAX_DECODE_PIXELS = 89_478_485
 """Pillow's own bomb threshold, where it only warns (it refuses at twice this): an image this big
@@ -94,6 +94,14 @@ def fit_to_multiple_of_8(image: Image.Image, size: tuple[int, int] | None) -> Im
     if (width, height) == image.size:
         return image
     return image.crop((0, 0, width, height))
+
+
+def redraw_input(image: Image.Image, spec: RedrawJob) -> Image.Image:
+    """An input (or its mask) as a redraw runs it: made its `size` by its `resize` mode, or its own size
+    cropped to multiples of 8."""
+    if spec.size is None:
+        return fit_to_multiple_of_8(image, None)
+    return resized_input(image, spec.run_size(image.size), spec.resize)
 
 
 def resized_input(image: Image.Image, size: tuple[int, int], mode: ResizeMode) -> Image.Image:

@@ -1260,22 +1260,22 @@ def _check_loras(spec: Spec, rules: Rules) -> None:
 
 
 def _check_controls(spec: Spec, rules: Rules) -> None:
-    if isinstance(spec, Txt2ImgJob) and spec.image is not None and not spec.control:
-        raise JobRejected(
-            "txt2img starts from noise: its `image:` is only the picture its ControlNets read, and it has none",
-            field="image",
-            value=shown(spec.image),
-            fix="add `control: {model: NAME}` to guide the image by it, or use `task: img2img` to redraw it",
-        )
-    if not spec.control:
-        return
-    if isinstance(spec, Txt2ImgJob) and spec.image is not None and not spec.needs_image:
+    if isinstance(spec, Txt2ImgJob) and spec.image is not None and not spec.needs_image:  # no control reads it
+        if not spec.control:
+            raise JobRejected(
+                "txt2img starts from noise: its `image:` is only the picture its ControlNets read, and it has none",
+                field="image",
+                value=shown(spec.image),
+                fix="add `control: {model: NAME}` to guide the image by it, or use `task: img2img` to redraw it",
+            )
         raise JobRejected(
             "every control names its own image, so the job's `image:` would not be read",
             field="image",
             value=shown(spec.image),
             fix="remove `image:`, or remove `image:` from the control that should read it",
         )
+    if not spec.control:
+        return
     if spec.task not in CONTROL_TASKS:
         raise JobRejected(
             f"ControlNets steer txt2img and img2img; a {spec.task} job cannot use them",
