@@ -78,10 +78,29 @@ def step_callback(
     """diffusers' `callback_on_step_end`: report the step, and stop between steps when asked."""
 
     def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        steps = steps_run(pipe, total)
         if on_step is not None:
-            on_step(step + 1, total)
+            on_step(min(step + 1, steps), steps)
         if cancel is not None and cancel.is_set():
-            raise Cancelled(f"cancelled after step {step + 1} of {total}")
+            raise Cancelled(f"cancelled after step {step + 1} of {steps}")
         return kwargs
 
     return callback
+
+
+def steps_run(pipe: Any, asked: int) -> int:
+    """How many times this call's loop runs the UNet: the n of "step k of n".
+
+    Not always the steps asked for: PNDM adds one (its first PLMS step takes two), Heun and
+    DPM++ SDE take about two per step, and img2img runs `steps × strength`. diffusers' pipelines
+    record the loop's length as `num_timesteps` before the loop. The x4 upscaler does not; its
+    legacy callback counts a step per `scheduler.order` calls over the whole of `scheduler.timesteps`.
+    """
+    recorded = getattr(pipe, "num_timesteps", None)
+    if isinstance(recorded, int) and recorded > 0:
+        return recorded
+    scheduler = getattr(pipe, "scheduler", None)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or not len(timesteps):
+        return asked
+    return -(-len(timesteps) // int(getattr(scheduler, "order", 1) or 1))

@@ -26,8 +26,8 @@ from diffusers.configuration_utils import ConfigMixin
 # name → (class, extra config). `pndm` and `plms` are the same sampler under two names.
 SCHEDULERS: dict[str, tuple[type[ConfigMixin], dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {}),
-    "plms": (PNDMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # PLMS alone, as Stable Diffusion and A1111 run it
+    "plms": (PNDMScheduler, {"skip_prk_steps": True}),
     "lms": (LMSDiscreteScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),

@@ -307,13 +307,18 @@ def test_a_bad_image_in_a_batch_names_its_own_job(cache: ModelCache, tmp_path: P
 
 
 def test_the_stand_in_makes_the_sizes_seeds_and_steps_the_pipeline_makes(cache: ModelCache, sketch: Path) -> None:
-    """Lifecycle tests run on the stand-in: what they see of a job must be what the real pipeline gives."""
+    """Lifecycle tests run on the stand-in: what they see of a job must be what the real pipeline gives.
+
+    The stand-in counts `steps` (× strength) as a one-call-per-step sampler does, Euler here; the
+    samplers that run more calls are tested below.
+    """
     probe = probe_image(sketch, label="sketch.png", max_file_bytes=1 << 30)  # 60x44: img2img crops it to 56x40
+    redraw = {"task": "img2img", "model": "test", "seed": 3, "scheduler": "euler"}
     jobs = [
-        txt2img_job(size=(64, 32), count=2),
-        Job("j", "s.yaml", 1, Img2ImgJob(task="img2img", model="test", steps=4, strength=0.5, seed=3), probe),
-        Job("j", "s.yaml", 1, Img2ImgJob(task="img2img", model="test", steps=2, size=(32, 32), seed=3), probe),
-        Job("j", "s.yaml", 1, UpscaleJob(task="upscale", model="test-x4", steps=2, seed=5), probe),
+        txt2img_job(size=(64, 32), count=2, scheduler="euler"),
+        Job("j", "s.yaml", 1, Img2ImgJob(**redraw, steps=4, strength=0.5), probe),
+        Job("j", "s.yaml", 1, Img2ImgJob(**redraw, steps=2, size=(32, 32)), probe),
+        Job("j", "s.yaml", 1, UpscaleJob(task="upscale", model="test-x4", steps=2, seed=5, scheduler="euler"), probe),
         Job("j", "s.yaml", 1, UpscaleJob(task="upscale", method="lanczos", scale=2.5), probe),
     ]
     for job in jobs:
@@ -324,6 +329,30 @@ def test_the_stand_in_makes_the_sizes_seeds_and_steps_the_pipeline_makes(cache: 
         assert [i.size for i in stand.images] == [i.size for i in real.images], job.spec
         assert stand.seeds == real.seeds and stand.batch_size == real.batch_size
         assert stand_totals == real_totals, job.spec  # the n of "step k of n"
+
+
+@pytest.mark.parametrize("scheduler", [None, *SCHEDULERS])
+@pytest.mark.parametrize("task", ["txt2img", "img2img", "upscale"])
+def test_progress_counts_the_calls_the_sampler_makes_and_never_passes_its_total(
+    cache: ModelCache, sketch: Path, scheduler: str | None, task: str
+) -> None:
+    """PNDM runs steps + 1 UNet calls and Heun about two a step: "step k of n" must count those, up to n."""
+    probe = probe_image(sketch, label="sketch.png", max_file_bytes=1 << 30)
+    specs = {
+        "txt2img": Txt2ImgJob(model="test", prompt="a", size=(32, 32), steps=3, seed=1, scheduler=scheduler),
+        "img2img": Img2ImgJob(
+            task="img2img", model="test", size=(32, 32), steps=6, strength=0.5, seed=2, scheduler=scheduler
+        ),
+        "upscale": UpscaleJob(task="upscale", model="test-x4", steps=3, seed=5, scheduler=scheduler),
+    }
+    seen: list[tuple[int, int]] = []
+    DiffusersGenerator(cache).generate(
+        [Job("j", "s.yaml", 1, specs[task], probe)], on_step=lambda k, n: seen.append((k, n))
+    )
+    [total] = {n for _, n in seen}
+    assert all(1 <= k <= total for k, _ in seen), seen
+    assert [k for k, _ in seen] == sorted({k for k, _ in seen}) and seen[-1][0] == total, seen
+    assert total >= specs[task].denoise_steps()
 
 
 # --- devices and load errors -------------------------------------------------------------------
