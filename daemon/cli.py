@@ -95,6 +95,14 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     )
     _state_args(status)
     status.add_argument("--json", action="store_true", help="print status.json as it is")
+    status.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=1.0,
+        metavar="SECONDS",
+        help="show it again every SECONDS (default 1), in place on a terminal, until Ctrl-C",
+    )
 
     events = commands.add_parser(
         "events", help="the event stream: claimed, started, progress, done, failed, ... (from its state dir)"
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
 
     args = parser.parse_args(argv)
     try:
-        return {
+        code = {
             "run": lambda args: _run(args, generator_factory),
             "submit": _submit,
             "validate": _validate,
@@ -125,9 +133,23 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
             "schema": _schema,
             "events": _events,
         }[args.command](args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
     except DiffusiondError as exc:
         print(f"diffusiond: {exc}", file=sys.stderr)
         return EXIT_CONFIG if args.command == "run" else 2
+    except BrokenPipeError:  # `diffusiond status | head`: the reader has what it wanted
+        _quiet_stdout()
+        return 0
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at exit does not fail again on the closed pipe."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -459,6 +481,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     """Exit 0: the daemon runs; 1: it stopped, or its pid is gone; 2: no status file for this config."""
+    if args.watch is None:
+        code, text = _status_text(args)
+        print(text, file=sys.stdout if code < 2 else sys.stderr)
+        return code
+    return _watch_status(args)
+
+
+def _status_text(args: argparse.Namespace) -> tuple[int, str]:
     from diffusiond.daemon.status import STATUS_FILE, format_status, is_running
 
     path = _state_dir(args) / STATUS_FILE
@@ -466,14 +496,33 @@ def _status(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8")
         status = json.loads(text)
     except FileNotFoundError:
-        print(f"diffusiond: no status at {path}; is the daemon running with this config (or --spool)?", file=sys.stderr)
-        return 2
+        return 2, f"diffusiond: no status at {path}; is the daemon running with this config (or --spool)?"
     except (OSError, ValueError) as exc:
-        print(f"diffusiond: cannot read {path}: {exc}", file=sys.stderr)
-        return 2
+        return 2, f"diffusiond: cannot read {path}: {exc}"
     running = is_running(status)
-    print(text.rstrip("\n") if args.json else format_status(status, running=running))
-    return 0 if running else 1
+    return (0 if running else 1), (text.rstrip("\n") if args.json else format_status(status, running=running))
+
+
+def _watch_status(args: argparse.Namespace) -> int:
+    """`status --watch`: redraw in place on a terminal (each change once, elsewhere) until interrupted."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    tty = sys.stdout.isatty()
+    shown = None
+    try:
+        while True:
+            _code, text = _status_text(args)
+            if text != shown:
+                if tty:
+                    sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: what `watch` does
+                elif shown is not None:
+                    sys.stdout.write("\n")
+                print(text, flush=True)
+                shown = text
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _events(args: argparse.Namespace) -> int:
@@ -507,10 +556,12 @@ def _schema(_args: argparse.Namespace) -> int:
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    """The state dir of the daemon run with these options (`--state-dir`, or the config's)."""
+    """The state dir of the daemon run with these options: `--state-dir`, else the one the daemon of
+    this spool and instance recorded (a unit's `run --state-dir`), else the config's."""
     if args.state_dir:
         return Path(args.state_dir).absolute()
-    return load_config(args.config, spool=args.spool, overrides={"instance": args.instance}).state
+    config = load_config(args.config, spool=args.spool, overrides={"instance": args.instance})
+    return registry.recorded_state_dir(config) or config.state
 
 
 def _reload(args: argparse.Namespace) -> int:

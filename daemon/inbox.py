@@ -82,6 +82,8 @@ class _Seen:
     mtime_ns: int
     quiet_since: float
     """Monotonic time since which size and mtime have not changed."""
+    arrived: float
+    """Wall-clock time it came into the inbox (its ctime, which a rename sets), for "waiting since"."""
 
 
 class SettleTracker:
@@ -116,7 +118,8 @@ class SettleTracker:
             quiet_since = now - max(0.0, time.time() - st.st_mtime_ns / 1e9)
         else:
             quiet_since = now
-        self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, quiet_since)
+        arrived = old.arrived if old is not None else min(time.time(), st.st_ctime)
+        self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, quiet_since, arrived)
 
     def forget(self, path: Path) -> None:
         self._seen.pop(path, None)
@@ -130,6 +133,15 @@ class SettleTracker:
 
     def __len__(self) -> int:
         return len(self._seen)
+
+    def waiting(self, now: float, limit: int) -> list[tuple[Path, float, bool]]:
+        """The first `limit` files not claimed yet, in arrival order: (path, arrived, settled); no stat calls."""
+        out: list[tuple[Path, float, bool]] = []
+        for path, seen in self._seen.items():
+            if len(out) >= limit:
+                break
+            out.append((path, seen.arrived, now - seen.quiet_since >= self.settle_s))
+        return out
 
     def stable(self, now: float | None = None, limit: int | None = None) -> list[Path]:
         """Files quiet for `settle_s`, re-checked on disk now, oldest first.
@@ -147,7 +159,7 @@ class SettleTracker:
                 del self._seen[path]
                 continue
             if (st.st_size, st.st_mtime_ns) != (seen.size, seen.mtime_ns):
-                self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)
+                self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now, seen.arrived)
             elif now - seen.quiet_since >= self.settle_s:
                 out.append((seen.quiet_since, path))
         return [path for _, path in sorted(out)]

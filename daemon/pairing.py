@@ -252,6 +252,8 @@ class Pairing:
     reproduce: str | None = None
     """The config's `reproduce:` folder: a bare image there is its own job."""
     _stable_since: dict[str, float] = field(default_factory=dict, init=False)
+    _why: dict[str, str] = field(default_factory=dict, init=False)
+    """Why a stable file was not claimed when last looked at (`why_waiting`)."""
     _parsed: ParseCache = field(init=False)
 
     def __post_init__(self) -> None:
@@ -283,6 +285,7 @@ class Pairing:
         stable_set = set(stable)
         for gone in [p for p in self._stable_since if p not in stable_set and p not in present]:
             self._stable_since.pop(gone, None)
+            self._why.pop(gone, None)
             self._parsed.forget(gone)
         for path in stable:
             self._stable_since.setdefault(path, now)
@@ -290,7 +293,7 @@ class Pairing:
         reserved: set[str] = set()
         for path in [p for p in stable if is_job_file(p)]:
             if limit is not None and len(intents) >= limit:
-                return intents  # the images of the files not looked at yet must not pass for bare ones
+                return self._taken(intents)  # the images of the files not looked at yet must not pass for bare ones
             if (bad_name := name_problem(path)) is not None:
                 bad_name.add_context(path=path)
                 intents.append(Intent(path, (path,), problem=bad_name.report()))
@@ -325,6 +328,13 @@ class Pairing:
             images = tuple(dict.fromkeys(w for w in wanted if w is not None and w in stable_set))
             reserved.update(w for w in wanted if w is not None)
             waited_out = now - self._stable_since[path] >= self.pair_wait_s
+            for image in images:
+                self._why[image] = f"goes with {posixpath.basename(path)}"
+            if missing and not waited_out:
+                field_name, name = missing[0]
+                self._why[path] = f"waiting for its {field_name} {name!r} (up to {self.pair_wait_s:g} s)"
+            elif unsettled_sketch and not waited_out:
+                self._why[path] = "waiting for its image to be written"
             if not missing and (not unsettled_sketch or waited_out):
                 intents.append(Intent(path, (path, *images), parsed=usable))
             elif missing and waited_out:
@@ -345,8 +355,10 @@ class Pairing:
                 continue
             partner = mask_partner(path)
             if partner is not None and _first_existing(partner, present.__contains__) is not None:
-                continue  # a mask goes with its image
+                self._why[path] = "a mask: goes with its image"
+                continue
             if now - self._stable_since[path] < self.pair_wait_s:
+                self._why[path] = f"waiting up to {self.pair_wait_s:g} s for a job file (or image) of the same stem"
                 continue
             mask = same_stem_mask(path, present.__contains__)
             if mask is not None and mask not in stable_set and now - self._stable_since[path] < 2 * self.pair_wait_s:
@@ -355,7 +367,17 @@ class Pairing:
                 break
             files = (path, mask) if mask is not None and mask in stable_set else (path,)
             intents.append(Intent(path, files, bare_image=True, problem=self._bare_problem(path)))
+        return self._taken(intents)
+
+    def _taken(self, intents: list[Intent]) -> list[Intent]:
+        for intent in intents:
+            for name in intent.files:
+                self._why.pop(name, None)
         return intents
+
+    def why_waiting(self, path: str) -> str | None:
+        """Why a settled file was not claimed the last time it was looked at; None: nothing holds it back."""
+        return self._why.get(path)
 
     @staticmethod
     def _has_job_file(image: str, present: Container[str]) -> bool:

@@ -62,6 +62,37 @@ def announce(config: Config, state: str = "ready") -> None:
         atomic_write(entry_path(config), json.dumps(entry, indent=1, default=str).encode(), durable=False)
     except OSError as exc:
         log.warning("cannot write %s: %s; `submit --spool` will not see this daemon", entry_path(config), exc)
+        return
+    _record_state_dir(config)
+
+
+def state_pointer_path(config: Config) -> Path:
+    return config.spool / FOLDER / f"{config.instance}.state"
+
+
+def _record_state_dir(config: Config) -> None:
+    """Where this instance keeps status.json, kept after it stops (unlike its entry).
+
+    A unit may run the daemon with `--state-dir` while the config names none: `diffusiond
+    status` with only the config (or `--spool`) reads this to find the daemon's real state dir.
+    """
+    pointer = state_pointer_path(config)
+    record = {"state_dir": str(config.state), "host": platform.node()}
+    if read_json_object(pointer) == record:
+        return
+    try:
+        atomic_write(pointer, json.dumps(record).encode(), durable=False)
+    except OSError as exc:
+        log.warning("cannot write %s: %s; `diffusiond status` needs --state-dir to find this daemon", pointer, exc)
+
+
+def recorded_state_dir(config: Config) -> Path | None:
+    """The state dir the last daemon of this instance on this spool used, if it is on this host."""
+    record = read_json_object(state_pointer_path(config))
+    if record is None or record.get("host") != platform.node() or not isinstance(record.get("state_dir"), str):
+        return None
+    path = Path(record["state_dir"])
+    return path if path.is_dir() else None
 
 
 def withdraw(config: Config) -> None:

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 from diffusiond.daemon import lifecycle, registry
@@ -50,6 +51,9 @@ CLAIM_WINDOW = 64
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 NEARLY_DONE = 0.8
 """On SIGTERM a job this far through its steps is finished rather than interrupted."""
+INBOX_VIEW_S = 1.0
+"""How often status.json's `inbox` (the files not claimed yet, with why) is brought up to date."""
+INBOX_VIEW_FILES = 50
 
 
 def diffusers_generator(config: Config) -> Generator:
@@ -300,7 +304,7 @@ class Daemon:
     def _loop(self, watcher: InboxWatcher, worker: Worker) -> None:
         tracker = SettleTracker(self.config.watch.settle_s)
         pairing = Pairing.for_config(self.config)
-        next_scan = next_ping = 0.0
+        next_scan = next_ping = next_view = 0.0
         next_beat = time.monotonic() + registry.HEARTBEAT_S
         last_status, last_status_s = "", 0.0
         watchdog_s = _watchdog_interval_s()
@@ -338,6 +342,9 @@ class Daemon:
                     log.error("not sending the watchdog ping: %s", problem)
                 next_ping = now + watchdog_s / 2
             self.board.queue(self.claims.qsize())
+            if now >= next_view:
+                self.board.inbox(len(tracker), _inbox_view(tracker, pairing, config.inbox, now))
+                next_view = now + INBOX_VIEW_S
             self.board.flush_due()
             status = self._status(worker)
             if status != last_status and now - last_status_s >= 0.5:
@@ -427,6 +434,17 @@ class _Present:
 
     def __contains__(self, relative: object) -> bool:
         return isinstance(relative, str) and self.inbox / relative in self.tracker
+
+
+def _inbox_view(tracker: SettleTracker, pairing: Pairing, inbox: Path, now: float) -> list[dict[str, str]]:
+    """The first files not claimed yet, for status.json: each with when it came and why it waits."""
+    view = []
+    for path, arrived, settled in tracker.waiting(now, limit=INBOX_VIEW_FILES):
+        relative = path.relative_to(inbox).as_posix()
+        reason = pairing.why_waiting(relative) if settled else "settling: still being written"
+        since = datetime.fromtimestamp(arrived).astimezone().isoformat(timespec="milliseconds")
+        view.append({"file": relative, "since": since, "reason": reason or "ready: claimed when the queue has room"})
+    return view
 
 
 def _relative(path: Path, inbox: Path) -> Path | None:

@@ -73,6 +73,7 @@ class DaemonState(StrEnum):
 
 STATES = tuple(str(state) for state in DaemonState)
 _TEXT_MAX = 1_000  # an error's text in status and events; the full one is in its report
+_SHOWN = 10  # queued claims and inbox files listed by `diffusiond status`
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class StatusBoard:
             "since": timestamp(),
             "updated": None,
             "queue": 0,
+            "queued": [],
+            "inbox": {"count": 0, "files": []},
             "waiting": None,
             "current": None,
             "running": [],
@@ -163,6 +166,15 @@ class StatusBoard:
             self._event("queue", length=length)
             self._changed()
 
+    def inbox(self, count: int, files: list[dict[str, Any]]) -> None:
+        """The files in the inbox not claimed yet: how many, and the first few with `since` and `reason`."""
+        view = {"count": count, "files": files}
+        with self._lock:
+            if view == self._status["inbox"]:
+                return
+            self._status["inbox"] = view
+            self._changed()
+
     def reloaded(self, asked: float, error: str | None) -> None:
         """A SIGHUP handled: `asked` is when it came (`reload_clock()`), `error` why the config was refused.
 
@@ -178,6 +190,7 @@ class StatusBoard:
     def claimed(self, claim_id: str, source: str) -> None:
         with self._lock:
             self._status["counters"]["claimed"] += 1
+            self._status["queued"].append({"claim_id": claim_id, "source": source, "since": timestamp()})
             self._event("claimed", job_id=claim_id, claim_id=claim_id, source=source)
             self._changed()
 
@@ -202,6 +215,7 @@ class StatusBoard:
             job["started_at"] = timestamp()
             running = [j for j in self._status["running"] if j["job_id"] != job_id]
             self._status["running"] = [*running, job]
+            self._unqueue(claim_id=job["claim_id"])
             self._status["current"] = job
             if stage is None or stage[0] == 1:
                 self._status["counters"]["started"] += 1
@@ -255,6 +269,7 @@ class StatusBoard:
         failure |= {"code": code, "error": error[:_TEXT_MAX], "report": report_path}
         with self._lock:
             self._finish(job_id=job_id, source=source)
+            self._unqueue(claim_id=claim_id or job_id, source=source)
             self._status["counters"]["failed"] += 1
             self._status["last_failures"].append({"time": timestamp(), **failure})
             event = self._event("failed", **failure)
@@ -271,6 +286,7 @@ class StatusBoard:
         """A claim that ended without a result: released to the inbox, kept in work/ for later, or fenced."""
         with self._lock:
             self._finish(job_id=None, source=source)
+            self._unqueue(claim_id=claim_id, source=source)
             self._status["waiting"] = reason if ending == "deferred" else None
             self._event(ending, job_id=claim_id, claim_id=claim_id, source=source, reason=reason[:_TEXT_MAX])
             self._changed()
@@ -302,6 +318,12 @@ class StatusBoard:
         self._status["running"] = [j for j in self._status["running"] if not ended(j)]
         self._status["current"] = self._status["running"][-1] if self._status["running"] else None
         self._last_progress_event.pop(job_id or "", None)
+
+    def _unqueue(self, *, claim_id: str | None, source: str | None = None) -> None:
+        queued = self._status["queued"]
+        self._status["queued"] = [
+            q for q in queued if q["claim_id"] != claim_id and (source is None or q["source"] != source)
+        ]
 
     def _render(self) -> str:
         return json.dumps(self._status, indent=1, ensure_ascii=False, default=list) + "\n"
@@ -398,10 +420,21 @@ def format_status(status: dict[str, Any], *, running: bool) -> str:
         )
     if status.get("waiting"):
         lines.append(f"  waiting  {status['waiting']}")
+    queued = status.get("queued") or []
+    lines.append(f"  queue    {status.get('queue', len(queued))} claimed, waiting for the worker")
+    lines += [f"    {q.get('source')}  ({q.get('claim_id')}, {_ago(q.get('since'))} ago)" for q in queued[:_SHOWN]]
+    if len(queued) > _SHOWN:
+        lines.append(f"    ... and {len(queued) - _SHOWN} more")
+    inbox = status.get("inbox") or {}
+    files, count = inbox.get("files") or [], inbox.get("count", 0)
+    lines.append(f"  inbox    {count} not claimed yet")
+    lines += [f"    {f.get('file')}  ({_ago(f.get('since'))}): {f.get('reason')}" for f in files[:_SHOWN]]
+    if count > min(len(files), _SHOWN):
+        lines.append(f"    ... and {count - min(len(files), _SHOWN)} more")
     counters = status.get("counters", {})
     lines.append(
-        f"  queue    {status.get('queue', 0)} claimed, waiting; so far {counters.get('done', 0)} done "
-        f"({counters.get('images', 0)} images), {counters.get('failed', 0)} failed"
+        f"  so far   {counters.get('done', 0)} done ({counters.get('images', 0)} images), "
+        f"{counters.get('failed', 0)} failed"
     )
     results = status.get("last_results") or []
     if results:
@@ -623,6 +656,18 @@ def format_event(event: dict[str, Any]) -> str:
     else:
         what = json.dumps({k: v for k, v in event.items() if k not in ("time", "event")}, ensure_ascii=False)
     return f"{when}  {kind:<9} {job + '  ' if job else ''}{what}"
+
+
+def _ago(iso: Any) -> str:
+    """How long ago an ISO time was, for a person: "12 s", "4 min", "3 h", "2 d"."""
+    try:
+        seconds = max(0.0, time.time() - datetime.fromisoformat(str(iso)).timestamp())
+    except ValueError:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def _clock(iso: str | None) -> str:

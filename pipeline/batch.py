@@ -92,7 +92,7 @@ def steps_run(pipe: Any, asked: int) -> int:
     """How many times this call's loop runs the UNet: the n of "step k of n".
 
     Not always the steps asked for: PNDM adds one (its first PLMS step takes two), Heun and
-    DPM++ SDE take about two per step, and img2img runs `steps × strength`. diffusers' pipelines
+    DPM++ SDE take about two per step, and img2img runs `steps * strength`. diffusers' pipelines
     record the loop's length as `num_timesteps` before the loop. The x4 upscaler does not; its
     legacy callback counts a step per `scheduler.order` calls over the whole of `scheduler.timesteps`.
     """

@@ -120,7 +120,8 @@ def test_sigterm_stops_the_running_job_at_a_step_and_puts_everything_back(spool:
     assert spool.claims() == []
     # The status agrees (R1): nothing listed as running, each claim's end one `released` event.
     state = spool.root / "state"
-    assert json.loads((state / "status.json").read_text())["running"] == []
+    final = json.loads((state / "status.json").read_text())
+    assert (final["running"], final["queued"]) == ([], [])
     events = [json.loads(line) for line in (state / "events.jsonl").read_text().splitlines()]
     assert sorted(e["source"] for e in events if e["event"] == "released") == ["queued.yaml", "slow.yaml"]
     run_oneshot(spool)

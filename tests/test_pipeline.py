@@ -309,7 +309,7 @@ def test_a_bad_image_in_a_batch_names_its_own_job(cache: ModelCache, tmp_path: P
 def test_the_stand_in_makes_the_sizes_seeds_and_steps_the_pipeline_makes(cache: ModelCache, sketch: Path) -> None:
     """Lifecycle tests run on the stand-in: what they see of a job must be what the real pipeline gives.
 
-    The stand-in counts `steps` (× strength) as a one-call-per-step sampler does, Euler here; the
+    The stand-in counts `steps` (times strength) as a one-call-per-step sampler does, Euler here; the
     samplers that run more calls are tested below.
     """
     probe = probe_image(sketch, label="sketch.png", max_file_bytes=1 << 30)  # 60x44: img2img crops it to 56x40

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -217,3 +218,107 @@ def test_a_running_daemon_keeps_status_and_events_current(spool) -> None:
     assert lifecycle[0] == "claimed" and lifecycle[1] == "started" and lifecycle[-1] == "done"
     assert "progress" in lifecycle
     assert (lines[-1]["event"], lines[-1]["state"]) == ("state", "stopped"), "the daemon has stopped: its last word"
+
+
+def test_status_lists_claims_waiting_and_inbox_files_with_why_they_wait(spool, test_models) -> None:
+    """A held job runs; one claimed behind it; in the inbox a job file short of its image, a bare image
+    waiting for a job file, and a file still being written: `diffusiond status` says each, with its age."""
+    from diffusiond.pipeline.standin import Gate, StandInGenerator
+    from tests.conftest import FAST_WATCH, start_daemon_thread, wait_for, write_config
+
+    write_config(spool.root, test_models, watch=FAST_WATCH | {"settle_s": 600.0, "pair_wait_s": 600.0})
+    gate = Gate(prompt="first")
+    with start_daemon_thread(spool, StandInGenerator(gate=gate)):
+        try:
+            spool.drop("first.yaml", "prompt: first\n")
+            assert gate.held.wait(CEILING_S)
+            spool.drop("second.yaml", "prompt: second\n")
+            spool.drop("pic.yaml", "task: img2img\nimage: pic.png\nprompt: a picture\n")
+            spool.drop("lone.png", _png())
+            with (spool.inbox / "slow.yaml").open("w") as writing:  # written in place, not renamed in: it settles
+                writing.write("prompt: slow\n")
+
+            def shown() -> dict[str, Any] | None:
+                status = _status(spool.root / "state")
+                reasons = {f["file"]: f["reason"] for f in status["inbox"]["files"]}
+                queued = [q["source"] for q in status["queued"]]
+                return status if queued == ["second.yaml"] and len(reasons) == 3 else None
+
+            status = wait_for(shown, what="status.json listing the queue and the inbox")
+            reasons = {f["file"]: f["reason"] for f in status["inbox"]["files"]}
+            assert reasons["pic.yaml"] == "waiting for its image 'pic.png' (up to 600 s)"
+            assert reasons["lone.png"].startswith("waiting up to 600 s for a job file")
+            assert reasons["slow.yaml"] == "settling: still being written"
+            assert status["inbox"]["count"] == 3 and [j["source"] for j in status["running"]] == ["first.yaml"]
+            text = _cli(spool.root, "--state-dir", str(spool.root / "state")).stdout
+            assert "  queue    1 claimed, waiting for the worker\n    second.yaml  (" in text
+            assert "  inbox    3 not claimed yet\n" in text
+            assert re.search(r"\n    pic\.yaml  \(\d+ s\): waiting for its image 'pic\.png' \(up to 600 s\)\n", text), (
+                text
+            )
+        finally:
+            gate.release()
+        wait_for(lambda: _status(spool.root / "state")["queued"] == [], what="the queued claim to run")
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_status_survives_a_closed_pipe_and_watch_redraws_each_change(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    board = StatusBoard(spool / ".state" / socket.gethostname(), keep=2000)
+    board.state("ready")
+    for n in range(2000):  # far more text than a pipe holds
+        board.done(f"job-{n}", f"job-{n}.yaml", [f"outbox/job-{n}.png"], 1.0)
+    board.flush()
+    cli = [sys.executable, "-m", "diffusiond.daemon.cli", "status", "--spool", str(spool)]
+    piped = subprocess.run(f"{' '.join(cli)} | head -n 1", shell=True, capture_output=True, text=True, timeout=60)
+    assert piped.stdout.startswith("diffusiond: ready since") and piped.stderr == "", piped.stderr
+
+    watching = subprocess.Popen([*cli, "--watch", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert watching.stdout is not None
+        first = watching.stdout.readline()
+        assert first.startswith("diffusiond: ready since"), first
+        board.state("stopping")
+        while not (line := watching.stdout.readline()).startswith("diffusiond: stopping since"):
+            assert line, "status --watch ended without showing the change"
+    finally:
+        watching.send_signal(__import__("signal").SIGINT)
+        _out, err = watching.communicate(timeout=CEILING_S)
+    assert watching.returncode == 0 and "Traceback" not in err, err
+
+
+def test_status_finds_the_state_dir_a_daemon_was_run_with(spool, test_models) -> None:
+    """A unit runs `run --state-dir DIR` with a config that names none: `status --config` still finds it."""
+    from tests.conftest import start_daemon_process, wait_for, write_config
+
+    config = write_config(spool.root, test_models, state_dir=None)
+    elsewhere = spool.root.parent / "var-lib-state"
+    daemon = start_daemon_process(config, "--state-dir", str(elsewhere), standin={})
+    try:
+        wait_for(lambda: (elsewhere / STATUS_FILE).exists() and _status(elsewhere)["state"] == "ready", what="ready")
+        found = subprocess.run(
+            [sys.executable, "-m", "diffusiond.daemon.cli", "status", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=CEILING_S,
+        )
+        assert found.returncode == 0 and f"(pid {daemon.pid})" in found.stdout, found.stdout + found.stderr
+    finally:
+        daemon.terminate()
+        daemon.communicate(timeout=CEILING_S)
+    stopped = subprocess.run(
+        [sys.executable, "-m", "diffusiond.daemon.cli", "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=CEILING_S,
+    )
+    assert stopped.returncode == 1 and "stopped at" in stopped.stdout, "after it stopped too"
