@@ -1,4 +1,5 @@
-"""`diffusiond` subcommands: run, reload, status, submit, validate, schema, inspect, init, make-test-model."""
+"""`diffusiond` subcommands: run, reload, status, events, submit, cancel, retry, validate, schema, inspect, init,
+make-test-model."""
 
 from __future__ import annotations
 
@@ -112,6 +113,23 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     events.add_argument("--json", action="store_true", help="one JSON object a line, as written")
     events.add_argument("--job", metavar="ID", help="only this job's (or claim's) events")
 
+    cancel_cmd = commands.add_parser(
+        "cancel",
+        help="cancel a job (running, waiting, or still in the inbox): its inputs go to failed/, code cancelled",
+    )
+    _config_args(cancel_cmd)
+    cancel_cmd.add_argument("target", metavar="JOB_ID|FILE", help="a claim or job id, or a file in the inbox")
+    cancel_cmd.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for it to end (300)")
+    cancel_cmd.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+
+    retry_cmd = commands.add_parser(
+        "retry", help="move failed inputs back into the inbox (after fixing the job file), removing their reports"
+    )
+    _config_args(retry_cmd)
+    retry_cmd.add_argument("files", nargs="*", metavar="FILE", help="a failed input or its report (in failed/)")
+    retry_cmd.add_argument("--all", action="store_true", help="every failure in failed/ (with --code: those)")
+    retry_cmd.add_argument("--code", help="only failures with this code (e.g. model_failed, cancelled)")
+
     reload = commands.add_parser(
         "reload", help="make the running daemon read its config again, and wait until it has (the units' ExecReload)"
     )
@@ -132,6 +150,8 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
             "reload": _reload,
             "schema": _schema,
             "events": _events,
+            "cancel": _cancel,
+            "retry": _retry,
         }[args.command](args)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return code
@@ -546,6 +566,93 @@ def _events(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, BrokenPipeError):
         sys.stderr.close()  # no traceback, and none for the closed pipe at exit
     return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    """Exit 0 cancelled (or it ended first: said so), 1 nothing by that name, 3 still ending at the
+    timeout, 4 no daemon."""
+    from diffusiond.daemon import cancel
+
+    config = _load(args)
+    if not registry.live_daemons(config.spool):
+        print(f"diffusiond: {_no_daemon(config)}; nothing cancelled", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    target = _inbox_relative(args.target, config)
+    request = cancel.ask(config.spool, target)
+    answer = cancel.wait_answer(request, found_s=CANCEL_FIND_S, ended_s=args.timeout)
+    if args.json:
+        print(json.dumps(answer or {"target": target, "status": "not_found"}, ensure_ascii=False))
+    if answer is None:
+        if not args.json:
+            print(
+                f"diffusiond: nothing called {target!r} is running, waiting or in the inbox of {config.spool} "
+                "(a claim id, a job id, or a file's path in the inbox)",
+                file=sys.stderr,
+            )
+        return 1
+    status, source = answer.get("status"), answer.get("source")
+    if not args.json:
+        if status == "cancelled":
+            print(f"cancelled {source} ({answer.get('claim_id')}): its inputs and report are in {answer.get('failed')}")
+        elif status == "cancelling":
+            print(f"diffusiond: {source} is still stopping after {args.timeout:g} s", file=sys.stderr)
+        else:
+            print(f"{source} ended ({status}) before it could be cancelled")
+    return 3 if status == "cancelling" else 0
+
+
+CANCEL_FIND_S = 10.0
+"""How long `cancel` waits for a daemon to say it holds the target (each looks twice a second)."""
+
+
+def _inbox_relative(target: str, config: Config) -> str:
+    """A file given by its path (absolute, or from here) as the inbox knows it; anything else as given."""
+    path = Path(target)
+    inbox = config.inbox.resolve()
+    if path.exists() or path.is_absolute():
+        resolved = path.absolute()
+        if resolved.parent.resolve() == inbox or inbox in resolved.parent.resolve().parents:
+            return (resolved.parent.resolve() / resolved.name).relative_to(inbox).as_posix()
+    return target
+
+
+def _retry(args: argparse.Namespace) -> int:
+    """Exit 0 every failure named went back, 1 one could not (why on stderr), 2 nothing to retry."""
+    from diffusiond.daemon.retry import RetryError, failures, find, retry
+
+    config = _load(args)
+    failed = config.folder("failed")
+    if args.all == bool(args.files):
+        print("diffusiond: name the failed files, or give --all (with --code C for one kind)", file=sys.stderr)
+        return 2
+    chosen = []
+    code = 0
+    if args.all:
+        chosen = [f for f in failures(failed) if args.code is None or f.code == args.code]
+    for name in args.files:
+        try:
+            found = find(failed, str(name))
+        except RetryError as exc:
+            print(f"diffusiond: {exc}", file=sys.stderr)
+            code = 1
+            continue
+        if args.code is None or found.code == args.code:
+            chosen.append(found)
+    if not chosen and code == 0:
+        print(f"diffusiond: nothing to retry in {failed}" + (f" with code {args.code}" if args.code else ""))
+        return 2
+    for failure in chosen:
+        try:
+            moved = retry(failure, config.inbox)
+        except (RetryError, OSError) as exc:
+            print(f"diffusiond: {exc}", file=sys.stderr)
+            code = 1
+            continue
+        if moved:
+            print(f"retrying {failure.source}: {', '.join(str(p) for p in moved)}")
+        else:
+            print(f"removed {failure.report.name}: its inputs are no longer in {failed}")
+    return code
 
 
 def _schema(_args: argparse.Namespace) -> int:

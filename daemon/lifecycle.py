@@ -63,6 +63,8 @@ class Ending(StrEnum):
     """A job failed while running (model, device, disk, a bug, or crashes): inputs and report to failed/."""
     REJECTED = "rejected"
     """The job file or its images are wrong, found before anything ran: inputs and report to failed/."""
+    CANCELLED = "cancelled"
+    """`diffusiond cancel` asked for it (daemon/cancel.py): inputs and report (`code: cancelled`) to failed/."""
     RELEASED = "released"
     """Stopped before any job was published (a warm stop): inputs back to the inbox, for any daemon."""
     RESUMES = "resumes"
@@ -73,7 +75,9 @@ class Ending(StrEnum):
     """Another process took the claim over (its folder was renamed): nothing of it is this process's."""
 
 
-MOVES_INPUTS = {Ending.DONE, Ending.FAILED, Ending.REJECTED, Ending.RELEASED}
+MOVES_INPUTS = {Ending.DONE, Ending.FAILED, Ending.REJECTED, Ending.CANCELLED, Ending.RELEASED}
+TO_FAILED = {Ending.FAILED, Ending.REJECTED, Ending.CANCELLED}
+"""The endings whose inputs go to failed/ with a report: `error` says why."""
 
 
 def fenced(claim: Claim) -> bool:
@@ -113,7 +117,7 @@ def end_claim(
         if board is not None:
             board.set_aside(claim.source, ending, reason, claim_id=claim.claim_id)
         return ending
-    if ending in (Ending.FAILED, Ending.REJECTED) and error is None:
+    if ending in TO_FAILED and error is None:
         raise ValueError(f"ending {ending} needs the error")
     _record_ending(claim, ending, error, done, errors)
     report = _finish(claim, config, ending, error, done, errors)
@@ -125,13 +129,24 @@ def end_claim(
             board.set_aside(claim.source, ending, reason or "stopped", claim_id=claim.claim_id)
     else:
         assert error is not None
-        verb = "rejected" if ending is Ending.REJECTED else "failed"
+        verb = {Ending.REJECTED: "rejected", Ending.CANCELLED: "cancelled"}.get(ending, "failed")
         log.warning("%s %s: %s (report: %s)", verb, claim.source, error, report, extra=fields)
         if board is not None:
             board.failed(
                 claim.source, str(error.code), str(error), str(report), claim_id=claim.claim_id, attempt=claim.attempt
             )
     return ending
+
+
+def cancelled_error(claim: Claim, done: int = 0, jobs: int = 0) -> DiffusiondError:
+    """Why a CANCELLED claim is in failed/: the report a cancel leaves."""
+    made = f" after {done} of its {jobs} jobs" if done else ""
+    return JobFailed(
+        f"cancelled (diffusiond cancel){made}",
+        code=Code.CANCELLED,
+        path=claim.source,
+        fix=f"to run it after all: diffusiond retry {claim.source}",
+    )
 
 
 def _edit_record(claim: Claim, edit: Callable[[dict[str, Any]], None], *, durable: bool = True) -> None:
@@ -183,7 +198,7 @@ def _finish(
 ) -> Path | None:
     """Move every input still in the claim folder to the ending's place, then remove the folder."""
     report: Path | None = None
-    if ending in (Ending.FAILED, Ending.REJECTED):
+    if ending in TO_FAILED:
         assert error is not None
         failed = config.folder("failed")
         for relative in claim.present():
@@ -195,11 +210,13 @@ def _finish(
             fault_point("after_archive_input")
             if os.path.lexists(source) and not stat.S_ISDIR(os.lstat(source).st_mode):
                 os.unlink(source)
-        moved = [Path(name) for name in _moved(claim).values()]  # this run's moves and an interrupted one's
+        moves = _moved(claim)  # this run's moves and an interrupted one's: inbox path → name in failed/
+        moved = [Path(name) for name in moves.values()]
         staged = next(claim.folder.glob("*.error.yaml"), None)  # written by an interrupted run of this ending
         if staged is None:
             stem = os.fsdecode(os.fsencode(Path(moved[0].name if moved else claim.source).stem)[:200])
             extra: dict[str, Any] = {"inputs": [p.name for p in moved], "finished_jobs": list(done)}
+            extra["inbox_paths"] = {name: relative for relative, name in moves.items()}  # for `diffusiond retry`
             if error.code is Code.CRASHED:
                 extra["log_tail"] = claim.trail_tail()
             staged = claim.folder / f"{stem}.error.yaml"

@@ -139,7 +139,7 @@ def resolve_image(spec: Spec, job_path: str, exists: Callable[[str], bool]) -> s
         return None
     if spec.input_image is not None:
         return inbox_relative(job_path, spec.input_image)
-    return _same_stem_image(job_path, exists)
+    return same_stem_image(job_path, exists)
 
 
 def resolve_inputs(spec: Spec, job_path: str, exists: Callable[[str], bool]) -> dict[str, str | None]:
@@ -162,7 +162,7 @@ def resolve_inputs(spec: Spec, job_path: str, exists: Callable[[str], bool]) -> 
     return needs
 
 
-def _same_stem_image(job_path: str, exists: Callable[[str], bool]) -> str | None:
+def same_stem_image(job_path: str, exists: Callable[[str], bool]) -> str | None:
     return _first_existing(posixpath.splitext(job_path)[0], exists)
 
 
@@ -321,7 +321,7 @@ class Pairing:
             ]
             # The same-stem sketch (and its mask) always travel with their job file, used or not, so they
             # are archived with it; one that is still being written is waited for like a needed image.
-            same_stem = _same_stem_image(path, present.__contains__)
+            same_stem = same_stem_image(path, present.__contains__)
             its_mask = same_stem_mask(same_stem, present.__contains__) if same_stem is not None else None
             unsettled_sketch = any(f is not None and f not in stable_set for f in (same_stem, its_mask))
             wanted += [same_stem, its_mask]

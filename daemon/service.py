@@ -23,7 +23,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from diffusiond.daemon import lifecycle, registry
+from diffusiond.daemon import cancel, lifecycle, registry
 from diffusiond.daemon.claim import Claim, claim, load_jobs
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.fsutil import is_disk_full
@@ -31,7 +31,7 @@ from diffusiond.daemon.hooks import Hooks, hook_for
 from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
 from diffusiond.daemon.journal import job_fields
 from diffusiond.daemon.lifecycle import Ending
-from diffusiond.daemon.pairing import Pairing, file_stamp
+from diffusiond.daemon.pairing import Intent, Pairing, file_stamp, is_job_file, same_stem_image, same_stem_mask
 from diffusiond.daemon.status import DaemonState, StatusBoard, reload_clock
 from diffusiond.daemon.systemd import Notifier
 from diffusiond.daemon.threads import name_os_thread
@@ -54,6 +54,8 @@ NEARLY_DONE = 0.8
 INBOX_VIEW_S = 1.0
 """How often status.json's `inbox` (the files not claimed yet, with why) is brought up to date."""
 INBOX_VIEW_FILES = 50
+CANCEL_POLL_S = 0.5
+"""How often the spool's cancel requests are read (one listdir of `.cancel/`)."""
 
 
 def diffusers_generator(config: Config) -> Generator:
@@ -114,7 +116,9 @@ class Daemon:
         self.board.listener = self._on_job_end
         self._worker: Worker | None = None
         self.rejected = 0
-        """Claims failed at validation, before they reached the worker."""
+        """Claims failed at validation, or cancelled, before they reached the worker."""
+        self._cancelling: dict[str, cancel.Request] = {}
+        """Running claims asked to cancel (by claim id), answered when they end (`_answer_cancel`)."""
         # Enough claims queued ahead to fill a batch.
         self._prefetch = max(config.prefetch, config.batch_size)
 
@@ -159,6 +163,7 @@ class Daemon:
                 extend_timeout_usec=EXTEND_TIMEOUT_USEC, status=f"loading model {name}"
             ),
         )
+        worker.on_end = self._answer_cancel
         self._worker = worker
         worker.start()
         worker.preloaded.wait()
@@ -299,12 +304,12 @@ class Daemon:
         else:
             log.info("%s: stopping the running job at its next step, then stopping", signal.strsignal(signum))
             if self._worker is not None:
-                self._worker.cancel.set()
+                self._worker.halt()
 
     def _loop(self, watcher: InboxWatcher, worker: Worker) -> None:
         tracker = SettleTracker(self.config.watch.settle_s)
         pairing = Pairing.for_config(self.config)
-        next_scan = next_ping = next_view = 0.0
+        next_scan = next_ping = next_view = next_cancels = 0.0
         next_beat = time.monotonic() + registry.HEARTBEAT_S
         last_status, last_status_s = "", 0.0
         watchdog_s = _watchdog_interval_s()
@@ -328,6 +333,9 @@ class Daemon:
                 for path in watcher.scan():
                     tracker.touch(path)
                 next_scan = now + config.watch.rescan_interval_s
+            if now >= next_cancels:
+                self._cancel_asked(tracker, worker)
+                next_cancels = now + CANCEL_POLL_S
             if self.claims.qsize() < self._prefetch:
                 self._claim_ready(tracker, pairing, now)
             if now >= next_beat:
@@ -397,6 +405,71 @@ class Daemon:
                     self._reject(claimed, internal_error(exc, path=claimed.source))
                     continue
                 self.claims.put(replace(claimed, jobs=tuple(jobs)))
+
+    def _cancel_asked(self, tracker: SettleTracker, worker: Worker) -> None:
+        """Act on the cancel requests whose target this daemon holds: running, queued or in the inbox."""
+        for request in cancel.pending(self.config.spool):
+            if request.path in {asked.path for asked in self._cancelling.values()}:
+                continue  # running: answered when it has stopped
+            try:
+                self._cancel(request, tracker, worker)
+            except Exception:  # a bug must not stop the daemon; the request stays for the next look
+                log.exception("internal error cancelling %s", request.target)
+
+    def _cancel(self, request: cancel.Request, tracker: SettleTracker, worker: Worker) -> None:
+        config = self.config
+        told = {"target": request.target, "instance": config.instance}
+        for running in list(worker.current):
+            if request.matches(running.claim_id, running.source) and worker.cancel_claim(running.claim_id):
+                self._cancelling[running.claim_id] = request
+                log.info("cancelling %s at its next step", running.source, extra=job_fields(job_file=running.source))
+                told |= {"source": running.source, "claim_id": running.claim_id}
+                cancel.answer(request, told | {"status": "cancelling"}, final=False)
+                return
+        with self.claims.mutex:  # waiting for the worker: out of the queue, then ended here
+            queued = next((c for c in self.claims.queue if c and request.matches(c.claim_id, c.source)), None)
+            if queued is not None:
+                self.claims.queue.remove(queued)
+        if queued is None:
+            queued = self._claim_for_cancel(request.target, tracker)
+            if queued is None:
+                return  # not this daemon's: another one may hold it
+            with self.claims.mutex:  # counted as a queue task, so ending it below is as for any claim
+                self.claims.unfinished_tasks += 1
+        try:
+            error = lifecycle.cancelled_error(queued)
+            ending = lifecycle.end_claim(queued, Ending.CANCELLED, config=config, board=self.board, error=error)
+        finally:
+            self.claims.task_done()
+        if ending is Ending.CANCELLED:
+            self.rejected += 1
+        told |= {"source": queued.source, "claim_id": queued.claim_id, "failed": str(config.folder("failed"))}
+        cancel.answer(request, told | {"status": str(ending)}, final=True)
+
+    def _claim_for_cancel(self, target: str, tracker: SettleTracker) -> Claim | None:
+        """Claim an inbox file named by a cancel request (with its same-stem image and mask), to end it."""
+        inbox = self.config.inbox
+        if inbox / target not in tracker or not is_candidate(Path(target)):
+            return None
+        present = _Present(tracker, inbox)
+        image = same_stem_image(target, present.__contains__) if is_job_file(target) else target
+        mask = same_stem_mask(image, present.__contains__) if image is not None else None
+        files = tuple(dict.fromkeys(f for f in (target, image, mask) if f is not None))
+        for relative in files:
+            tracker.forget(inbox / relative)
+        return claim(Intent(target, files, bare_image=not is_job_file(target)), self.config)
+
+    def _answer_cancel(self, ended: Claim, ending: Ending) -> None:
+        """A claim asked to cancel while it ran has ended (on the writer thread): answer its request.
+
+        Stopped instead (a warm stop released it or left it in work/): the request stays, for
+        whichever daemon runs it next."""
+        request = self._cancelling.pop(ended.claim_id, None)
+        if request is None or ending in (Ending.RELEASED, Ending.RESUMES, Ending.DEFERRED):
+            return
+        told = {"target": request.target, "instance": self.config.instance, "source": ended.source}
+        told |= {"claim_id": ended.claim_id, "status": str(ending), "failed": str(self.config.folder("failed"))}
+        cancel.answer(request, told, final=True)
 
     def _reject(self, claimed: Claim, error: DiffusiondError) -> None:
         try:

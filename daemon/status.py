@@ -73,6 +73,7 @@ class DaemonState(StrEnum):
 
 STATES = tuple(str(state) for state in DaemonState)
 _TEXT_MAX = 1_000  # an error's text in status and events; the full one is in its report
+COUNTERS = ("claimed", "started", "done", "failed", "cancelled", "images", "hooks_failed")
 _SHOWN = 10  # queued claims and inbox files listed by `diffusiond status`
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class StatusBoard:
             "running": [],
             "last_results": deque(maxlen=keep),
             "last_failures": deque(maxlen=keep),
-            "counters": {"claimed": 0, "started": 0, "done": 0, "failed": 0, "images": 0, "hooks_failed": 0},
+            "counters": dict.fromkeys(COUNTERS, 0),
             "reload": None,
         }
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -262,7 +263,8 @@ class StatusBoard:
         claim_id: str | None = None,
         attempt: int | None = None,
     ) -> None:
-        """A claim rejected or failed; its events name the claim id as `job_id` (its jobs' ids start with it)."""
+        """A claim rejected, failed or cancelled (`code: cancelled`: a `cancelled` event, counted apart);
+        its events name the claim id as `job_id` (its jobs' ids start with it)."""
         failure: dict[str, Any] = {"job_id": job_id or claim_id, "claim_id": claim_id, "source": source}
         if attempt is not None:
             failure["attempt"] = attempt
@@ -270,9 +272,10 @@ class StatusBoard:
         with self._lock:
             self._finish(job_id=job_id, source=source)
             self._unqueue(claim_id=claim_id or job_id, source=source)
-            self._status["counters"]["failed"] += 1
+            kind = "cancelled" if code == "cancelled" else "failed"
+            self._status["counters"][kind] += 1
             self._status["last_failures"].append({"time": timestamp(), **failure})
-            event = self._event("failed", **failure)
+            event = self._event(kind, **failure)
             self._changed()
         self._tell(event)
 
@@ -434,7 +437,7 @@ def format_status(status: dict[str, Any], *, running: bool) -> str:
     counters = status.get("counters", {})
     lines.append(
         f"  so far   {counters.get('done', 0)} done ({counters.get('images', 0)} images), "
-        f"{counters.get('failed', 0)} failed"
+        f"{counters.get('failed', 0)} failed, {counters.get('cancelled', 0)} cancelled"
     )
     results = status.get("last_results") or []
     if results:

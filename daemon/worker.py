@@ -101,12 +101,16 @@ class ClaimRun:
     """Its run is counted in claim.json (`lifecycle.begin_run`); `claim` is the record as saved then."""
     progressed: bool = False
     """A stage of a multi-stage job was kept in its folder: after a stop it resumes there."""
+    cancelled: bool = False
+    """`diffusiond cancel` asked for it: its jobs not made yet are not run."""
 
     def ending(self, stopped: bool) -> Ending:
         if self.fenced:
             return Ending.FENCED
         if self.errors:
             return Ending.FAILED
+        if self.cancelled and len(self.published) < self.jobs:
+            return Ending.CANCELLED
         if self.deferred is not None:
             return Ending.DEFERRED
         if len(self.published) < self.jobs:
@@ -124,6 +128,7 @@ def run_claims(
     generator: Generator,
     *,
     cancel: threading.Event | None = None,
+    cancelled: Callable[[], set[str]] = set,
     on_step: StepHook | None = None,
     board: StatusBoard | None = None,
     writer: Writer,
@@ -134,8 +139,10 @@ def run_claims(
     Stages 3b and 4 run on `writer`, in order; `on_end(claim, ending)` is called once per claim
     when it has ended. When `cancel` is set during a step, the jobs not made yet stay undone: a
     claim with published jobs (or a kept stage of a multi-stage job) stays in work/ (RESUMES), one
-    without goes back to the inbox. A multi-stage job's images between two of its stages are kept
-    on this thread (daemon/stages.py: lossless PNG, quick to write), as the next stage needs them.
+    without goes back to the inbox. Unless `cancelled()` names claims (`diffusiond cancel`, which
+    sets `cancel` too): then only those end, CANCELLED, and the rest of the batch runs again.
+    A multi-stage job's images between two of its stages are kept on this thread (daemon/stages.py:
+    lossless PNG, quick to write), as the next stage needs them.
     """
     # 1. Pre-check each claim: the service validated a new claim and passes its jobs; a claim resumed
     #    after a stop or crash is read back from its jobs.json (or validated again). A wrong one fails
@@ -198,14 +205,21 @@ def run_claims(
         call, batch = next(calls), todo.popleft()
         # 3a. Run the batch on the device (this thread) ...
         started = time.perf_counter()
+        _mark_cancelled(runs, cancelled())  # asked for between two batches
+        batch = [item for item in batch if not by_id[item.claim.claim_id].cancelled]
         batch = [item for item in batch if _begin(by_id[item.claim.claim_id])]
         try:
             results: Sequence[Generated | DiffusiondError] = (
                 _generate(batch, config, generator, cancel, on_step, board) if batch else []
             )
         except Cancelled:
-            stopped = True
-            break
+            asked = cancelled()
+            if not asked:  # a warm stop
+                stopped = True
+                break
+            _mark_cancelled(runs, asked)
+            todo.appendleft(batch)  # the others in it run again; the cancelled ones are dropped above
+            continue
         commits: list[_Commit] = []
         later: list[Pending] = []
         for item, result in zip(batch, results, strict=True):
@@ -243,6 +257,8 @@ def run_claims(
                 run.errors.append(internal_error(exc, path=run.claim.source))
                 ending = Ending.FAILED
             error = run.errors[0] if run.errors else None
+            if ending is Ending.CANCELLED:
+                error = lifecycle.cancelled_error(run.claim, len(run.published), run.jobs)
             reason = run.deferred or ("stopped at a step boundary" if stopped else "")
             if error is not None and len(run.errors) > 1:
                 log.warning("%s: %d of %d jobs failed", run.claim.source, len(run.errors), run.jobs)
@@ -250,6 +266,11 @@ def run_claims(
             on_end(run.claim, ended)
 
     writer.submit(end)
+
+
+def _mark_cancelled(runs: list[ClaimRun], asked: set[str]) -> None:
+    for run in runs:
+        run.cancelled = run.cancelled or run.claim.claim_id in asked
 
 
 @dataclass(frozen=True)
@@ -553,7 +574,13 @@ class Worker(threading.Thread):
         """Set when the preloading has ended, loaded or failed (then `preload_error` says why)."""
         self.preload_error: BaseException | None = None
         self.cancel = threading.Event()
-        """Set to stop the running batch at its next step boundary (its claims stay in work/)."""
+        """Set to stop the running batch at its next step boundary (`halt`, `cancel_claim`)."""
+        self.halting = False
+        """A warm stop was asked for (`halt`): the running claims stay in work/ or go back to the inbox."""
+        self._cancelled: set[str] = set()
+        self._cancel_lock = threading.Lock()
+        self.on_end: EndHook | None = None
+        """Called with each claim's ending, after it is counted (the service answers cancel requests)."""
         self.current: list[Claim] = []
         self.progress: tuple[int, int] | None = None
         """(step, steps) of the running pipeline call."""
@@ -602,6 +629,28 @@ class Worker(threading.Thread):
                 timer.cancel()
             writer.close()  # a warm stop writes every image already made
 
+    def halt(self) -> None:
+        """Stop the running batch at its next step, for a warm stop."""
+        self.halting = True
+        self.cancel.set()
+
+    def cancel_claim(self, claim_id: str) -> bool:
+        """Cancel a claim this worker runs now, at its next step; False when it runs no such claim."""
+        with self._cancel_lock:
+            if claim_id not in {claim.claim_id for claim in self.current}:
+                return False
+            self._cancelled.add(claim_id)
+            self.cancel.set()
+            return True
+
+    def _take_cancelled(self) -> set[str]:
+        """The claims cancelled since the last call; the step boundary's stop is over unless halting."""
+        with self._cancel_lock:
+            taken, self._cancelled = self._cancelled, set()
+            if taken and not self.halting:
+                self.cancel.clear()
+            return set() if self.halting else taken
+
     def _run(self, claims: list[Claim], writer: Writer) -> None:
         self.current = claims
         self.last_progress_s = time.monotonic()
@@ -612,6 +661,7 @@ class Worker(threading.Thread):
                 self.config,
                 self.generator,
                 cancel=self.cancel,
+                cancelled=self._take_cancelled,
                 on_step=self._on_step,
                 board=self.board,
                 writer=writer,
@@ -626,7 +676,11 @@ class Worker(threading.Thread):
                     error = internal_error(exc, path=claim.source)
                     self._ended(claim, _end(claim, Ending.FAILED, self.config, self.board, error, (), ""), ended)
         finally:
-            self.current, self.progress = [], None
+            with self._cancel_lock:
+                self.current, self.progress = [], None
+                self._cancelled.clear()
+                if not self.halting:
+                    self.cancel.clear()  # asked for a claim that ended before its next step
 
     def _ended(self, claim: Claim, ending: Ending, ended: set[str]) -> None:
         """Count one claim's ending: every claim taken from the queue ends here exactly once, and
@@ -635,7 +689,7 @@ class Worker(threading.Thread):
         ended.add(claim.claim_id)
         if ending is Ending.DONE:
             self.finished += 1
-        elif ending in (Ending.FAILED, Ending.REJECTED):
+        elif ending in lifecycle.TO_FAILED:
             self.failed += 1
         elif ending is Ending.DEFERRED:
             again = dataclasses.replace(claim, jobs=None, resumed=True, running=False)
@@ -644,6 +698,11 @@ class Worker(threading.Thread):
             self._timers = [t for t in self._timers if t.is_alive()] + [timer]
             timer.start()
         self.claims.task_done()
+        if self.on_end is not None:
+            try:
+                self.on_end(claim, ending)
+            except Exception:  # telling about an ending never breaks the accounting
+                log.exception("internal error reporting the end of %s", claim.source)
 
     def _retry(self, claim: Claim) -> None:
         if not self.stopping:

@@ -58,6 +58,8 @@ class Code(StrEnum):
     """The daemon's config is wrong."""
     CRASHED = "crashed"
     """The daemon died while running the job, `limits.max_crashes` times: the job is not tried again."""
+    CANCELLED = "cancelled"
+    """`diffusiond cancel` stopped it (running, waiting its turn, or still in the inbox)."""
 
 
 class DiffusiondError(Exception):
