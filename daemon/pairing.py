@@ -291,7 +291,9 @@ class Pairing:
             self._stable_since.setdefault(path, now)
         intents: list[Intent] = []
         reserved: set[str] = set()
-        for path in [p for p in stable if is_job_file(p)]:
+        job_files = [p for p in stable if is_job_file(p)]
+        job_files.sort(key=lambda p: -self._priority(p, stamp))  # a stable sort: then the older first
+        for path in job_files:
             if limit is not None and len(intents) >= limit:
                 return self._taken(intents)  # the images of the files not looked at yet must not pass for bare ones
             if (bad_name := name_problem(path)) is not None:
@@ -368,6 +370,13 @@ class Pairing:
             files = (path, mask) if mask is not None and mask in stable_set else (path,)
             intents.append(Intent(path, files, bare_image=True, problem=self._bare_problem(path)))
         return self._taken(intents)
+
+    def _priority(self, path: str, stamp: Callable[[str], object]) -> int:
+        """A job file's claim priority: its jobs' highest `priority:` (0 when it cannot be read)."""
+        if name_problem(path) is not None:
+            return 0
+        outcome = self._parsed.get(path, stamp(path)).outcome
+        return 0 if isinstance(outcome, DiffusiondError) else max((s.priority for s in outcome), default=0)
 
     def _taken(self, intents: list[Intent]) -> list[Intent]:
         for intent in intents:

@@ -355,6 +355,9 @@ class _JobFields(BaseModel):
     the job's own task, stage 2 the first of these."""
     keep: Literal["final", "all"] = "final"
     """With `then:`: `final` publishes only the last stage's images, `all` every stage's."""
+    priority: int = Field(0, ge=-1000, le=1000)
+    """Claim order: of the files ready to claim, a higher priority goes first, then the older file
+    (a file's priority is its jobs' highest). A profile or the config's defaults may set it."""
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     """Fields to vary, each with its values: the job runs once per combination (the product), e.g.
     `{seed: [1, 2, 3], guidance: [5, 7.5]}` is 6 jobs; each job's record has its own values here."""
@@ -614,6 +617,7 @@ NOT_IN_A_STAGE = {
     "output": "the job's `output:` applies to every stage's images; set it on the job",
     "watermark": "the job's `watermark:` applies to the images it publishes; set it on the job",
     "keep": "`keep:` is the job's; set it on the job",
+    "priority": "a job file is claimed as a whole: set `priority:` on the job",
     "then": "stages do not nest; list every stage in the job's `then:`",
     "control": "ControlNets steer the job's first stage, from its input; a stage runs on the image before",
     "mask": "a mask goes with the job's input image; a stage runs on the images of the stage before it",
@@ -633,7 +637,7 @@ def spec_record(spec: Spec) -> dict[str, Any]:
 
 def stage_record(spec: Spec) -> dict[str, Any]:
     """One stage's fields as run (a manifest's `stages[].job`): without the job's own fields."""
-    return spec.model_dump(mode="json", exclude={"then", "keep", "output", "watermark"})
+    return spec.model_dump(mode="json", exclude={"then", "keep", "output", "watermark", "priority"})
 
 
 def stage_specs(spec: Spec) -> tuple[Spec, ...]:
@@ -966,7 +970,19 @@ def parse_job_text(
     return specs
 
 
-SWEEP_EXCLUDED = ("task", "then", "keep", "output", "watermark", "sweep", "count", "image", "mask", "control")
+SWEEP_EXCLUDED = (
+    "task",
+    "then",
+    "keep",
+    "output",
+    "watermark",
+    "sweep",
+    "count",
+    "image",
+    "mask",
+    "control",
+    "priority",
+)
 """Fields a sweep cannot vary: what a job is, and what shapes its outputs."""
 
 

@@ -1,4 +1,4 @@
-"""`diffusiond cancel` (from another process, through the spool) and `diffusiond retry`, against a real daemon.
+"""`diffusiond cancel` (from another process, through the spool), `retry` and `priority:`, on a real daemon.
 
 The daemon runs on the stand-in generator, whose gate holds a job at a step the way a slow
 model would; `cancel` and `retry` run as the commands a user types.
@@ -128,3 +128,29 @@ def _png() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 120, 40)).save(out, "PNG")
     return out.getvalue()
+
+
+def test_priority_claims_a_higher_one_first_then_the_older(spool: Spool) -> None:
+    """Files waiting at start (a backlog): claim order by `priority:`, then by age; one run, exit 0."""
+    import os
+    import threading
+    import time
+
+    from diffusiond.daemon.service import Daemon
+
+    now = time.time()
+    for name, text, age_s in [
+        ("old.yaml", "prompt: old\n", 300),
+        ("urgent.yaml", "prompt: urgent\npriority: 5\n", 0),
+        ("later.yaml", "prompt: a\n---\nprompt: b\npriority: 1\n", 100),  # a file's is its jobs' highest
+        ("older.yaml", "prompt: older\n", 400),
+    ]:
+        os.utime(spool.drop(name, text), (now - age_s, now - age_s))
+    daemon = Daemon(spool.config, oneshot=True, generator_factory=lambda _config: StandInGenerator())
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(daemon.run()))
+    thread.start()
+    thread.join(CEILING_S)
+    assert codes == [0]
+    claimed = [e["source"] for e in events(spool) if e["event"] == "claimed"]
+    assert claimed == ["urgent.yaml", "later.yaml", "older.yaml", "old.yaml"]

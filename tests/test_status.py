@@ -75,7 +75,15 @@ def test_events_parse_in_order_and_status_tells_the_whole_story(tmp_path: Path) 
 
     status = _status(tmp_path)
     assert (status["pid"], status["state"], status["queue"], status["current"]) == (os.getpid(), "stopped", 2, None)
-    assert status["counters"] == {"claimed": 1, "started": 1, "done": 6, "failed": 1, "images": 7, "hooks_failed": 0}
+    assert status["counters"] == {
+        "claimed": 1,
+        "started": 1,
+        "done": 6,
+        "failed": 1,
+        "cancelled": 0,
+        "images": 7,
+        "hooks_failed": 0,
+    }
     assert [r["job_id"] for r in status["last_results"]] == ["x-2", "x-3", "x-4"]  # keep=3
     assert status["last_failures"][0]["report"] == "failed/bad.error.yaml"
 
@@ -117,6 +125,7 @@ def test_a_stream_of_changes_writes_status_at_most_once_per_interval(tmp_path: P
         "started": 50,
         "done": 50,
         "failed": 0,
+        "cancelled": 0,
         "images": 50,
         "hooks_failed": 0,
     }
