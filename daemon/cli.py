@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import secrets
 import sys
 import time
@@ -27,6 +28,8 @@ from diffusiond.pipeline.job import IMAGE_SUFFIXES, Rules, Spec, UpscaleJob, rea
 
 if TYPE_CHECKING:
     from diffusiond.daemon.service import GeneratorFactory
+
+log = logging.getLogger("diffusiond")
 
 EXIT_CONFIG = 78
 """`run` refused to start: the config, or this machine for it (sysexits' EX_CONFIG). The units name it in
@@ -173,7 +176,11 @@ def _quiet_stdout() -> None:
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="config file (default /etc/diffusiond/config.yaml if present)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="config file (default: ./config.yaml, else /etc/diffusiond/config.yaml, if present)",
+    )
     parser.add_argument("--spool", type=Path, help="spool folder (overrides the config's `spool:`)")
 
 
@@ -200,6 +207,13 @@ def _run(args: argparse.Namespace, generator_factory: GeneratorFactory | None) -
         return load_config(args.config, spool=args.spool, overrides=overrides)
 
     config = load()
+    log.info(
+        "diffusiond %s: config %s, spool %s, state %s",
+        __version__,
+        config.source or "none (the built-in defaults; --config FILE to name one)",
+        config.spool,
+        config.state,
+    )
     from diffusiond.daemon.service import Daemon, diffusers_generator
 
     daemon = Daemon(

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from diffusiond.pipeline.backend import ExtraNetworks
 from diffusiond.pipeline.errors import ConfigError, JobRejected
@@ -23,8 +32,10 @@ from diffusiond.pipeline.job import (
     InvisibleWatermark,
     Limits,
     Rules,
+    Task,
     VisibleWatermark,
     WatermarkSpec,
+    check_default_fields,
     validate_job,
 )
 from diffusiond.pipeline.metadata import MetadataOptions
@@ -137,6 +148,16 @@ class WatermarkConfig(_Strict):
     """A logo image (PNG with alpha) drawn instead of the visible text; only the config can name a file."""
     required: bool = False
     """Refuse jobs that turn the invisible mark off, and fail images too small to carry it."""
+
+    @field_validator("invisible", "visible", mode="before")
+    @classmethod
+    def _switch(cls, value: Any, info: ValidationInfo) -> Any:
+        """`false` is off here as in a job's `watermark:`; `true` is the default mark (the visible one's text)."""
+        if value is False:
+            return None
+        if value is True:
+            return InvisibleWatermark(text="diffusiond", method="dwtDctSvd") if info.field_name == "invisible" else {}
+        return value
 
 
 class MetadataConfig(MetadataOptions):
@@ -278,10 +299,31 @@ class Config(_Strict):
     """A running job that finishes no step for this long counts as hung: systemd watchdog pings stop."""
     prefetch: int = Field(2, ge=1)
     """Jobs claimed ahead of the running one; small, so other daemons on the spool get work too."""
+    threads: int | Literal["auto"] = "auto"
+    """torch's CPU threads for generation. `auto`: one fewer than the CPUs this process may use
+    (its affinity and cgroup quota), at least 1, so stamping and writing keep a core: under CPU
+    contention 2 torch threads on 2 cores ran 4-10x slower than 1 (bench/torch_threads.py)."""
     disk_full_retry_s: float = Field(30.0, gt=0)
     """A job that found the disk full waits this long in work/ before it is tried again (it is not failed)."""
 
     _rules: Rules | None = PrivateAttr(None)
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        """The file this config was read from (None: none, the built-in defaults)."""
+        return self._source
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("threads must be auto or at least 1")
+        return value
+
+    def torch_threads(self) -> int:
+        """The number `threads:` means on this machine now."""
+        return self.threads if isinstance(self.threads, int) else max(1, usable_cpus() - 1)
 
     @field_validator("device")
     @classmethod
@@ -435,6 +477,18 @@ class Config(_Strict):
                 value=self.reproduce,
                 fix="name a folder such as `reproduce` that no profile uses",
             )
+        layers = {
+            f"defaults.{key}": (fields, list(Task) if key == "all" else [Task(key)])
+            for key, fields in self.defaults.items()
+        }
+        layers |= {f"models.{name}.defaults": (spec.defaults, list(Task)) for name, spec in self.models.items()}
+        for label, (fields, tasks) in layers.items():
+            try:
+                check_default_fields(fields, tasks)
+            except JobRejected as exc:
+                raise ConfigError(
+                    f"{label}: {exc.message}", field=f"{label}.{exc.field}", value=exc.value, fix=exc.fix
+                ) from exc
         rules = self.rules()
         templates = {f"profiles.{n}": p for n, p in self.profiles.items()}
         if self.sketch_job is not None:
@@ -467,13 +521,41 @@ class Config(_Strict):
                 )
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, capped by a cgroup v2 quota (systemd's CPUQuota=)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, -(-int(quota) // int(period))))
+
+
+LOCAL_CONFIG = Path("config.yaml")
+"""`diffusiond run` in a folder that `diffusiond init` made reads that folder's config."""
+
+
+def config_file(given: Path | None) -> Path | None:
+    """The config a command reads: `--config`, else ./config.yaml, else /etc/diffusiond/config.yaml, else none."""
+    if given is not None:
+        return given
+    for candidate in (LOCAL_CONFIG, SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate.absolute()
+    return None
+
+
 def load_config(
     path: Path | None = None, *, spool: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Config:
     """Read the config file (or none), apply `--spool` and other command-line `overrides`, check it completely."""
     data: dict[str, Any] = {}
-    if path is None and SYSTEM_CONFIG.exists():
-        path = SYSTEM_CONFIG
+    path = config_file(path)
     if path is not None:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -500,10 +582,19 @@ def load_config(
         value = getattr(config.folders, name)
         if value is not None:
             setattr(config.folders, name, _clean(base / value))
-    for spec in config.models.values():
+    for name, spec in config.models.items():
         spec.path = _clean(base / spec.path)
         spec.config = _clean(base / spec.config) if spec.config else None
         spec.vae = _clean(base / spec.vae) if spec.vae else None
+        if not spec.path.exists():
+            raise ConfigError(
+                f"model {name!r}: {spec.path} does not exist",
+                path=str(path) if path else None,
+                field=f"models.{name}",
+                value=str(spec.path),
+                fix="point it at a diffusers folder (with model_index.json) or a .safetensors/.ckpt file "
+                "(a relative path is from the config file's folder), or remove the entry",
+            )
     for name in ("loras", "embeddings", "controlnets"):
         value = getattr(config, name)
         if isinstance(value, dict):
@@ -551,6 +642,7 @@ def load_config(
     if config.state_dir is not None:
         config.state_dir = _clean(base / config.state_dir)
     config.check_jobs()
+    config._source = _clean(path) if path is not None else None
     return config
 
 

@@ -143,6 +143,7 @@ class StatusBoard:
             "last_failures": deque(maxlen=keep),
             "counters": dict.fromkeys(COUNTERS, 0),
             "reload": None,
+            "threads": None,
         }
         state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -174,6 +175,12 @@ class StatusBoard:
             if view == self._status["inbox"]:
                 return
             self._status["inbox"] = view
+            self._changed()
+
+    def threads(self, count: int) -> None:
+        """torch's CPU threads for generation, as the worker set them."""
+        with self._lock:
+            self._status["threads"] = count
             self._changed()
 
     def reloaded(self, asked: float, error: str | None) -> None:

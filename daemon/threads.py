@@ -19,3 +19,15 @@ def name_os_thread(name: str, thread: threading.Thread | None = None) -> None:
     tid = (thread or threading.current_thread()).native_id
     with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm", "w") as comm:
         comm.write(name[:15])
+
+
+def set_torch_threads(count: int) -> int:
+    """Set torch's intra-op threads on the calling thread (the worker: OpenMP's count is per thread
+    that starts parallel work); returns what torch uses now. A no-op without torch (the stand-in)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency; the guard keeps this module light
+        return count
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return int(torch.get_num_threads())

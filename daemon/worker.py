@@ -41,7 +41,7 @@ from diffusiond.daemon.manifest import build_manifest
 from diffusiond.daemon.outbox import OutboxConflict, discard_unpublished, is_published, publish, stage, staged
 from diffusiond.daemon.scheduler import Pending, plan_batches
 from diffusiond.daemon.status import StatusBoard
-from diffusiond.daemon.threads import name_os_thread
+from diffusiond.daemon.threads import name_os_thread, set_torch_threads
 from diffusiond.pipeline.backend import Cancelled, EarlierStage, Generated, Generator, StepHook
 from diffusiond.pipeline.errors import Code, DiffusiondError, JobFailed, internal_error
 from diffusiond.pipeline.job import Job
@@ -590,9 +590,12 @@ class Worker(threading.Thread):
         self.stopping = False
         """Set when the queue's end (None) is taken: deferred claims then stay in work/ for the next start."""
         self._timers: list[threading.Timer] = []
+        self.threads = 0
+        """torch's CPU threads as last set on this thread (`threads:` in the config)."""
 
     def run(self) -> None:
         name_os_thread("worker")  # before the first generation: torch's OpenMP threads inherit it
+        self._set_threads()
         try:
             for name in self.preload:
                 if self.on_preload is not None:
@@ -651,7 +654,17 @@ class Worker(threading.Thread):
                 self.cancel.clear()
             return set() if self.halting else taken
 
+    def _set_threads(self) -> None:
+        """torch's CPU threads as the config says (again after a reload that changed `threads:`)."""
+        wanted = self.config.torch_threads()
+        if wanted != self.threads:
+            self.threads = set_torch_threads(wanted)
+            log.info("generation uses %d CPU thread%s", self.threads, "" if self.threads == 1 else "s")
+            if self.board is not None:
+                self.board.threads(self.threads)
+
     def _run(self, claims: list[Claim], writer: Writer) -> None:
+        self._set_threads()
         self.current = claims
         self.last_progress_s = time.monotonic()
         ended: set[str] = set()

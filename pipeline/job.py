@@ -25,7 +25,7 @@ import secrets
 import stat
 import typing
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -1319,6 +1319,29 @@ def _check_controls(spec: Spec, rules: Rules) -> None:
                 fix="use a ControlNet name from the list (its file or folder name), or add it to the config's "
                 "`controlnets:` folder",
             )
+
+
+def check_default_fields(fields: Mapping[str, Any], tasks: Sequence[Task]) -> None:
+    """JobRejected for the first key that no job of `tasks` has, with a "did you mean".
+
+    Defaults fill only the fields a job's task has (`defaults.all` holds fields of several), so
+    a misspelt key would otherwise be dropped without a word: the config check calls this.
+    """
+    known = sorted(set().union(*(_TASK_MODELS[task].model_fields for task in tasks)) - {"task"})
+    kind = "a job of any task" if set(tasks) == set(Task) else f"a {' or '.join(tasks)} job"
+    for key, value in fields.items():
+        if key in known or key == "task":
+            continue
+        guess = difflib.get_close_matches(str(key), known, n=1)
+        hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+        if (ours := A1111_FIELDS.get(str(key))) in known:
+            hint = f" (did you mean '{ours}'? '{key}' is AUTOMATIC1111's name for it)"
+        raise JobRejected(
+            f"unknown field '{key}'{hint}; fields {kind} accepts: {', '.join(known)}",
+            field=str(key),
+            value=shown(value),
+            fix=f"rename or remove '{key}'",
+        )
 
 
 def _can_run(model: str | None, task: Task, rules: Rules) -> bool:

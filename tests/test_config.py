@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -65,6 +66,18 @@ def test_model_entries_short_and_long_forms(tmp_path: Path, test_models: TestMod
         ("defaults: {txt2image: {steps: 3}}\n", "defaults", "unknown keys"),
         ("profiles: {s: {task: img2img, strength: 7}}\n", "profiles.s.strength", "less than or equal to 1"),
         ("batch_size: 0\n", "batch_size", "greater than or equal to 1"),
+        # A misspelt default was dropped without a word: each is an error with a guess.
+        ("defaults: {all: {stpes: 10}}\n", "defaults.all.stpes", "unknown field 'stpes' (did you mean 'steps'?)"),
+        ("defaults: {txt2img: {strength: 0.5}}\n", "defaults.txt2img.strength", "fields a txt2img job accepts"),
+        ("defaults: {all: {cfg_scale: 5}}\n", "defaults.all.cfg_scale", "AUTOMATIC1111's name for it"),
+        (
+            "models: {x: {path: ., defaults: {negatve_prompt: a}}}\n",
+            "models.x.defaults.negatve_prompt",
+            "negative_prompt",
+        ),
+        ("profiles: {s: {task: img2img, stregth: 0.5}}\n", "profiles.s.stregth", "did you mean 'strength'"),
+        ("models: {x: ../models/nope}\n", "models.x", "models/nope does not exist"),
+        ("threads: 0\n", "threads", "at least 1"),
     ],
 )
 def test_a_wrong_config_names_the_field(tmp_path: Path, text: str, field: str, says: str) -> None:
@@ -73,3 +86,45 @@ def test_a_wrong_config_names_the_field(tmp_path: Path, text: str, field: str, s
     assert caught.value.field == field
     assert says in caught.value.message
     assert caught.value.fix
+
+
+def test_watermark_false_is_off_in_the_config_as_in_a_job(tmp_path: Path) -> None:
+    from diffusiond.pipeline.job import WatermarkSpec
+
+    off = load_config(write(tmp_path, "watermark: {invisible: false}\n"))
+    assert off.watermark.invisible is None and off.marks(WatermarkSpec()).invisible is None
+    on = load_config(write(tmp_path, "watermark: {invisible: true, visible: true}\n"))
+    assert on.watermark.invisible is not None and on.watermark.visible is not None
+
+
+def test_run_without_config_reads_the_folders_config_and_says_so_first(tmp_path: Path, test_models) -> None:
+    """`diffusiond init` then `diffusiond run` in that folder: its config.yaml, named in the first log line."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.yaml").write_text(f"spool: here\nmodels: {{test: {test_models.sd}}}\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "diffusiond.daemon.cli", "run", "--oneshot"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    first = run.stderr.splitlines()[0]
+    assert f"config {tmp_path / 'config.yaml'}, spool {tmp_path / 'here'}, state " in first, first
+
+
+def test_threads_sets_torchs_threads_for_generation(spool, test_models) -> None:
+    from diffusiond.daemon.config import usable_cpus
+    from diffusiond.pipeline.standin import StandInGenerator
+    from tests.conftest import start_daemon_thread, wait_for, write_config
+
+    write_config(spool.root, test_models, threads=2)
+    with start_daemon_thread(spool, StandInGenerator()):
+        status = wait_for(
+            lambda: (s := json.loads((spool.root / "state" / "status.json").read_text()))["threads"] and s,
+            what="status.json naming the threads",
+        )
+    assert status["threads"] == 2
+    assert load_config(write(spool.root, "")).torch_threads() == max(1, usable_cpus() - 1), "auto keeps a CPU free"
