@@ -133,6 +133,14 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     retry_cmd.add_argument("--all", action="store_true", help="every failure in failed/ (with --code: those)")
     retry_cmd.add_argument("--code", help="only failures with this code (e.g. model_failed, cancelled)")
 
+    web = commands.add_parser(
+        "web", help="the status page (queue, progress, results, failures, /metrics): reads the spool, binds loopback"
+    )
+    _config_args(web)
+    web.add_argument("--listen", default="127.0.0.1:8765", metavar="HOST:PORT", help="default 127.0.0.1:8765")
+    web.add_argument("--token-file", type=Path, help="a file holding the token that the cancel and retry buttons need")
+    web.add_argument("--cache", type=Path, help="where thumbnails go (default $XDG_CACHE_HOME/diffusiond/thumbs)")
+
     reload = commands.add_parser(
         "reload", help="make the running daemon read its config again, and wait until it has (the units' ExecReload)"
     )
@@ -155,6 +163,7 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
             "events": _events,
             "cancel": _cancel,
             "retry": _retry,
+            "web": _web,
         }[args.command](args)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return code
@@ -667,6 +676,29 @@ def _retry(args: argparse.Namespace) -> int:
         else:
             print(f"removed {failure.report.name}: its inputs are no longer in {failed}")
     return code
+
+
+def _web(args: argparse.Namespace) -> int:
+    """Serve the status page until interrupted; exit 2 on a wrong --listen or an unreadable token file."""
+    import os
+
+    from diffusiond.daemon.web import Site, serve
+
+    setup_logging("INFO")
+    host, _, port = str(args.listen).rpartition(":")
+    if not host or not port.isdigit():
+        print(f"diffusiond: --listen {args.listen!r}: give HOST:PORT, e.g. 127.0.0.1:8765", file=sys.stderr)
+        return 2
+    token = os.environ.get("DIFFUSIOND_WEB_TOKEN")
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            print(f"diffusiond: --token-file {args.token_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    cache = args.cache or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusiond" / "thumbs"
+    serve(Site(_load(args), cache, token or None), host.strip("[]"), int(port))
+    return 0
 
 
 def _schema(_args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from diffusiond.daemon import metrics
 from diffusiond.daemon.claim import RESERVING, Claim, reservation
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.faults import fault_point
@@ -121,6 +122,8 @@ def end_claim(
         raise ValueError(f"ending {ending} needs the error")
     _record_ending(claim, ending, error, done, errors)
     report = _finish(claim, config, ending, error, done, errors)
+    if ending in TO_FAILED:
+        metrics.ended(str(ending), [str(job.task) for job in claim.jobs or () if job.job_id not in done])
     if ending is Ending.DONE:
         log.debug("archived the inputs of %s", claim.source, extra=fields)
     elif ending is Ending.RELEASED:

@@ -23,7 +23,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from diffusiond.daemon import cancel, lifecycle, registry
+from diffusiond.daemon import cancel, lifecycle, metrics, registry
 from diffusiond.daemon.claim import Claim, claim, load_jobs
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.fsutil import is_disk_full
@@ -222,6 +222,7 @@ class Daemon:
         self.notifier.close()
         self.board.state(DaemonState.STOPPED)
         self.board.flush()
+        metrics.write(self.config.state)
         # `run --oneshot` is a batch run that scripts check: 1 when any input failed. A service stops with 0.
         return 1 if self.oneshot and failed else 0
 
@@ -309,7 +310,7 @@ class Daemon:
     def _loop(self, watcher: InboxWatcher, worker: Worker) -> None:
         tracker = SettleTracker(self.config.watch.settle_s)
         pairing = Pairing.for_config(self.config)
-        next_scan = next_ping = next_view = next_cancels = 0.0
+        next_scan = next_ping = next_view = next_cancels = next_metrics = 0.0
         next_beat = time.monotonic() + registry.HEARTBEAT_S
         last_status, last_status_s = "", 0.0
         watchdog_s = _watchdog_interval_s()
@@ -353,6 +354,11 @@ class Daemon:
             if now >= next_view:
                 self.board.inbox(len(tracker), _inbox_view(tracker, pairing, config.inbox, now))
                 next_view = now + INBOX_VIEW_S
+            if now >= next_metrics:
+                metrics.QUEUE.set(self.claims.qsize())
+                metrics.INBOX.set(len(tracker))
+                metrics.write(config.state)
+                next_metrics = now + metrics.WRITE_EVERY_S
             self.board.flush_due()
             status = self._status(worker)
             if status != last_status and now - last_status_s >= 0.5:

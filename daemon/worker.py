@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffusiond.daemon import lifecycle, stages
+from diffusiond.daemon import lifecycle, metrics, stages
 from diffusiond.daemon.claim import Claim, load_jobs
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.faults import fault_point
@@ -489,6 +489,7 @@ def _commit(
         seconds = time.perf_counter() - started
         fields = job_fields(job_id=job.job_id, job_file=claim.source, task=job.task, model=job.spec.model)
         log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, seconds, ", ".join(files), extra=fields)
+        metrics.published(job.task, dataclasses.asdict(manifest), seconds)
         if board is not None:
             board.done(job.job_id, claim.source, files, seconds, claim_id=claim.claim_id)
 
@@ -681,6 +682,7 @@ class Worker(threading.Thread):
                 on_end=lambda claim, ending: self._ended(claim, ending, ended),
             )
             writer.drain()  # the end stage has run: every claim taken here has ended
+            metrics.gpu_memory(str(getattr(self.generator, "device", "cpu")))
         except Exception as exc:  # a bug must not stop the daemon; each claim still gets a report
             log.exception("internal error on %s", ", ".join(c.source for c in claims))
             writer.drain()
@@ -723,8 +725,11 @@ class Worker(threading.Thread):
             self.claims.put(claim)
 
     def _on_step(self, step: int, steps: int) -> None:
+        now = time.monotonic()
+        if step > 1:  # the first step's time includes the call's set-up
+            metrics.STEP_SECONDS.observe(now - self.last_progress_s)
         self.progress = (step, steps)
-        self.last_progress_s = time.monotonic()
+        self.last_progress_s = now
 
     @property
     def idle(self) -> bool:

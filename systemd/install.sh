@@ -255,6 +255,7 @@ do_install() {
     # 4. The units.
     install_edited "$UNITS_SRC/diffusiond.service" "$UNIT_DIR/diffusiond.service"
     install_edited "$UNITS_SRC/diffusiond@.service" "$UNIT_DIR/diffusiond@.service"
+    install_edited "$UNITS_SRC/diffusiond-web.service" "$UNIT_DIR/diffusiond-web.service"
     # shellcheck disable=SC2086 # $units is a list of unit names
     if [ "$SYSTEMD_RUNNING" = 1 ]; then
         run systemctl daemon-reload
@@ -265,6 +266,7 @@ do_install() {
         echo "  systemctl daemon-reload && systemctl enable --now $units"
     fi
     echo "submitters join the group: usermod -aG diffusiond USER"
+    echo "the status page (loopback, read-only): systemctl enable --now diffusiond-web; http://127.0.0.1:8765/"
 }
 
 do_uninstall() {
@@ -276,12 +278,13 @@ do_uninstall() {
     if [ "$SYSTEMD_RUNNING" = 1 ]; then
         # shellcheck disable=SC2086 # a list of unit names
         [ -n "$units" ] && run systemctl disable --now $units
+        run systemctl disable --now diffusiond-web.service 2>/dev/null || true
         run systemctl stop 'diffusiond.service' 'diffusiond@*.service' || true
     elif [ -n "$units" ]; then
         # shellcheck disable=SC2086 # a list of unit names
         run systemctl --root="${ROOT:-/}" disable $units
     fi
-    run rm -f "$UNIT_DIR/diffusiond.service" "$UNIT_DIR/diffusiond@.service"
+    run rm -f "$UNIT_DIR/diffusiond.service" "$UNIT_DIR/diffusiond@.service" "$UNIT_DIR/diffusiond-web.service"
     run rm -rf "$UNIT_DIR/diffusiond.service.d" "$UNIT_DIR/diffusiond@.service.d"
     [ "$SYSTEMD_RUNNING" = 1 ] && run systemctl daemon-reload
     run rm -f "$ROOT/etc/sysusers.d/diffusiond.conf" "$ROOT/etc/tmpfiles.d/diffusiond.conf"

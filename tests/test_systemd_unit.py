@@ -19,8 +19,14 @@ SHIPPED_BINARY = "/opt/diffusiond/venv/bin/diffusiond"
 # systemd-analyze security --offline=true: both units score 0.7 (systemd 252). Lower it when the
 # hardening gets better; never raise it without saying why in the unit.
 MAX_EXPOSURE = 0.8
+# The status page must answer on a socket (PrivateNetwork= and no AF_INET would cost it that: 0.8 of it).
+MAX_EXPOSURE_OF = {"diffusiond-web.service": 1.1}
 # The unit files under test, as verify needs them: the template instantiated (GPU 0).
-UNIT_FILES = {"diffusiond.service": "diffusiond.service", "diffusiond@0.service": "diffusiond@.service"}
+UNIT_FILES = {
+    "diffusiond.service": "diffusiond.service",
+    "diffusiond@0.service": "diffusiond@.service",
+    "diffusiond-web.service": "diffusiond-web.service",
+}
 # The [Service] settings the template may set differently from diffusiond.service.
 PER_INSTANCE = {
     "Environment",
@@ -79,7 +85,7 @@ def test_exposure_does_not_get_worse(tmp_path: Path, name: str) -> None:
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", result.stdout)
     assert found, result.stdout + result.stderr
     print(f"{name}: exposure {found[1]} {found[2]}")
-    assert float(found[1]) <= MAX_EXPOSURE, result.stdout
+    assert float(found[1]) <= MAX_EXPOSURE_OF.get(name, MAX_EXPOSURE), result.stdout
 
 
 def test_template_keeps_the_same_hardening() -> None:
