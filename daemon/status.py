@@ -9,9 +9,9 @@
 - `events.jsonl` is append-only, one JSON object a line (`{"time": ..., "event": "done", ...}`), for
   tools that tail it. Every claim's end is one event: `done` per job, then `failed`, or `released`,
   `resumes`, `deferred` or `fenced` (daemon/lifecycle.py, `Ending`). Progress lines: at most one per
-  `progress_interval_s` per job, plus the last step. Over `events_max_bytes` the file moves to
-  `events.jsonl.1` (replacing the older one), so `tail -F` follows it and the disk holds at most two
-  files' worth.
+  `progress_interval_s` per job, plus the last step; a step held back is written when the interval
+  is over. Over `events_max_bytes` the file moves to `events.jsonl.1` (replacing the older one), so
+  `tail -F` follows it and the disk holds at most two files' worth.
 
 Writing status never stops a job: a failed write is logged once and the daemon goes on.
 """
@@ -123,6 +123,7 @@ class StatusBoard:
         self._last_write = float("-inf")
         self._dirty = False
         self._last_progress_event: dict[str, float] = {}
+        self._held_progress: dict[str, dict[str, Any]] = {}
         self._warned = False
         self.listener: Callable[[dict[str, Any]], None] | None = None
         """Called with each `done` and `failed` event, outside the lock (the daemon's hooks and webhooks)."""
@@ -241,9 +242,13 @@ class StatusBoard:
                     stage = {k: job[k] for k in ("stage", "stages") if k in job}
             now = time.monotonic()
             last = step >= steps
+            fields = {"job_id": job_id, "claim_id": claim_id, "step": step, "steps": steps, **stage}
             if last or now - self._last_progress_event.get(job_id, float("-inf")) >= self.progress_interval_s:
                 self._last_progress_event[job_id] = now
-                self._event("progress", job_id=job_id, claim_id=claim_id, step=step, steps=steps, **stage)
+                self._held_progress.pop(job_id, None)
+                self._event("progress", **fields)
+            else:  # written by `flush_due` once the interval is over, unless a later step is written first
+                self._held_progress[job_id] = fields
             self._changed(now)
 
     def done(self, job_id: str, source: str, outputs: list[str], seconds: float, claim_id: str | None = None) -> None:
@@ -307,9 +312,17 @@ class StatusBoard:
             self._write()
 
     def flush_due(self) -> None:
-        """Write the changes held back by the throttle, once `write_interval_s` has passed."""
+        """Write the changes held back by the throttle, once `write_interval_s` has passed, and a job's
+        progress line held back once `progress_interval_s` has: a reader never waits for the next step
+        (a slow one) to see the step already made."""
         with self._lock:
-            if self._dirty and time.monotonic() - self._last_write >= self.write_interval_s:
+            now = time.monotonic()
+            for job_id, fields in list(self._held_progress.items()):
+                if now - self._last_progress_event.get(job_id, float("-inf")) >= self.progress_interval_s:
+                    self._last_progress_event[job_id] = now
+                    del self._held_progress[job_id]
+                    self._event("progress", **fields)
+            if self._dirty and now - self._last_write >= self.write_interval_s:
                 self._write()
 
     def snapshot(self) -> dict[str, Any]:
@@ -325,6 +338,7 @@ class StatusBoard:
 
         for job in filter(ended, self._status["running"]):
             self._last_progress_event.pop(job["job_id"], None)
+            self._held_progress.pop(job["job_id"], None)
         self._status["running"] = [j for j in self._status["running"] if not ended(j)]
         self._status["current"] = self._status["running"][-1] if self._status["running"] else None
         self._last_progress_event.pop(job_id or "", None)
