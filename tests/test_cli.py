@@ -11,10 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 
 from diffusiond.daemon.config import load_config
+from diffusiond.pipeline.errors import ConfigError
 from tests.conftest import CEILING_S, Spool, start_daemon_process, wait_until_ready
 
 
@@ -105,11 +107,20 @@ def test_validate_follows_a_link_the_user_names(spool: Spool, tmp_path: Path) ->
     assert result.returncode == 0 and "ok, 1 job(s)" in result.stdout, result.stdout + result.stderr
 
 
-def test_init_makes_folders_and_a_config_that_loads(tmp_path: Path) -> None:
+def test_init_makes_folders_and_a_config_that_loads(tmp_path: Path, test_models) -> None:
     result = cli("init", str(tmp_path / "spool"))
     assert result.returncode == 0, result.stderr
     for name in ("inbox", "outbox", "archive", "failed", "inbox/sketches"):
         assert (tmp_path / "spool" / name).is_dir()
+    # Its models come next (`make-test-model`, as it says): until then the config names what is missing.
+    assert "next: diffusiond make-test-model" in result.stdout
+    with pytest.raises(ConfigError) as missing:
+        load_config(tmp_path / "spool" / "config.yaml")
+    assert missing.value.field == "models.test" and "models/test/sd does not exist" in missing.value.message
+    made = tmp_path / "spool" / "models" / "test"
+    made.mkdir(parents=True)
+    for name in ("sd", "x4-upscaler"):
+        (made / name).symlink_to(getattr(test_models, "sd" if name == "sd" else "upscaler"))
     config = load_config(tmp_path / "spool" / "config.yaml")
     assert config.inbox == (tmp_path / "spool" / "inbox").absolute()
     assert set(config.models) == {"test", "test-x4"}

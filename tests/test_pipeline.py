@@ -385,7 +385,9 @@ def test_a_device_this_machine_lacks_stops_the_start_with_the_fix(spool, test_mo
     else:
         assert f"(`--device {device}` on the command line). Fix: diffusiond@N.service passes" in result.stderr
         assert "run diffusiond.service instead" in result.stderr and "elsewhere: set `device: cpu`" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, "one line, no traceback"
+    first, *rest = result.stderr.strip().splitlines()
+    assert " INFO diffusiond: diffusiond " in first and ", spool " in first, "which config and spool, first"
+    assert len(rest) == 1, "then one line, no traceback"
     assert not (spool.root / "outbox").exists() and not (spool.root / "state" / "status.json").exists()
 
 

@@ -193,8 +193,9 @@ def test_a_three_stage_job_makes_its_final_images_with_the_original_prompt_and_s
     assert [s["task"] for s in again["reproduce/middle.png"]["stages"]] == ["txt2img", "img2img"]
     remade = {source: pixels(spool.outbox / again[source]["outputs"][0]["file"]).astype(int) for source in again}
     assert np.array_equal(remade["reproduce/middle.png"], pixels(spool.outbox / middle))
-    # Made two to a call, remade alone: batched arithmetic rounds a few pixels by one level, no more.
-    assert np.abs(remade["reproduce/second.png"] - pixels(spool.outbox / second)).max() <= 1
+    # Made two to a call, remade alone: batched arithmetic rounds a few pixels by a level or two (on
+    # one torch thread, `threads: auto` on 2 CPUs, 2 was seen; on two, 1), no more.
+    assert np.abs(remade["reproduce/second.png"] - pixels(spool.outbox / second)).max() <= 2
 
 
 def test_a_kill_between_stages_resumes_at_the_next_stage_with_the_same_seeds(
