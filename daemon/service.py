@@ -116,7 +116,9 @@ class Daemon:
         self.board.listener = self._on_job_end
         self._worker: Worker | None = None
         self.rejected = 0
-        """Claims failed at validation, or cancelled, before they reached the worker."""
+        """Claims failed at validation, before they reached the worker."""
+        self.cancelled = 0
+        """Claims cancelled before they reached the worker (queued, or still in the inbox)."""
         self._cancelling: dict[str, cancel.Request] = {}
         """Running claims asked to cancel (by claim id), answered when they end (`_answer_cancel`)."""
         # Enough claims queued ahead to fill a batch.
@@ -217,14 +219,15 @@ class Daemon:
             self.hooks.close()  # the last jobs' hooks, each within its timeout
             self.webhooks.close()  # what is unsent stays in <state>/notify/ for the next start
             registry.withdraw(self.config)
-        failed = worker.failed + self.rejected
-        log.info("stopped: %d claims finished, %d failed", worker.finished, failed)
+        failed, cancelled = worker.failed + self.rejected, worker.cancelled + self.cancelled
+        log.info("stopped: %d claims finished, %d failed, %d cancelled", worker.finished, failed, cancelled)
         self.notifier.close()
         self.board.state(DaemonState.STOPPED)
         self.board.flush()
         metrics.write(self.config.state)
-        # `run --oneshot` is a batch run that scripts check: 1 when any input failed. A service stops with 0.
-        return 1 if self.oneshot and failed else 0
+        # `run --oneshot` is a batch run that scripts check: 1 when any input failed (or was cancelled:
+        # it did not succeed either). A service stops with 0.
+        return 1 if self.oneshot and (failed or cancelled) else 0
 
     def _on_job_end(self, event: dict[str, object]) -> None:
         """A job done or a file failed (from the board, on the thread that ended it): its hook, if any."""
@@ -289,8 +292,9 @@ class Daemon:
         if not running:
             return f"idle, watching {self.config.inbox}" + (f"; {queued} queued" if queued else "")
         step = f" (step {worker.progress[0]} of {worker.progress[1]})" if worker.progress else ""
-        failed = worker.failed + self.rejected
-        return f"running {', '.join(running)}{step}; {queued} queued; {worker.finished} done, {failed} failed"
+        failed, cancelled = worker.failed + self.rejected, worker.cancelled + self.cancelled
+        counts = f"{worker.finished} done, {failed} failed" + (f", {cancelled} cancelled" if cancelled else "")
+        return f"running {', '.join(running)}{step}; {queued} queued; {counts}"
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.stop.is_set():
@@ -448,7 +452,7 @@ class Daemon:
         finally:
             self.claims.task_done()
         if ending is Ending.CANCELLED:
-            self.rejected += 1
+            self.cancelled += 1
         told |= {"source": queued.source, "claim_id": queued.claim_id, "failed": str(config.folder("failed"))}
         cancel.answer(request, told | {"status": str(ending)}, final=True)
 

@@ -588,6 +588,7 @@ class Worker(threading.Thread):
         self.last_progress_s = time.monotonic()
         self.finished = 0
         self.failed = 0
+        self.cancelled = 0
         self.stopping = False
         """Set when the queue's end (None) is taken: deferred claims then stay in work/ for the next start."""
         self._timers: list[threading.Timer] = []
@@ -704,6 +705,8 @@ class Worker(threading.Thread):
         ended.add(claim.claim_id)
         if ending is Ending.DONE:
             self.finished += 1
+        elif ending is Ending.CANCELLED:
+            self.cancelled += 1
         elif ending in lifecycle.TO_FAILED:
             self.failed += 1
         elif ending is Ending.DEFERRED:
