@@ -39,7 +39,7 @@ def child(threads: int, calls: int, models: Path) -> None:
     times: list[float] = []
 
     def work() -> None:
-        set_torch_threads(threads)
+        set_torch_threads(threads)  # torch is imported above: this sets it
         cache = ModelCache(
             {"test": ModelEntry("test", models / "sd", ModelKind.SD1)}, device="cpu", dtype=torch.float32
         )

@@ -8,6 +8,7 @@ uses CPU.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 
@@ -21,13 +22,13 @@ def name_os_thread(name: str, thread: threading.Thread | None = None) -> None:
         comm.write(name[:15])
 
 
-def set_torch_threads(count: int) -> int:
+def set_torch_threads(count: int) -> int | None:
     """Set torch's intra-op threads on the calling thread (the worker: OpenMP's count is per thread
-    that starts parallel work); returns what torch uses now. A no-op without torch (the stand-in)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency; the guard keeps this module light
-        return count
+    that starts parallel work); returns what torch uses now, or None where torch is not loaded: a
+    daemon on the stand-in never imports it (that costs seconds a start), and has no threads to set."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return int(torch.get_num_threads())

@@ -592,8 +592,8 @@ class Worker(threading.Thread):
         self.stopping = False
         """Set when the queue's end (None) is taken: deferred claims then stay in work/ for the next start."""
         self._timers: list[threading.Timer] = []
-        self.threads = 0
-        """torch's CPU threads as last set on this thread (`threads:` in the config)."""
+        self.wanted_threads = 0
+        """`threads:` as last applied on this thread."""
 
     def run(self) -> None:
         name_os_thread("worker")  # before the first generation: torch's OpenMP threads inherit it
@@ -659,11 +659,14 @@ class Worker(threading.Thread):
     def _set_threads(self) -> None:
         """torch's CPU threads as the config says (again after a reload that changed `threads:`)."""
         wanted = self.config.torch_threads()
-        if wanted != self.threads:
-            self.threads = set_torch_threads(wanted)
-            log.info("generation uses %d CPU thread%s", self.threads, "" if self.threads == 1 else "s")
+        if wanted == self.wanted_threads:
+            return
+        self.wanted_threads = wanted
+        threads = set_torch_threads(wanted)
+        if threads is not None:
+            log.info("generation uses %d CPU thread%s", threads, "" if threads == 1 else "s")
             if self.board is not None:
-                self.board.threads(self.threads)
+                self.board.threads(threads)
 
     def _run(self, claims: list[Claim], writer: Writer) -> None:
         self._set_threads()

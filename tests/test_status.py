@@ -300,7 +300,8 @@ def test_status_survives_a_closed_pipe_and_watch_redraws_each_change(tmp_path: P
         while not (line := watching.stdout.readline()).startswith("diffusiond: stopping since"):
             assert line, "status --watch ended without showing the change"
     finally:
-        watching.send_signal(__import__("signal").SIGINT)
+        # SIGTERM, which `--watch` takes as Ctrl-C: a shell's background job ignores SIGINT, and so do its children.
+        watching.send_signal(__import__("signal").SIGTERM)
         _out, err = watching.communicate(timeout=CEILING_S)
     assert watching.returncode == 0 and "Traceback" not in err, err
 
