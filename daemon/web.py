@@ -256,4 +256,5 @@ def serve(site: Site, host: str, port: int) -> None:
         site.config.spool,
         "cancel and retry with the token" if site.token else "read-only",
     )
-    uvicorn.run(app(site), host=host, port=port, log_level="warning")
+    # An open event stream never ends by itself: without a grace limit SIGTERM waits for the browser.
+    uvicorn.run(app(site), host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
