@@ -217,7 +217,8 @@ preload_status() {
 check "Type=notify: activating while the preload runs (STATUS 'loading model test'), active after READY" preload_status
 
 # --- STATUS during a job; stop during a job -----------------------------------------------------------
-running_status() { show StatusText | grep -e '^running long.yaml (step [0-9]* of 600)' >/dev/null; }
+# 600 steps are 601 UNet calls with the test model's PNDM: progress counts the calls.
+running_status() { show StatusText | grep -e '^running long.yaml (step [0-9]* of 601)' >/dev/null; }
 status_running() {
     drop long.yaml $'prompt: a long one\nseed: 4\nsteps: 600\n' && wait_for 120 running_status && show StatusText
 }
