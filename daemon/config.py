@@ -156,7 +156,8 @@ class WatermarkConfig(_Strict):
         if value is False:
             return None
         if value is True:
-            return InvisibleWatermark(text="diffusiond", method="dwtDctSvd") if info.field_name == "invisible" else {}
+            default = cls.model_fields[str(info.field_name)].default
+            return default if default is not None else {}  # visible's default is off: its own defaults, then
         return value
 
 
@@ -302,7 +303,7 @@ class Config(_Strict):
     threads: int | Literal["auto"] = "auto"
     """torch's CPU threads for generation. `auto`: one fewer than the CPUs this process may use
     (its affinity and cgroup quota), at least 1, so stamping and writing keep a core: under CPU
-    contention 2 torch threads on 2 cores ran 4-10x slower than 1 (bench/torch_threads.py)."""
+    contention 2 torch threads on 2 cores ran 3.9x slower than 1 (bench/threads.py)."""
     disk_full_retry_s: float = Field(30.0, gt=0)
     """A job that found the disk full waits this long in work/ before it is tried again (it is not failed)."""
 

@@ -11,13 +11,16 @@ One daemon per process, so the metrics are module-level, as prometheus-client ha
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, write_to_textfile
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from diffusiond.daemon.manifest import Manifest
 
 log = logging.getLogger(__name__)
 FILE = "metrics.prom"
@@ -67,20 +70,19 @@ GPU_MEMORY = Gauge(
 )
 
 
-def published(task: str, manifest: Mapping[str, Any], seconds: float) -> None:
+def published(task: str, manifest: Manifest, seconds: float) -> None:
     """A job's manifest is published: count it, its images, and what its timings and marks say."""
     JOBS.labels(task=task, outcome="done").inc()
     JOB_SECONDS.labels(task=task).observe(seconds)
-    outputs = manifest.get("outputs") or []
-    IMAGES.inc(len(outputs))
-    timings = manifest.get("timings") or {}
+    IMAGES.inc(len(manifest.outputs))
+    timings = manifest.timings
     if float(timings.get("load_s") or 0) > 0:
-        MODEL_LOADS.labels(model=str((manifest.get("model") or {}).get("name"))).inc()
+        MODEL_LOADS.labels(model=str((manifest.model or {}).get("name"))).inc()
         MODEL_LOAD_SECONDS.observe(float(timings["load_s"]))
     if "stamp_s" in timings:
         STAMP_SECONDS.observe(float(timings["stamp_s"]))
-    for output in outputs:
-        mark = ((output.get("watermark") or {}).get("invisible")) or {}
+    for output in manifest.outputs:
+        mark = output.watermark.get("invisible") or {}
         if mark.get("embedded") and not mark.get("verified"):
             VERIFY_FAILURES.inc()
 

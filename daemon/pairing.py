@@ -291,8 +291,8 @@ class Pairing:
             self._stable_since.setdefault(path, now)
         intents: list[Intent] = []
         reserved: set[str] = set()
-        job_files = [p for p in stable if is_job_file(p)]
-        job_files.sort(key=lambda p: -self._priority(p, stamp))  # a stable sort: then the older first
+        stamps = {p: stamp(p) for p in stable if is_job_file(p)}
+        job_files = sorted(stamps, key=lambda p: -self._priority(p, stamps[p]))  # a stable sort: then older first
         for path in job_files:
             if limit is not None and len(intents) >= limit:
                 return self._taken(intents)  # the images of the files not looked at yet must not pass for bare ones
@@ -300,7 +300,7 @@ class Pairing:
                 bad_name.add_context(path=path)
                 intents.append(Intent(path, (path,), problem=bad_name.report()))
                 continue
-            stamped = stamp(path)
+            stamped = stamps[path]
             parsed = self._parsed.get(path, stamped)
             usable = parsed if stamped is not None else None  # a file gone meanwhile: the claim reads it
             if isinstance(parsed.outcome, DiffusiondError):
@@ -371,11 +371,11 @@ class Pairing:
             intents.append(Intent(path, files, bare_image=True, problem=self._bare_problem(path)))
         return self._taken(intents)
 
-    def _priority(self, path: str, stamp: Callable[[str], object]) -> int:
+    def _priority(self, path: str, stamped: object) -> int:
         """A job file's claim priority: its jobs' highest `priority:` (0 when it cannot be read)."""
         if name_problem(path) is not None:
             return 0
-        outcome = self._parsed.get(path, stamp(path)).outcome
+        outcome = self._parsed.get(path, stamped).outcome
         return 0 if isinstance(outcome, DiffusiondError) else max((s.priority for s in outcome), default=0)
 
     def _taken(self, intents: list[Intent]) -> list[Intent]:

@@ -88,7 +88,19 @@ def _record_state_dir(config: Config) -> None:
 
 def recorded_state_dir(config: Config) -> Path | None:
     """The state dir the last daemon of this instance on this spool used, if it is on this host."""
-    record = read_json_object(state_pointer_path(config))
+    return _readable_state_dir(state_pointer_path(config))
+
+
+def recorded_state_dirs(spool: Path) -> dict[str, Path]:
+    """Every instance's recorded state dir on `spool` that this host can read, by instance."""
+    folder = spool / FOLDER
+    pointers = sorted(folder.glob("*.state")) if folder.is_dir() else []
+    found = {path.name.removesuffix(".state"): _readable_state_dir(path) for path in pointers}
+    return {instance: state for instance, state in found.items() if state is not None}
+
+
+def _readable_state_dir(pointer: Path) -> Path | None:
+    record = read_json_object(pointer)
     if record is None or record.get("host") != platform.node() or not isinstance(record.get("state_dir"), str):
         return None
     path = Path(record["state_dir"])

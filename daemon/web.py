@@ -43,6 +43,7 @@ from diffusiond.daemon.config import Config
 from diffusiond.daemon.fsutil import read_json_object
 from diffusiond.daemon.retry import RetryError, failures, find, retry
 from diffusiond.daemon.status import STATUS_FILE, EventTail, is_running
+from diffusiond.pipeline.job import job_file_fields
 
 log = logging.getLogger(__name__)
 RESULTS_SHOWN = 48
@@ -61,11 +62,7 @@ class Site:
     def state_dirs(self) -> dict[str, Path]:
         """Every daemon of the spool this page can read: the config's own, the live ones, the recorded ones."""
         found = {self.config.instance: registry.recorded_state_dir(self.config) or self.config.state}
-        folder = self.config.spool / registry.FOLDER
-        for path in sorted(folder.glob("*.state")) if folder.is_dir() else []:
-            record = read_json_object(path)
-            if record and isinstance(record.get("state_dir"), str) and Path(record["state_dir"]).is_dir():
-                found.setdefault(path.name.removesuffix(".state"), Path(record["state_dir"]))
+        found |= {k: v for k, v in registry.recorded_state_dirs(self.config.spool).items() if k not in found}
         for entry in registry.live_daemons(self.config.spool):
             if entry.get("state_dir") and Path(str(entry["state_dir"])).is_dir():
                 found.setdefault(str(entry.get("instance")), Path(str(entry["state_dir"])))
@@ -104,21 +101,17 @@ class Site:
         return self.token is not None and given is not None and secrets.compare_digest(given, self.token)
 
 
-def job_yaml(manifest: dict[str, Any]) -> str:
-    """The job file that makes this result again: its fields as run, its seed fixed, defaults left out."""
+def job_yaml(manifest: dict[str, Any], config: Config) -> str:
+    """The job file that makes this result again: its fields as run, its seed fixed, and only the
+    fields at their defaults left out that no default of the config (all, the task's, the model's) sets."""
     job = dict(manifest.get("job") or {})
-    seeds = manifest.get("seeds") or []
-    if seeds:
+    job.pop("sweep", None)  # a sweep's values are in the fields themselves
+    if seeds := manifest.get("seeds"):
         job["seed"] = seeds[0]
-    kept = {k: v for k, v in job.items() if v not in (None, [], {}) and k != "sweep"}
-    for key, default in (("negative_prompt", ""), ("keep", "final"), ("clip_skip", 1), ("eta", 0.0)):
-        if kept.get(key) == default:
-            kept.pop(key)
-    if kept.get("output") == {"format": "png", "quality": 95, "name": None}:
-        kept.pop("output")
-    if kept.get("watermark") == {"invisible": None, "visible": None}:
-        kept.pop("watermark")
-    return yaml.safe_dump(kept, sort_keys=False, allow_unicode=True, width=100)
+    model = config.models.get(str(job.get("model")))
+    layers = [config.defaults.get("all", {}), config.defaults.get(str(job.get("task")), {})]
+    keep = {key for layer in [*layers, model.defaults if model else {}] for key in layer}
+    return yaml.safe_dump(job_file_fields(job, keep), sort_keys=False, allow_unicode=True, width=100)
 
 
 def thumbnail(site: Site, name: str) -> Path | None:
@@ -167,7 +160,7 @@ def app(site: Site) -> Starlette:
         manifest = await run_in_threadpool(site.manifest, request.path_params["job_id"])
         if manifest is None:
             return HTMLResponse("<p>No such result.</p>", status_code=404)
-        return render("result", m=manifest, job=job_yaml(manifest))
+        return render("result", m=manifest, job=job_yaml(manifest, site.config))
 
     async def image(request: Request) -> Response:
         name = request.path_params["name"]

@@ -489,7 +489,7 @@ def _commit(
         seconds = time.perf_counter() - started
         fields = job_fields(job_id=job.job_id, job_file=claim.source, task=job.task, model=job.spec.model)
         log.info("done %s (%s) in %.2f s: %s", job.job_id, job.task, seconds, ", ".join(files), extra=fields)
-        metrics.published(job.task, dataclasses.asdict(manifest), seconds)
+        metrics.published(job.task, manifest, seconds)
         if board is not None:
             board.done(job.job_id, claim.source, files, seconds, claim_id=claim.claim_id)
 

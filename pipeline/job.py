@@ -25,7 +25,7 @@ import secrets
 import stat
 import typing
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -633,6 +633,15 @@ def spec_record(spec: Spec) -> dict[str, Any]:
     """The job as run, for records people and tools read: every field, each stage without the
     fields only a job has (a stage's own `count` is always 1; the job's `output` applies)."""
     return spec.model_dump(mode="json", exclude={"then": {"__all__": set(NOT_IN_A_STAGE)}} if spec.then else None)
+
+
+def job_file_fields(record: Mapping[str, Any], keep: Collection[str] = ()) -> dict[str, Any]:
+    """A job's record (`spec_record`: every field as run) as a job file needs it: a field at its
+    default is left out, unless `keep` names it (a field the config's defaults would change)."""
+    task = Task(record.get("task", Task.TXT2IMG))
+    defaults = _TASK_MODELS[task].model_construct(task=task).model_dump(mode="json")  # every default, unvalidated
+    unset = object()
+    return {k: v for k, v in record.items() if k in keep or k == "task" or defaults.get(k, unset) != v}
 
 
 def stage_record(spec: Spec) -> dict[str, Any]:

@@ -439,3 +439,17 @@ def test_inputs_that_crop_alike_share_an_img2img_call_but_the_x4_upscaler_takes_
     assert img.batch_key((100, 100)) == img.batch_key((103, 103))  # both run at 96x96
     assert up.batch_key((100, 100)) != up.batch_key((103, 103))
     assert lanczos.batch_key((100, 100)) is None  # no model call to share
+
+
+def test_a_record_as_a_job_file_leaves_out_only_defaults_the_config_does_not_change() -> None:
+    """The status page's "copy as job file": a field at its default goes, unless a config default would change it."""
+    from diffusiond.pipeline.job import job_file_fields
+
+    record = {"task": "txt2img", "prompt": "a fox", "negative_prompt": "", "steps": 30, "seed": 7, "scheduler": None}
+    record |= {"output": {"format": "png", "quality": 95, "name": None}, "then": [], "guidance": 5.0}
+    assert job_file_fields(record) == {"task": "txt2img", "prompt": "a fox", "seed": 7, "guidance": 5.0}
+    # An SD 2 model's default negative prompt, a config's default steps: the job ran without them.
+    kept = job_file_fields(record, keep={"negative_prompt", "steps"})
+    assert kept == {"task": "txt2img", "prompt": "a fox", "negative_prompt": "", "steps": 30, "seed": 7} | {
+        "guidance": 5.0
+    }
