@@ -631,12 +631,10 @@ CANCEL_FIND_S = 10.0
 def _inbox_relative(target: str, config: Config) -> str:
     """A file given by its path (absolute, or from here) as the inbox knows it; anything else as given."""
     path = Path(target)
-    inbox = config.inbox.resolve()
-    if path.exists() or path.is_absolute():
-        resolved = path.absolute()
-        if resolved.parent.resolve() == inbox or inbox in resolved.parent.resolve().parents:
-            return (resolved.parent.resolve() / resolved.name).relative_to(inbox).as_posix()
-    return target
+    if not (path.exists() or path.is_absolute()):
+        return target
+    inbox, folder = config.inbox.resolve(), path.absolute().parent.resolve()  # the name itself may be a link
+    return (folder / path.name).relative_to(inbox).as_posix() if folder == inbox or inbox in folder.parents else target
 
 
 def _retry(args: argparse.Namespace) -> int:

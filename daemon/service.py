@@ -418,9 +418,10 @@ class Daemon:
 
     def _cancel_asked(self, tracker: SettleTracker, worker: Worker) -> None:
         """Act on the cancel requests whose target this daemon holds: running, queued or in the inbox."""
+        acting = {asked.path for asked in self._cancelling.values()}  # running: answered when it has stopped
         for request in cancel.pending(self.config.spool):
-            if request.path in {asked.path for asked in self._cancelling.values()}:
-                continue  # running: answered when it has stopped
+            if request.path in acting:
+                continue
             try:
                 self._cancel(request, tracker, worker)
             except Exception:  # a bug must not stop the daemon; the request stays for the next look
@@ -428,13 +429,11 @@ class Daemon:
 
     def _cancel(self, request: cancel.Request, tracker: SettleTracker, worker: Worker) -> None:
         config = self.config
-        told = {"target": request.target, "instance": config.instance}
         for running in list(worker.current):
             if request.matches(running.claim_id, running.source) and worker.cancel_claim(running.claim_id):
                 self._cancelling[running.claim_id] = request
                 log.info("cancelling %s at its next step", running.source, extra=job_fields(job_file=running.source))
-                told |= {"source": running.source, "claim_id": running.claim_id}
-                cancel.answer(request, told | {"status": "cancelling"}, final=False)
+                cancel.answer(request, self._told(request, running, "cancelling"), final=False)
                 return
         with self.claims.mutex:  # waiting for the worker: out of the queue, then ended here
             queued = next((c for c in self.claims.queue if c and request.matches(c.claim_id, c.source)), None)
@@ -453,8 +452,7 @@ class Daemon:
             self.claims.task_done()
         if ending is Ending.CANCELLED:
             self.cancelled += 1
-        told |= {"source": queued.source, "claim_id": queued.claim_id, "failed": str(config.folder("failed"))}
-        cancel.answer(request, told | {"status": str(ending)}, final=True)
+        cancel.answer(request, self._told(request, queued, str(ending)), final=True)
 
     def _claim_for_cancel(self, target: str, tracker: SettleTracker) -> Claim | None:
         """Claim an inbox file named by a cancel request (with its same-stem image and mask), to end it."""
@@ -477,9 +475,18 @@ class Daemon:
         request = self._cancelling.pop(ended.claim_id, None)
         if request is None or ending in (Ending.RELEASED, Ending.RESUMES, Ending.DEFERRED):
             return
-        told = {"target": request.target, "instance": self.config.instance, "source": ended.source}
-        told |= {"claim_id": ended.claim_id, "status": str(ending), "failed": str(self.config.folder("failed"))}
-        cancel.answer(request, told, final=True)
+        cancel.answer(request, self._told(request, ended, str(ending)), final=True)
+
+    def _told(self, request: cancel.Request, claimed: Claim, status: str) -> dict[str, str]:
+        """A cancel request's answer: which claim it hit, what became of it, where its inputs are."""
+        return {
+            "target": request.target,
+            "instance": self.config.instance,
+            "source": claimed.source,
+            "claim_id": claimed.claim_id,
+            "status": status,
+            "failed": str(self.config.folder("failed")),
+        }
 
     def _reject(self, claimed: Claim, error: DiffusiondError) -> None:
         try:

@@ -243,10 +243,8 @@ class StatusBoard:
             now = time.monotonic()
             last = step >= steps
             fields = {"job_id": job_id, "claim_id": claim_id, "step": step, "steps": steps, **stage}
-            if last or now - self._last_progress_event.get(job_id, float("-inf")) >= self.progress_interval_s:
-                self._last_progress_event[job_id] = now
-                self._held_progress.pop(job_id, None)
-                self._event("progress", **fields)
+            if last or self._progress_due(job_id, now):
+                self._write_progress(fields, now)
             else:  # written by `flush_due` once the interval is over, unless a later step is written first
                 self._held_progress[job_id] = fields
             self._changed(now)
@@ -318,10 +316,8 @@ class StatusBoard:
         with self._lock:
             now = time.monotonic()
             for job_id, fields in list(self._held_progress.items()):
-                if now - self._last_progress_event.get(job_id, float("-inf")) >= self.progress_interval_s:
-                    self._last_progress_event[job_id] = now
-                    del self._held_progress[job_id]
-                    self._event("progress", **fields)
+                if self._progress_due(job_id, now):
+                    self._write_progress(fields, now)
             if self._dirty and now - self._last_write >= self.write_interval_s:
                 self._write()
 
@@ -342,6 +338,14 @@ class StatusBoard:
         self._status["running"] = [j for j in self._status["running"] if not ended(j)]
         self._status["current"] = self._status["running"][-1] if self._status["running"] else None
         self._last_progress_event.pop(job_id or "", None)
+
+    def _progress_due(self, job_id: str, now: float) -> bool:
+        return now - self._last_progress_event.get(job_id, float("-inf")) >= self.progress_interval_s
+
+    def _write_progress(self, fields: dict[str, Any], now: float) -> None:
+        self._last_progress_event[fields["job_id"]] = now
+        self._held_progress.pop(fields["job_id"], None)
+        self._event("progress", **fields)
 
     def _unqueue(self, *, claim_id: str | None, source: str | None = None) -> None:
         queued = self._status["queued"]
