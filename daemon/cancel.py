@@ -23,12 +23,13 @@ import logging
 import os
 import platform
 import secrets
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffusiond.daemon.fsutil import atomic_write, read_json_object
+from diffusiond.daemon.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 FOLDER = ".cancel"
@@ -79,18 +80,41 @@ def pending(spool: Path, now: float | None = None) -> list[Request]:
         if name.startswith(".") or not name.endswith(".json") or name.endswith(".answer.json"):
             continue
         path = folder / name
-        record = read_json_object(path)
-        if record is None or not isinstance(record.get("target"), str):
-            continue
-        asked = float(record.get("asked") or 0)
+        record = _small_json(path)
+        asked = record.get("asked") if record is not None else None
+        if record is None or not isinstance(record.get("target"), str) or not isinstance(asked, int | float):
+            continue  # not a request `ask` wrote: left alone, never acted on
         if now - asked > EXPIRES_S:
             _remove(path)
             _remove(answer_path(path))
             continue
-        answered = read_json_object(answer_path(path))
+        answered = _small_json(answer_path(path))
         if answered is None or not answered.get("final"):
-            requests.append(Request(path, record["target"], asked))
+            requests.append(Request(path, record["target"], float(asked)))
     return requests
+
+
+MAX_BYTES = 64 * 1024
+"""A request or an answer is a few hundred bytes; a larger file in `.cancel/` is not read."""
+
+
+def _small_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a plain file of at most MAX_BYTES: anyone who can write the spool can put a
+    link to /dev/zero, a pipe or a huge file here, and the daemon reads this folder twice a second."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BYTES:
+            return None
+        value = json.loads(os.read(fd, MAX_BYTES + 1))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return value if isinstance(value, dict) else None
 
 
 def answer(request: Request, outcome: dict[str, Any], *, final: bool) -> None:
@@ -112,14 +136,14 @@ def wait_answer(request: Path, *, found_s: float, ended_s: float, poll_s: float 
     answer_file = answer_path(request)
     latest: dict[str, Any] | None = None
     while True:
-        latest = read_json_object(answer_file) or latest
+        latest = _small_json(answer_file) or latest
         if latest is not None and latest.get("final"):
             _remove(answer_file)
             return latest
         waited = time.monotonic() - started
         if latest is None and waited >= found_s:
             _remove(request)
-            latest = read_json_object(answer_file)  # taken just now, after all: it is being cancelled
+            latest = _small_json(answer_file)  # taken just now, after all: it is being cancelled
             if latest is None:
                 return None
         if waited >= ended_s:

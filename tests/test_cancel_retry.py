@@ -154,3 +154,24 @@ def test_priority_claims_a_higher_one_first_then_the_older(spool: Spool) -> None
     assert codes == [0]
     claimed = [e["source"] for e in events(spool) if e["event"] == "claimed"]
     assert claimed == ["urgent.yaml", "later.yaml", "older.yaml", "old.yaml"]
+
+
+def test_junk_in_the_cancel_folder_never_stops_or_hangs_the_daemon(spool: Spool, standin_daemon) -> None:
+    """Whoever can write the spool can write `.cancel/`: links to endless devices, pipes, huge or wrong files."""
+    import os
+
+    folder = spool.root / ".cancel"
+    folder.mkdir()
+    os.symlink("/dev/zero", folder / "zero.json")
+    os.mkfifo(folder / "pipe.json")
+    (folder / "huge.json").write_text(json.dumps({"target": "x.yaml", "asked": 1e18, "pad": "x" * 200_000}))
+    (folder / "asked.json").write_text(json.dumps({"target": "x.yaml", "asked": "yesterday"}))
+    (folder / "list.json").write_text("[1, 2]")
+    (folder / "zero.answer.json").symlink_to("/dev/zero")
+    spool.drop("after.yaml", "prompt: still here\n")
+    wait_for(lambda: [m for m in spool.manifests() if m["source"] == "after.yaml"], what="the next job")
+    missing = cli(spool, "cancel", "nope.yaml")
+    assert missing.returncode == 1, missing.stderr  # the daemon read the folder, and answered nothing
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["zero.json", "pipe.json", "huge.json", "asked.json", "list.json", "zero.answer.json"]
+    ), "not requests: left alone"
