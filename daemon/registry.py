@@ -78,9 +78,7 @@ def _record_state_dir(config: Config) -> None:
     """
     pointer = state_pointer_path(config)
     record = {"state_dir": str(config.state), "host": platform.node()}
-    if read_json_object(pointer) == record:
-        return
-    try:
+    try:  # written with each heartbeat, never read here: what else is in the spool is not the daemon's to read
         atomic_write(pointer, json.dumps(record).encode(), durable=False)
     except OSError as exc:
         log.warning("cannot write %s: %s; `diffusiond status` needs --state-dir to find this daemon", pointer, exc)
