@@ -61,7 +61,8 @@ def test_cancel_stops_a_running_job_at_a_step_and_ends_a_queued_one_and_an_inbox
 
         spool.drop("after.yaml", "prompt: the daemon goes on\n")
         wait_for(lambda: [m for m in spool.manifests() if m["source"] == "after.yaml"], what="the next job")
-        final = status(spool)
+        # status.json is rewritten at most every 0.5 s: the one that counts the job after the cancels
+        final = wait_for(lambda: (s := status(spool))["counters"]["done"] == 1 and s, what="status counting it")
     assert {m["source"] for m in spool.manifests()} == {"after.yaml"}, "nothing cancelled made images"
     for name in ("slow", "queued", "early"):
         got = report(spool, f"{name}.error.yaml")
