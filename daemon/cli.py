@@ -93,6 +93,23 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     )
     inspect_cmd.add_argument("files", type=Path, nargs="+", metavar="FILE")
     inspect_cmd.add_argument("--json", action="store_true", help="print a JSON list, one object per file")
+    inspect_cmd.add_argument(
+        "--credentials",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="an outbox (or any folder of diffusiond manifests) where a tiled mark's id is looked up; "
+        "default: the config's outbox, where a config is found",
+    )
+    inspect_cmd.add_argument(
+        "--payload",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a watermark payload to check keyed marks against (default: 'diffusiond' and the config's)",
+    )
+    inspect_cmd.add_argument("--config", type=Path, help="config file (default: ./config.yaml, else /etc/diffusiond)")
 
     status = commands.add_parser(
         "status", help="what the daemon is doing; exit 0 running, 1 not running (or gone), 2 no status file"
@@ -501,11 +518,12 @@ def _inspect(args: argparse.Namespace) -> int:
     """Exit 0: a diffusiond watermark in every file; 1: not in some; 2: a file could not be read."""
     from diffusiond.pipeline.inspect import UnreadableImage, format_report, inspect_image, watermark_found
 
+    payloads, folders = _inspect_sources(args)
     reports: list[dict[str, Any]] = []
     unreadable = False
     for path in args.files:
         try:
-            report = inspect_image(path)
+            report = inspect_image(path, payloads=payloads, credentials=folders)
         except UnreadableImage as exc:
             unreadable = True
             reports.append({"file": str(path), "error": str(exc)})
@@ -520,6 +538,26 @@ def _inspect(args: argparse.Namespace) -> int:
     if unreadable:
         return 2
     return 0 if all(watermark_found(report) for report in reports) else 1
+
+
+def _inspect_sources(args: argparse.Namespace) -> tuple[list[str], list[Path]]:
+    """The payloads keyed marks are checked against, and the folders a mark id is looked up in:
+    the options', then the config's (its invisible text, its outbox) where a config is found."""
+    from diffusiond.daemon.config import config_file
+
+    payloads = [*args.payload, "diffusiond"]
+    folders = list(args.credentials)
+    if args.config or config_file(None) is not None:
+        try:
+            config = load_config(args.config)
+        except DiffusiondError as exc:
+            print(f"diffusiond: the config is not used for inspect: {exc}", file=sys.stderr)
+        else:
+            if config.watermark.invisible is not None:
+                payloads.append(config.watermark.invisible.text)
+            if config.outbox.is_dir():
+                folders.append(config.outbox)
+    return list(dict.fromkeys(payloads)), list(dict.fromkeys(folders))
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -141,8 +141,8 @@ class ModelSpec(_Strict):
 class WatermarkConfig(_Strict):
     """The marks every image gets unless a job turns one off (`watermark: {visible: false}`)."""
 
-    invisible: InvisibleWatermark | None = InvisibleWatermark(text="diffusiond", method="dwtDctSvd")
-    """None: no invisible mark. dwtDctSvd survives JPEG quality 75 (see README); dwtDct is SD's own."""
+    invisible: InvisibleWatermark | None = InvisibleWatermark(text="diffusiond", method="tiled")
+    """None: no invisible mark. `tiled` survives recompression, resizing and crops (see README); dwtDct is SD's own."""
     visible: VisibleWatermark | None = None
     logo: Path | None = None
     """A logo image (PNG with alpha) drawn instead of the visible text; only the config can name a file."""

@@ -3,7 +3,14 @@
 Signing comes last, on the bytes `encode()` wrote: the manifest's data hash covers the
 whole file except the manifest itself, so metadata written afterwards would break it.
 The manifest says the image was made (`c2pa.created`) by diffusiond, with the IPTC
-digital source type the caller gives (trainedAlgorithmicMedia for txt2img).
+digital source type the caller gives (trainedAlgorithmicMedia for txt2img). When the image
+carries an invisible mark that verified, the manifest also says so (`c2pa.watermarked.bound`)
+and binds itself to the mark (`c2pa.soft-binding`, C2PA 2.4 section 18.10): the algorithm,
+and the bits the mark holds, so a copy stripped of its metadata can be tied back to these
+credentials by reading the mark (`diffusiond inspect`). The algorithm names are ours
+(`io.github.diffusiond.<method>.1`): the C2PA list of soft-binding algorithms recommends
+registered names, and c2pa-rs accepts any. c2pa-rs takes the block's value as a base64 string
+(its JSON definitions cannot write the CBOR byte string the spec asks for: c2pa-rs issue 2689).
 
 No timestamp authority is asked by default (the daemon runs offline), so the signature
 is only as good as the certificate's validity period. A reader without the signer's
@@ -13,11 +20,14 @@ not damage: the hashes and the signature still check (validation_state "Valid").
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from diffusiond import __version__
 
@@ -29,6 +39,9 @@ except ImportError:  # the optional extra is not installed
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
 ALGORITHMS = ("es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519")
 CREATED = "c2pa.created"
+WATERMARKED = "c2pa.watermarked.bound"
+SOFT_BINDING = "c2pa.soft-binding"
+SOFT_BINDING_ALG = "io.github.diffusiond.{method}.1"
 _IPTC_CODES = "http://cv.iptc.org/newscodes/digitalsourcetype/"
 TRAINED = _IPTC_CODES + "trainedAlgorithmicMedia"
 COMPOSITE = _IPTC_CODES + "compositeWithTrainedAlgorithmicMedia"
@@ -77,24 +90,87 @@ def _require() -> Any:
     return _c2pa
 
 
-def manifest_definition(*, title: str, source_type: str, composite: bool) -> dict[str, Any]:
-    """The manifest diffusiond signs: one `c2pa.created` action with its digital source type."""
+def soft_binding_value(mark: dict[str, Any]) -> bytes:
+    """The bits an invisible mark (a manifest's `watermark.invisible`) holds, as the soft binding records them."""
+    from diffusiond.pipeline import watermark, watermark_tiled
+
+    if mark["method"] == "tiled":
+        bits = watermark_tiled.frame_bits(mark["payload"], int(mark["mark_id"], 16))
+    elif mark["method"] == "rivaGan":
+        bits = watermark._fingerprint_bits(mark["payload"])
+    else:
+        bits = watermark.frame_bits(mark["payload"])
+    return bytes(np.packbits(np.asarray(bits, dtype=np.uint8)))
+
+
+def manifest_definition(
+    *, title: str, source_type: str, composite: bool, mark: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The manifest diffusiond signs: `c2pa.created` with its digital source type; with a verified
+    invisible `mark` (a manifest's `watermark.invisible`), `c2pa.watermarked.bound` and its soft binding."""
     source_type = source_type or (COMPOSITE if composite else TRAINED)
-    action = {
-        "action": CREATED,
-        "digitalSourceType": source_type,
-        "softwareAgent": {"name": "diffusiond", "version": __version__},
-        "description": "made from an input image" if composite else "made from a text prompt",
-    }
+    agent = {"name": "diffusiond", "version": __version__}
+    actions: list[dict[str, Any]] = [
+        {
+            "action": CREATED,
+            "digitalSourceType": source_type,
+            "softwareAgent": agent,
+            "description": "made from an input image" if composite else "made from a text prompt",
+        }
+    ]
+    assertions: list[dict[str, Any]] = [{"label": "c2pa.actions", "data": {"actions": actions}}]
+    if mark is not None:
+        described = f"{mark['method']} mark, payload {mark['payload']!r}" + (
+            f", mark id {mark['mark_id']}" if mark.get("mark_id") else ""
+        )
+        actions.append({"action": WATERMARKED, "softwareAgent": agent, "description": f"invisible {described}"})
+        value = base64.b64encode(soft_binding_value(mark)).decode("ascii")
+        assertions.append(
+            {
+                "label": SOFT_BINDING,
+                "data": {
+                    "alg": SOFT_BINDING_ALG.format(method=mark["method"]),
+                    "blocks": [{"scope": {}, "value": value}],  # an empty scope: the whole image
+                    "name": f"diffusiond invisible watermark: {described}",
+                },
+            }
+        )
     return {
         "claim_generator_info": [{"name": "diffusiond", "version": __version__}],
         "title": title,
-        "assertions": [{"label": "c2pa.actions", "data": {"actions": [action]}}],
+        "assertions": assertions,
     }
 
 
-def sign(data: bytes, fmt: str, *, config: C2paConfig, title: str, source_type: str, composite: bool) -> bytes:
+def soft_bindings(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """A read manifest's soft bindings: each one's `alg`, `name` and `value` (the first block's, decoded bytes)."""
+    found = []
+    for assertion in manifest.get("assertions", []):
+        if assertion.get("label") != SOFT_BINDING or not isinstance(assertion.get("data"), dict):
+            continue
+        data = assertion["data"]
+        blocks = data.get("blocks") or [{}]
+        try:
+            value = base64.b64decode(str(blocks[0].get("value", "")), validate=True)
+        except (ValueError, TypeError, AttributeError):
+            value = b""
+        found.append({"alg": data.get("alg"), "name": data.get("name"), "value": value})
+    return found
+
+
+def sign(
+    data: bytes,
+    fmt: str,
+    *,
+    config: C2paConfig,
+    title: str,
+    source_type: str,
+    composite: bool,
+    mark: dict[str, Any] | None = None,
+) -> bytes:
     """The file `data` (already with its metadata) with a signed C2PA manifest embedded.
+
+    `mark` is the image's verified invisible mark (the manifest's `watermark.invisible`), or None.
 
     Raises ValueError for an unreadable certificate or key, an unknown algorithm, or any signing failure.
     """
@@ -105,7 +181,7 @@ def sign(data: bytes, fmt: str, *, config: C2paConfig, title: str, source_type: 
         raise ValueError(f"C2PA algorithm {config.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
     chain = _read_pem(config.cert_chain, "certificate chain")
     key = _read_pem(config.private_key, "private key")
-    definition = manifest_definition(title=title, source_type=source_type, composite=composite)
+    definition = manifest_definition(title=title, source_type=source_type, composite=composite, mark=mark)
     try:
         settings = c2pa.Settings.from_dict({"builder": {"thumbnail": {"enabled": config.thumbnail}}})
         context = c2pa.Context(settings)

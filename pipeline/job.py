@@ -205,7 +205,7 @@ class OutputSpec(BaseModel):
 
 # The marks' limits are owned here, not by pipeline/watermark.py (which imports them): validation
 # needs them, and must not import the watermark module's numpy, drawing and imwatermark.
-WatermarkMethod = Literal["dwtDct", "dwtDctSvd", "rivaGan"]
+WatermarkMethod = Literal["tiled", "dwtDct", "dwtDctSvd", "rivaGan"]
 WatermarkPosition = Literal["top-left", "top-right", "bottom-left", "bottom-right", "center"]
 WATERMARK_METHODS: tuple[WatermarkMethod, ...] = typing.get_args(WatermarkMethod)
 WATERMARK_POSITIONS: tuple[WatermarkPosition, ...] = typing.get_args(WatermarkPosition)

@@ -40,6 +40,7 @@ from diffusiond.pipeline.metadata import (
     sidecar_files,
 )
 from diffusiond.pipeline.watermark import InvisibleMark, VisibleMark, apply_visible, embed_invisible, verify_invisible
+from diffusiond.pipeline.watermark_tiled import mark_id_for
 
 if TYPE_CHECKING:
     from diffusiond.pipeline.c2pa_sign import C2paConfig
@@ -69,7 +70,7 @@ def marks_for(
         chosen_visible = VisibleWatermark()  # a configured logo with default placement
     invisible_mark = None
     if chosen_invisible is not None:
-        method = chosen_invisible.method or (invisible.method if invisible else None) or "dwtDctSvd"
+        method = chosen_invisible.method or (invisible.method if invisible else None) or "tiled"
         invisible_mark = InvisibleMark(payload=chosen_invisible.text, method=method)
     visible_mark = None
     if chosen_visible is not None:
@@ -103,11 +104,13 @@ def stamp(
     spec: Spec,
     options: MetadataOptions,
     c2pa: C2paConfig | None = None,
+    mark_id: int | None = None,
 ) -> Stamped:
     """One image's file bytes with its marks and metadata, and what the manifest says of its marks.
 
-    Pure and in memory: nothing is written, so a failure leaves nothing behind. Raises JobFailed
-    when the config requires an invisible mark that this image does not carry, or signing fails.
+    `mark_id` is the `tiled` mark's id of this image (`mark_id_for(job_id, file name)`). Pure and in
+    memory: nothing is written, so a failure leaves nothing behind. Raises JobFailed when the config
+    requires an invisible mark that this image does not carry, or signing fails.
     """
     # 1. The visible mark, so the invisible one is embedded over it.
     visible = None
@@ -118,19 +121,33 @@ def stamp(
     # 2. The invisible mark, decoded again at once.
     invisible = None
     if marks.invisible is not None:
-        image, result = embed_invisible(image, marks.invisible)
+        image, result = embed_invisible(image, marks.invisible, mark_id)
         invisible = result.to_dict()
     # 3. Metadata, into the final pixels.
     watermark = {"visible": visible, "invisible": invisible}
-    data = encode(
-        image, output, parameters=parameters, record=dict(record) | {"watermark": watermark}, spec=spec, options=options
-    )
-    # 4. The mark checked in the file as written: JPEG and WebP are lossy (PNG keeps the pixels step 2 checked).
+
+    def encoded() -> bytes:
+        return encode(
+            image,
+            output,
+            parameters=parameters,
+            record=dict(record) | {"watermark": watermark},
+            spec=spec,
+            options=options,
+        )
+
+    data = encoded()
+    # 4. The mark checked in the file as written: JPEG and WebP are lossy (PNG keeps the pixels step 2
+    # checked). The record inside says `verified: true` until now; when the file lost the mark it is
+    # written again saying so (the compressed pixels do not depend on the metadata beside them).
     if marks.invisible is not None and invisible is not None and invisible["embedded"] and output.format != "png":
+        used = InvisibleMark(payload=invisible["payload"], method=invisible["method"])  # a fallback's own
         with Image.open(io.BytesIO(data)) as written:
-            invisible["verified"] = verify_invisible(written, marks.invisible)
-        if not invisible["verified"]:
+            survived = verify_invisible(written, used, mark_id)
+        if not survived:
+            invisible["verified"] = False
             invisible["reason"] = invisible["reason"] or f"the mark did not survive encoding as {output.format}"
+            data = encoded()
     # 5. Content credentials last: the signature covers the pixels and every metadata chunk above.
     if c2pa is not None:
         from diffusiond.pipeline.c2pa_sign import sign
@@ -143,6 +160,7 @@ def stamp(
                 title=str(record.get("job_id", "diffusiond image")),
                 source_type=digital_source_type(spec.task, getattr(spec, "method", None), guided=bool(spec.control)),
                 composite=spec.task != "txt2img" or bool(spec.control),
+                mark=invisible if invisible and invisible["verified"] else None,
             )
         except ValueError as exc:
             raise JobFailed(
@@ -328,6 +346,7 @@ def stamp_job(
             spec=spec,
             options=policy.options,
             c2pa=policy.c2pa,
+            mark_id=mark_id_for(job.job_id, name),
         )
         files.append((name, stamped.data))
         files.extend(sidecar_files(name, parameters=parameters, record=image_record, options=policy.options))

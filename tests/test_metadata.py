@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -415,10 +416,11 @@ def test_inspect_exit_code_follows_the_watermark(
     Image.new("RGB", (64, 64), (1, 2, 3)).save(marked)
     plain, _, _ = write(tmp_path, "png", name="plain")
 
-    def decode_invisible(image: Image.Image) -> dict[str, str | None]:  # stands in for pipeline/watermark.py
+    def decode_invisible(image: Image.Image, known_payloads: list[str]) -> dict[str, str | None]:
         return {"dwtDctSvd": "diffusiond" if image.getpixel((0, 0)) == (1, 2, 3) else None, "dwtDct": None}
 
-    monkeypatch.setattr(inspect_module, "_watermark_decoder", lambda: decode_invisible)
+    stand_in = SimpleNamespace(decode_invisible=decode_invisible)  # for pipeline/watermark.py
+    monkeypatch.setattr(inspect_module, "_watermark_module", lambda: stand_in)
     assert main(["inspect", str(marked)]) == 0
     assert "watermark: found (dwtDctSvd: 'diffusiond', dwtDct: none)" in capsys.readouterr().out
     assert main(["inspect", str(marked), str(plain)]) == 1
@@ -432,13 +434,13 @@ def test_inspect_exit_code_follows_the_watermark(
 
 def test_inspect_reports_a_missing_or_failing_decoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path, _, _ = write(tmp_path, "png")
-    monkeypatch.setattr(inspect_module, "_watermark_decoder", lambda: None)
+    monkeypatch.setattr(inspect_module, "_watermark_module", lambda: None)
     assert inspect_image(path)["watermark"]["status"] == "unavailable"
 
-    def broken(image: Image.Image) -> dict[str, str | None]:
+    def broken(image: Image.Image, known_payloads: list[str]) -> dict[str, str | None]:
         raise ValueError("image too small")
 
-    monkeypatch.setattr(inspect_module, "_watermark_decoder", lambda: broken)
+    monkeypatch.setattr(inspect_module, "_watermark_module", lambda: SimpleNamespace(decode_invisible=broken))
     mark = inspect_image(path)["watermark"]
     assert mark["status"] == "error" and "image too small" in mark["detail"]
 

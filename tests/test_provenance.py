@@ -29,7 +29,11 @@ def run_jobs(spool: Spool, jobs: dict[str, str], count: int) -> list[dict]:
 def test_invisible_mark_verifies_and_survives_jpeg_75_per_inspect(spool: Spool, tmp_path: Path) -> None:
     [manifest] = run_jobs(spool, {"big.yaml": "prompt: a marked image\nsize: 512x512\nsteps: 2\nseed: 5\n"}, 1)
     mark = manifest["outputs"][0]["watermark"]["invisible"]
-    assert mark == {"method": "dwtDctSvd", "payload": "diffusiond", "embedded": True, "verified": True, "reason": None}
+    assert mark["payload"] == "diffusiond" and mark["embedded"] and mark["verified"] and mark["reason"] is None
+    # The random test model paints noise in the tiled mark's own band, which drowns it: the image says so
+    # and carries dwtDctSvd instead (a picture with real structure keeps the tiled mark: the next tests).
+    assert (mark["method"], mark["mark_id"]) == ("dwtDctSvd", None) or mark["method"] == "tiled"
+    assert mark["method"] == "tiled" or "did not hold against this image's texture" in mark["fallback"]
     resaved = tmp_path / "resaved.jpg"
     Image.open(spool.outbox / manifest["outputs"][0]["file"]).convert("RGB").save(resaved, quality=75)
     result = subprocess.run(
@@ -109,16 +113,11 @@ def test_image_bytes_differ_only_by_what_was_asked(spool: Spool, test_models) ->
 
 def test_the_schema_knows_the_marks_limits() -> None:
     """job.py owns the limits that validation checks (watermark.py imports them): they are the mark's real ones."""
-    from imwatermark import WatermarkEncoder
+    from diffusiond.pipeline import job, watermark, watermark_tiled
 
-    from diffusiond.pipeline import job, watermark
-
-    side = job.WATERMARK_MIN_SIDE_PX
-    encoder = WatermarkEncoder()
-    encoder.set_watermark("bits", watermark.frame_bits("diffusiond"))
-    encoder.encode(np.zeros((side, side, 3), np.uint8), "dwtDctSvd")  # the smallest square imwatermark takes
-    with pytest.raises(RuntimeError, match="too small"):
-        encoder.encode(np.zeros((side - 1, side - 1, 3), np.uint8), "dwtDctSvd")
+    # The tiled mark is made on a frame of 256 px on the shorter side: a smaller image would only blur it
+    # (invisible-watermark 0.2.0 refused images under 256 x 256 for its methods too).
+    assert job.WATERMARK_MIN_SIDE_PX == watermark_tiled.GRID_PX == watermark.MIN_SIDE_PX
     assert len(watermark.frame_bits("x" * job.WATERMARK_PAYLOAD_MAX_BYTES)) == watermark.FRAME_BITS
     with pytest.raises(ValueError, match="at most 10"):
         watermark.frame_bits("x" * (job.WATERMARK_PAYLOAD_MAX_BYTES + 1))
@@ -145,9 +144,19 @@ def test_c2pa_signed_outputs_carry_a_valid_created_action(spool: Spool, test_mod
     assert report["parsed"]["settings"]["Seed"] == "3", "metadata written before signing is still there"
 
 
-def test_a_mark_lost_by_lossy_encoding_is_reported_not_claimed(spool: Spool) -> None:
-    job = "prompt: crushed\nsize: 512x512\nsteps: 2\nseed: 5\noutput: {format: jpeg, quality: 20}\n"
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_a_mark_lost_by_lossy_encoding_is_reported_not_claimed(spool: Spool, fmt: str) -> None:
+    """dwtDctSvd does not survive quality 20; the manifest and the record inside the file both say so."""
+    from diffusiond.pipeline.metadata import read_record
+
+    job = (
+        "prompt: crushed\nsize: 512x512\nsteps: 2\nseed: 5\n"
+        f"output: {{format: {fmt}, quality: 20}}\nwatermark: {{invisible: {{method: dwtDctSvd}}}}\n"
+    )
     [manifest] = run_jobs(spool, {"crushed.yaml": job}, 1)
     mark = manifest["outputs"][0]["watermark"]["invisible"]
-    assert mark["embedded"] is True and mark["verified"] is False
-    assert "did not survive encoding as jpeg" in mark["reason"]
+    assert mark["method"] == "dwtDctSvd" and mark["embedded"] is True and mark["verified"] is False, mark
+    assert f"did not survive encoding as {fmt}" in mark["reason"]
+    with Image.open(spool.outbox / manifest["outputs"][0]["file"]) as image:
+        embedded = read_record(image)
+    assert embedded is not None and embedded["watermark"]["invisible"] == mark
