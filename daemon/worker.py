@@ -461,7 +461,9 @@ def _commit(
     claim = run.claim  # as `begin_run` saved it: its attempt goes into the manifest
     for tries in itertools.count(1):
         try:
-            policy = StampPolicy(config.marks(job.spec.watermark), config.metadata_options(), config.c2pa())
+            policy = StampPolicy(
+                config.marks(job.spec.watermark), config.metadata_options(), config.c2pa(), config.stamp_workers()
+            )
             stamped = stamp_job(
                 job, generated, policy, taken=lambda name: os.path.lexists(config.outbox / name), earlier=earlier
             )

@@ -12,7 +12,9 @@ import hashlib
 import io
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -186,6 +188,8 @@ class StampPolicy:
     marks: Marks
     options: MetadataOptions
     c2pa: C2paConfig | None = None
+    workers: int = 1
+    """Images stamped at once (threads: `stamp_threads:`); the files come out in the same order regardless."""
 
 
 @dataclass(frozen=True)
@@ -320,76 +324,105 @@ def stamp_job(
     `generated` is the job's last stage; `earlier` its stages before (a multi-stage job), whose images
     are stamped too with `keep: all`. Every image carries the original (first stage's) prompt and seed.
     `taken` (a name in use in the outbox) is asked only for a job with `output.name`.
+
+    Names are chosen first, in order; then the images are stamped `policy.workers` at a time (each
+    stamp is pure); then the files are listed in the order one worker would have made them, so the
+    bytes and their order do not depend on the pool.
     """
     started = time.perf_counter()
     chosen: set[str] = set()
     spec, record = job.spec, job_record(job)
     last = stage_specs(spec)[len(earlier)]
     keep = spec.keep == "all" and bool(earlier)
-    files: list[tuple[str, bytes]] = []
-    outputs: list[OutputRecord] = []
-    kept: dict[int, list[OutputRecord]] = {stage.number: [] for stage in earlier} if keep else {}
 
     def free(name: str) -> bool:
         names = [name, *(kept_name(name, stage.number) for stage in earlier if keep)]
         return not any(n in chosen or taken(n) for n in names)
 
-    def stamp_one(pixels: Image.Image, made: Sequence[_Made], name: str) -> Stamped:
+    # 1. Plan: each image to stamp (the final ones and, with `keep: all`, the earlier stages'), in file order.
+    plan: list[tuple[Image.Image | Path, Sequence[_Made], str]] = []
+    finals: list[tuple[int, str, list[dict[str, Any]]]] = []  # (plan index, name, chain)
+    kept_plan: dict[int, list[tuple[int, str, int, tuple[int, int]]]] = {stage.number: [] for stage in earlier if keep}
+    for i, (image, seed) in enumerate(zip(generated.images, generated.seeds, strict=True)):
+        made = [
+            *(_Made(e.number, e.spec, e.sizes[i], e.generated, e.generated.seeds[i]) for e in earlier),
+            _Made(len(earlier) + 1, last, image.size, generated, seed),
+        ]
+        name = chosen_name(job, i + 1, made[0].seed, lambda n: not free(n))
+        chosen.add(name)
+        finals.append((len(plan), name, []))
+        plan.append((image, made, name))
+        for stage in earlier:
+            published = None
+            if keep:
+                published = kept_name(name, stage.number)
+                chosen.add(published)
+                kept_plan[stage.number].append((len(plan), published, stage.generated.seeds[i], stage.sizes[i]))
+                plan.append((stage.files[i], made[: stage.number], published))
+            width, height = stage.sizes[i]
+            finals[-1][2].append(
+                {
+                    "stage": stage.number,
+                    "task": str(stage.spec.task),
+                    "seed": stage.generated.seeds[i],
+                    "width": width,
+                    "height": height,
+                    "sha256": stage.sha256[i],
+                    "file": published,
+                }
+            )
+
+    # 2. Stamp, `policy.workers` at a time.
+    def stamp_one(item: tuple[Image.Image | Path, Sequence[_Made], str]) -> tuple[Stamped, list[tuple[str, bytes]]]:
+        source, made, name = item
+        if isinstance(source, Path):
+            with Image.open(source) as opened:
+                pixels = opened.convert("RGB")
+        else:
+            pixels = source
         parameters = _parameters(made)
         image_record = record | {"seed": made[0].seed} | ({"stages": _stages_record(made)} if earlier else {})
-        stamped = stamp(
-            pixels,
-            spec.output,
-            policy.marks,
-            parameters=parameters,
-            record=image_record,
-            spec=spec,
-            options=policy.options,
-            c2pa=policy.c2pa,
-            mark_id=mark_id_for(job.job_id, name),
-        )
-        files.append((name, stamped.data))
-        files.extend(sidecar_files(name, parameters=parameters, record=image_record, options=policy.options))
-        return stamped
-
-    with job_context(path=job.source, job_index=job.index):
-        for i, (image, seed) in enumerate(zip(generated.images, generated.seeds, strict=True)):
-            made = [
-                *(_Made(e.number, e.spec, e.sizes[i], e.generated, e.generated.seeds[i]) for e in earlier),
-                _Made(len(earlier) + 1, last, image.size, generated, seed),
-            ]
-            name = chosen_name(job, i + 1, made[0].seed, lambda n: not free(n))
-            chosen.add(name)
-            stamped = stamp_one(image, made, name)
-            chain: list[dict[str, Any]] = []
-            for stage in earlier:
-                published = None
-                if keep:
-                    published = kept_name(name, stage.number)
-                    chosen.add(published)
-                    with Image.open(stage.files[i]) as opened:
-                        pixels = opened.convert("RGB")
-                    kept_stamp = stamp_one(pixels, made[: stage.number], published)
-                    digest = hashlib.sha256(kept_stamp.data).hexdigest()
-                    width, height = pixels.size
-                    seed_k = stage.generated.seeds[i]
-                    kept[stage.number].append(
-                        OutputRecord(published, digest, seed_k, width, height, kept_stamp.watermark)
-                    )
-                width, height = stage.sizes[i]
-                chain.append(
-                    {
-                        "stage": stage.number,
-                        "task": str(stage.spec.task),
-                        "seed": stage.generated.seeds[i],
-                        "width": width,
-                        "height": height,
-                        "sha256": stage.sha256[i],
-                        "file": published,
-                    }
-                )
-            digest = hashlib.sha256(stamped.data).hexdigest()
-            outputs.append(
-                OutputRecord(name, digest, made[0].seed, image.width, image.height, stamped.watermark, chain)
+        with job_context(path=job.source, job_index=job.index):
+            stamped = stamp(
+                pixels,
+                spec.output,
+                policy.marks,
+                parameters=parameters,
+                record=image_record,
+                spec=spec,
+                options=policy.options,
+                c2pa=policy.c2pa,
+                mark_id=mark_id_for(job.job_id, name),
             )
+        sidecars = sidecar_files(name, parameters=parameters, record=image_record, options=policy.options)
+        return stamped, [(name, stamped.data), *sidecars]
+
+    if policy.workers > 1 and len(plan) > 1:
+        results = list(_pool(policy.workers).map(stamp_one, plan))
+    else:
+        results = [stamp_one(item) for item in plan]
+
+    # 3. The files in plan order, and what the manifest says of each image.
+    files = [file for _stamped, item_files in results for file in item_files]
+    outputs = []
+    for (index, name, chain), image in zip(finals, generated.images, strict=True):
+        stamped = results[index][0]
+        digest = hashlib.sha256(stamped.data).hexdigest()
+        seed = plan[index][1][0].seed
+        outputs.append(OutputRecord(name, digest, seed, image.width, image.height, stamped.watermark, chain))
+    kept: dict[int, list[OutputRecord]] = {}
+    for number, entries in kept_plan.items():
+        kept[number] = []
+        for index, published, seed_k, _size in entries:
+            stamped = results[index][0]
+            with Image.open(io.BytesIO(stamped.data)) as written:
+                width, height = written.size
+            digest = hashlib.sha256(stamped.data).hexdigest()
+            kept[number].append(OutputRecord(published, digest, seed_k, width, height, stamped.watermark))
     return StampedJob(files, outputs, time.perf_counter() - started, kept)
+
+
+@cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One stamping pool per size for the process's life (a config reload may choose another size)."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stamp")

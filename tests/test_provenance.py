@@ -160,3 +160,49 @@ def test_a_mark_lost_by_lossy_encoding_is_reported_not_claimed(spool: Spool, fmt
     with Image.open(spool.outbox / manifest["outputs"][0]["file"]) as image:
         embedded = read_record(image)
     assert embedded is not None and embedded["watermark"]["invisible"] == mark
+
+
+def test_a_stripped_resized_copy_is_tied_to_its_credentials_by_the_mark(
+    spool: Spool, test_models, tmp_path: Path
+) -> None:
+    """What a social site does (half size, JPEG 75, every metadata chunk gone): inspect still finds the job
+    and the C2PA credentials through the tiled mark, whose id the credentials' soft binding records."""
+    pytest.importorskip("c2pa", reason="c2pa-python is not installed (the optional `c2pa` extra)")
+    from diffusiond.pipeline.c2pa_sign import SOFT_BINDING_ALG, read_manifest, soft_binding_value, soft_bindings
+    from tests.test_c2pa import make_chain
+    from tests.test_watermark import detailed_image
+
+    chain, key, _root = make_chain(tmp_path / "c2pa")
+    write_config(spool.root, test_models, metadata={"c2pa": {"cert_chain": str(chain), "private_key": str(key)}})
+    picture = tmp_path / "up.png"
+    detailed_image(256, seed=11).save(picture)  # a picture with structure (the test model paints noise)
+    (spool.inbox / ".up.png.part").write_bytes(picture.read_bytes())
+    (spool.inbox / ".up.png.part").rename(spool.inbox / "up.png")
+    [manifest] = run_jobs(spool, {"up.yaml": "task: upscale\nmethod: lanczos\nscale: 2\nimage: up.png\n"}, 1)
+    output = manifest["outputs"][0]
+    mark = output["watermark"]["invisible"]
+    assert (mark["method"], mark["embedded"], mark["verified"]) == ("tiled", True, True), mark
+    original = spool.outbox / output["file"]
+    credentials = read_manifest(original.read_bytes(), "png")
+    assert credentials is not None and credentials["validation_state"] == "Valid"
+    [binding] = soft_bindings(credentials)
+    assert binding["alg"] == SOFT_BINDING_ALG.format(method="tiled") and binding["value"] == soft_binding_value(mark)
+
+    stripped = tmp_path / "posted.jpg"
+    with Image.open(original) as image:
+        image.convert("RGB").resize((256, 256), Image.Resampling.LANCZOS).save(stripped, quality=75)
+    with Image.open(stripped) as posted:
+        assert not set(posted.info) & {"exif", "xmp", "parameters", "diffusiond"}
+    inspect = [sys.executable, "-m", "diffusiond.daemon.cli", "inspect", str(stripped), "--credentials"]
+    result = subprocess.run([*inspect, str(spool.outbox), "--json"], capture_output=True, text=True, timeout=CEILING_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [report] = json.loads(result.stdout)
+    assert report["metadata"] is False and report["c2pa"] is None
+    assert report["watermark"]["tiled"]["mark_id"] == mark["mark_id"]
+    [match] = report["credentials"]
+    assert match["job_id"] == manifest["job_id"] and match["present"] is True
+    assert match["c2pa"]["state"] == "Valid" and match["c2pa"]["soft_binding"] is True
+    assert match["c2pa"]["signer"] == "diffusiond test signer"
+    text = subprocess.run([*inspect, str(spool.outbox)], capture_output=True, text=True, timeout=CEILING_S).stdout
+    assert f"made by diffusiond: job {manifest['job_id']}" in text
+    assert "credentials: C2PA Valid, signed by diffusiond test signer; their soft binding names this mark" in text
