@@ -229,7 +229,7 @@ def overhead_lines(r: InotifyRun, n: int, rounds: int) -> list[str]:
         f"{sum(r.direct_big) / len(r.direct_big) * 1e3:.1f} | 1.00 |",
         f"| daemon, stream at {BIG}x{BIG}, job says `watermark: {{invisible: false}}` | {n * rounds} | "
         f"{sum(r.streams_big):.2f} | {sum(r.streams_big) / (n * rounds) * 1e3:.1f} | {big_ratio:.3f} |",
-        f"| daemon, stream at {BIG}x{BIG} with the default invisible mark (dwtDctSvd, checked in the file) | "
+        f"| daemon, stream at {BIG}x{BIG} with the default invisible mark (tiled, checked in the file) | "
         f"{n * rounds} | {sum(r.streams_marked):.2f} | {sum(r.streams_marked) / (n * rounds) * 1e3:.1f} | "
         f"{sum(r.streams_marked) / sum(r.direct_big):.3f} |",
         f"one job at a time the daemon adds {(median(daemon_tot) - median(direct)) * 1e3:.0f} ms per job "

@@ -94,6 +94,7 @@ def soft_binding_value(mark: dict[str, Any]) -> bytes:
     """The bits an invisible mark (a manifest's `watermark.invisible`) holds, as the soft binding records them."""
     from diffusiond.pipeline import watermark, watermark_tiled
 
+    bits: Any
     if mark["method"] == "tiled":
         bits = watermark_tiled.frame_bits(mark["payload"], int(mark["mark_id"], 16))
     elif mark["method"] == "rivaGan":

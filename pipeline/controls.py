@@ -39,7 +39,7 @@ def prepare(image: Image.Image, use: ControlUse, size: tuple[int, int]) -> Image
     if use.preprocess == "scribble":
         lines = np.where(gray < use.threshold, 255, 0).astype(np.uint8)
         return Image.fromarray(lines).convert("RGB")
-    import cv2  # OpenCV comes with invisible-watermark; imported here, where it is used
+    import cv2  # opencv-python-headless (a dependency, for the DWT marks); imported here, where it is used
 
     edges = cv2.Canny(gray, use.low_threshold, use.high_threshold)
     return Image.fromarray(edges).convert("RGB")

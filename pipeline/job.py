@@ -204,7 +204,7 @@ class OutputSpec(BaseModel):
 
 
 # The marks' limits are owned here, not by pipeline/watermark.py (which imports them): validation
-# needs them, and must not import the watermark module's numpy, drawing and imwatermark.
+# needs them, and must not import the watermark module's numpy, SciPy, drawing and OpenCV.
 WatermarkMethod = Literal["tiled", "dwtDct", "dwtDctSvd", "rivaGan"]
 WatermarkPosition = Literal["top-left", "top-right", "bottom-left", "bottom-right", "center"]
 WATERMARK_METHODS: tuple[WatermarkMethod, ...] = typing.get_args(WatermarkMethod)
@@ -212,7 +212,7 @@ WATERMARK_POSITIONS: tuple[WatermarkPosition, ...] = typing.get_args(WatermarkPo
 WATERMARK_PAYLOAD_MAX_BYTES = 10
 """The invisible mark's payload: 10 bytes of UTF-8 text (its 96-bit frame adds a 16-bit check)."""
 WATERMARK_MIN_SIDE_PX = 256
-"""imwatermark refuses images under 256 x 256 pixels; we ask it of each side."""
+"""The tiled mark's frame (256 px on the shorter side); the DWT marks need 256 x 256 too."""
 
 
 class LoraUse(BaseModel):
@@ -286,7 +286,7 @@ CONTROL_TASKS = ("txt2img", "img2img")
 
 
 class InvisibleWatermark(BaseModel):
-    """A payload hidden in the pixels (invisible-watermark); `method` None = the config's."""
+    """A payload hidden in the pixels (pipeline/watermark.py); `method` None = the config's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
     text: str = Field("diffusiond", min_length=1)
