@@ -557,7 +557,7 @@ def _inspect_sources(args: argparse.Namespace) -> tuple[list[str], list[Path]]:
                 payloads.append(config.watermark.invisible.text)
             if config.outbox.is_dir():
                 folders.append(config.outbox)
-    return list(dict.fromkeys(payloads)), list(dict.fromkeys(folders))
+    return list(dict.fromkeys(payloads)), list(dict.fromkeys(folder.resolve() for folder in folders))
 
 
 def _status(args: argparse.Namespace) -> int:

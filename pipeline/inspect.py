@@ -116,7 +116,11 @@ def find_credentials(mark_id: str, payload: str, folders: Iterable[Path]) -> lis
     whether their soft binding names this mark), or None when it is unsigned or gone.
     """
     found = []
+    seen: set[Path] = set()
     for manifest_path in _manifests(folders):
+        if manifest_path.resolve() in seen:  # one folder given twice, or inside another
+            continue
+        seen.add(manifest_path.resolve())
         manifest = _small_json(manifest_path)
         if not isinstance(manifest, dict) or manifest.get("status") != "done":
             continue
