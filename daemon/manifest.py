@@ -101,7 +101,13 @@ class Manifest:
     `seed`, `width`, `height`)."""
     outputs: list[OutputRecord]
     """Each final image: file (in the outbox), sha256 of its bytes, seed, width, height, watermark, and
-    `chain`, the earlier stages' images it was made from (empty for a job without `then:`)."""
+    `chain`, the earlier stages' images it was made from (empty for a job without `then:`).
+
+    `watermark` is `{visible, invisible}`: the label drawn (or None), and the invisible mark's
+    `method`, `payload`, `embedded`, `verified` (in the file as written), `reason` (why not),
+    `mark_id` (the tiled mark's id of this image, 8 hex digits: what `inspect` looks up for a
+    stripped copy, and what the C2PA soft binding holds) and `fallback` (why dwtDctSvd marks it
+    when tiled was asked for)."""
 
     def to_json(self) -> bytes:
         # A source name that is not UTF-8 (lone surrogates) is written as the JSON escape `\udcxx`.

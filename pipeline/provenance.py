@@ -93,7 +93,7 @@ class Stamped:
     data: bytes
     """The image file's bytes."""
     watermark: dict[str, Any]
-    """For the manifest: the visible mark drawn, and the invisible mark's method, payload and check."""
+    """For the manifest: the visible mark drawn, and the invisible mark (`MarkResult.to_dict()`)."""
 
 
 def stamp(
