@@ -545,12 +545,19 @@ def _inspect_sources(args: argparse.Namespace) -> tuple[list[str], list[Path]]:
     the options', then the config's (its invisible text, its outbox) where a config is found."""
     from diffusiond.daemon.config import config_file
 
-    payloads = [*args.payload, "diffusiond"]
+    payloads = ["diffusiond"]
+    for payload in args.payload:
+        try:
+            payload.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8 on the command line
+            print(f"diffusiond: --payload {payload!r} is not UTF-8 text; left out", file=sys.stderr)
+        else:
+            payloads.append(payload)
     folders = list(args.credentials)
     if args.config or config_file(None) is not None:
         try:
             config = load_config(args.config)
-        except DiffusiondError as exc:
+        except (DiffusiondError, ValueError, OSError) as exc:  # ValueError: a config that is not UTF-8
             print(f"diffusiond: the config is not used for inspect: {exc}", file=sys.stderr)
         else:
             if config.watermark.invisible is not None:

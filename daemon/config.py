@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -306,7 +307,8 @@ class Config(_Strict):
     contention 2 torch threads on 2 cores ran 3.9x slower than 1 (bench/threads.py)."""
     stamp_threads: int | Literal["auto"] = "auto"
     """Threads that stamp a job's images at once (marks, their check, metadata, encoding: numpy, SciPy and
-    Pillow release the GIL there). `auto`: one fewer than the usable CPUs, at least 1. Threads scaled as
+    Pillow release the GIL there). `auto`: on CUDA one fewer than the usable CPUs; on the CPU the CPUs
+    torch's `threads:` leave (1 with both `auto`); at least 1. Threads scaled as
     well as processes (bench/stamp.py: 1.6x with 2 on 2 CPUs) without copying images between processes."""
     disk_full_retry_s: float = Field(30.0, gt=0)
     """A job that found the disk full waits this long in work/ before it is tried again (it is not failed)."""
@@ -331,8 +333,15 @@ class Config(_Strict):
         return self.threads if isinstance(self.threads, int) else max(1, usable_cpus() - 1)
 
     def stamp_workers(self) -> int:
-        """The number `stamp_threads:` means on this machine now."""
-        return self.stamp_threads if isinstance(self.stamp_threads, int) else max(1, usable_cpus() - 1)
+        """The number `stamp_threads:` means on this machine now: on a GPU the CPUs less one; on the CPU
+        what torch's threads leave (the writer stamps while the next batch generates)."""
+        if isinstance(self.stamp_threads, int):
+            return self.stamp_threads
+        torch = sys.modules.get("torch")  # loaded by then wherever a real model runs; never imported here
+        on_gpu = self.device.startswith(("cuda", "mps")) or (
+            self.device == "auto" and torch is not None and torch.cuda.is_available()
+        )
+        return max(1, usable_cpus() - 1 if on_gpu else usable_cpus() - self.torch_threads())
 
     @field_validator("device")
     @classmethod

@@ -150,10 +150,11 @@ def soft_bindings(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         if assertion.get("label") != SOFT_BINDING or not isinstance(assertion.get("data"), dict):
             continue
         data = assertion["data"]
-        blocks = data.get("blocks") or [{}]
+        blocks = data.get("blocks")
+        first = blocks[0] if isinstance(blocks, list) and blocks and isinstance(blocks[0], dict) else {}
         try:
-            value = base64.b64decode(str(blocks[0].get("value", "")), validate=True)
-        except (ValueError, TypeError, AttributeError):
+            value = base64.b64decode(str(first.get("value", "")), validate=True)
+        except ValueError:
             value = b""
         found.append({"alg": data.get("alg"), "name": data.get("name"), "value": value})
     return found

@@ -18,7 +18,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -116,20 +116,30 @@ def find_credentials(mark_id: str, payload: str, folders: Iterable[Path]) -> lis
     whether their soft binding names this mark), or None when it is unsigned or gone.
     """
     found = []
-    seen: set[Path] = set()
+    seen: set[tuple[int, int]] = set()
     for manifest_path in _manifests(folders):
-        if manifest_path.resolve() in seen:  # one folder given twice, or inside another
+        try:
+            identity = os.lstat(manifest_path)
+        except OSError:
             continue
-        seen.add(manifest_path.resolve())
+        if (identity.st_dev, identity.st_ino) in seen:  # one folder given twice, or inside another
+            continue
+        seen.add((identity.st_dev, identity.st_ino))
         manifest = _small_json(manifest_path)
         if not isinstance(manifest, dict) or manifest.get("status") != "done":
             continue
-        for output in manifest.get("outputs") or []:
-            mark = ((output or {}).get("watermark") or {}).get("invisible") or {}
+        outputs = manifest.get("outputs")
+        for output in outputs if isinstance(outputs, list) else []:
+            mark = _field(_field(output, "watermark"), "invisible")
             if mark.get("method") != "tiled" or mark.get("mark_id") != mark_id or mark.get("payload") != payload:
                 continue
-            original = manifest_path.parent / str(output.get("file", ""))
-            present = original.is_file() and _sha256(original) == output.get("sha256")
+            name = output.get("file")
+            # Only a file beside the manifest, by its plain name: a manifest is data, not a path to follow.
+            if not isinstance(name, str) or not name or PurePath(name).name != name or name in (".", ".."):
+                continue
+            original = manifest_path.parent / name
+            digest = _plain_file_sha256(original)
+            present = digest is not None and digest == output.get("sha256")
             found.append(
                 {
                     "manifest": str(manifest_path),
@@ -141,6 +151,12 @@ def find_credentials(mark_id: str, payload: str, folders: Iterable[Path]) -> lis
                 }
             )
     return found
+
+
+def _field(value: Any, key: str) -> dict[str, Any]:
+    """`value[key]` when both are dicts, else an empty dict (a foreign or damaged manifest)."""
+    inner = value.get(key) if isinstance(value, dict) else None
+    return inner if isinstance(inner, dict) else {}
 
 
 def _manifests(folders: Iterable[Path]) -> Iterable[Path]:
@@ -170,14 +186,28 @@ def _small_json(path: Path) -> Any:
         return None
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; "[[[[..." recurses
         return None
 
 
-def _sha256(path: Path) -> str:
-    from diffusiond.pipeline.hashing import file_sha256
+def _plain_file_sha256(path: Path) -> str | None:
+    """The sha256 of a plain file (not a link, FIFO or device), or None."""
+    import hashlib
 
-    return file_sha256(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as file:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+        except OSError:
+            return None
+    return digest.hexdigest()
 
 
 def _original_credentials(original: Path, mark: dict[str, Any]) -> dict[str, Any] | None:
@@ -189,7 +219,7 @@ def _original_credentials(original: Path, mark: dict[str, Any]) -> dict[str, Any
         return None
     try:
         manifest = c2pa_sign.read_manifest(original.read_bytes(), fmt)
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     if manifest is None:
         return None

@@ -7,9 +7,10 @@ libGL and X11 at import: slim servers and containers lack them) and imports torc
 OpenCV comes from `opencv-python-headless`; `tests/test_watermark.py` checks that this
 code writes the same pixels as the package did.
 
-Both embed each bit in 4 x 4 blocks of the Haar DWT's approximation band of a YUV channel:
-dwtDct moves a block's largest DCT coefficient onto a lattice, dwtDctSvd the block's largest
-singular value of its DCT.
+Both embed each bit in 4 x 4 blocks of the Haar DWT's approximation band of the Y and U
+channels (the package never marks V): dwtDct moves the block's largest coefficient (its
+first left out; no DCT is taken, despite the name) onto a lattice, dwtDctSvd the largest
+singular value of the block's DCT.
 """
 
 from __future__ import annotations

@@ -64,6 +64,7 @@ _CANDIDATES = 5
 _CHASE_BITS = 8
 _CHASE_FLIPS = 3
 _CLIP_SIGMAS = 2.5
+_MAX_ASPECT = 4
 _TARGET_RMS = 255 / 10 ** (PSNR_DB / 20)
 
 
@@ -191,7 +192,13 @@ def read(rgb: np.ndarray, payloads: Iterable[str], *, search: bool = True) -> Ti
     payloads = list(dict.fromkeys(payloads))
     if not payloads or min(rgb.shape[:2]) < 16:
         return None
-    luma = _luma(rgb)
+    # A thin image would be scaled up to a frame many times its size at every try: read its middle,
+    # at most 4 times as long as it is wide (the short side, hence the frame's scale, is kept; the
+    # tiles there carry the whole mark).
+    height, width = rgb.shape[:2]
+    longest = _MAX_ASPECT * min(height, width)
+    top, left = max(0, (height - longest) // 2), max(0, (width - longest) // 2)
+    luma = _luma(rgb[top : top + longest, left : left + longest])
     height, width = luma.shape
     if min(height, width) > 2 * GRID_PX:  # scale big images once; each try then costs ~1 ms
         luma = _resize(luma, *_grid_size(width, height, 2 * GRID_PX))

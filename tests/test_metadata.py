@@ -458,3 +458,41 @@ def test_inspect_reads_an_automatic1111_jpeg_and_survives_broken_xmp(tmp_path: P
     assert report["parsed"]["prompt"] == "a cat" and report["parsed"]["settings"]["Sampler"] == "Euler a"
     assert report["record"] is None and report["xmp"] is None
     assert len(report["problems"]) == 1 and "XMP is not well-formed" in report["problems"][0]
+
+
+def test_inspect_survives_a_hostile_credentials_folder(tmp_path: Path) -> None:
+    """Damaged or foreign JSON, a link loop, a FIFO and a manifest naming a path outside its folder:
+    each is passed over (no traceback, no file read outside the folder); the real match is still found."""
+    import hashlib
+    import os
+
+    from diffusiond.pipeline.inspect import find_credentials
+
+    folder = tmp_path / "outbox"
+    folder.mkdir()
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"not yours")
+    mark = {"method": "tiled", "payload": "diffusiond", "mark_id": "0000abcd"}
+
+    def manifest(name: str, outputs: object) -> None:
+        (folder / name).write_text(json.dumps({"status": "done", "job_id": name, "outputs": outputs}))
+
+    (folder / "deep.json").write_text("[" * 200_000)
+    (folder / "list.json").write_text("[1, 2]")
+    manifest("dict-outputs.json", {"a": 1})
+    manifest("str-outputs.json", "abc")
+    manifest("number-outputs.json", 5)
+    manifest("str-watermark.json", [{"watermark": "x"}])
+    manifest("list-invisible.json", [{"watermark": {"invisible": [1]}}])
+    digest = hashlib.sha256(outside.read_bytes()).hexdigest()
+    manifest("escape.json", [{"file": str(outside), "sha256": digest, "watermark": {"invisible": mark}}])
+    manifest("dotdot.json", [{"file": "../secret.png", "sha256": digest, "watermark": {"invisible": mark}}])
+    os.symlink("loop.json", folder / "loop.json")
+    os.mkfifo(folder / "fifo.json")
+    image = folder / "real-1.png"
+    image.write_bytes(b"\x89PNG real bytes")
+    real = hashlib.sha256(image.read_bytes()).hexdigest()
+    manifest("real.json", [{"file": "real-1.png", "sha256": real, "watermark": {"invisible": mark}}])
+
+    [match] = find_credentials("0000abcd", "diffusiond", [folder, folder])  # given twice: listed once
+    assert match["job_id"] == "real.json" and match["present"] is True and match["image"] == str(image)

@@ -400,3 +400,13 @@ def test_visible_then_invisible_both_hold() -> None:
 def test_visible_options_are_checked(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         VisibleMark(**kwargs)
+
+
+def test_a_thin_image_is_read_from_its_middle() -> None:
+    """A panorama 6x as long as wide keeps its mark; a 64 x 20,000 strip is read at a bounded frame."""
+    image = detailed_image(256, seed=12).resize((1536, 256))
+    marked, result = embed_invisible(image, InvisibleMark(), 21)
+    assert result.verified
+    found = read_tiled(jpeg(marked, 75))
+    assert found is not None and found.mark_id == 21
+    assert read_tiled(Image.new("RGB", (20_000, 64), (90, 90, 90))) is None
