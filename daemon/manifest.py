@@ -98,7 +98,7 @@ class Manifest:
     """Each stage that ran, in order (one for a job without `then:`): `stage`, `task`, `job` (its
     fields as run), `seeds`, `scheduler`, `model`, `timings`, `attempt` and `finished_at` (a stage made
     before a crash keeps the run that made it), and `outputs` (`file`: None unless published, `sha256`,
-    `seed`, `width`, `height`)."""
+    `seed`, `width`, `height`, and for a published one its `watermark`, as a final output's)."""
     outputs: list[OutputRecord]
     """Each final image: file (in the outbox), sha256 of its bytes, seed, width, height, watermark, and
     `chain`, the earlier stages' images it was made from (empty for a job without `then:`).
@@ -222,8 +222,11 @@ def _image(file: str | None, sha256: str, seed: int, size: tuple[int, int]) -> d
 def _kept(stage: EarlierStage, stamped: StampedJob) -> list[dict[str, Any]]:
     """An earlier stage's images: the published file where `keep: all` published it, else none."""
     kept = stamped.kept.get(stage.number)
+    if not kept:
+        return [_image(None, stage.sha256[i], seed, stage.sizes[i]) for i, seed in enumerate(stage.generated.seeds)]
+    # A published earlier image carries its own marks (its own tiled mark id): recorded as an output's are.
     return [
-        _image(kept[i].file if kept else None, kept[i].sha256 if kept else stage.sha256[i], seed, stage.sizes[i])
+        _image(kept[i].file, kept[i].sha256, seed, stage.sizes[i]) | {"watermark": kept[i].watermark}
         for i, seed in enumerate(stage.generated.seeds)
     ]
 

@@ -129,7 +129,12 @@ def find_credentials(mark_id: str, payload: str, folders: Iterable[Path]) -> lis
         if not isinstance(manifest, dict) or manifest.get("status") != "done":
             continue
         outputs = manifest.get("outputs")
-        for output in outputs if isinstance(outputs, list) else []:
+        candidates = list(outputs) if isinstance(outputs, list) else []
+        stages = manifest.get("stages")
+        for stage in stages if isinstance(stages, list) else []:  # `keep: all` published earlier images too
+            kept = _field({"s": stage}, "s").get("outputs")
+            candidates += kept if isinstance(kept, list) else []
+        for output in candidates:
             mark = _field(_field(output, "watermark"), "invisible")
             if mark.get("method") != "tiled" or mark.get("mark_id") != mark_id or mark.get("payload") != payload:
                 continue

@@ -169,6 +169,9 @@ def test_a_three_stage_job_makes_its_final_images_with_the_original_prompt_and_s
     names = [o["file"] for s in kept["stages"] for o in s["outputs"]]
     assert names[:2] == [f"{kept['job_id']}-1-stage1.png", f"{kept['job_id']}-1-stage2.png"]
     assert names[2] == kept["outputs"][0]["file"]
+    # A published earlier image's marks are recorded as a final's (its own tiled mark id where it has one).
+    assert all(set(o["watermark"]) == {"visible", "invisible"} for s in kept["stages"][:2] for o in s["outputs"])
+    assert all("watermark" not in o for s in first["stages"][:2] for o in s["outputs"])
     for stage, name in enumerate(names, start=1):
         image = spool.outbox / name
         record = json.loads(Image.open(image).text["diffusiond"])
