@@ -18,6 +18,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 from diffusiond.pipeline.families import ModelEntry
 
@@ -25,10 +26,15 @@ _lock = threading.Lock()
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+        return stream_sha256(handle)
+
+
+def stream_sha256(handle: BinaryIO) -> str:
+    """The sha256 of what is left to read in `handle`, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 

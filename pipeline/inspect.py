@@ -13,13 +13,14 @@ there, so inspect can say which job made the image and whose credentials signed 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -176,18 +177,12 @@ def _manifests(folders: Iterable[Path]) -> Iterable[Path]:
 
 def _small_json(path: Path) -> Any:
     """A plain file's JSON, or None (a link, a FIFO, too large, unreadable or not JSON)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as file:
+    with _plain_file(path) as file:
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            data = file.read(_MANIFEST_MAX_BYTES + 1)
+            data = file.read(_MANIFEST_MAX_BYTES + 1) if file else b""
         except OSError:
             return None
-    if len(data) > _MANIFEST_MAX_BYTES:
+    if not data or len(data) > _MANIFEST_MAX_BYTES:
         return None
     try:
         return json.loads(data)
@@ -197,22 +192,26 @@ def _small_json(path: Path) -> Any:
 
 def _plain_file_sha256(path: Path) -> str | None:
     """The sha256 of a plain file (not a link, FIFO or device), or None."""
-    import hashlib
+    from diffusiond.pipeline.hashing import stream_sha256
 
+    with _plain_file(path) as file:
+        try:
+            return stream_sha256(file) if file else None
+        except OSError:
+            return None
+
+
+@contextlib.contextmanager
+def _plain_file(path: Path) -> Iterator[BinaryIO | None]:
+    """`path` open for reading if it is a regular file (opened without following a link or blocking on a
+    FIFO: a folder given to inspect is anybody's), else None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
-        return None
+        yield None
+        return
     with os.fdopen(fd, "rb") as file:
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            digest = hashlib.sha256()
-            for chunk in iter(lambda: file.read(1 << 20), b""):
-                digest.update(chunk)
-        except OSError:
-            return None
-    return digest.hexdigest()
+        yield file if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
 def _original_credentials(original: Path, mark: dict[str, Any]) -> dict[str, Any] | None:
@@ -310,9 +309,7 @@ def _decode_watermark(image: Image.Image, payloads: list[str]) -> dict[str, Any]
     if watermark is None:
         return {"status": "unavailable", "payloads": {}, "detail": "the watermark decoder is not installed"}
     try:
-        rgb = image.convert("RGB")
-        decoded = watermark.decode_invisible(rgb, known_payloads=payloads)
-        tiled = watermark.read_tiled(rgb, payloads) if decoded.get("tiled") else None
+        decoded, tiled = watermark.decode_marks(image.convert("RGB"), known_payloads=payloads)
     except Exception as exc:  # a foreign module; its failure is reported, the metadata still printed
         return {"status": "error", "payloads": {}, "detail": f"{type(exc).__name__}: {exc}"}
     found = {str(method): (str(value) if value else None) for method, value in dict(decoded).items()}

@@ -342,7 +342,7 @@ def stamp_job(
     # 1. Plan: each image to stamp (the final ones and, with `keep: all`, the earlier stages'), in file order.
     plan: list[tuple[Image.Image | Path, Sequence[_Made], str]] = []
     finals: list[tuple[int, str, list[dict[str, Any]]]] = []  # (plan index, name, chain)
-    kept_plan: dict[int, list[tuple[int, str, int, tuple[int, int]]]] = {stage.number: [] for stage in earlier if keep}
+    kept_plan: dict[int, list[tuple[int, str, int]]] = {stage.number: [] for stage in earlier if keep}
     for i, (image, seed) in enumerate(zip(generated.images, generated.seeds, strict=True)):
         made = [
             *(_Made(e.number, e.spec, e.sizes[i], e.generated, e.generated.seeds[i]) for e in earlier),
@@ -357,7 +357,7 @@ def stamp_job(
             if keep:
                 published = kept_name(name, stage.number)
                 chosen.add(published)
-                kept_plan[stage.number].append((len(plan), published, stage.generated.seeds[i], stage.sizes[i]))
+                kept_plan[stage.number].append((len(plan), published, stage.generated.seeds[i]))
                 plan.append((stage.files[i], made[: stage.number], published))
             width, height = stage.sizes[i]
             finals[-1][2].append(
@@ -413,7 +413,7 @@ def stamp_job(
     kept: dict[int, list[OutputRecord]] = {}
     for number, entries in kept_plan.items():
         kept[number] = []
-        for index, published, seed_k, _size in entries:
+        for index, published, seed_k in entries:
             stamped = results[index][0]
             with Image.open(io.BytesIO(stamped.data)) as written:
                 width, height = written.size

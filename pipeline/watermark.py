@@ -83,6 +83,7 @@ __all__ = [
     "apply_visible",
     "available_methods",
     "decode_invisible",
+    "decode_marks",
     "embed_invisible",
     "frame_bits",
     "read_frame",
@@ -324,12 +325,19 @@ def decode_invisible(image: Image.Image, known_payloads: Iterable[str] = (DEFAUL
     The DWT methods read the payload from the image itself. `tiled` and rivaGan carry only
     a check of it, so they can only name one of `known_payloads` (say, the configured one).
     """
+    return decode_marks(image, known_payloads)[0]
+
+
+def decode_marks(
+    image: Image.Image, known_payloads: Iterable[str] = (DEFAULT_PAYLOAD,)
+) -> tuple[dict[str, str | None], watermark_tiled.TiledRead | None]:
+    """`decode_invisible`'s answer, and the tiled mark it read (its id and where), from one search."""
     known = list(known_payloads)
     found: dict[str, str | None] = dict.fromkeys(available_methods())
     tiled = read_tiled(image, known)
     found["tiled"] = tiled.payload if tiled else None
     if too_small_reason(*image.size) is not None:
-        return found
+        return found, tiled
     rgb = np.asarray(image.convert("RGB"))
     for method in found:
         if method == "rivaGan":
@@ -337,7 +345,7 @@ def decode_invisible(image: Image.Image, known_payloads: Iterable[str] = (DEFAUL
             found[method] = next((p for p in known if _rivagan_matches(bits, p)), None)
         elif method != "tiled":
             found[method] = read_frame(_decode_dwt(rgb, method))
-    return found
+    return found, tiled
 
 
 def _tiled_id(mark: InvisibleMark, mark_id: int | None) -> int | None:

@@ -153,19 +153,31 @@ def test_randomized_kills_over_a_stream_lose_nothing_and_double_nothing(spool: S
     figure(f"randomized kills: {kills} kills survived over {runs} runs, {jobs} jobs, 0 lost, 0 duplicated")
 
 
-def test_a_publish_interrupted_by_a_kill_is_finished_with_the_same_bytes_on_real_diffusers(spool: Spool) -> None:
-    """Real diffusers: killed after the first image reached the outbox, the restart publishes the same
-    staged files (it does not generate again), so a consumer that saw image 1 sees the same bytes."""
-    spool.drop("left.yaml", "prompt: interrupted\nseed: 4\ncount: 2\n")
+def kill_after_the_first_published_image(spool: Spool) -> tuple[Path, bytes]:
+    """Run the real daemon (one pass) until it kills itself with one image in the outbox, no manifest yet;
+    returns that image and its bytes."""
     process = start_daemon_process(spool.config_path, "--oneshot", env={ENV: "after_publish_image"})
     output = stop(process)
     assert process.returncode == -signal.SIGKILL, output
     [first] = [p for p in spool.outbox.iterdir() if p.suffix == ".png"]
-    seen = first.read_bytes()
     assert not list(spool.outbox.glob("*.json")), "no manifest yet: the job is not done"
+    return first, first.read_bytes()
+
+
+def restart_to_the_manifest(spool: Spool) -> dict:
+    """Run the daemon (one pass) again to the end; returns the one manifest in the outbox."""
     restarted = start_daemon_process(spool.config_path, "--oneshot")
     assert restarted.wait(CEILING_S) == 0, stop(restarted)
     [manifest] = spool.manifests()
+    return manifest
+
+
+def test_a_publish_interrupted_by_a_kill_is_finished_with_the_same_bytes_on_real_diffusers(spool: Spool) -> None:
+    """Real diffusers: killed after the first image reached the outbox, the restart publishes the same
+    staged files (it does not generate again), so a consumer that saw image 1 sees the same bytes."""
+    spool.drop("left.yaml", "prompt: interrupted\nseed: 4\ncount: 2\n")
+    first, seen = kill_after_the_first_published_image(spool)
+    manifest = restart_to_the_manifest(spool)
     assert manifest["seeds"] == [4, 5] and manifest["attempt"] == 1, "published from the stage, not run again"
     assert first.read_bytes() == seen
     check_spool(spool, {"left.yaml": b"prompt: interrupted\nseed: 4\ncount: 2\n"}, jobs=1)

@@ -416,10 +416,10 @@ def test_inspect_exit_code_follows_the_watermark(
     Image.new("RGB", (64, 64), (1, 2, 3)).save(marked)
     plain, _, _ = write(tmp_path, "png", name="plain")
 
-    def decode_invisible(image: Image.Image, known_payloads: list[str]) -> dict[str, str | None]:
-        return {"dwtDctSvd": "diffusiond" if image.getpixel((0, 0)) == (1, 2, 3) else None, "dwtDct": None}
+    def decode_marks(image: Image.Image, known_payloads: list[str]) -> tuple[dict[str, str | None], None]:
+        return {"dwtDctSvd": "diffusiond" if image.getpixel((0, 0)) == (1, 2, 3) else None, "dwtDct": None}, None
 
-    stand_in = SimpleNamespace(decode_invisible=decode_invisible)  # for pipeline/watermark.py
+    stand_in = SimpleNamespace(decode_marks=decode_marks)  # for pipeline/watermark.py
     monkeypatch.setattr(inspect_module, "_watermark_module", lambda: stand_in)
     assert main(["inspect", str(marked)]) == 0
     assert "watermark: found (dwtDctSvd: 'diffusiond', dwtDct: none)" in capsys.readouterr().out
@@ -437,10 +437,10 @@ def test_inspect_reports_a_missing_or_failing_decoder(tmp_path: Path, monkeypatc
     monkeypatch.setattr(inspect_module, "_watermark_module", lambda: None)
     assert inspect_image(path)["watermark"]["status"] == "unavailable"
 
-    def broken(image: Image.Image, known_payloads: list[str]) -> dict[str, str | None]:
+    def broken(image: Image.Image, known_payloads: list[str]) -> tuple[dict[str, str | None], None]:
         raise ValueError("image too small")
 
-    monkeypatch.setattr(inspect_module, "_watermark_module", lambda: SimpleNamespace(decode_invisible=broken))
+    monkeypatch.setattr(inspect_module, "_watermark_module", lambda: SimpleNamespace(decode_marks=broken))
     mark = inspect_image(path)["watermark"]
     assert mark["status"] == "error" and "image too small" in mark["detail"]
 

@@ -3,18 +3,16 @@ them, in the same order, and a kill -9 mid-publish still leaves the manifest las
 
 from __future__ import annotations
 
-import signal
 import threading
 
-from diffusiond.daemon.faults import ENV
 from diffusiond.pipeline.backend import Generated
 from diffusiond.pipeline.job import Job, Txt2ImgJob
 from diffusiond.pipeline.metadata import MetadataOptions
 from diffusiond.pipeline.provenance import Marks, StampPolicy, stamp_job
 from diffusiond.pipeline.watermark import InvisibleMark, VisibleMark
-from tests.conftest import CEILING_S, Spool, start_daemon_process, write_config
+from tests.conftest import Spool, write_config
 from tests.spool_checks import check_spool
-from tests.test_crash_and_stop import stop
+from tests.test_fault_points import kill_after_the_first_published_image, restart_to_the_manifest
 from tests.test_watermark import detailed_image
 
 
@@ -45,15 +43,8 @@ def test_a_kill_during_a_pooled_publish_leaves_the_manifest_last_and_the_restart
     write_config(spool.root, test_models, stamp_threads=3)
     job = b"prompt: pooled\nseed: 4\ncount: 3\nsize: 256x256\nsteps: 2\n"
     spool.drop("pooled.yaml", job.decode())
-    process = start_daemon_process(spool.config_path, "--oneshot", env={ENV: "after_publish_image"})
-    output = stop(process)
-    assert process.returncode == -signal.SIGKILL, output
-    [first] = [p for p in spool.outbox.iterdir() if p.suffix == ".png"]
-    seen = first.read_bytes()
-    assert not list(spool.outbox.glob("*.json")), "no manifest before every image"
-    restarted = start_daemon_process(spool.config_path, "--oneshot")
-    assert restarted.wait(CEILING_S) == 0, stop(restarted)
-    [manifest] = spool.manifests()
+    first, seen = kill_after_the_first_published_image(spool)  # no manifest before every image
+    manifest = restart_to_the_manifest(spool)
     assert manifest["seeds"] == [4, 5, 6] and manifest["attempt"] == 1
     assert first.read_bytes() == seen
     assert all(o["watermark"]["invisible"]["verified"] for o in manifest["outputs"])
