@@ -81,6 +81,9 @@ class Claim:
     """A run started and has not stopped in order: found so at start, the last run crashed."""
     crashes: int = 0
     """Runs that ended in a crash; at `limits.max_crashes` the claim fails with code `crashed`."""
+    takeovers: int = 0
+    """Times another daemon took it over from a daemon whose lease ran out (daemon/lease.py); at
+    `limits.max_takeovers` it fails with code `node_lost`."""
     resumed: bool = False
     """Found in work/ at start: some of its jobs may be published or staged already."""
     jobs: tuple[Job, ...] | None = field(default=None, compare=False, repr=False)

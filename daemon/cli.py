@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     run.add_argument("--device", help="override the config's device (e.g. cuda:1, for one instance per GPU)")
     run.add_argument("--instance", help="override the config's instance name (names work/<instance>/)")
     run.add_argument("--state-dir", type=Path, help="override the config's state_dir")
+    run.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the work folder even from a live daemon of the same instance, which then steps down "
+        "(a restarted cluster slot; see README, Several hosts)",
+    )
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     submit = commands.add_parser("submit", help="drop a job file (and its images) into the inbox atomically")
@@ -243,7 +249,11 @@ def _run(args: argparse.Namespace, generator_factory: GeneratorFactory | None) -
     from diffusiond.daemon.service import Daemon, diffusers_generator
 
     daemon = Daemon(
-        config, oneshot=args.oneshot, reload_config=load, generator_factory=generator_factory or diffusers_generator
+        config,
+        oneshot=args.oneshot,
+        reload_config=load,
+        generator_factory=generator_factory or diffusers_generator,
+        take_over=args.take_over,
     )
     try:
         return daemon.run()

@@ -190,6 +190,9 @@ class LimitsConfig(_Strict):
     """Jobs (YAML documents) in one file; the rest of a larger file is not even parsed."""
     max_crashes: int = Field(3, gt=0)
     """Runs of one claim that may end in a crash of the daemon before it goes to failed/ (`crashed`)."""
+    max_takeovers: int = Field(3, gt=0)
+    """Times one claim may be taken over from a slot whose lease ran out; at this many it goes to failed/
+    (`node_lost`), so a job that hangs or kills its host does not hop around the cluster."""
 
 
 HOOK_FIELDS = ("manifest", "job_id", "claim_id", "source", "outbox", "report", "event")
@@ -311,6 +314,9 @@ class Config(_Strict):
     torch's `threads:` leave (1 with both `auto`); at least 1. Threads scaled as
     well as processes (bench/stamp.py: 1.6x with 2 on 2 CPUs) without copying images between processes."""
     disk_full_retry_s: float = Field(30.0, gt=0)
+    lease_timeout_s: float = Field(120.0, ge=0)
+    """A daemon touches `work/<instance>/.lease` while it is healthy; when another daemon's lease is older
+    than this (by the file server's clock), its claims are taken over (daemon/lease.py). 0: never."""
     """A job that found the disk full waits this long in work/ before it is tried again (it is not failed)."""
 
     _rules: Rules | None = PrivateAttr(None)

@@ -32,6 +32,7 @@ POINTS = (
     "after_archive_input",  # one input moved to archive/ or failed/ (link made, or moved)
     "before_remove_claim",  # every input moved, the claim folder not yet removed
     "after_fence",  # a resumed claim's folder renamed, not yet counted
+    "after_takeover",  # a lost daemon's claim renamed here and counted, not yet resumed
 )
 ENV = "DIFFUSIOND_FAULT"
 

@@ -349,14 +349,34 @@ def _claim_ids(work: Path) -> set[str]:
     return {p.name.partition("~")[0] for p in work.iterdir() if not p.name.startswith(".")}
 
 
-def _leftover(folder: Path, config: Config, board: StatusBoard | None) -> Claim | None:
-    """One claim folder found at start: fenced first, then finished, removed, failed as crashed, or returned."""
+def taken_over_claims(folders: list[Path], lost: str, config: Config, board: StatusBoard | None) -> list[Claim]:
+    """Claim folders just renamed here from `lost`, a daemon whose lease ran out (daemon/lease.py):
+    counted, then resumed as after a crash; at `limits.max_takeovers` one fails with `node_lost`."""
+    claims: list[Claim] = []
+    for folder in folders:
+        try:
+            resumed = _leftover(folder, config, board, taken_from=lost)
+        except Exception:  # one broken claim must not stop the daemon
+            log.exception("cannot resume the claim taken over in %s; it stays there for a person to look at", folder)
+            continue
+        if resumed is not None:
+            claims.append(resumed)
+    return sorted(claims, key=lambda c: c.claimed_at)
+
+
+def _leftover(folder: Path, config: Config, board: StatusBoard | None, *, taken_from: str = "") -> Claim | None:
+    """One claim folder found at start (or `taken_from` a lost daemon): fenced first (a takeover's rename
+    was its fence), then finished, removed, failed as crashed or lost, or returned."""
     try:
-        found = _fence(Claim.load(folder))  # first: a predecessor still holding the old paths is shut out
+        found = Claim.load(folder)
+        # First: a predecessor still holding the old paths is shut out.
+        found = _fence(found) if not taken_from else _taken_over(found, taken_from, config)
         recorded = recorded_ending(found)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         if is_disk_full(exc):
             raise
+        if not os.path.lexists(folder):  # another daemon took it over first
+            return None
         log.warning("claim folder %s has no readable claim.json; its files go back to the inbox", folder)
         _return_orphans(folder, config)
         return None
@@ -390,6 +410,16 @@ def _leftover(folder: Path, config: Config, board: StatusBoard | None) -> Claim 
     if crashes:
         resumed.trail(f"found after a crash ({crashes} of {config.limits.max_crashes})")
     published = _published_jobs(resumed, config)
+    if taken_from and resumed.takeovers >= config.limits.max_takeovers and not published.all:
+        error = JobFailed(
+            f"this job's daemon stopped answering {resumed.takeovers} times (last {taken_from}); it is not tried "
+            "again, so that a job that hangs or kills its host does not go on to the next one",
+            code=Code.NODE_LOST,
+            path=found.source,
+            fix="see log_tail below and those hosts' journals for what happened; if the job is fine, drop it again",
+        )
+        end_claim(resumed, Ending.FAILED, config=config, board=board, error=error, done=published.ids)
+        return None
     if crashes >= config.limits.max_crashes and not published.all:
         error = JobFailed(
             f"the daemon crashed {crashes} times while running this job; it is not tried again",
@@ -447,6 +477,17 @@ def _fence(found: Claim) -> Claim:
     fsync_dir(target.parent)
     fault_point("after_fence")
     return dataclasses.replace(found, folder=target)
+
+
+def _taken_over(found: Claim, lost: str, config: Config) -> Claim:
+    """A claim renamed here from a lost daemon: this daemon's now, with the takeover counted."""
+    taken = dataclasses.replace(found, instance=config.instance, takeovers=found.takeovers + 1)
+    taken.save()
+    taken.trail(f"taken over from {lost}, whose lease ran out ({taken.takeovers} of {config.limits.max_takeovers})")
+    with contextlib.suppress(OSError):  # the outbox reservation names its holder (_drop_stale_reservations)
+        atomic_write(reservation(config.outbox, found.claim_id), f"{config.instance}\n".encode())
+    fault_point("after_takeover")
+    return taken
 
 
 def recorded_ending(claim: Claim) -> dict[str, Any] | None:

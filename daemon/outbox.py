@@ -118,9 +118,13 @@ def publish(folder: Path, outbox: Path, job_id: str) -> list[str]:
         fsync_dir(outbox)
         _place(folder / manifest, outbox / manifest)
     except BaseException:
-        for path in linked:  # unpublished: no manifest names them
-            with contextlib.suppress(OSError):
-                path.unlink()
+        # Unpublished: no manifest names them. Unless the stage is gone: then this claim was fenced
+        # (taken over) mid-publish, and the names now belong to the new owner's publish of the same
+        # stage, which may already have linked its manifest: leave them.
+        if folder.is_dir() and not is_published(outbox, job_id):
+            for path in linked:
+                with contextlib.suppress(OSError):
+                    path.unlink()
         raise
     fsync_dir(outbox)
     fault_point("after_manifest")

@@ -30,6 +30,7 @@ from diffusiond.daemon.fsutil import is_disk_full
 from diffusiond.daemon.hooks import Hooks, hook_for
 from diffusiond.daemon.inbox import InboxWatcher, SettleTracker, is_candidate
 from diffusiond.daemon.journal import job_fields
+from diffusiond.daemon.lease import Lease
 from diffusiond.daemon.lifecycle import Ending
 from diffusiond.daemon.pairing import Intent, Pairing, file_stamp, is_job_file, same_stem_image, same_stem_mask
 from diffusiond.daemon.status import DaemonState, StatusBoard, reload_clock
@@ -37,7 +38,7 @@ from diffusiond.daemon.systemd import Notifier
 from diffusiond.daemon.threads import name_os_thread
 from diffusiond.daemon.webhooks import Webhooks
 from diffusiond.daemon.worker import Worker
-from diffusiond.daemon.worklock import lock_work_folder
+from diffusiond.daemon.worklock import WorkLock, lock_work_folder
 from diffusiond.pipeline.backend import Generator
 from diffusiond.pipeline.errors import ConfigError, DiffusiondError, internal_error
 
@@ -92,9 +93,15 @@ class Daemon:
         oneshot: bool = False,
         reload_config: Callable[[], Config] | None = None,
         generator_factory: GeneratorFactory = diffusers_generator,
+        take_over: bool = False,
     ) -> None:
         self.config = config
         self.oneshot = oneshot
+        self.take_over = take_over
+        """Take the work folder even from a live holder (a cluster slot Ray restarted; daemon/worklock.py)."""
+        self.owner: WorkLock | None = None
+        self.superseded = ""
+        """Who took the work folder over while this daemon ran (then it stepped down), or empty."""
         self.reload_config = reload_config
         """Reads the config again on SIGHUP (the same file and command-line overrides)."""
         self.generator_factory = generator_factory
@@ -129,9 +136,12 @@ class Daemon:
         0, or with `oneshot` 1 when any job failed or was rejected.
 
         The work folder is this daemon's for the whole run: another live daemon with the same
-        instance makes this one refuse to start (ConfigError) before it touches anything.
+        instance makes this one refuse to start (ConfigError) before it touches anything; with
+        `take_over`, this one takes it, and the other steps down (a warm stop) when it next looks.
         """
-        owner = lock_work_folder(self.config.work_dir, instance=self.config.instance)
+        owner = self.owner = lock_work_folder(
+            self.config.work_dir, instance=self.config.instance, take_over=self.take_over
+        )
         try:
             return self._serve()
         finally:
@@ -166,9 +176,13 @@ class Daemon:
             ),
         )
         worker.on_end = self._answer_cancel
+        worker.held = self._held
         self._worker = worker
+        lease = Lease(config)
+        lease.beat()  # before the leftovers: no other daemon takes them over while they are resumed here
         worker.start()
-        worker.preloaded.wait()
+        while not worker.preloaded.wait(lease.every_s):  # loading models can take minutes
+            self._beat(lease)
         if worker.preload_error is not None:
             raise worker.preload_error
         for leftover in lifecycle.leftover_claims(config, self.board):
@@ -205,7 +219,7 @@ class Daemon:
         self.webhooks.start()  # what the last run left unsent, then what comes (started once)
         try:
             # 3. Loop: events → settle → pair → claim, while the worker has room.
-            self._loop(watcher, worker)
+            self._loop(watcher, worker, lease)
         finally:
             # 4. Teardown: no more claims, queued ones back to the inbox, the running one finishes.
             self.notifier.stopping("stopping: finishing the running job, putting queued ones back")
@@ -221,6 +235,8 @@ class Daemon:
             registry.withdraw(self.config)
         failed, cancelled = worker.failed + self.rejected, worker.cancelled + self.cancelled
         log.info("stopped: %d claims finished, %d failed, %d cancelled", worker.finished, failed, cancelled)
+        if self.superseded:
+            log.error("stepped down: %s took this work folder over while this daemon ran", self.superseded)
         self.notifier.close()
         self.board.state(DaemonState.STOPPED)
         self.board.flush()
@@ -302,19 +318,66 @@ class Daemon:
             for running in self._worker.current if self._worker is not None else []:
                 lifecycle.mark_stopped(running)  # stopped on purpose: not counted as a crash
             os._exit(1)
+        self.request_stop(str(signal.strsignal(signum)))
+
+    def request_stop(self, why: str = "asked to stop") -> None:
+        """The warm stop (the first SIGTERM; a cluster slot's `stop()`): claim nothing more, put the queued
+        claims back, stop the running job at its next step unless it is nearly done."""
         self.stop.set()
         progress = self._worker.progress if self._worker is not None else None
         if progress is not None and progress[0] >= NEARLY_DONE * progress[1]:
-            log.info("%s: the running job is nearly done; finishing it, then stopping", signal.strsignal(signum))
+            log.info("%s: the running job is nearly done; finishing it, then stopping", why)
         else:
-            log.info("%s: stopping the running job at its next step, then stopping", signal.strsignal(signum))
+            log.info("%s: stopping the running job at its next step, then stopping", why)
             if self._worker is not None:
                 self._worker.halt()
 
-    def _loop(self, watcher: InboxWatcher, worker: Worker) -> None:
+    def _held(self) -> bool:
+        """Whether this daemon still owns its work folder; once it does not, it steps down (a warm stop)."""
+        if self.owner is None or self.superseded:
+            return not self.superseded
+        if self.owner.held():
+            return True
+        self.superseded = self.owner.successor()
+        log.error(
+            "another daemon took this work folder over (%s): stepping down, claiming nothing more", self.superseded
+        )
+        self.stop.set()
+        if self._worker is not None:
+            self._worker.halt()
+        return False
+
+    def _beat(self, lease: Lease) -> None:
+        """Touch this daemon's lease (it is healthy), after checking it still owns its work folder."""
+        if not self._held():
+            return
+        try:
+            lease.beat()
+        except OSError as exc:  # a share gone for a moment: beat again next time
+            log.warning("cannot touch the lease %s: %s", self.config.work_dir, exc)
+
+    def _take_over(self, lease: Lease) -> None:
+        """Take over the claims of every daemon on the spool whose lease ran out (daemon/lease.py)."""
+        for lost in lease.expired():
+            if self.stop.is_set() or not self._held():
+                return
+            folders = lease.take_over(lost)
+            if not folders:
+                continue
+            log.warning(
+                "the lease of %s ran out %.0f s ago: taking over its %d claim(s)",
+                lost.folder.name,
+                lost.age_s,
+                len(folders),
+            )
+            for taken in lifecycle.taken_over_claims(folders, lost.folder.name, self.config, self.board):
+                log.info("resuming %s, taken over from %s", taken.source, lost.folder.name)
+                self.claims.put(taken)
+
+    def _loop(self, watcher: InboxWatcher, worker: Worker, lease: Lease) -> None:
         tracker = SettleTracker(self.config.watch.settle_s)
         pairing = Pairing.for_config(self.config)
-        next_scan = next_ping = next_view = next_cancels = next_metrics = 0.0
+        next_scan = next_ping = next_view = next_cancels = next_metrics = next_lease = 0.0
         next_beat = time.monotonic() + registry.HEARTBEAT_S
         last_status, last_status_s = "", 0.0
         watchdog_s = _watchdog_interval_s()
@@ -346,6 +409,16 @@ class Daemon:
             if now >= next_beat:
                 registry.announce(config)
                 next_beat = now + registry.HEARTBEAT_S
+            if now >= next_lease:
+                lease.timeout_s = config.lease_timeout_s  # a reload may change it
+                if _health_problem(config, watcher, worker, now) is None:  # a hung daemon's claims are taken over
+                    self._beat(lease)
+                try:
+                    if not self.stop.is_set():
+                        self._take_over(lease)
+                except OSError as exc:
+                    log.warning("cannot look at the other daemons' leases: %s", exc)
+                next_lease = now + lease.every_s
             if watchdog_s and now >= next_ping:
                 # Ping only while the service really works: a hung job or a dead watcher stops the pings.
                 problem = _health_problem(config, watcher, worker, now)
@@ -378,7 +451,7 @@ class Daemon:
         while (room := self._prefetch - self.claims.qsize()) > 0 and not self.stop.is_set():
             stable = [p.relative_to(inbox).as_posix() for p in tracker.stable(now, limit=CLAIM_WINDOW)]
             intents = pairing.decide(stable, present, now, stamp=lambda rel: file_stamp(inbox / rel), limit=room)
-            if not intents:
+            if not intents or not self._held():  # a daemon that lost its work folder claims nothing
                 return
             for intent in intents:
                 if self.stop.is_set():  # stopping: what is released to the inbox now must stay there
@@ -398,6 +471,11 @@ class Daemon:
                     continue
                 if claimed is None:
                     continue
+                if not self._held():  # taken over meanwhile: the new owner's start may not have seen this claim
+                    lifecycle.end_claim(
+                        claimed, Ending.RELEASED, config=config, board=self.board, reason="stepping down"
+                    )
+                    return
                 log.info("claimed %s as %s", intent.source, claimed.claim_id, extra=job_fields(job_file=intent.source))
                 self.board.claimed(claimed.claim_id, intent.source)
                 # Validate now, while the worker runs the previous job: a wrong file fails without waiting its turn.

@@ -103,6 +103,8 @@ class ClaimRun:
     """A stage of a multi-stage job was kept in its folder: after a stop it resumes there."""
     cancelled: bool = False
     """`diffusiond cancel` asked for it: its jobs not made yet are not run."""
+    held: Callable[[], bool] = field(default=lambda: True, repr=False)
+    """Whether this daemon still owns its work folder (daemon/worklock.py), asked before each publish."""
 
     def ending(self, stopped: bool) -> Ending:
         if self.fenced:
@@ -133,6 +135,7 @@ def run_claims(
     board: StatusBoard | None = None,
     writer: Writer,
     on_end: EndHook,
+    held: Callable[[], bool] = lambda: True,
 ) -> None:
     """Pre-check, run every job not yet done (batched), then end each claim (daemon/lifecycle.py).
 
@@ -172,7 +175,7 @@ def run_claims(
                 raise
             on_end(claim, _end(claim, Ending.DEFERRED, config, board, None, (), f"disk full: {exc}"))
             continue
-        run = ClaimRun(claim, len(jobs), begun=validates)
+        run = ClaimRun(claim, len(jobs), begun=validates, held=held)
         runs.append(run)
         for job in jobs:
             # A resumed claim: a published job is done; a staged one only needs publishing.
@@ -510,6 +513,10 @@ def _lost_a_name(run: ClaimRun) -> bool:
 
 def _publish(run: ClaimRun, job_id: str, folder: Path, config: Config) -> list[str] | None:
     """Publish a complete stage; its images (not the manifest), or None (the reason recorded in `run`)."""
+    if not run.held():  # another daemon took the work folder over: its start fenced this claim
+        log.warning("not publishing %s: another daemon took this work folder over", job_id)
+        run.fenced = True
+        return None
     try:
         names = publish(folder, config.outbox, job_id)
     except DiffusiondError as exc:
@@ -596,6 +603,8 @@ class Worker(threading.Thread):
         self._timers: list[threading.Timer] = []
         self.wanted_threads = 0
         """`threads:` as last applied on this thread."""
+        self.held: Callable[[], bool] = lambda: True
+        """Whether this daemon still owns its work folder (the service sets it): asked before each publish."""
 
     def run(self) -> None:
         name_os_thread("worker")  # before the first generation: torch's OpenMP threads inherit it
@@ -686,6 +695,7 @@ class Worker(threading.Thread):
                 board=self.board,
                 writer=writer,
                 on_end=lambda claim, ending: self._ended(claim, ending, ended),
+                held=self.held,
             )
             writer.drain()  # the end stage has run: every claim taken here has ended
             metrics.gpu_memory(str(getattr(self.generator, "device", "cpu")))

@@ -58,6 +58,8 @@ class Code(StrEnum):
     """The daemon's config is wrong."""
     CRASHED = "crashed"
     """The daemon died while running the job, `limits.max_crashes` times: the job is not tried again."""
+    NODE_LOST = "node_lost"
+    """The job's daemon stopped answering (its lease ran out) `limits.max_takeovers` times: not tried again."""
     CANCELLED = "cancelled"
     """`diffusiond cancel` stopped it (running, waiting its turn, or still in the inbox)."""
 
@@ -176,6 +178,7 @@ _CLASS_OF_CODE: dict[Code, type[DiffusiondError]] = {
     Code.WATERMARK_FAILED: JobFailed,
     Code.OUTPUT_FAILED: JobFailed,
     Code.CRASHED: JobFailed,
+    Code.NODE_LOST: JobFailed,
     Code.CONFIG: ConfigError,
 }
 """Every other code is a rejection of the user's file."""

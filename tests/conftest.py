@@ -127,7 +127,7 @@ class Spool:
         return [yaml.safe_load(p.read_text()) for p in sorted(self.failed.glob("*.error.yaml"))]
 
     def claims(self) -> list[Path]:
-        """The claim folders in the test instance's work folder (its `.owner` lock file is not one)."""
+        """The claim folders in the test instance's work folder (its dotfiles: lock, owner record, lease, are not)."""
         work = self.root / "work" / "test"
         return sorted(p for p in work.iterdir() if p.is_dir() and not p.name.startswith(".")) if work.is_dir() else []
 

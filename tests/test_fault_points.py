@@ -58,7 +58,7 @@ def check_after_restart(spool: Spool, dropped: dict[str, bytes], tag: str = "") 
     check_status(spool, manifests)
 
 
-@pytest.mark.parametrize("point", [p for p in POINTS if p not in ("after_fence", "after_keep_stage")])
+@pytest.mark.parametrize("point", [p for p in POINTS if p not in ("after_fence", "after_keep_stage", "after_takeover")])
 def test_a_kill_at_a_fault_point_then_a_restart_completes_every_job_once(spool: Spool, point: str) -> None:
     dropped = drop_scenario(spool)
     crash_at(spool, point)

@@ -179,7 +179,7 @@ def test_a_predecessor_that_lost_its_lock_is_fenced_and_publishes_nothing(spool:
     try:
         hold_a_job(spool, first, gate, "prompt: two owners\nseed: 8\n")
         first.send_signal(signal.SIGSTOP)
-        (spool.root / "work" / "test" / ".owner").unlink()  # the lock is lost: a new file is a new lock
+        (spool.root / "work" / "test" / ".lock").unlink()  # the lock is lost: a new file is a new lock
         second = start_daemon_process(spool.config_path, "--oneshot", standin={})
         assert second.wait(CEILING_S) == 0, stop(second)
         [manifest] = spool.manifests()
