@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO := demo
 
-.PHONY: setup demo serve test test-systemd soak lint typecheck clean
+.PHONY: setup demo serve test test-cluster test-systemd soak lint typecheck clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,12 @@ serve: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# diffusiond on a real local Ray cluster (head + nodes on 127.0.0.1, the `cluster` extra): node loss,
+# a frozen node, drain; about 3 minutes on 2 cores.
+test-cluster: setup
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[cluster]'
+	$(BIN)/python -m pytest -q -m cluster tests/test_cluster.py
 
 # The service under a real systemd (PID 1 of a throwaway nspawn container): root and systemd-nspawn,
 # about 2.5 minutes; it prints "skipped: ..." and succeeds where it cannot run. See tests/systemd/README.md.

@@ -1,5 +1,5 @@
 """`diffusiond` subcommands: run, reload, status, events, submit, cancel, retry, validate, schema, inspect, init,
-make-test-model."""
+make-test-model, cluster."""
 
 from __future__ import annotations
 
@@ -164,6 +164,22 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     web.add_argument("--token-file", type=Path, help="a file holding the token that the cancel and retry buttons need")
     web.add_argument("--cache", type=Path, help="where thumbnails go (default $XDG_CACHE_HOME/diffusiond/thumbs)")
 
+    cluster = commands.add_parser(
+        "cluster",
+        help="serve the spool from slots on a Ray cluster (the `cluster` extra; README, Several hosts)",
+        description="Without an action: the driver, which keeps one slot per GPU of the Ray cluster until stopped.",
+    )
+    _config_args(cluster)
+    cluster.add_argument("--address", help="the Ray cluster (default: the config's cluster.address, `auto`)")
+    cluster.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    actions = cluster.add_subparsers(dest="action")
+    actions.add_parser("status", help="every slot (host, state, job, step, queue) and the inbox backlog")
+    drain = actions.add_parser("drain", help="stop a slot warm (its queued claims back to the inbox) and remove it")
+    drain.add_argument("slot", help="the slot's name, e.g. gpu-01")
+    drain.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for its running job")
+    undrain = actions.add_parser("undrain", help="let the driver place a drained slot again")
+    undrain.add_argument("slot")
+
     reload = commands.add_parser(
         "reload", help="make the running daemon read its config again, and wait until it has (the units' ExecReload)"
     )
@@ -187,6 +203,7 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
             "cancel": _cancel,
             "retry": _retry,
             "web": _web,
+            "cluster": _cluster,
         }[args.command](args)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return code
@@ -266,6 +283,48 @@ def _run(args: argparse.Namespace, generator_factory: GeneratorFactory | None) -
                 f"elsewhere: {exc.fix}"
             )
         raise
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    """The driver (no action), or one of its actions on the running slots."""
+    try:
+        from diffusiond.daemon import cluster
+    except ImportError as exc:
+        print(f"diffusiond: `cluster` needs Ray ({exc}): pip install 'diffusiond[cluster]'", file=sys.stderr)
+        return 2
+    driver = cluster.Driver(args.config, spool=args.spool)
+    if args.action is None:
+        setup_logging(args.log_level)
+        import signal
+        import threading
+
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        driver.connect(args.address)
+        log.info(
+            "driver: keeping the slots of %s on the Ray cluster (every %g s)",
+            driver.config.spool,
+            driver.config.cluster.reconcile_s,
+        )
+        driver.serve(stop)
+        log.info("driver stopped; the slots run on (`diffusiond cluster drain SLOT` stops one)")
+        return 0
+    driver.connect(args.address)
+    if args.action == "status":
+        print(cluster.format_views(driver.views(), driver.backlog()))
+        return 0
+    if args.action == "undrain":
+        print(f"{args.slot}: " + ("the driver places it again" if driver.undrain(args.slot) else "was not drained"))
+        return 0
+    try:
+        last = driver.drain(args.slot, timeout_s=args.timeout)
+    except ValueError:
+        print(f"diffusiond: no slot {args.slot!r} (see `diffusiond cluster status`)", file=sys.stderr)
+        return 1
+    counts = (last.get("daemon") or {}).get("counters") or {}
+    print(f"{args.slot} drained on {last.get('host')}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -245,6 +245,30 @@ class WebhookConfig(_Strict):
         return value
 
 
+class ClusterConfig(_Strict):
+    """`diffusiond cluster`: slots on a Ray cluster (daemon/cluster.py); the spool still decides who owns a job."""
+
+    address: str = "auto"
+    """The Ray cluster to join (`ray.init(address=...)`): `auto` finds the one `ray start` runs on this host."""
+    slots: int | Literal["auto"] = "auto"
+    """How many slots (`gpu-00`, `gpu-01`, ...). `auto`: one per `resource` the cluster has, so a node that
+    joins with a GPU gets a slot."""
+    resource: str = "GPU"
+    """What one slot reserves, one unit of: `GPU` (Ray's num_gpus, which also sets CUDA_VISIBLE_DEVICES), or
+    the name of a custom resource (`ray start --resources '{"diffusiond": 2}'`) for nodes without GPUs."""
+    state_dir: Path = Path("/var/lib/diffusiond/cluster")
+    """Each slot's local state dir is `<state_dir>/<slot>` on the node that runs it (never on the share)."""
+    reconcile_s: float = Field(5.0, gt=0)
+    """How often the driver compares the slots with the cluster's resources."""
+
+    @field_validator("slots")
+    @classmethod
+    def _slots(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 <= value <= 1000:
+            raise ValueError("must be auto or 0 to 1000")
+        return value
+
+
 class Config(_Strict):
     """The whole config file, validated: README "The config" lists the fields.
 
@@ -314,6 +338,7 @@ class Config(_Strict):
     torch's `threads:` leave (1 with both `auto`); at least 1. Threads scaled as
     well as processes (bench/stamp.py: 1.6x with 2 on 2 CPUs) without copying images between processes."""
     disk_full_retry_s: float = Field(30.0, gt=0)
+    cluster: ClusterConfig = ClusterConfig()
     lease_timeout_s: float = Field(120.0, ge=0)
     """A daemon touches `work/<instance>/.lease` while it is healthy; when another daemon's lease is older
     than this (by the file server's clock), its claims are taken over (daemon/lease.py). 0: never."""
@@ -606,6 +631,7 @@ def load_config(
         value = getattr(config.folders, name)
         if value is not None:
             setattr(config.folders, name, _clean(base / value))
+    config.cluster.state_dir = _clean(base / config.cluster.state_dir)
     for name, spec in config.models.items():
         spec.path = _clean(base / spec.path)
         spec.config = _clean(base / spec.config) if spec.config else None

@@ -55,6 +55,8 @@ NEARLY_DONE = 0.8
 INBOX_VIEW_S = 1.0
 """How often status.json's `inbox` (the files not claimed yet, with why) is brought up to date."""
 INBOX_VIEW_FILES = 50
+OWNER_CHECK_S = 1.0
+"""How often the owner record is read (one small file): a superseded daemon, idle or not, steps down within it."""
 CANCEL_POLL_S = 0.5
 """How often the spool's cancel requests are read (one listdir of `.cancel/`)."""
 
@@ -377,7 +379,7 @@ class Daemon:
     def _loop(self, watcher: InboxWatcher, worker: Worker, lease: Lease) -> None:
         tracker = SettleTracker(self.config.watch.settle_s)
         pairing = Pairing.for_config(self.config)
-        next_scan = next_ping = next_view = next_cancels = next_metrics = next_lease = 0.0
+        next_scan = next_ping = next_view = next_cancels = next_metrics = next_lease = next_owner = 0.0
         next_beat = time.monotonic() + registry.HEARTBEAT_S
         last_status, last_status_s = "", 0.0
         watchdog_s = _watchdog_interval_s()
@@ -409,6 +411,10 @@ class Daemon:
             if now >= next_beat:
                 registry.announce(config)
                 next_beat = now + registry.HEARTBEAT_S
+            if now >= next_owner:
+                if not self._held():
+                    return
+                next_owner = now + OWNER_CHECK_S
             if now >= next_lease:
                 lease.timeout_s = config.lease_timeout_s  # a reload may change it
                 if _health_problem(config, watcher, worker, now) is None:  # a hung daemon's claims are taken over

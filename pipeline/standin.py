@@ -176,3 +176,19 @@ class StandInGenerator:
             return Image.new("RGB", size, (digest[0], digest[1], digest[2]))
         noise = hashlib.shake_256(digest).digest(size[0] * size[1] * 3)
         return Image.frombytes("RGB", size, noise)
+
+
+@dataclass(frozen=True)
+class StandInFactory:
+    """A picklable `generator_factory` for code that starts daemons in other processes it cannot hand an
+    object to (a Ray slot: tests/test_cluster.py, bench/cluster.py); `hold_folder` is a cross-process Gate's."""
+
+    step_s: float = 0.0
+    hold_prompt: str | None = None
+    hold_folder: str | None = None
+
+    def __call__(self, _config: object) -> StandInGenerator:
+        gate = None
+        if self.hold_folder is not None:
+            gate = Gate(prompt=self.hold_prompt, folder=Path(self.hold_folder))
+        return StandInGenerator(step_s=self.step_s, gate=gate)
