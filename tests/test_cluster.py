@@ -15,6 +15,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -23,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from diffusiond.pipeline.standin import StandInFactory
 from diffusiond.pipeline.testmodel import TestModelPaths
-from tests.conftest import CEILING_S, Spool, figure, wait_for, write_config
+from tests.conftest import CEILING_S, REPO, Spool, figure, wait_for, write_config
 from tests.spool_checks import check_spool
 
 # Before Ray is imported (it reads it once): else Ray replaces 127.0.0.1 by the host's address
@@ -233,16 +236,49 @@ def test_drain_puts_the_queued_claims_back_and_removes_the_slot(
     figure(f"ray: drain {draining}: {len(released)} claims back to the inbox, done by the other slot; 9 jobs once")
 
 
-def test_cluster_status_merges_the_slots_and_the_backlog(
+def cli(config: Path, address: str, *action: str) -> subprocess.CompletedProcess[str]:
+    """`diffusiond cluster ... ACTION` as a real command, a second Ray driver."""
+    command = [sys.executable, "-m", "diffusiond.daemon.cli", "cluster", "--config", str(config), "--address", address]
+    return subprocess.run([*command, *action], capture_output=True, text=True, timeout=CEILING_S, cwd=REPO)
+
+
+def test_a_node_that_joins_gets_a_slot_and_cluster_status_shows_them_all(
     ray_cluster: Cluster, spool: Spool, test_models: TestModelPaths, tmp_path: Path
 ) -> None:
     config = spool_config(spool, test_models, tmp_path)
     driver = cluster.Driver(config, generator_factory=StandInFactory(0.05))
-    driver.reconcile()
-    wait_for(lambda: {a["daemon"].get("state") for a in answers(driver).values()} == {"ready"}, what="ready")
-    text = cluster.format_views(driver.views(), driver.backlog())
-    lines = text.splitlines()
+    assert driver.reconcile() == ["gpu-00", "gpu-01"] and driver.reconcile() == []
+    ray_cluster.add_node(num_cpus=1, num_gpus=1)
+    wait_for(lambda: ray.cluster_resources().get("GPU") == 3, what="the new node's GPU")
+    assert driver.reconcile() == ["gpu-02"]
+    wait_for(lambda: [a["daemon"].get("state") for a in answers(driver).values()] == ["ready"] * 3, what="ready")
+    assert len({a["node_id"] for a in answers(driver).values()}) == 3, "one slot per node's GPU"
+    spool.inbox.mkdir(exist_ok=True)
+    (spool.inbox / ".part").write_text("not a job yet")  # ignored, as by every daemon
+    done = cli(config, ray_cluster.address, "status")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
     assert lines[0].split() == ["SLOT", "HOST", "STATE", "QUEUE", "JOB"]
-    assert [line.split()[0] for line in lines[1:3]] == ["gpu-00", "gpu-01"]
-    assert all(" ready " in line for line in lines[1:3]), text
+    assert [line.split()[0] for line in lines[1:4]] == ["gpu-00", "gpu-01", "gpu-02"]
+    assert all(line.split()[2:4] == ["ready", "0"] for line in lines[1:4]), done.stdout
     assert lines[-1] == "inbox: 0 files waiting to be claimed"
+    drained = cli(config, ray_cluster.address, "drain", "gpu-02")
+    assert drained.returncode == 0 and drained.stdout.startswith("gpu-02 drained on "), drained
+    assert driver.existing() == ["gpu-00", "gpu-01"] and driver.reconcile() == []
+
+
+def test_a_slot_makes_images_with_real_diffusers(
+    ray_cluster: Cluster, spool: Spool, test_models: TestModelPaths, tmp_path: Path
+) -> None:
+    """The slot's daemon on the real generator (torch and the tiny model loaded in the actor)."""
+    config = spool_config(spool, test_models, tmp_path, cluster={"state_dir": str(tmp_path / "s"), "slots": 1})
+    driver = cluster.Driver(config)
+    assert driver.reconcile() == ["gpu-00"]
+    dropped = {"fox.yaml": b"prompt: a fox in the snow\nseed: 5\ncount: 2\n"}
+    spool.drop("fox.yaml", dropped["fox.yaml"])
+    [manifest] = wait_for(spool.manifests, what="the manifest from the slot")
+    check_spool(spool, dropped, jobs=1)
+    assert (manifest["instance"], manifest["seeds"], len(manifest["outputs"])) == ("gpu-00", [5, 6], 2)
+    assert manifest["model"]["pipeline"].startswith("StableDiffusion"), manifest["model"]
+    with Image.open(spool.outbox / manifest["outputs"][0]["file"]) as image:
+        assert image.size == (64, 64) and "a fox in the snow" in image.info["parameters"]
