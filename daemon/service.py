@@ -181,7 +181,7 @@ class Daemon:
         worker.held = self._held
         self._worker = worker
         lease = Lease(config)
-        lease.beat()  # before the leftovers: no other daemon takes them over while they are resumed here
+        self._beat(lease)  # before the leftovers: no other daemon takes them over while they are resumed here
         worker.start()
         while not worker.preloaded.wait(lease.every_s):  # loading models can take minutes
             self._beat(lease)

@@ -50,12 +50,14 @@ class WorkLock:
     fd: int | None
     token: str = field(default_factory=lambda: secrets.token_hex(8))
     """Names this run in the owner record: another run's token there means the folder was taken over."""
+    found: str | None = None
+    """The token the record held when this run could not replace it (a full disk): still this run's."""
 
     def held(self) -> bool:
         """Whether the owner record still names this run. An unreadable record (a spool that is not
         reachable for a moment) counts as held: only another owner's record takes the folder away."""
         record = read_owner(self.folder)
-        return record is None or record.get("token") == self.token
+        return record is None or record.get("token") in (self.token, self.found)
 
     def successor(self) -> str:
         """Who holds the folder now, in words (for the log line of a run that steps down)."""
@@ -110,9 +112,9 @@ def lock_work_folder(folder: Path, *, instance: str, take_over: bool = False) ->
     }
     try:
         atomic_write(folder / OWNER_FILE, (json.dumps(record) + "\n").encode())
-    except OSError:
-        lock.release()
-        raise
+    except OSError as exc:  # a full disk: the folder is this run's all the same, the old record stands for it
+        log.warning("cannot write the owner record in %s (%s); the folder is held", folder, exc)
+        lock.found = (read_owner(folder) or {}).get("token")
     return lock
 
 

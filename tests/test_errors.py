@@ -35,7 +35,14 @@ def test_from_report_is_the_inverse_of_report(error: DiffusiondError) -> None:
 
 
 def test_every_code_reads_back_as_its_branch_of_the_tree() -> None:
-    failed = {Code.MODEL_FAILED, Code.GENERATION_FAILED, Code.WATERMARK_FAILED, Code.OUTPUT_FAILED, Code.CRASHED}
+    failed = {
+        Code.MODEL_FAILED,
+        Code.GENERATION_FAILED,
+        Code.WATERMARK_FAILED,
+        Code.OUTPUT_FAILED,
+        Code.CRASHED,
+        Code.NODE_LOST,
+    }
     for code in Code:
         error = DiffusiondError.from_report({"code": str(code), "error": "x"})
         expected = ConfigError if code is Code.CONFIG else JobFailed if code in failed else JobRejected
