@@ -21,11 +21,17 @@ SHIPPED_BINARY = "/opt/diffusiond/venv/bin/diffusiond"
 MAX_EXPOSURE = 0.8
 # The status page must answer on a socket (PrivateNetwork= and no AF_INET would cost it that: 0.8 of it).
 MAX_EXPOSURE_OF = {"diffusiond-web.service": 1.1}
+# The cluster's units must talk to the cluster's hosts (Ray): 1.9 and 1.7 (systemd 252).
+MAX_EXPOSURE_OF |= {"diffusiond-ray-head.service": 1.9, "diffusiond-ray-node.service": 1.9}
+MAX_EXPOSURE_OF |= {"diffusiond-cluster.service": 1.7}
 # The unit files under test, as verify needs them: the template instantiated (GPU 0).
 UNIT_FILES = {
     "diffusiond.service": "diffusiond.service",
     "diffusiond@0.service": "diffusiond@.service",
     "diffusiond-web.service": "diffusiond-web.service",
+    "diffusiond-ray-head.service": "diffusiond-ray-head.service",
+    "diffusiond-ray-node.service": "diffusiond-ray-node.service",
+    "diffusiond-cluster.service": "diffusiond-cluster.service",
 }
 # The [Service] settings the template may set differently from diffusiond.service.
 PER_INSTANCE = {
@@ -46,8 +52,13 @@ def _unit(tmp_path: Path, name: str) -> Path:
     # verify checks that ExecStart exists: point it at this environment's diffusiond.
     installed = Path(sys.executable).parent / "diffusiond"
     assert installed.exists(), "install the package (make setup) first"
+    text = (UNITS / UNIT_FILES[name]).read_text()
+    if "venv/bin/ray " in text and not (installed.parent / "ray").exists():
+        pytest.skip("the Ray units need the cluster extra (make test-cluster installs it)")
     unit = tmp_path / name
-    unit.write_text((UNITS / UNIT_FILES[name]).read_text().replace(SHIPPED_BINARY, str(installed)))
+    unit.write_text(text.replace(str(Path(SHIPPED_BINARY).parent), str(installed.parent)))
+    if name == "diffusiond-cluster.service":  # Requires= the head's unit: verify looks for it beside
+        _unit(tmp_path, "diffusiond-ray-head.service")
     return unit
 
 
