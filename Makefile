@@ -42,7 +42,7 @@ test: setup
 # a frozen node, drain; about 3 minutes on 2 cores.
 test-cluster: setup
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[cluster]'
-	$(BIN)/python -m pytest -q -m cluster tests/test_cluster.py
+	$(BIN)/python -m pytest -q -m "cluster or not cluster" tests/test_cluster.py tests/test_systemd_unit.py -k "cluster or ray"
 
 # The service under a real systemd (PID 1 of a throwaway nspawn container): root and systemd-nspawn,
 # about 2.5 minutes; it prints "skipped: ..." and succeeds where it cannot run. See tests/systemd/README.md.

@@ -276,8 +276,8 @@ def test_a_slot_makes_images_with_real_diffusers(
     assert driver.reconcile() == ["gpu-00"]
     dropped = {"fox.yaml": b"prompt: a fox in the snow\nseed: 5\ncount: 2\n"}
     spool.drop("fox.yaml", dropped["fox.yaml"])
-    [manifest] = wait_for(spool.manifests, what="the manifest from the slot")
-    check_spool(spool, dropped, jobs=1)
+    wait_for(lambda: settled(spool, 1), what="the job published and its input archived")
+    [manifest] = check_spool(spool, dropped, jobs=1)
     assert (manifest["instance"], manifest["seeds"], len(manifest["outputs"])) == ("gpu-00", [5, 6], 2)
     assert manifest["model"]["pipeline"].startswith("StableDiffusion"), manifest["model"]
     with Image.open(spool.outbox / manifest["outputs"][0]["file"]) as image:
