@@ -38,7 +38,7 @@ import platform
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -47,7 +47,7 @@ import ray
 
 from diffusiond.daemon.config import Config, load_config
 from diffusiond.daemon.fsutil import atomic_write
-from diffusiond.daemon.inbox import is_candidate
+from diffusiond.daemon.inbox import candidates
 from diffusiond.daemon.status import reload_clock
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ class Driver:
 
     def backlog(self) -> int:
         """Files waiting in the inbox, not claimed by any slot."""
-        return sum(1 for _ in _inbox_files(self.config.inbox))
+        return sum(1 for _ in candidates(self.config.inbox))
 
     # -- draining --------------------------------------------------------------------------------------
     def drained(self) -> dict[str, dict[str, Any]]:
@@ -329,16 +329,7 @@ class Driver:
         return existed
 
 
-def _inbox_files(inbox: Path) -> Iterator[Path]:
-    for folder, dirs, files in os.walk(inbox):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            path = Path(folder, name)
-            if is_candidate(path.relative_to(inbox)):
-                yield path
-
-
-def format_views(views: list[SlotView], backlog: int, now: float | None = None) -> str:
+def format_views(views: list[SlotView], backlog: int) -> str:
     """`diffusiond cluster status`: one line per slot (node, state, job, step, queue), then the backlog."""
     lines = [f"{'SLOT':<8} {'HOST':<20} {'STATE':<12} {'QUEUE':>5}  JOB"]
     for view in views:

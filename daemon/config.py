@@ -338,11 +338,11 @@ class Config(_Strict):
     torch's `threads:` leave (1 with both `auto`); at least 1. Threads scaled as
     well as processes (bench/stamp.py: 1.6x with 2 on 2 CPUs) without copying images between processes."""
     disk_full_retry_s: float = Field(30.0, gt=0)
-    cluster: ClusterConfig = ClusterConfig()
+    """A job that found the disk full waits this long in work/ before it is tried again (it is not failed)."""
     lease_timeout_s: float = Field(120.0, ge=0)
     """A daemon touches `work/<instance>/.lease` while it is healthy; when another daemon's lease is older
     than this (by the file server's clock), its claims are taken over (daemon/lease.py). 0: never."""
-    """A job that found the disk full waits this long in work/ before it is tried again (it is not failed)."""
+    cluster: ClusterConfig = ClusterConfig()
 
     _rules: Rules | None = PrivateAttr(None)
     _source: Path | None = PrivateAttr(None)

@@ -253,20 +253,25 @@ class InboxWatcher:
 
     def scan(self) -> Iterator[Path]:
         """Every candidate file now in the inbox (root and hot folders)."""
-        try:
-            entries = list(os.scandir(self.inbox))
-        except OSError as exc:
-            log.error("cannot list the inbox %s: %s", self.inbox, exc)
-            return
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(IGNORED_PREFIXES):
-                try:
-                    children = [Path(c.path) for c in os.scandir(entry.path) if c.is_file(follow_symlinks=False)]
-                except OSError:
-                    continue
-                yield from (c for c in children if is_candidate(c.relative_to(self.inbox)))
-            elif entry.is_file(follow_symlinks=False) and is_candidate(Path(entry.name)):
-                yield Path(entry.path)
+        return candidates(self.inbox)
+
+
+def candidates(inbox: Path) -> Iterator[Path]:
+    """Every candidate file now in `inbox` (root and hot folders): what a daemon would claim."""
+    try:
+        entries = list(os.scandir(inbox))
+    except OSError as exc:
+        log.error("cannot list the inbox %s: %s", inbox, exc)
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(IGNORED_PREFIXES):
+            try:
+                children = [Path(c.path) for c in os.scandir(entry.path) if c.is_file(follow_symlinks=False)]
+            except OSError:
+                continue
+            yield from (c for c in children if is_candidate(c.relative_to(inbox)))
+        elif entry.is_file(follow_symlinks=False) and is_candidate(Path(entry.name)):
+            yield Path(entry.path)
 
 
 def _fast_move_pairing() -> None:

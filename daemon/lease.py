@@ -33,6 +33,7 @@ from pathlib import Path
 
 from diffusiond.daemon.config import Config
 from diffusiond.daemon.fsutil import fsync_dir
+from diffusiond.daemon.lifecycle import fence_target
 
 log = logging.getLogger(__name__)
 LEASE_FILE = ".lease"
@@ -105,10 +106,7 @@ class Lease:
         A folder another daemon renamed first is passed over (its rename won)."""
         taken: list[Path] = []
         for folder in _claim_folders(lost.folder):
-            base, _, n = folder.name.partition("~")
-            number = int(n) + 1 if n.isdigit() else 2
-            while os.path.lexists(target := self.work / f"{base}~{number}"):
-                number += 1
+            target = fence_target(folder, self.work)
             try:
                 os.rename(folder, target)
             except FileNotFoundError:  # another daemon (or its own, restarted) was first

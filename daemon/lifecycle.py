@@ -467,12 +467,18 @@ def _drop_stale_reservations(config: Config, keep: set[str]) -> None:
             path.unlink(missing_ok=True)
 
 
+def fence_target(folder: Path, into: Path) -> Path:
+    """The claim folder's next name in the work folder `into`: `<claim_id>~N+1`, one not taken."""
+    base, _, n = folder.name.partition("~")
+    number = int(n) + 1 if n.isdigit() else 2
+    while os.path.lexists(target := into / f"{base}~{number}"):
+        number += 1
+    return target
+
+
 def _fence(found: Claim) -> Claim:
     """Rename the claim's folder to a new name: the old paths die for whoever still holds them."""
-    base = found.folder.name.partition("~")[0]
-    n = int(found.folder.name.partition("~")[2] or 1) + 1
-    while os.path.lexists(target := found.folder.with_name(f"{base}~{n}")):
-        n += 1
+    target = fence_target(found.folder, found.folder.parent)
     os.rename(found.folder, target)
     fsync_dir(target.parent)
     fault_point("after_fence")

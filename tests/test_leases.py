@@ -43,6 +43,15 @@ def slot(spool: Spool, name: str, tmp_path: Path, standin: dict[str, Any], *extr
     return process
 
 
+def terminate(*processes: subprocess.Popen[str] | None) -> None:
+    """A warm stop of each daemon still running (SIGCONT first: it may be frozen); each must exit 0."""
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(CEILING_S) == 0, stop(process)
+
+
 def claim_folders(spool: Spool, instance: str) -> list[Path]:
     work = spool.root / "work" / instance
     return sorted(p for p in work.iterdir() if p.is_dir() and not p.name.startswith(".")) if work.is_dir() else []
@@ -73,9 +82,7 @@ def test_a_zombie_slot_is_fenced_publishes_nothing_and_steps_down(spool: Spool, 
     finally:
         first.send_signal(signal.SIGCONT)
         first.kill()
-        if second is not None:
-            second.send_signal(signal.SIGTERM)
-            assert second.wait(CEILING_S) == 0, stop(second)
+        terminate(second)
     assert sorted(m["source"] for m in spool.manifests()) == ["held.yaml", "later.yaml"]
     check_spool(
         spool,
@@ -107,11 +114,7 @@ def test_a_frozen_daemons_claim_is_taken_over_once_by_another(
         spool.drop("next.yaml", "prompt: both alive again\nseed: 5\n")
         wait_for(lambda: len(spool.manifests()) == 2, what="the next job")
     finally:
-        frozen.send_signal(signal.SIGCONT)
-        for process in (frozen, other):
-            if process is not None:
-                process.send_signal(signal.SIGTERM)
-                assert process.wait(CEILING_S) == 0, stop(process)
+        terminate(frozen, other)
     assert sorted(m["source"] for m in spool.manifests()) == ["held.yaml", "next.yaml"]
     check_spool(
         spool,
@@ -137,10 +140,7 @@ def test_a_job_that_takes_its_host_down_fails_as_node_lost_after_3_takeovers(
         dead = [d for d in daemons if d.poll() is not None]
         assert [d.returncode for d in dead] == [-signal.SIGKILL] * 3
     finally:
-        for process in daemons:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                assert process.wait(CEILING_S) == 0, stop(process)
+        terminate(*daemons)
     assert report["code"] == "node_lost", report
     assert "stopped answering 3 times" in report["error"]
     check_spool(
