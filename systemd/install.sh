@@ -3,6 +3,8 @@
 #
 #   sudo systemd/install.sh                     # venv in /opt/diffusiond, diffusiond.service
 #   sudo systemd/install.sh --gpus 0,1          # one daemon per GPU: diffusiond@0, diffusiond@1
+#   sudo systemd/install.sh --cluster head      # a Ray cluster's head: Ray head + the driver (README, "Several hosts")
+#   sudo systemd/install.sh --cluster node      # a GPU host of that cluster: a Ray node, its GPUs slots
 #   sudo systemd/install.sh --uninstall         # units, venv and snippets go; config, spool, user stay
 #
 # It installs this checkout into a venv (PREFIX/venv, torch from $TORCH or --torch), creates the
@@ -26,6 +28,7 @@ PREFIX=$DEFAULT_PREFIX
 SPOOL=$DEFAULT_SPOOL
 ROOT=""
 GPUS=""
+CLUSTER=""
 TORCH=${TORCH:-torch}
 PYTHON=${PYTHON:-}
 JOURNAL=auto
@@ -35,13 +38,17 @@ VENV=1
 
 usage() {
     cat <<EOF
-usage: $0 [--prefix DIR] [--spool DIR] [--gpus LIST|all] [--torch SPEC] [--python PATH] [--journal yes|no|auto]
-          [--root DIR] [--no-venv] [--dry-run]
+usage: $0 [--prefix DIR] [--spool DIR] [--gpus LIST|all | --cluster head|node] [--torch SPEC] [--python PATH]
+          [--journal yes|no|auto] [--root DIR] [--no-venv] [--dry-run]
        $0 --uninstall [--prefix DIR] [--root DIR] [--dry-run]
   --prefix DIR   where the venv goes (DIR/venv; default $DEFAULT_PREFIX)
   --spool DIR    the shared spool (default $DEFAULT_SPOOL)
   --gpus LIST    one daemon per GPU: diffusiond@N for each N in LIST (0,1,...) or every /dev/nvidiaN
                  for 'all'; default: the single diffusiond.service
+  --cluster ROLE a host of a Ray cluster (the cluster extra): 'head' runs diffusiond-ray-head and
+                 diffusiond-cluster (the driver), 'node' diffusiond-ray-node; both need
+                 /etc/diffusiond/cluster.env (written as a template) and /etc/diffusiond/ray-token
+                 (made on the head, mode 0600; copy it to each node)
   --torch SPEC   the torch requirement pip installs first (default \$TORCH or 'torch')
   --python PATH  the interpreter for the venv (default \$PYTHON, else python3 on PATH or /usr/bin/python3:
                  the first outside /home, /root and /run/user, which the service cannot see)
@@ -59,6 +66,7 @@ while [ $# -gt 0 ]; do
         --prefix) PREFIX=${2:?--prefix needs a directory}; shift 2 ;;
         --spool) SPOOL=${2:?--spool needs a directory}; shift 2 ;;
         --gpus) GPUS=${2:?--gpus needs a list}; shift 2 ;;
+        --cluster) CLUSTER=${2:?--cluster needs head or node}; shift 2 ;;
         --torch) TORCH=${2:?--torch needs a requirement}; shift 2 ;;
         --python) PYTHON=${2:?--python needs an interpreter}; shift 2 ;;
         --journal) JOURNAL=${2:?--journal needs yes, no or auto}; shift 2 ;;
@@ -74,6 +82,11 @@ case $PREFIX$SPOOL in *'#'*) echo "paths with '#' are not supported" >&2; exit 2
 case $PREFIX in /*) ;; *) echo "--prefix must be absolute" >&2; exit 2 ;; esac
 case $JOURNAL in yes | no | auto) ;; *) echo "--journal: yes, no or auto, not '$JOURNAL'" >&2; exit 2 ;; esac
 case $SPOOL in /*) ;; *) echo "--spool must be absolute" >&2; exit 2 ;; esac
+case $CLUSTER in '' | head | node) ;; *) echo "--cluster: head or node, not '$CLUSTER'" >&2; exit 2 ;; esac
+if [ -n "$CLUSTER" ] && [ -n "$GPUS" ]; then
+    echo "--cluster and --gpus: a cluster's slots take every GPU of the host; give one of them" >&2
+    exit 2
+fi
 if [ -n "$ROOT" ]; then
     ROOT=$(cd "$ROOT" && pwd)
 fi
@@ -112,6 +125,10 @@ install_edited() {
 }
 
 units_to_enable() {
+    case $CLUSTER in
+        head) echo diffusiond-ray-head.service diffusiond-cluster.service; return ;;
+        node) echo diffusiond-ray-node.service; return ;;
+    esac
     if [ -z "$GPUS" ]; then
         echo diffusiond.service
         return
@@ -161,6 +178,63 @@ EOF
     echo "wrote $config: add your models"
 }
 
+# The cluster's addresses, for the Ray units: a template to fill in, unless there is one.
+write_cluster_env() {
+    local env=$ROOT/etc/diffusiond/cluster.env
+    if [ -e "$env" ]; then
+        echo "$env exists; left as it is"
+        return
+    fi
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "+ write $env (a template: the head's address and this host's)"
+        return
+    fi
+    install -d -m 0755 "$ROOT/etc/diffusiond"
+    cat >"$env" <<EOF
+# The Ray cluster of diffusiond (README.md, "Several hosts"), read by diffusiond-ray-head,
+# diffusiond-ray-node and diffusiond-cluster. Fill in both, then: systemctl enable --now <the units>.
+# The head's address and Ray port, the same on every host (e.g. 10.0.0.1:6379):
+DIFFUSIOND_RAY_HEAD=
+# This host's address on the cluster network (Ray listens on every interface; the units allow
+# the private ranges only):
+DIFFUSIOND_RAY_IP=
+EOF
+    chmod 0644 "$env"
+    echo "wrote $env: fill in DIFFUSIOND_RAY_HEAD and DIFFUSIOND_RAY_IP"
+}
+
+# On the head: the cluster's token, unless there is one. 64 hex digits from the kernel's random
+# source, the form `ray get-auth-token --generate` makes, in a file only the service user reads
+# (Ray's own writes it under the umask: 0644 by default).
+write_token() {
+    local token=$ROOT/etc/diffusiond/ray-token
+    if [ -s "$token" ]; then
+        echo "$token exists; left as it is"
+        return
+    fi
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "+ write $token (a new token, mode 0600, owner diffusiond)"
+        return
+    fi
+    install -d -m 0755 "$ROOT/etc/diffusiond"
+    (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$token")
+    if [ -z "$ROOT" ]; then
+        chown diffusiond:diffusiond "$token"
+    fi
+    echo "wrote $token (mode 0600): copy it to every node of the cluster, mode 0600, owner diffusiond"
+}
+
+# What the cluster units still need before they can start (the addresses, the token), or nothing.
+cluster_not_ready() {
+    local env=$ROOT/etc/diffusiond/cluster.env token=$ROOT/etc/diffusiond/ray-token
+    if [ "$DRY_RUN" = 0 ] && { [ ! -e "$env" ] || grep -Eq '^DIFFUSIOND_RAY_(HEAD|IP)=[[:space:]]*$' "$env"; }; then
+        echo "fill in DIFFUSIOND_RAY_HEAD and DIFFUSIOND_RAY_IP in $env"
+    fi
+    if [ ! -s "$token" ]; then
+        echo "copy the cluster's token from the head's /etc/diffusiond/ray-token to $token, mode 0600, owner diffusiond"
+    fi
+}
+
 # Where ProtectHome=yes hides the interpreter $1 (its real path, or the stdlib's), or nothing.
 hidden_part() {
     local place
@@ -201,7 +275,8 @@ journal_builds() {
 }
 
 install_venv() {
-    local python venv=$ROOT$PREFIX/venv
+    local python venv=$ROOT$PREFIX/venv extra=""
+    [ -n "$CLUSTER" ] && extra=",cluster" # plain ray: not ray[default], whose dashboard doubles the memory
     python=$(pick_python) || exit 1
     echo "venv $venv from $python"
     run "$python" -m venv "$venv"
@@ -217,14 +292,14 @@ install_venv() {
         fi
     fi
     if [ "$journal" = yes ]; then
-        if run "$venv/bin/pip" install -q --disable-pip-version-check --upgrade "${SRC}[systemd]"; then
+        if run "$venv/bin/pip" install -q --disable-pip-version-check --upgrade "${SRC}[systemd$extra]"; then
             echo "with the journal extra: journalctl -u diffusiond JOB_ID=<job_id> finds a job's lines"
             return
         fi
         [ "$JOURNAL" = yes ] && { echo "--journal yes: the journal extra (systemd-python) did not build" >&2; exit 1; }
         echo "note: the journal extra did not build (output above); installing without it" >&2
     fi
-    run "$venv/bin/pip" install -q --disable-pip-version-check --upgrade "$SRC"
+    run "$venv/bin/pip" install -q --disable-pip-version-check --upgrade "$SRC${extra:+[${extra#,}]}"
 }
 
 do_install() {
@@ -249,15 +324,35 @@ do_install() {
             echo "warning: systemd-tmpfiles could not set up every folder (a network spool?): check $SPOOL" >&2
     fi
 
-    # 3. The config, unless there is one.
+    # 3. The config, unless there is one (and the cluster's addresses).
     write_config
+    if [ -n "$CLUSTER" ]; then
+        write_cluster_env
+        if [ "$CLUSTER" = head ]; then
+            write_token
+        fi
+    fi
 
     # 4. The units.
     install_edited "$UNITS_SRC/diffusiond.service" "$UNIT_DIR/diffusiond.service"
     install_edited "$UNITS_SRC/diffusiond@.service" "$UNIT_DIR/diffusiond@.service"
     install_edited "$UNITS_SRC/diffusiond-web.service" "$UNIT_DIR/diffusiond-web.service"
+    local unit missing=""
+    if [ -n "$CLUSTER" ]; then
+        for unit in $units; do
+            install_edited "$UNITS_SRC/$unit" "$UNIT_DIR/$unit"
+        done
+        missing=$(cluster_not_ready)
+    fi
     # shellcheck disable=SC2086 # $units is a list of unit names
-    if [ "$SYSTEMD_RUNNING" = 1 ]; then
+    if [ -n "$missing" ]; then
+        if [ "$SYSTEMD_RUNNING" = 1 ]; then
+            run systemctl daemon-reload
+        fi
+        echo "not started yet: $units. First:"
+        printf '  %s\n' "$missing"
+        echo "then: systemctl enable --now $units"
+    elif [ "$SYSTEMD_RUNNING" = 1 ]; then
         run systemctl daemon-reload
         run systemctl enable --now $units
         echo "enabled and started: $units; logs: journalctl -u 'diffusiond*' -f"
@@ -272,7 +367,9 @@ do_install() {
 do_uninstall() {
     local units="" link
     for link in "$UNIT_DIR"/multi-user.target.wants/diffusiond.service \
-        "$UNIT_DIR"/multi-user.target.wants/diffusiond@*.service; do
+        "$UNIT_DIR"/multi-user.target.wants/diffusiond@*.service \
+        "$UNIT_DIR"/multi-user.target.wants/diffusiond-ray-*.service \
+        "$UNIT_DIR"/multi-user.target.wants/diffusiond-cluster.service; do
         [ -e "$link" ] || [ -L "$link" ] && units="$units ${link##*/}"
     done
     if [ "$SYSTEMD_RUNNING" = 1 ]; then
@@ -284,7 +381,8 @@ do_uninstall() {
         # shellcheck disable=SC2086 # a list of unit names
         run systemctl --root="${ROOT:-/}" disable $units
     fi
-    run rm -f "$UNIT_DIR/diffusiond.service" "$UNIT_DIR/diffusiond@.service" "$UNIT_DIR/diffusiond-web.service"
+    run rm -f "$UNIT_DIR/diffusiond.service" "$UNIT_DIR/diffusiond@.service" "$UNIT_DIR/diffusiond-web.service" \
+        "$UNIT_DIR/diffusiond-ray-head.service" "$UNIT_DIR/diffusiond-ray-node.service" "$UNIT_DIR/diffusiond-cluster.service"
     run rm -rf "$UNIT_DIR/diffusiond.service.d" "$UNIT_DIR/diffusiond@.service.d"
     [ "$SYSTEMD_RUNNING" = 1 ] && run systemctl daemon-reload
     run rm -f "$ROOT/etc/sysusers.d/diffusiond.conf" "$ROOT/etc/tmpfiles.d/diffusiond.conf"
@@ -292,7 +390,7 @@ do_uninstall() {
     [ -d "$ROOT$PREFIX" ] && run rmdir --ignore-fail-on-non-empty "$ROOT$PREFIX"
     cat <<EOF
 removed the units, the venv and the sysusers/tmpfiles snippets. Kept, to remove by hand:
-  the config       rm -r $ROOT/etc/diffusiond
+  the config       rm -r $ROOT/etc/diffusiond   (cluster.env and ray-token too, on a cluster host)
   spool and state  rm -r $ROOT/var/lib/diffusiond $ROOT/var/cache/diffusiond   (results are in the spool's outbox/)
   user and group   userdel diffusiond; groupdel diffusiond
 EOF

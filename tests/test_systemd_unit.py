@@ -151,6 +151,54 @@ def test_install_script_in_a_scratch_root(tmp_path: Path) -> None:
     assert (root / "etc/diffusiond/config.yaml").exists() and (root / "srv/spool/inbox").is_dir()
 
 
+@needs_root
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed")
+def test_install_script_sets_up_a_cluster_host(tmp_path: Path) -> None:
+    """`--cluster head` installs the Ray head and the driver, `--cluster node` a Ray node, with this
+    install's paths; neither starts before the addresses and the token are there, and says so."""
+    root = tmp_path / "root"
+    root.mkdir()
+    script = str(UNITS / "install.sh")
+    common = ["--root", str(root), "--no-venv", "--prefix", "/opt/d2", "--spool", "/srv/spool"]
+
+    def install(role: str) -> str:
+        run = subprocess.run([script, *common, "--cluster", role], capture_output=True, text=True, timeout=CEILING_S)
+        assert run.returncode == 0, run.stdout + run.stderr
+        return run.stdout
+
+    units = root / "etc/systemd/system"
+    first = install("head")
+    assert "not started yet: diffusiond-ray-head.service diffusiond-cluster.service" in first
+    assert "DIFFUSIOND_RAY_HEAD and DIFFUSIOND_RAY_IP in" in first
+    token = root / "etc/diffusiond/ray-token"
+    assert re.fullmatch("[0-9a-f]{64}", token.read_text()) and token.stat().st_mode & 0o777 == 0o600
+    head = (units / "diffusiond-ray-head.service").read_text()
+    assert "ExecStart=/opt/d2/venv/bin/ray start --block --head" in head and "ReadWritePaths=/srv/spool\n" in head
+    driver = (units / "diffusiond-cluster.service").read_text()
+    assert "ExecStart=/opt/d2/venv/bin/diffusiond cluster" in driver
+    assert not (units / "diffusiond-ray-node.service").exists()
+    env = root / "etc/diffusiond/cluster.env"
+    assert "DIFFUSIOND_RAY_HEAD=\n" in env.read_text()
+
+    # A node without the token: not started, says where it comes from.
+    token.rename(tmp_path / "token")
+    env.write_text("DIFFUSIOND_RAY_HEAD=10.0.0.1:6379\nDIFFUSIOND_RAY_IP=10.0.0.2\n")
+    assert "copy the cluster's token from the head's" in install("node")
+    # Filled in, with the token: ready to enable (systemd does not run in a scratch root).
+    (tmp_path / "token").rename(token)
+    second = install("node")
+    assert "not started" not in second
+    assert "systemctl enable --now diffusiond-ray-node.service" in second
+    assert "--address=${DIFFUSIOND_RAY_HEAD}" in (units / "diffusiond-ray-node.service").read_text()
+    assert env.read_text().startswith("DIFFUSIOND_RAY_HEAD=10.0.0.1:6379")  # kept
+
+    wrong = subprocess.run([script, *common, "--cluster", "gpu"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "--cluster: head or node" in wrong.stderr
+    gone = subprocess.run([script, "--root", str(root), "--uninstall"], capture_output=True, text=True)
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    assert not list(units.glob("diffusiond*")) and env.exists()
+
+
 def test_install_script_lints() -> None:
     script = UNITS / "install.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
