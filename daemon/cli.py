@@ -299,9 +299,11 @@ def _cluster(args: argparse.Namespace) -> int:
         import threading
 
         stop = threading.Event()
+        driver.connect(args.address)
+        # After connecting: ray.init sets a SIGTERM handler of its own that exits with status 15, which
+        # systemd counts as a failure (found under a real systemd: `systemctl stop` left Result=exit-code).
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-        driver.connect(args.address)
         log.info(
             "driver: keeping the slots of %s on the Ray cluster (every %g s)",
             driver.config.spool,

@@ -282,3 +282,28 @@ def test_a_slot_makes_images_with_real_diffusers(
     assert manifest["model"]["pipeline"].startswith("StableDiffusion"), manifest["model"]
     with Image.open(spool.outbox / manifest["outputs"][0]["file"]) as image:
         assert image.size == (64, 64) and "a fox in the snow" in image.info["parameters"]
+
+
+def test_the_driver_command_stops_cleanly_on_sigterm(
+    ray_cluster: Cluster, spool: Spool, test_models: TestModelPaths, tmp_path: Path
+) -> None:
+    """`diffusiond cluster` as systemd runs it: SIGTERM ends it with status 0 (ray.init's own handler
+    exited 15, a failed unit). No slot: a resource no node has."""
+    config = spool_config(spool, test_models, tmp_path, cluster={"state_dir": str(tmp_path / "s"), "resource": "none"})
+    command = [sys.executable, "-m", "diffusiond.daemon.cli", "cluster", "--config", str(config)]
+    command += ["--address", ray_cluster.address, "--log-level", "INFO"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        assert driver.stdout is not None
+        said = ""
+        while "driver: keeping the slots" not in said:
+            line = driver.stdout.readline()
+            assert line, f"the driver exited: {said}"
+            said += line
+        driver.send_signal(signal.SIGTERM)
+        rest, _ = driver.communicate(timeout=CEILING_S)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, said + rest
+    assert "driver stopped; the slots run on" in rest

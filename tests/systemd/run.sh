@@ -367,10 +367,73 @@ instances() {
 check "the template runs two instances (CPU by a drop-in), each with its own work folder and state, reloadable" instances
 check "systemd-analyze security diffusiond@0 stays at or below 0.7" security diffusiond@0.service
 
+# --- A Ray cluster host ---------------------------------------------------------------------------
+# This container is the whole cluster: the head with one logical GPU (a drop-in adds --num-gpus=1),
+# on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, else Ray rewrites it to the host's address),
+# and the driver beside it. The slot runs the real test model in a Ray worker of the head's unit.
+ray_as_service() { # a command as the service user, with the cluster's token and address
+    in_ct runuser -u diffusiond -- env RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/etc/diffusiond/ray-token \
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 HOME=/var/lib/diffusiond "$@"
+}
+cluster_log=/dev/shm/diffusiond-svc-cluster.$$
+cluster_install() {
+    in_ct systemctl stop diffusiond@0 diffusiond@1 diffusiond || return 1 # the slot alone on the spool
+    into_ct env TORCH="${TORCH:-torch==2.13.0}" "$src/systemd/install.sh" --cluster head >"$cluster_log" 2>&1
+    local rc=$?
+    cat "$cluster_log"
+    [[ $rc == 0 ]] && grep -e "not started yet: diffusiond-ray-head.service diffusiond-cluster.service" "$cluster_log" >/dev/null &&
+        in_ct test -x "$venv/bin/ray" && [[ $(in_ct stat -c '%a %U' /etc/diffusiond/ray-token) == "600 diffusiond" ]] &&
+        [[ $(in_ct systemctl is-active diffusiond-ray-head) != active ]]
+}
+check "install.sh --cluster head: the cluster extra, the units, a 0600 token; nothing started before cluster.env" cluster_install
+rm -f "$cluster_log"
+
+slot_ready() { ray_as_service "$venv/bin/diffusiond" cluster --config "$config" --address 127.0.0.1:6379 status | grep -E '^gpu-00 .* ready '; }
+cluster_start() {
+    local dropins=/etc/systemd/system
+    in_ct sh -c "printf 'DIFFUSIOND_RAY_HEAD=127.0.0.1:6379\nDIFFUSIOND_RAY_IP=127.0.0.1\n' > /etc/diffusiond/cluster.env" &&
+        in_ct mkdir -p $dropins/diffusiond-ray-head.service.d $dropins/diffusiond-cluster.service.d &&
+        in_ct sh -c "{ printf '[Service]\nEnvironment=RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0\nExecStart=\n'; sed -n 's/^ExecStart=.*/& --num-gpus=1 --num-cpus=2/p' $dropins/diffusiond-ray-head.service; } > $dropins/diffusiond-ray-head.service.d/50-test.conf" &&
+        in_ct sh -c "printf '[Service]\nEnvironment=RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0\n' > $dropins/diffusiond-cluster.service.d/50-test.conf" &&
+        in_ct systemctl daemon-reload && in_ct systemctl enable --now diffusiond-ray-head diffusiond-cluster || return 1
+    wait_for 300 slot_ready
+    local rc=$?
+    ray_as_service "$venv/bin/diffusiond" cluster --config "$config" --address 127.0.0.1:6379 status
+    in_ct systemctl show -p ActiveState -p SubState -p NRestarts diffusiond-ray-head diffusiond-cluster | tr '\n' ' '
+    [[ $rc == 0 ]] && active diffusiond-ray-head && active diffusiond-cluster
+}
+check "the head and the driver start from cluster.env and the token; cluster status shows slot gpu-00 ready" cluster_start
+
+slot_job() {
+    drop ray.yaml $'prompt: a ray of light\nseed: 8\n' && wait_for 300 manifest_of ray || return 1
+    local by
+    by=$(in_ct python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["instance"])' "$(manifest_of ray)")
+    echo "ray.yaml by $by"
+    [[ $by == gpu-00 ]] && in_ct test -e "$spool/archive/ray.yaml" &&
+        in_ct sh -c "stat -c %U $spool/outbox/ray-*.png | grep -qx diffusiond" &&
+        in_ct test -s /var/lib/diffusiond/cluster/gpu-00/status.json
+}
+check "a job runs in the slot under the head's unit (real diffusers): manifest by gpu-00, owned by diffusiond" slot_job
+
+slot_drained() {
+    ray_as_service "$venv/bin/diffusiond" cluster --config "$config" --address 127.0.0.1:6379 drain gpu-00 &&
+        ray_as_service "$venv/bin/diffusiond" cluster --config "$config" --address 127.0.0.1:6379 status | tee /dev/stderr |
+        grep -v '^gpu-00' | grep -e '^inbox: 0 files' >/dev/null &&
+        in_ct test -e "$spool/.cluster/drained/gpu-00.json"
+}
+check "cluster drain gpu-00 stops the slot and removes it; the driver does not place it again" slot_drained
+cluster_stop() {
+    in_ct systemctl disable --now diffusiond-cluster diffusiond-ray-head || return 1
+    in_ct systemctl show -p Result -p ExecMainStatus diffusiond-cluster diffusiond-ray-head | tr '\n' ' '
+    [[ $(show Result diffusiond-ray-head) == success && $(show Result diffusiond-cluster) == success ]]
+}
+check "systemctl stop of the driver and the head: both exit cleanly" cluster_stop
+
 # --- Uninstall ---------------------------------------------------------------------------------------
 uninstall() {
     into_ct "$src/systemd/install.sh" --uninstall &&
         in_ct test -e "$config" && in_ct test -e "$spool/archive/light.yaml" && ! in_ct test -e "$venv" &&
-        [[ $(in_ct systemctl is-active diffusiond@1) != active ]]
+        [[ $(in_ct systemctl is-active diffusiond@1) != active ]] &&
+        ! in_ct sh -c 'ls /etc/systemd/system/diffusiond-ray-*.service /etc/systemd/system/diffusiond-cluster.service' 2>/dev/null
 }
 check "uninstall stops the instances, removes the venv, keeps config and spool" uninstall
