@@ -27,6 +27,7 @@ manifest times their inode change time (the daemon's rename).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -74,6 +75,22 @@ FAST_HEALTH = {
 
 
 # --------------------------------------------------------------------------- helpers
+
+STARTED: list[subprocess.Popen[Any]] = []
+"""Every daemon and strace the bench starts: killed at exit if a section failed and left them running."""
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def start_daemon(root: Path, models: Any, extra: dict[str, Any] | None = None, **kwargs: Any) -> DaemonProc:
+    proc = DaemonProc(root, models, extra, **kwargs)
+    STARTED.append(proc.proc)
+    return proc
 
 
 def standin_entry(step_s: float, hold: Path | None = None) -> list[str]:
@@ -190,7 +207,10 @@ class RayCluster:
         for name in driver.existing():
             driver.drain(name, timeout_s=60)
             driver.undrain(name)
+        deadline = time.monotonic() + 120
         while driver.existing():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"slots still there 120 s after their drain: {driver.existing()}")
             time.sleep(0.1)
 
     def close(self) -> None:
@@ -219,7 +239,7 @@ def throughput(tmp: Path, models: Any, jobs: int, step_s: float, real: bool, ray
             load = OtherLoad()
             if who == "plain daemon":
                 entry = standin_entry(step) if factory is not None else None
-                proc = DaemonProc(root, models, {"prefetch": 1}, **({"entry": entry} if entry else {}), mode="poll")
+                proc = start_daemon(root, models, {"prefetch": 1}, **({"entry": entry} if entry else {}), mode="poll")
                 load = OtherLoad((proc.proc.pid,))
                 first = drop_all(proc.inbox, jobs)
                 found = wait_manifests(proc.outbox, jobs, alive=lambda p=proc: p.proc.poll() is None)
@@ -251,7 +271,7 @@ def latency(tmp: Path, models: Any, serial: int, step_s: float, ray_cluster: Ray
         root = tmp / f"lat-{len(results)}"
         if who.startswith("plain"):
             mode = "inotify" if "inotify" in who else "poll"
-            proc = DaemonProc(root, models, None, entry=standin_entry(step_s), mode=mode)
+            proc = start_daemon(root, models, None, entry=standin_entry(step_s), mode=mode)
             results[who] = serial_latency(proc.inbox, proc.outbox, proc.events, serial, "lat")
             proc.stop()
         else:
@@ -277,7 +297,8 @@ def latency(tmp: Path, models: Any, serial: int, step_s: float, ray_cluster: Ray
 # --------------------------------------------------------------------------- 3. spool calls
 
 SYSCALL = re.compile(r"^(?:\[pid\s+\d+\]\s+)?(?:\d+\s+)?([a-z0-9_]+)\((.*)$")
-SPOOL_PARTS = ("inbox", "work", "outbox", "archive", "failed", ".daemons")
+NOT_SPOOL = ("state", "config.yaml")
+"""Under a bench daemon's root but local to a real slot's host: its state dir (status, events) and config."""
 
 
 def spool_calls(log: Path, root: Path) -> Counter[tuple[str, str]]:
@@ -291,7 +312,7 @@ def spool_calls(log: Path, root: Path) -> Counter[tuple[str, str]]:
             continue
         rest = match.group(2)[match.group(2).index(prefix) + len(prefix) :]
         part = rest.split("/", 1)[0].split(">", 1)[0].split('"', 1)[0]
-        if part in SPOOL_PARTS:
+        if part and part not in NOT_SPOOL:  # inbox, work, outbox, archive, failed, .daemons, .cancel
             call = match.group(1)
             if call == "openat" and "O_CREAT" in rest:
                 call = "openat O_CREAT"  # a create: a synchronous operation on an NFS server
@@ -311,7 +332,10 @@ def traced(pids: list[int], log: Path) -> subprocess.Popen[bytes]:
         ["strace", "-f", "-y", "-qq", "-e", "trace=%file,getdents64,fsync,fdatasync", "-o", str(log), *attach],
         stderr=subprocess.DEVNULL,
     )
+    STARTED.append(tracer)
     time.sleep(1.0)  # strace attaches to every thread before the measurement starts
+    if tracer.poll() is not None:  # not root, or ptrace refused (Yama's ptrace_scope)
+        raise SystemExit(f"strace could not attach to {pids} (exit {tracer.returncode}): run the bench as root")
     return tracer
 
 
@@ -332,7 +356,9 @@ def table(counts: Counter[tuple[str, str]], per: float, unit: str) -> list[str]:
     return lines
 
 
-def spool(tmp: Path, models: Any, jobs: int, backlog: int, step_s: float, serial: int, contenders: int) -> list[str]:
+def spool(
+    tmp: Path, models: Any, jobs: int, backlog: int, step_s: float, serial: int, contenders: list[int]
+) -> list[str]:
     if shutil.which("strace") is None:
         return ["## 3. Spool calls: skipped (no strace: apt-get install strace)"]
     lease_s = 4.0
@@ -344,13 +370,16 @@ def spool(tmp: Path, models: Any, jobs: int, backlog: int, step_s: float, serial
         "",
     ]
     # (a) per job
-    proc = DaemonProc(tmp / "sp-jobs", models, extra, entry=standin_entry(step_s), **watch)
+    proc = start_daemon(tmp / "sp-jobs", models, extra, entry=standin_entry(step_s), **watch)
     log = tmp / "strace-jobs.log"
     tracer = traced([proc.proc.pid], log)
     t0 = time.monotonic()
     drop_all(proc.inbox, jobs)
     wait_manifests(proc.outbox, jobs)
+    deadline = time.monotonic() + STALL_S
     while any((proc.root / "work" / "bench").glob("*/claim.json")):  # the last claim's end
+        if time.monotonic() > deadline:
+            raise SystemExit(f"claims left in {proc.root / 'work' / 'bench'}")
         time.sleep(0.05)
     elapsed = time.monotonic() - t0
     untrace(tracer)
@@ -361,36 +390,37 @@ def spool(tmp: Path, models: Any, jobs: int, backlog: int, step_s: float, serial
     # (b) busy with a held job, a backlog waiting
     gate = tmp / "gate"
     gate.mkdir()
-    proc = DaemonProc(tmp / "sp-busy", models, extra, entry=standin_entry(step_s, hold=gate), **watch)
+    proc = start_daemon(tmp / "sp-busy", models, extra, entry=standin_entry(step_s, hold=gate), **watch)
     (proc.inbox / "held.yaml").write_text("prompt: held\n")
     while not any(gate.glob("held-*")):
         time.sleep(0.05)
     drop_all(proc.inbox, backlog, prefix="wait")
     time.sleep(3.0)  # the prefetch claim of one waiting job, and the watcher's first look at the rest
-    window = 10.0
     log = tmp / "strace-busy.log"
+    t0 = time.monotonic()  # from the attach, whose second counts too
     tracer = traced([proc.proc.pid], log)
-    time.sleep(window)
+    time.sleep(9.0)
     untrace(tracer)
+    window = time.monotonic() - t0
     (gate / "release").touch()
     proc.stop()
     busy = spool_calls(log, proc.root)
     lines += [
         "",
-        f"(b) per second, busy (one job held at a step), {backlog} files waiting in the inbox, {window:.0f} s traced",
+        f"(b) per second, busy (one job held at a step), {backlog} files waiting in the inbox, {window:.1f} s traced",
         "",
     ]
     lines += table(busy, window, "per second")
     # (c) several idle daemons, one job at a time: what a drop costs when every daemon sees it
-    lines += ["", f"(c) {serial} jobs dropped one at a time on 1 and on {contenders} idle daemons of one spool", ""]
+    lines += ["", f"(c) {serial} jobs dropped one at a time on idle daemons of one spool", ""]
     lines += ["| daemons | spool calls per job (all daemons) | claim attempts per job | per job beyond 1 daemon |"]
     lines += ["|---|---|---|---|"]
     alone = None
-    for count in (1, contenders):
+    for count in (1, *contenders):
         root = tmp / f"sp-idle{count}"  # the shared spool; each daemon's config and state beside it
         (root / "inbox").mkdir(parents=True)
         procs = [
-            DaemonProc(
+            start_daemon(
                 tmp / f"sp-idle{count}-d{n}",
                 models,
                 extra | {"instance": f"d{n}", "spool": str(root)},
@@ -422,7 +452,7 @@ def main() -> None:
     ap.add_argument("--step-s", type=float, default=0.05, help="seconds each stand-in step takes (4 steps a job)")
     ap.add_argument("--serial", type=int, default=20, help="jobs dropped one at a time for the latency")
     ap.add_argument("--backlog", type=int, default=1000, help="files waiting in the inbox while the daemon is busy")
-    ap.add_argument("--contenders", type=int, default=4, help="idle daemons on one spool for the claim race")
+    ap.add_argument("--contenders", default="4,8", help="how many idle daemons share a spool in the claim race")
     ap.add_argument("--real", action="store_true", help="throughput also through real diffusers (the test model)")
     ap.add_argument("--section", choices=("throughput", "latency", "spool", "all"), default="all")
     args = ap.parse_args()
@@ -437,24 +467,28 @@ def main() -> None:
     print(f"stand-in: {STEPS} steps x {args.step_s} s; settle_s {SETTLE_S}, poll_interval_s {POLL_INTERVAL_S}\n")
     report: list[str] = []
     t0 = time.monotonic()
-    ray_cluster = RayCluster() if args.section in ("throughput", "latency", "all") else None
     try:
-        if args.section in ("throughput", "all"):
-            assert ray_cluster is not None
-            report += [*throughput(tmp, models, args.jobs, args.step_s, args.real, ray_cluster), ""]
-        if args.section in ("latency", "all"):
-            assert ray_cluster is not None
-            report += [*latency(tmp, models, args.serial, args.step_s, ray_cluster), ""]
+        ray_cluster = RayCluster() if args.section in ("throughput", "latency", "all") else None
+        try:
+            if args.section in ("throughput", "all"):
+                assert ray_cluster is not None
+                report += [*throughput(tmp, models, args.jobs, args.step_s, args.real, ray_cluster), ""]
+            if args.section in ("latency", "all"):
+                assert ray_cluster is not None
+                report += [*latency(tmp, models, args.serial, args.step_s, ray_cluster), ""]
+        finally:
+            if ray_cluster is not None:
+                ray_cluster.close()
+        if args.section in ("spool", "all"):
+            counts = [int(n) for n in args.contenders.split(",")]
+            report += [*spool(tmp, models, args.jobs, args.backlog, args.step_s, args.serial, counts), ""]
     finally:
-        if ray_cluster is not None:
-            ray_cluster.close()
-    if args.section in ("spool", "all"):
-        report += [*spool(tmp, models, args.jobs, args.backlog, args.step_s, args.serial, args.contenders), ""]
+        _kill_leftovers()
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(tmp, ignore_errors=True)
     print()
     print("\n".join(report))
     print(f"({time.monotonic() - t0:.0f} s)")
-    if not os.environ.get("BENCH_KEEP"):
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -218,20 +218,33 @@ write_token() {
     fi
     install -d -m 0755 "$ROOT/etc/diffusiond"
     (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$token")
+    echo "wrote $token: copy it to every node of the cluster (install.sh --cluster node sets its mode and owner)"
+}
+
+# The token as the units need it, on every cluster host: readable by the service user only. A copy
+# made as root (scp) would leave it unreadable to Ray, and a Ray that exits 1 at start looks like a
+# clean stop to its unit (SuccessExitStatus=1): restarted every 10 s, never shown as failed.
+own_token() {
+    local token=$ROOT/etc/diffusiond/ray-token
+    if [ ! -s "$token" ] || [ "$DRY_RUN" = 1 ]; then
+        return
+    fi
+    chmod 0600 "$token"
     if [ -z "$ROOT" ]; then
         chown diffusiond:diffusiond "$token"
     fi
-    echo "wrote $token (mode 0600): copy it to every node of the cluster, mode 0600, owner diffusiond"
 }
 
 # What the cluster units still need before they can start (the addresses, the token), or nothing.
 cluster_not_ready() {
     local env=$ROOT/etc/diffusiond/cluster.env token=$ROOT/etc/diffusiond/ray-token
-    if [ "$DRY_RUN" = 0 ] && { [ ! -e "$env" ] || grep -Eq '^DIFFUSIOND_RAY_(HEAD|IP)=[[:space:]]*$' "$env"; }; then
+    if { [ "$DRY_RUN" = 0 ] && [ ! -e "$env" ]; } || { [ -e "$env" ] && grep -Eq '^DIFFUSIOND_RAY_(HEAD|IP)=[[:space:]]*$' "$env"; }; then
         echo "fill in DIFFUSIOND_RAY_HEAD and DIFFUSIOND_RAY_IP in $env"
+    elif [ "$DRY_RUN" = 1 ] && [ ! -e "$env" ]; then
+        echo "fill in DIFFUSIOND_RAY_HEAD and DIFFUSIOND_RAY_IP in $env (written as a template)"
     fi
-    if [ ! -s "$token" ]; then
-        echo "copy the cluster's token from the head's /etc/diffusiond/ray-token to $token, mode 0600, owner diffusiond"
+    if [ ! -s "$token" ] && ! { [ "$DRY_RUN" = 1 ] && [ "$CLUSTER" = head ]; }; then
+        echo "copy the cluster's token from the head's /etc/diffusiond/ray-token to $token"
     fi
 }
 
@@ -331,6 +344,7 @@ do_install() {
         if [ "$CLUSTER" = head ]; then
             write_token
         fi
+        own_token
     fi
 
     # 4. The units.
@@ -376,14 +390,15 @@ do_uninstall() {
         # shellcheck disable=SC2086 # a list of unit names
         [ -n "$units" ] && run systemctl disable --now $units
         run systemctl disable --now diffusiond-web.service 2>/dev/null || true
-        run systemctl stop 'diffusiond.service' 'diffusiond@*.service' || true
+        run systemctl stop 'diffusiond.service' 'diffusiond@*.service' 'diffusiond-ray-*.service' diffusiond-cluster.service || true
     elif [ -n "$units" ]; then
         # shellcheck disable=SC2086 # a list of unit names
         run systemctl --root="${ROOT:-/}" disable $units
     fi
     run rm -f "$UNIT_DIR/diffusiond.service" "$UNIT_DIR/diffusiond@.service" "$UNIT_DIR/diffusiond-web.service" \
         "$UNIT_DIR/diffusiond-ray-head.service" "$UNIT_DIR/diffusiond-ray-node.service" "$UNIT_DIR/diffusiond-cluster.service"
-    run rm -rf "$UNIT_DIR/diffusiond.service.d" "$UNIT_DIR/diffusiond@.service.d"
+    run rm -rf "$UNIT_DIR/diffusiond.service.d" "$UNIT_DIR/diffusiond@.service.d" "$UNIT_DIR"/diffusiond-ray-*.service.d \
+        "$UNIT_DIR/diffusiond-cluster.service.d"
     [ "$SYSTEMD_RUNNING" = 1 ] && run systemctl daemon-reload
     run rm -f "$ROOT/etc/sysusers.d/diffusiond.conf" "$ROOT/etc/tmpfiles.d/diffusiond.conf"
     run rm -rf "$ROOT$PREFIX/venv"

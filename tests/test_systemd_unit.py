@@ -186,7 +186,9 @@ def test_install_script_sets_up_a_cluster_host(tmp_path: Path) -> None:
     assert "copy the cluster's token from the head's" in install("node")
     # Filled in, with the token: ready to enable (systemd does not run in a scratch root).
     (tmp_path / "token").rename(token)
+    token.chmod(0o644)  # copied without care: the install makes it the service user's alone again
     second = install("node")
+    assert token.stat().st_mode & 0o777 == 0o600
     assert "not started" not in second
     assert "systemctl enable --now diffusiond-ray-node.service" in second
     assert "--address=${DIFFUSIOND_RAY_HEAD}" in (units / "diffusiond-ray-node.service").read_text()
