@@ -388,6 +388,7 @@ cluster_install() {
 check "install.sh --cluster head: the cluster extra, the units, a 0600 token; nothing started before cluster.env" cluster_install
 rm -f "$cluster_log"
 
+cluster_status() { ray_as_service "$venv/bin/diffusiond" cluster --config "$config" --address 127.0.0.1:6379 status; }
 slot_ready() { cluster_status | grep -E '^gpu-00 .* ready '; }
 cluster_start() {
     local dropins=/etc/systemd/system
@@ -415,7 +416,6 @@ slot_job() {
 }
 check "a job runs in the slot under the head's unit (real diffusers): manifest by gpu-00, owned by diffusiond" slot_job
 
-cluster_status() { ray_as_service "$venv/bin/diffusiond" cluster --config "$config" --address 127.0.0.1:6379 status; }
 slot_drained() {
     ray_as_service "$venv/bin/diffusiond" cluster --config "$config" --address 127.0.0.1:6379 drain gpu-00 || return 1
     # Past two of the driver's rounds (reconcile_s 5): it must not have placed the slot again.
