@@ -61,6 +61,7 @@ from common import (
     median,
     p95,
     parse_ts,
+    stage_and_drop,
     write_config,
 )
 
@@ -101,16 +102,8 @@ def standin_entry(step_s: float, hold: Path | None = None) -> list[str]:
 
 
 def drop_all(inbox: Path, count: int, prefix: str = "job") -> float:
-    """Write `count` job files beside the inbox, then rename them in; the wall time of the first rename."""
-    staging = inbox.parent / "staging"
-    staging.mkdir(exist_ok=True)
-    names = [f"{prefix}{i:04d}.yaml" for i in range(count)]
-    for i, name in enumerate(names):
-        (staging / name).write_text(job_text(i))
-    first = time.time()
-    for name in names:
-        os.rename(staging / name, inbox / name)
-    return first
+    """`count` job files staged beside the inbox and renamed in; the wall time of the first rename."""
+    return stage_and_drop(inbox.parent, inbox, [f"{prefix}{i:04d}.yaml" for i in range(count)])[0]
 
 
 def manifests(outbox: Path) -> list[Path]:
@@ -135,10 +128,8 @@ def stream_rate(first_drop: float, found: list[Path], count: int) -> tuple[float
     return wall, count / wall
 
 
-def serial_latency(
-    inbox: Path, outbox: Path, events: Events, count: int, prefix: str, *, claimed: bool = True
-) -> list[float]:
-    """Drop one job at a time; each one's drop -> claimed (its `claimed` event), in seconds."""
+def serial_latency(inbox: Path, outbox: Path, events: Events | None, count: int, prefix: str) -> list[float]:
+    """Drop one job at a time; each one's drop -> claimed (its `claimed` event in `events`), in seconds."""
     out = []
     for i in range(count):
         name = f"{prefix}{i:03d}.yaml"
@@ -148,7 +139,7 @@ def serial_latency(
         os.rename(tmp, inbox / name)
         dropped = time.time()
         wait_manifests(outbox, before + 1)
-        if not claimed:
+        if events is None:  # only the drops wanted
             continue
         deadline = time.monotonic() + 10
         while (event := events.find("claimed", source=name)) is None and time.monotonic() < deadline:
@@ -301,12 +292,12 @@ NOT_SPOOL = ("state", "config.yaml")
 """Under a bench daemon's root but local to a real slot's host: its state dir (status, events) and config."""
 
 
-def spool_calls(log: Path, root: Path) -> Counter[tuple[str, str]]:
+def spool_calls(log: str, root: Path) -> Counter[tuple[str, str]]:
     """(syscall, spool folder) -> count, from an `strace -f -y` log: only calls naming a spool path,
     counted under the first spool folder they name (a claim's rename inbox -> work/ counts as inbox)."""
     counts: Counter[tuple[str, str]] = Counter()
     prefix = str(root) + "/"
-    for line in log.read_text(errors="replace").splitlines():
+    for line in log.splitlines():
         match = SYSCALL.match(line)
         if not match or prefix not in match.group(2):
             continue
@@ -320,10 +311,10 @@ def spool_calls(log: Path, root: Path) -> Counter[tuple[str, str]]:
     return counts
 
 
-def claim_attempts(log: Path, root: Path) -> int:
+def claim_attempts(log: str, root: Path) -> int:
     """How many claim folders were made (`mkdir work/<instance>/<claim id>`): one per attempt, won or lost."""
     folder = re.compile(r'mkdir(?:at)?\((?:AT_FDCWD<[^>]*>, )?"' + re.escape(str(root)) + r'/work/[^/"]+/[^/"]+"')
-    return sum(1 for line in log.read_text(errors="replace").splitlines() if folder.search(line))
+    return sum(1 for line in log.splitlines() if folder.search(line))
 
 
 def traced(pids: list[int], log: Path) -> subprocess.Popen[bytes]:
@@ -384,7 +375,7 @@ def spool(
     elapsed = time.monotonic() - t0
     untrace(tracer)
     proc.stop()
-    per_job = spool_calls(log, proc.root)
+    per_job = spool_calls(log.read_text(errors="replace"), proc.root)
     lines += [f"(a) per job: {jobs} jobs dropped at once, {elapsed:.1f} s traced (idle polling included)", ""]
     lines += table(per_job, jobs, "per job")
     # (b) busy with a held job, a backlog waiting
@@ -404,7 +395,7 @@ def spool(
     window = time.monotonic() - t0
     (gate / "release").touch()
     proc.stop()
-    busy = spool_calls(log, proc.root)
+    busy = spool_calls(log.read_text(errors="replace"), proc.root)
     lines += [
         "",
         f"(b) per second, busy (one job held at a step), {backlog} files waiting in the inbox, {window:.1f} s traced",
@@ -431,12 +422,13 @@ def spool(
         ]
         log = tmp / f"strace-idle{count}.log"
         tracer = traced([p.proc.pid for p in procs], log)
-        serial_latency(root / "inbox", root / "outbox", Events(root / "none"), serial, "one", claimed=False)
+        serial_latency(root / "inbox", root / "outbox", None, serial, "one")
         untrace(tracer)
         for p in procs:
             p.stop()
-        calls = spool_calls(log, root)
-        attempts = claim_attempts(log, root) / serial
+        text = log.read_text(errors="replace")
+        calls = spool_calls(text, root)
+        attempts = claim_attempts(text, root) / serial
         total = sum(calls.values()) / serial
         alone = alone if alone is not None else total
         lines.append(f"| {count} | {total:.0f} | {attempts:.1f} | {total - alone:+.0f} |")

@@ -163,6 +163,22 @@ def job_text(i: int) -> str:
     return f"prompt: a hamster number {i}\nseed: {1000 + i}\n"
 
 
+def stage_and_drop(root: Path, inbox: Path, names: list[str]) -> tuple[float, float]:
+    """Write every job file to a staging folder on the same filesystem, then rename them all in.
+
+    Returns (wall-clock time of the first rename, seconds the renames took).
+    """
+    staging = root / "staging"
+    staging.mkdir(exist_ok=True)
+    for i, name in enumerate(names):
+        (staging / name).write_text(job_text(i))
+    t0 = time.time()
+    m0 = time.perf_counter()
+    for name in names:
+        os.rename(staging / name, inbox / name)
+    return t0, time.perf_counter() - m0
+
+
 def parse_ts(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 

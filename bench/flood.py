@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DaemonProc, Events, OtherLoad, batch_sizes, cpu_s, job_text, machine, median, parse_ts
+from common import DaemonProc, Events, OtherLoad, batch_sizes, cpu_s, machine, median, parse_ts, stage_and_drop
 
 MIN_SIDE = 8
 """pipeline/job.py `_check_size`: width and height at least 8 and multiples of 8."""
@@ -68,22 +68,6 @@ def entries(folder: Path, prefix: str, suffix: str = "") -> list[os.DirEntry[str
 def last_change(found: list[os.DirEntry[str]]) -> float:
     """The latest inode change time: when the daemon renamed the last of these files into place."""
     return max((e.stat().st_ctime for e in found), default=float("nan"))
-
-
-def stage_and_drop(root: Path, inbox: Path, names: list[str]) -> tuple[float, float]:
-    """Write every job file to a staging folder on the same filesystem, then rename them all in.
-
-    Returns (wall-clock time of the first rename, seconds the renames took).
-    """
-    staging = root / "staging"
-    staging.mkdir(exist_ok=True)
-    for i, name in enumerate(names):
-        (staging / name).write_text(job_text(i))
-    t0 = time.time()
-    m0 = time.perf_counter()
-    for name in names:
-        os.rename(staging / name, inbox / name)
-    return t0, time.perf_counter() - m0
 
 
 def size_of(path: Path) -> int:

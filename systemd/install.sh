@@ -151,17 +151,23 @@ units_to_enable() {
     done
 }
 
-write_config() {
-    local config=$ROOT/etc/diffusiond/config.yaml
-    if [ -e "$config" ]; then
-        echo "$config exists; left as it is (its spool: must be $SPOOL)"
-        return
+# new_file PATH WHAT [KEPT]: succeeds when PATH is to be written now (its folder made); else says
+# why not: it exists (kept as it is, KEPT appended), or this is a dry run (WHAT: what it would hold).
+new_file() {
+    if [ -e "$1" ]; then
+        echo "$1 exists; left as it is${3:-}"
+        return 1
     fi
     if [ "$DRY_RUN" = 1 ]; then
-        echo "+ write $config (spool: $SPOOL)"
-        return
+        echo "+ write $1 ($2)"
+        return 1
     fi
-    install -d -m 0755 "$ROOT/etc/diffusiond"
+    install -d -m 0755 "$(dirname "$1")"
+}
+
+write_config() {
+    local config=$ROOT/etc/diffusiond/config.yaml
+    new_file "$config" "spool: $SPOOL" " (its spool: must be $SPOOL)" || return 0
     cat >"$config" <<EOF
 # diffusiond config, written by systemd/install.sh: every field is optional (README.md, "The config").
 # After an edit: systemctl reload diffusiond (or diffusiond@N for each instance).
@@ -181,15 +187,7 @@ EOF
 # The cluster's addresses, for the Ray units: a template to fill in, unless there is one.
 write_cluster_env() {
     local env=$ROOT/etc/diffusiond/cluster.env
-    if [ -e "$env" ]; then
-        echo "$env exists; left as it is"
-        return
-    fi
-    if [ "$DRY_RUN" = 1 ]; then
-        echo "+ write $env (a template: the head's address and this host's)"
-        return
-    fi
-    install -d -m 0755 "$ROOT/etc/diffusiond"
+    new_file "$env" "a template: the head's address and this host's" || return 0
     cat >"$env" <<EOF
 # The Ray cluster of diffusiond (README.md, "Several hosts"), read by diffusiond-ray-head,
 # diffusiond-ray-node and diffusiond-cluster. Fill in both, then: systemctl enable --now <the units>.
